@@ -1,0 +1,303 @@
+// workerlock/detail/lock_file.hpp: open, lock, verify, record and release one lock file.
+// The noexcept engine behind WorkerLock; errors land in a detail::failure.
+#pragma once
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "../error.hpp"
+#include "posix.hpp"
+#include "record.hpp"
+#include "registry.hpp"
+
+namespace workerlock::detail {
+
+inline const char* explain_open_errno(int e) noexcept {
+  switch (e) {
+    case ELOOP: return "the path is a symbolic link, and workerlock never follows one (O_NOFOLLOW)";
+    case EISDIR: return "the path is a directory";
+    case ENOENT:
+      return "the parent directory does not exist; workerlock does not create directories "
+             "(use systemd's RuntimeDirectory= or install -d)";
+    case ENOTDIR: return "a component of the path is not a directory";
+    case EACCES:
+    case EPERM:
+      return "the worker's user needs read and write access to the file and write access to "
+             "its directory";
+    case EROFS: return "the file system is read-only";
+    case ENAMETOOLONG: return "the path is too long";
+    case EMFILE: return "this process has no file descriptor left (EMFILE)";
+    case ENFILE: return "the system has no file descriptor left (ENFILE)";
+    default: return "";
+  }
+}
+
+//! True when the file belongs to an ordinary user other than us and other than the owner
+//! of its world-writable sticky directory: the /tmp denial of service, where that user
+//! can hold the lock forever.
+inline bool foreign_owner_in_sticky_directory(const char* path, const struct stat& file) noexcept {
+  if (file.st_uid == ::geteuid() || file.st_uid == 0) return false;
+  char parent[PATH_MAX];
+  const auto length = std::strlen(path);
+  if (length >= sizeof parent) return false;
+  std::memcpy(parent, path, length + 1);
+  char* slash = std::strrchr(parent, '/');
+  if (slash == nullptr) {
+    std::strcpy(parent, ".");
+  } else if (slash == parent) {
+    parent[1] = '\0';
+  } else {
+    *slash = '\0';
+  }
+  struct stat directory {};
+  if (::stat(parent, &directory) != 0) return false;
+  if (file.st_uid == directory.st_uid) return false;
+  return (directory.st_mode & S_ISVTX) != 0 && (directory.st_mode & S_IWOTH) != 0;
+}
+
+//! Opens (creating if needed) the lock file of `s`. Requires the registry mutex, so that no
+//! fork() can copy the descriptor before it is registered.
+inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
+  constexpr const char* operation = "open lock file";
+  if (s.path.empty()) {
+    f.set(EINVAL, operation, "the path is empty");
+    return false;
+  }
+  const char* path = s.path.c_str();
+
+  if (s.options.mechanism == Mechanism::posix) {
+    // A POSIX lock dies when the process closes ANY descriptor of the file, so handles on
+    // the same file share one descriptor instead of opening a second one.
+    struct stat st {};
+    if (::lstat(path, &st) == 0) {
+      const auto* twin = reg.find_if([&](const lock_state& t) {
+        return &t != &s && t.fd >= 0 && t.options.mechanism == Mechanism::posix && t.dev == st.st_dev &&
+               t.ino == st.st_ino;
+      });
+      if (twin != nullptr) {
+        s.fd = twin->fd;
+        s.dev = twin->dev;
+        s.ino = twin->ino;
+        s.verified_since_open = false;
+        return true;
+      }
+    }
+  }
+
+  constexpr int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    fd = retry_on_eintr([&] { return ::open(path, flags); });
+    if (fd >= 0 || errno != ENOENT) break;
+    // Nothing truncates: O_EXCL creates a new empty file or fails if one appeared meanwhile.
+    fd = retry_on_eintr([&] { return ::open(path, flags | O_CREAT | O_EXCL, 0644); });
+    if (fd >= 0 || errno != EEXIST) break;
+  }
+  if (fd < 0) {
+    const int e = errno;
+    f.set(e, operation, explain_open_errno(e));
+    return false;
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    f.set(errno, operation);
+    close_keep_errno(fd);
+    return false;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close_keep_errno(fd);
+    f.set(EINVAL, operation, "the path is not a regular file");
+    return false;
+  }
+  if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(path, st)) {
+    close_keep_errno(fd);
+    f.set(EPERM, operation,
+          "the file belongs to another user in a world-writable sticky directory such as /tmp, "
+          "so that user could hold the lock forever; use a private directory such as /run/<app>");
+    return false;
+  }
+  s.fd = fd;
+  s.dev = st.st_dev;
+  s.ino = st.st_ino;
+  s.verified_since_open = false;
+  return true;
+}
+
+//! Closes the descriptor unless another POSIX handle of this process shares it. Requires
+//! the registry mutex.
+inline void close_registered(registry& reg, lock_state& s) noexcept {
+  if (s.fd < 0) return;
+  const bool shared = s.options.mechanism == Mechanism::posix &&
+                      reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd; }) != nullptr;
+  if (!shared) ::close(s.fd);  // never retried: the descriptor is gone even on EINTR
+  s.fd = -1;
+  s.verified_since_open = false;
+}
+
+inline void close_file(lock_state& s) noexcept {
+  registry_guard reg;
+  close_registered(*reg.operator->(), s);
+}
+
+//! After the kernel granted the lock: does the path still name the file we locked? A holder
+//! may have removed it (unlock_and_remove) while we waited on the old inode. Sets `size` to
+//! the file's current size. Returns false, with `f` untouched, when the file was replaced.
+inline bool still_the_named_file(lock_state& s, off_t& size, failure& f) noexcept {
+  struct stat st {};
+  if (!s.verified_since_open) {
+    if (::lstat(s.path.c_str(), &st) != 0) {
+      if (errno == ENOENT) return false;
+      f.set(errno, "verify lock file");
+      return false;
+    }
+    if (st.st_dev != s.dev || st.st_ino != s.ino) return false;
+    s.verified_since_open = true;
+  } else {
+    // Cheaper on re-lock: a removed or renamed-over file has no links left.
+    if (::fstat(s.fd, &st) != 0) {
+      f.set(errno, "verify lock file");
+      return false;
+    }
+    if (st.st_nlink == 0) return false;
+  }
+  size = st.st_size;
+  return true;
+}
+
+//! Writes the holder record in place; shrinks the file only if an older record was longer.
+inline bool write_holder_record(lock_state& s, off_t size, failure& f) noexcept {
+  char buffer[max_record_size];
+  const auto length = format_record(buffer, ::getpid(), std::chrono::system_clock::now(), s.options.mechanism);
+  const auto written = retry_on_eintr([&] { return ::pwrite(s.fd, buffer, length, 0); });
+  if (written != static_cast<ssize_t>(length)) {
+    f.set(written < 0 ? errno : EIO, "write holder record to");
+    return false;
+  }
+  if (size > static_cast<off_t>(length) &&
+      retry_on_eintr([&] { return ::ftruncate(s.fd, static_cast<off_t>(length)); }) != 0) {
+    f.set(errno, "write holder record to");
+    return false;
+  }
+  return true;
+}
+
+//! POSIX locks do not exclude each other inside one process, so handles of this process on
+//! the same file exclude each other here. Requires the registry mutex.
+inline bool held_by_sibling_handle(registry& reg, const lock_state& s) noexcept {
+  return reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd && t.options.mechanism == Mechanism::posix && t.owned; }) != nullptr;
+}
+
+//! Drops the kernel lock; if even that fails, closes the descriptor, which always releases.
+//! POSIX handles update `owned` under the registry mutex, where sibling handles look.
+inline bool release(lock_state& s, failure& f) noexcept {
+  if (!s.owned) return true;
+  if (s.options.mechanism == Mechanism::posix) {
+    registry_guard reg;
+    s.owned = false;
+    if (release_once(s.fd, s.options.mechanism) != 0) {
+      f.set(errno, "unlock");
+      close_registered(*reg.operator->(), s);
+    }
+  } else {
+    s.owned = false;
+    if (release_once(s.fd, s.options.mechanism) != 0) {
+      f.set(errno, "unlock");
+      close_file(s);
+    }
+  }
+  return !f;
+}
+
+enum class wait_mode { try_once, block, block_interruptibly };
+
+//! One acquisition: open if needed, lock, verify the path, write the record.
+//! Returns true when held; false with `f` empty on contention (or EINTR when interruptible).
+inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
+  constexpr int max_replacements = 64;
+  auto posix_pause = std::chrono::microseconds(50);
+  if (s.kept_out_by_operator) {
+    if (mode != wait_mode::try_once) f.set(EPERM, "lock", "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
+    return false;
+  }
+  for (int attempt = 0; attempt < max_replacements;) {
+    if (s.owned) return true;
+    if (s.fd < 0) {
+      registry_guard reg;
+      if (!open_registered(*reg.operator->(), s, f)) return false;
+    }
+
+    int rc = 0;
+    if (s.options.mechanism == Mechanism::posix) {
+      // Attempt and mark ownership under the registry mutex so sibling handles exclude.
+      registry_guard reg;
+      if (held_by_sibling_handle(*reg.operator->(), s)) {
+        rc = -1;
+        errno = EWOULDBLOCK;
+      } else {
+        rc = retry_on_eintr([&] { return acquire_once(s.fd, Mechanism::posix, false); });
+        if (rc == 0) s.owned = true;
+      }
+      if (rc != 0 && mode != wait_mode::try_once && is_contention(errno)) {
+        // Blocking F_SETLKW cannot see sibling handles; poll with backoff instead.
+        std::this_thread::sleep_for(posix_pause);
+        posix_pause = std::min(posix_pause * 2, std::chrono::microseconds(2000));
+        continue;
+      }
+    } else if (mode == wait_mode::try_once) {
+      rc = retry_on_eintr([&] { return acquire_once(s.fd, s.options.mechanism, false); });
+    } else {
+      rc = acquire_once(s.fd, s.options.mechanism, true);
+      if (rc != 0 && errno == EINTR) {
+        if (mode == wait_mode::block_interruptibly) return false;
+        continue;
+      }
+    }
+    if (rc != 0) {
+      if (mode == wait_mode::try_once && is_contention(errno)) return false;
+      f.set(errno, "lock");
+      return false;
+    }
+
+    s.owned = true;
+    off_t size = 0;
+    if (still_the_named_file(s, size, f)) {
+      if (!s.options.write_holder_record || write_holder_record(s, size, f)) return true;
+    }
+    // Replaced under our feet, or an error: let go of this inode and, if replaced, retry.
+    failure ignored;
+    release(s, ignored);
+    close_file(s);
+    if (f) return false;
+    ++attempt;
+  }
+  f.set(EAGAIN, "lock", "the lock file kept being removed or replaced while locking");
+  return false;
+}
+
+//! Removes the file while still holding the lock, and only if the path still names it;
+//! waiters on the old inode then notice (still_the_named_file) and retry on a fresh file.
+inline bool release_and_remove(lock_state& s, failure& f) noexcept {
+  if (!s.owned) {
+    f.set(EPERM, "remove lock file", "this handle does not hold the lock");
+    return false;
+  }
+  struct stat st {};
+  if (::lstat(s.path.c_str(), &st) == 0 && st.st_dev == s.dev && st.st_ino == s.ino) {
+    if (::unlink(s.path.c_str()) != 0 && errno != ENOENT) f.set(errno, "remove lock file");
+  }
+  failure release_failure;
+  release(s, release_failure);
+  close_file(s);
+  if (!f && release_failure) f = release_failure;
+  return !f;
+}
+
+}  // namespace workerlock::detail

@@ -1,0 +1,167 @@
+// workerlock/election.hpp: is_primary_worker(), the one call a pre-fork worker's init hook
+// makes, and default_lock_path(), where it locks when no path is given.
+#pragma once
+
+#include <errno.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "detail/record.hpp"
+#include "detail/registry.hpp"
+#include "error.hpp"
+#include "holder.hpp"
+#include "options.hpp"
+#include "role.hpp"
+#include "worker_lock.hpp"
+
+namespace workerlock {
+
+//! The result of is_primary_worker(): `auto [role, lock] = workerlock::is_primary_worker();`
+//! Keep `lock` alive for as long as the worker should stay primary: destroying it releases.
+//! A secondary's lock holds nothing, and lock.try_lock() retries the election.
+struct Election {
+  ElectedRole role;
+  WorkerLock lock;
+};
+
+//! Returns the lock path used when none is given, the first that applies of:
+//!  1. $WORKERLOCK_PATH, when set and not empty;
+//!  2. $RUNTIME_DIRECTORY/<program>.lock (systemd's RuntimeDirectory=, private to the unit);
+//!  3. $XDG_RUNTIME_DIR/<program>.lock (private to the user);
+//!  4. /run/lock/<program>-<euid>.lock, or /tmp/<program>-<euid>.lock without /run/lock.
+//! <program> is the executable's short name, so two deployments of the same program on one
+//! host share a lock unless each sets WORKERLOCK_PATH or has its own RuntimeDirectory=.
+inline std::filesystem::path default_lock_path() {
+  const auto from_env = [](const char* name) -> std::string {
+    const char* value = std::getenv(name);
+    return value != nullptr ? std::string(value) : std::string();
+  };
+  if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty()) return explicit_path;
+
+  std::string program = program_invocation_short_name;
+  if (program.empty()) program = "workerlock";
+  if (auto runtime = from_env("RUNTIME_DIRECTORY"); !runtime.empty()) {
+    runtime = runtime.substr(0, runtime.find(':'));  // systemd lists several dirs with ':'
+    return std::filesystem::path(runtime) / (program + ".lock");
+  }
+  if (auto xdg = from_env("XDG_RUNTIME_DIR"); !xdg.empty()) return std::filesystem::path(xdg) / (program + ".lock");
+  const auto name = fmt::format("{}-{}.lock", program, ::geteuid());
+  std::error_code ec;
+  if (std::filesystem::is_directory("/run/lock", ec)) return std::filesystem::path("/run/lock") / name;
+  return std::filesystem::path("/tmp") / name;
+}
+
+namespace detail {
+
+inline void log_line(const Options& options, LogLevel level, std::string_view line) {
+  if (options.log) options.log(level, line);
+}
+
+//! Warns when this process inherited, through fork(), a handle on `path` whose lock the
+//! parent held: the master ran the election before forking its workers.
+inline void warn_if_elected_before_fork(const std::filesystem::path& path, const Options& options) {
+  pid_t parent = 0;
+  {
+    registry_guard reg;
+    const auto* inherited =
+        reg->find_if([&](const lock_state& s) { return s.inherited && s.held_when_forked && s.path == path; });
+    if (inherited != nullptr) parent = inherited->forked_from;
+  }
+  if (parent == 0) return;
+  log_line(options, LogLevel::warning,
+           fmt::format("workerlock: pid={} warning: its parent pid={} won the election on {} before fork(); a "
+                       "forked child is never primary, and while the parent holds the lock no worker can be. "
+                       "Call is_primary_worker() in each worker after fork(), not in the master",
+                       ::getpid(), parent, path.native()));
+}
+
+//! Reads the current holder's pid from the record, through our own open descriptor.
+inline pid_t recorded_holder_pid(const WorkerLock& lock) {
+  const auto* s = worker_lock_access::state(lock);
+  if (s == nullptr || s->fd < 0) return 0;
+  char buffer[max_record_size];
+  const auto got = retry_on_eintr([&] { return ::pread(s->fd, buffer, sizeof buffer, 0); });
+  if (got <= 0) return 0;
+  const auto record = parse_record(std::string_view(buffer, static_cast<std::size_t>(got)));
+  return record ? record->pid : 0;
+}
+
+inline Election elect(const std::filesystem::path& path, const Options& options, failure& f) {
+  const pid_t me = ::getpid();
+  Election result{ElectedRole(Role::secondary, me), WorkerLock(path, options)};
+
+  const char* forced = options.honour_role_override ? std::getenv("WORKERLOCK_ROLE") : nullptr;
+  const std::string_view override_role = forced != nullptr ? forced : "";
+  if (override_role == "secondary") {
+    worker_lock_access::state(result.lock)->kept_out_by_operator = true;
+    log_line(options, LogLevel::info,
+             fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary)", me, path.native()));
+    return result;
+  }
+  if (override_role == "primary") {
+    f.set(EPERM, "elect a primary on",
+          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run twice; "
+          "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
+  } else if (!override_role.empty() && override_role != "auto") {
+    f.set(EINVAL, "elect a primary on", "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
+  }
+  if (f) {
+    log_line(options, LogLevel::error, lock_error(f.operation, path, f.code, f.explanation).what());
+    return result;
+  }
+
+  warn_if_elected_before_fork(path, options);
+  const bool won = worker_lock_access::acquire(result.lock, wait_mode::try_once, f);
+  if (f) {
+    log_line(options, LogLevel::error,
+             fmt::format("workerlock: pid={} role=secondary path={} error: {}", me, path.native(),
+                         lock_error(f.operation, path, f.code, f.explanation).what()));
+    return result;
+  }
+  result.role = ElectedRole(won ? Role::primary : Role::secondary, me);
+  if (options.log) {
+    if (won) {
+      log_line(options, LogLevel::info,
+               fmt::format("workerlock: pid={} role=primary path={} mechanism={}", me, path.native(), options.mechanism));
+    } else {
+      log_line(options, LogLevel::info,
+               fmt::format("workerlock: pid={} role=secondary path={} mechanism={} holder={}", me, path.native(),
+                           options.mechanism, recorded_holder_pid(result.lock)));
+    }
+  }
+  return result;
+}
+
+}  // namespace detail
+
+//! Runs the election on `path`: exactly one live process holding the lock is primary.
+//! Call it in each worker after fork(), from the worker's init hook.
+//! Returns: {role, lock}. role == Role::primary in the one winner; everywhere else, and in
+//! any process forked from the winner, it reads Role::secondary.
+//! Throws: lock_error when the file cannot be opened, created or locked, or when
+//! WORKERLOCK_ROLE asks for something other than "secondary". An error never yields primary.
+inline Election is_primary_worker(const std::filesystem::path& path = default_lock_path(), const Options& options = {}) {
+  detail::failure f;
+  auto election = detail::elect(path, options, f);
+  f.throw_if_failed(path);
+  return election;
+}
+
+//! As above, but reports errors through `ec` and then returns Role::secondary.
+inline Election is_primary_worker(const std::filesystem::path& path, const Options& options, std::error_code& ec) {
+  detail::failure f;
+  auto election = detail::elect(path, options, f);
+  ec = f.code;
+  return election;
+}
+
+}  // namespace workerlock

@@ -1,0 +1,217 @@
+// workerlock/worker_lock.hpp: WorkerLock, a move-only RAII handle on one advisory lock file.
+// It is Lockable, so std::unique_lock and std::scoped_lock work with it.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <system_error>
+#include <thread>
+
+#include "detail/lock_file.hpp"
+#include "error.hpp"
+#include "options.hpp"
+
+namespace workerlock {
+
+namespace detail {
+struct worker_lock_access;
+}
+
+//! A handle on the advisory lock of one file. Constructing it touches nothing; the file is
+//! opened (and created 0644, never truncated) on the first lock attempt, and stays open so
+//! that re-locking costs only the lock syscall. The destructor releases the lock and closes.
+//!
+//! Fork: a child of fork() never holds or prolongs the parent's lock; its copy of the handle
+//! is closed by a pthread_atfork handler and reports owns_lock() == false.
+//! Threads: one handle must not be used by two threads at once (like std::unique_lock);
+//! distinct handles on the same file exclude each other, even with Mechanism::posix.
+class WorkerLock {
+ public:
+  //! An empty handle; every lock attempt on it fails with EINVAL.
+  WorkerLock() noexcept = default;
+
+  //! Effects: remembers `path` and `options`; does not open the file.
+  explicit WorkerLock(std::filesystem::path path, Options options = {})
+      : state_(std::make_unique<detail::lock_state>()) {
+    state_->path = std::move(path);
+    state_->options = std::move(options);
+    detail::registry_guard reg;
+    reg->link(state_.get());
+  }
+
+  WorkerLock(WorkerLock&& other) noexcept = default;
+
+  WorkerLock& operator=(WorkerLock&& other) noexcept {
+    if (this != &other) {
+      dispose();
+      state_ = std::move(other.state_);
+    }
+    return *this;
+  }
+
+  WorkerLock(const WorkerLock&) = delete;
+  WorkerLock& operator=(const WorkerLock&) = delete;
+
+  //! Releases the lock if held and closes the file. Never throws.
+  ~WorkerLock() { dispose(); }
+
+  //! Blocks until the lock is held. Restarts after signals (EINTR).
+  //! Throws: lock_error on any error other than waiting.
+  void lock() {
+    detail::failure f;
+    acquire(detail::wait_mode::block, f);
+    f.throw_if_failed(path());
+  }
+  void lock(std::error_code& ec) noexcept {
+    detail::failure f;
+    acquire(detail::wait_mode::block, f);
+    ec = f.code;
+  }
+
+  //! Returns: true if the lock is now held by this handle (also when it already was),
+  //! false if another handle or process holds it. Contention is not an error.
+  //! Throws: lock_error when the file cannot be opened, locked or recorded; then the
+  //! handle holds nothing.
+  bool try_lock() {
+    detail::failure f;
+    const bool held = acquire(detail::wait_mode::try_once, f);
+    f.throw_if_failed(path());
+    return held;
+  }
+  bool try_lock(std::error_code& ec) noexcept {
+    detail::failure f;
+    const bool held = acquire(detail::wait_mode::try_once, f);
+    ec = f.code;
+    return held;
+  }
+
+  //! Retries try_lock() with backoff (50 µs doubling to 5 ms) until `timeout` has passed.
+  template <typename Rep, typename Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
+    return try_lock_until(std::chrono::steady_clock::now() + timeout);
+  }
+  template <typename Rep, typename Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout, std::error_code& ec) noexcept {
+    return try_lock_until(std::chrono::steady_clock::now() + timeout, ec);
+  }
+
+  template <typename Clock, typename Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+    detail::failure f;
+    const bool held = acquire_until(deadline, f);
+    f.throw_if_failed(path());
+    return held;
+  }
+  template <typename Clock, typename Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline, std::error_code& ec) noexcept {
+    detail::failure f;
+    const bool held = acquire_until(deadline, f);
+    ec = f.code;
+    return held;
+  }
+
+  //! Releases the lock if this handle holds it; otherwise does nothing, so a second
+  //! unlock() is harmless. The file stays open for the next lock().
+  void unlock() {
+    detail::failure f;
+    if (state_) detail::release(*state_, f);
+    f.throw_if_failed(path());
+  }
+  void unlock(std::error_code& ec) noexcept {
+    detail::failure f;
+    if (state_) detail::release(*state_, f);
+    ec = f.code;
+  }
+
+  //! Removes the lock file, then releases, all while the path still names the locked file,
+  //! so processes waiting on the old file retry on a new one and never hold two locks.
+  //! Requires: owns_lock(). Closes the file.
+  void unlock_and_remove() {
+    detail::failure f;
+    remove(f);
+    f.throw_if_failed(path());
+  }
+  void unlock_and_remove(std::error_code& ec) noexcept {
+    detail::failure f;
+    remove(f);
+    ec = f.code;
+  }
+
+  //! True while this handle, in this process, holds the lock.
+  bool owns_lock() const noexcept { return state_ && state_->owned; }
+  explicit operator bool() const noexcept { return owns_lock(); }
+
+  const std::filesystem::path& path() const noexcept {
+    static const std::filesystem::path empty;
+    return state_ ? state_->path : empty;
+  }
+  const Options& options() const noexcept {
+    static const Options defaults;
+    return state_ ? state_->options : defaults;
+  }
+  Mechanism mechanism() const noexcept { return options().mechanism; }
+
+  //! The open descriptor, or -1 before the first attempt. Closing it breaks the handle.
+  int native_handle() const noexcept { return state_ ? state_->fd : -1; }
+
+  //! True if this handle was copied into this process by fork() (its descriptor closed).
+  bool inherited_across_fork() const noexcept { return state_ && state_->inherited; }
+
+ private:
+  friend struct detail::worker_lock_access;
+
+  bool acquire(detail::wait_mode mode, detail::failure& f) noexcept {
+    if (!state_) {
+      f.set(EINVAL, "lock", "the handle is empty (default-constructed or moved from)");
+      return false;
+    }
+    return detail::acquire(*state_, mode, f);
+  }
+
+  template <typename Clock, typename Duration>
+  bool acquire_until(const std::chrono::time_point<Clock, Duration>& deadline, detail::failure& f) noexcept {
+    auto pause = std::chrono::microseconds(50);
+    for (;;) {
+      if (acquire(detail::wait_mode::try_once, f) || f) return !f;
+      const auto now = Clock::now();
+      if (now >= deadline) return false;
+      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - now);
+      std::this_thread::sleep_for(std::min(pause, left + std::chrono::microseconds(1)));
+      pause = std::min(pause * 2, std::chrono::microseconds(5000));
+    }
+  }
+
+  void remove(detail::failure& f) noexcept {
+    if (!state_) {
+      f.set(EINVAL, "remove lock file", "the handle is empty (default-constructed or moved from)");
+      return;
+    }
+    detail::release_and_remove(*state_, f);
+  }
+
+  void dispose() noexcept {
+    if (!state_) return;
+    detail::failure ignored;
+    detail::release(*state_, ignored);
+    {
+      detail::registry_guard reg;
+      detail::close_registered(*reg.operator->(), *state_);
+      reg->unlink(state_.get());
+    }
+    state_.reset();
+  }
+
+  std::unique_ptr<detail::lock_state> state_;
+};
+
+namespace detail {
+//! Lets the library's own components (the election, the coordinator) reach the state.
+struct worker_lock_access {
+  static lock_state* state(WorkerLock& lock) noexcept { return lock.state_.get(); }
+  static const lock_state* state(const WorkerLock& lock) noexcept { return lock.state_.get(); }
+  static bool acquire(WorkerLock& lock, wait_mode mode, failure& f) noexcept { return lock.acquire(mode, f); }
+};
+}  // namespace detail
+
+}  // namespace workerlock

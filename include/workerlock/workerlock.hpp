@@ -1,0 +1,10 @@
+// workerlock/workerlock.hpp: includes the whole public API of workerlock.
+// Start with is_primary_worker() in election.hpp; WorkerLock is the handle underneath.
+#pragma once
+
+#include "election.hpp"
+#include "error.hpp"
+#include "holder.hpp"
+#include "options.hpp"
+#include "role.hpp"
+#include "worker_lock.hpp"

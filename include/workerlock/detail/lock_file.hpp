@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -218,11 +219,54 @@ inline bool release(lock_state& s, failure& f) noexcept {
 
 enum class wait_mode { try_once, block, block_interruptibly };
 
+//! POSIX locks belong to the process, so the kernel cannot tell two handles of one process
+//! apart: ownership is decided under the registry mutex. Returns 0 when this handle holds
+//! the lock, else -1 with errno (EWOULDBLOCK on contention, EINTR when interrupted).
+inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
+  auto pause = std::chrono::microseconds(50);
+  for (;;) {
+    bool sibling_holds = false;
+    {
+      registry_guard reg;
+      sibling_holds = held_by_sibling_handle(*reg.operator->(), s);
+      if (!sibling_holds && mode == wait_mode::try_once) {
+        const int rc = retry_on_eintr([&] { return acquire_once(s.fd, Mechanism::posix, false); });
+        if (rc == 0) s.owned = true;
+        return rc;
+      }
+    }
+    if (sibling_holds) {
+      if (mode == wait_mode::try_once) {
+        errno = EWOULDBLOCK;
+        return -1;
+      }
+      // Another handle of this process holds it; the kernel would grant it to us at once.
+      const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(pause);
+      struct timespec nap {};
+      nap.tv_sec = static_cast<time_t>(seconds.count());
+      nap.tv_nsec = static_cast<long>(std::chrono::duration_cast<std::chrono::nanoseconds>(pause - seconds).count());
+      if (::nanosleep(&nap, nullptr) != 0 && errno == EINTR && mode == wait_mode::block_interruptibly) return -1;
+      pause = std::min(pause * 2, std::chrono::microseconds(2000));
+      continue;
+    }
+    if (acquire_once(s.fd, Mechanism::posix, true) != 0) {
+      if (errno == EINTR && mode == wait_mode::block) continue;
+      return -1;
+    }
+    registry_guard reg;
+    if (!held_by_sibling_handle(*reg.operator->(), s)) {
+      s.owned = true;
+      return 0;
+    }
+    // A sibling handle took it while we slept in the kernel; the process holds it for that
+    // sibling, not for us. Wait for the sibling to let go.
+  }
+}
+
 //! One acquisition: open if needed, lock, verify the path, write the record.
 //! Returns true when held; false with `f` empty on contention (or EINTR when interruptible).
 inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
   constexpr int max_replacements = 64;
-  auto posix_pause = std::chrono::microseconds(50);
   if (s.kept_out_by_operator) {
     if (mode != wait_mode::try_once) f.set(EPERM, "lock", "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
     return false;
@@ -236,21 +280,8 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
 
     int rc = 0;
     if (s.options.mechanism == Mechanism::posix) {
-      // Attempt and mark ownership under the registry mutex so sibling handles exclude.
-      registry_guard reg;
-      if (held_by_sibling_handle(*reg.operator->(), s)) {
-        rc = -1;
-        errno = EWOULDBLOCK;
-      } else {
-        rc = retry_on_eintr([&] { return acquire_once(s.fd, Mechanism::posix, false); });
-        if (rc == 0) s.owned = true;
-      }
-      if (rc != 0 && mode != wait_mode::try_once && is_contention(errno)) {
-        // Blocking F_SETLKW cannot see sibling handles; poll with backoff instead.
-        std::this_thread::sleep_for(posix_pause);
-        posix_pause = std::min(posix_pause * 2, std::chrono::microseconds(2000));
-        continue;
-      }
+      rc = lock_posix(s, mode);
+      if (rc != 0 && errno == EINTR) return false;  // only when interruptible
     } else if (mode == wait_mode::try_once) {
       rc = retry_on_eintr([&] { return acquire_once(s.fd, s.options.mechanism, false); });
     } else {

@@ -84,6 +84,22 @@ inline void warn_if_elected_before_fork(const std::filesystem::path& path, const
                        ::getpid(), parent, path.native()));
 }
 
+//! The operator override: WORKERLOCK_ROLE=secondary keeps this worker out of the election.
+//! Forcing primary by environment is refused, since that is how duplicate work comes back.
+inline bool kept_out_by_operator(const Options& options, failure& f) noexcept {
+  const char* forced = options.honour_role_override ? std::getenv("WORKERLOCK_ROLE") : nullptr;
+  const std::string_view value = forced != nullptr ? forced : "";
+  if (value == "secondary") return true;
+  if (value == "primary") {
+    f.set(EPERM, "elect a primary on",
+          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run twice; "
+          "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
+  } else if (!value.empty() && value != "auto") {
+    f.set(EINVAL, "elect a primary on", "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
+  }
+  return false;
+}
+
 //! Reads the current holder's pid from the record, through our own open descriptor.
 inline pid_t recorded_holder_pid(const WorkerLock& lock) {
   const auto* s = worker_lock_access::state(lock);
@@ -99,20 +115,11 @@ inline Election elect(const std::filesystem::path& path, const Options& options,
   const pid_t me = ::getpid();
   Election result{ElectedRole(Role::secondary, me), WorkerLock(path, options)};
 
-  const char* forced = options.honour_role_override ? std::getenv("WORKERLOCK_ROLE") : nullptr;
-  const std::string_view override_role = forced != nullptr ? forced : "";
-  if (override_role == "secondary") {
+  if (kept_out_by_operator(options, f)) {
     worker_lock_access::state(result.lock)->kept_out_by_operator = true;
     log_line(options, LogLevel::info,
              fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary)", me, path.native()));
     return result;
-  }
-  if (override_role == "primary") {
-    f.set(EPERM, "elect a primary on",
-          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run twice; "
-          "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
-  } else if (!override_role.empty() && override_role != "auto") {
-    f.set(EINVAL, "elect a primary on", "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
   }
   if (f) {
     log_line(options, LogLevel::error, lock_error(f.operation, path, f.code, f.explanation).what());

@@ -8,3 +8,5 @@
 #include "options.hpp"
 #include "role.hpp"
 #include "worker_lock.hpp"
+#include "coordinator.hpp"
+#include "startup_barrier.hpp"

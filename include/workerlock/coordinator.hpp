@@ -12,6 +12,8 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <mutex>
 #include <string>
 #include <system_error>
@@ -19,7 +21,9 @@
 
 #include <fmt/format.h>
 
+#include "backend.hpp"
 #include "election.hpp"
+#include "file_backend.hpp"
 #include "error.hpp"
 #include "options.hpp"
 #include "role.hpp"
@@ -72,11 +76,20 @@ class Coordinator {
  public:
   using Callback = std::function<void()>;
 
-  explicit Coordinator(std::filesystem::path path, CoordinatorOptions options = {})
-      : path_(std::move(path)),
-        options_(std::move(options)),
-        barrier_(path_, options_.startup_generation.empty() ? StartupBarrier::master_generation()
-                                                            : options_.startup_generation) {}
+  //! Coordinates through a lock file at `path` (a FileBackend).
+  explicit Coordinator(const std::filesystem::path& path, const CoordinatorOptions& options = {})
+      : Coordinator(std::make_unique<FileBackend>(path, options.lock, options.wakeup_signal,
+                                                  options.health_check_interval),
+                    options) {}
+
+  //! Coordinates through any Backend, such as a network lease.
+  explicit Coordinator(std::unique_ptr<Backend> backend, CoordinatorOptions options = {})
+      : backend_(std::move(backend)), options_(std::move(options)) {
+    if (auto base = backend_->startup_marker_base(); !base.empty()) {
+      barrier_.emplace(base, options_.startup_generation.empty() ? StartupBarrier::master_generation()
+                                                                 : options_.startup_generation);
+    }
+  }
 
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;
@@ -111,12 +124,15 @@ class Coordinator {
   void start() {
     detail::failure f;
     begin(f);
-    f.throw_if_failed(path_);
+    if (f) throw lock_error(f.operation, backend_->describe(), f.code, f.explanation);
   }
   void start(std::error_code& ec) {
-    detail::failure f;
-    begin(f);
-    ec = f.code;
+    ec.clear();
+    try {
+      start();
+    } catch (const std::system_error& error) {
+      ec = error.code();
+    }
   }
 
   //! Leaves the election: a primary runs on_demoted, then releases so another standby is
@@ -131,7 +147,7 @@ class Coordinator {
     if (!running_) return;
     stop_requested_.store(true);
     if (options_.wait == WaitMode::polled) {
-      if (lock_.owns_lock()) demote("stopped");
+      finish();
     } else {
       {
         std::lock_guard<std::mutex> guard(wait_mutex_);
@@ -139,7 +155,7 @@ class Coordinator {
       }
       // A signal sent just before the thread enters its blocking call is lost; repeat.
       while (!thread_done_.load()) {
-        ::pthread_kill(thread_handle_.load(), wakeup_signal());
+        backend_->interrupt();
         std::unique_lock<std::mutex> guard(wait_mutex_);
         wake_.wait_for(guard, std::chrono::milliseconds(1), [&] { return thread_done_.load(); });
       }
@@ -153,69 +169,43 @@ class Coordinator {
   void poll() noexcept {
     if (options_.wait != WaitMode::polled || !running_ || stop_requested_.load() || kept_out_) return;
     const auto now = std::chrono::steady_clock::now();
-    if (!lock_.owns_lock()) {
+    if (!backend_->held()) {
       if (now < next_attempt_) return;
-      detail::failure f;
-      if (detail::worker_lock_access::acquire(lock_, detail::wait_mode::try_once, f)) {
-        backoff_ = options_.retry_backoff_min;
-        promote();
-      } else if (f) {
-        report_retry(f);
+      try {
+        if (backend_->try_acquire()) {
+          backoff_ = options_.retry_backoff_min;
+          promote();
+        }
+      } catch (const std::exception& error) {
+        report_retry(error);
+        backend_->reset();
         next_attempt_ = now + backoff_;
         backoff_ = std::min(backoff_ * 2, options_.retry_backoff_max);
       }
-    } else if (now - last_health_check_ >= options_.health_check_interval) {
-      last_health_check_ = now;
-      if (!still_holds_named_file()) demote_and_close("the lock file was removed or replaced");
+    } else if (now - last_verified_ >= backend_->verify_interval()) {
+      last_verified_ = now;
+      if (!verify()) demote_and_reset("the lock was lost");
     }
   }
 
   Role role() const noexcept { return role_.load(); }
   bool running() const noexcept { return running_ && !stop_requested_.load(); }
-  const std::filesystem::path& path() const noexcept { return path_; }
-  const StartupBarrier& startup_barrier() const noexcept { return barrier_; }
+  const Backend& backend() const noexcept { return *backend_; }
+  //! The startup barrier, or nullptr when the backend offers no place for its marker.
+  const StartupBarrier* startup_barrier() const noexcept { return barrier_ ? &*barrier_ : nullptr; }
+  //! The backend's fencing token of the current hold (0 for lock files).
+  std::uint64_t fencing_token() const noexcept { return backend_->fencing_token(); }
 
   //! Waits until a primary completed the on_startup tasks of this generation, or until
   //! `timeout`; returns whether they completed. Workers started after completion return
   //! at once. Waiters keep waiting across a failover in the middle of the tasks.
-  bool wait_for_startup(std::chrono::milliseconds timeout) const { return barrier_.wait_for(timeout); }
+  bool wait_for_startup(std::chrono::milliseconds timeout) const { return barrier_ && barrier_->wait_for(timeout); }
 
  private:
-  static void ignore_signal(int) noexcept {}
-
-  int wakeup_signal() const noexcept { return options_.wakeup_signal != 0 ? options_.wakeup_signal : SIGRTMIN + 5; }
-
   bool on_coordinator_thread() const noexcept { return coordinator_thread_.load() == std::this_thread::get_id(); }
 
   void log(LogLevel level, std::string_view line) const {
     if (options_.lock.log) options_.lock.log(level, line);
-  }
-
-  //! Installs the no-op handler that makes a blocking lock call return EINTR.
-  bool install_wakeup_handler(detail::failure& f) const noexcept {
-    struct sigaction current {};
-    if (::sigaction(wakeup_signal(), nullptr, &current) != 0) {
-      f.set(errno, "start the coordinator for", "the wakeup signal is invalid");
-      return false;
-    }
-    const bool ours = (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == &ignore_signal;
-    const bool unused = (current.sa_flags & SA_SIGINFO) == 0 &&
-                        (current.sa_handler == SIG_DFL || current.sa_handler == SIG_IGN);
-    if (ours) return true;
-    if (!unused) {
-      f.set(EBUSY, "start the coordinator for",
-            "the wakeup signal already has a handler; choose another CoordinatorOptions::wakeup_signal");
-      return false;
-    }
-    struct sigaction wakeup {};
-    wakeup.sa_handler = &ignore_signal;
-    sigemptyset(&wakeup.sa_mask);
-    wakeup.sa_flags = 0;  // no SA_RESTART: the blocking lock call must return EINTR
-    if (::sigaction(wakeup_signal(), &wakeup, nullptr) != 0) {
-      f.set(errno, "start the coordinator for");
-      return false;
-    }
-    return true;
   }
 
   void begin(detail::failure& f) {
@@ -225,76 +215,94 @@ class Coordinator {
     stop_requested_.store(false);
     thread_done_.store(false);
     role_.store(Role::secondary);
-    lock_ = WorkerLock(path_, options_.lock);
     kept_out_ = detail::kept_out_by_operator(options_.lock, f);
     if (f) return;
     if (kept_out_) {
       running_ = true;
-      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary; not a "
-                                      "standby)",
-                                      ::getpid(), path_.native()));
+      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
+                                      ::getpid(), backend_->describe()));
       return;
     }
-    if (options_.wait == WaitMode::background_thread && !install_wakeup_handler(f)) return;
-    const bool held = detail::worker_lock_access::acquire(lock_, detail::wait_mode::try_once, f);
-    if (f) {
-      lock_ = WorkerLock();
-      return;
-    }
+    backend_->clear_interrupt();
+    backend_->prepare();
+    const bool held = backend_->try_acquire();
     running_ = true;
     backoff_ = options_.retry_backoff_min;
-    last_health_check_ = std::chrono::steady_clock::now();
-    next_attempt_ = last_health_check_;
-    if (!held) {
-      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary path={} (standby)", ::getpid(), path_.native()));
-    }
+    last_verified_ = std::chrono::steady_clock::now();
+    next_attempt_ = last_verified_;
+    if (!held) log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)", ::getpid(), backend_->describe()));
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
       return;
     }
-    // The thread blocks every signal but the wakeup one, so host signals go elsewhere.
+    // The thread blocks every signal (the backend unblocks the one it needs), so the
+    // host's signals are delivered to its own threads.
     sigset_t all;
     sigset_t previous;
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &previous);
-    thread_ = std::thread([this, held] { run(held); });
+    try {
+      thread_ = std::thread([this, held] { run(held); });
+    } catch (...) {
+      ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+      running_ = false;
+      backend_->release();
+      throw;
+    }
     ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   }
 
   void run(bool held) noexcept {
-    thread_handle_.store(::pthread_self());
     coordinator_thread_.store(std::this_thread::get_id());
-    sigset_t wakeup;
-    sigemptyset(&wakeup);
-    sigaddset(&wakeup, wakeup_signal());
-    ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
-    thread_ready_.store(true);
-
     if (held) promote();
     while (!stop_requested_.load()) {
-      if (!lock_.owns_lock()) {
-        detail::failure f;
-        const bool got = detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+      if (!backend_->held()) {
+        bool got = false;
+        try {
+          got = backend_->wait_acquire();
+        } catch (const std::exception& error) {
+          report_retry(error);
+          backend_->reset();
+          sleep_unless_stopped(backoff_);
+          backoff_ = std::min(backoff_ * 2, options_.retry_backoff_max);
+          continue;
+        }
         if (stop_requested_.load()) break;
         if (got) {
           backoff_ = options_.retry_backoff_min;
           promote();
-        } else if (f) {
-          report_retry(f);
-          sleep_unless_stopped(backoff_);
-          backoff_ = std::min(backoff_ * 2, options_.retry_backoff_max);
         }
       } else {
-        sleep_unless_stopped(options_.health_check_interval);
+        sleep_unless_stopped(backend_->verify_interval());
         if (stop_requested_.load()) break;
-        if (!still_holds_named_file()) demote_and_close("the lock file was removed or replaced");
+        if (!verify()) demote_and_reset("the lock was lost");
       }
     }
-    if (lock_.owns_lock()) demote("stopped");
+    finish();
     coordinator_thread_.store(std::thread::id());
     std::lock_guard<std::mutex> guard(wait_mutex_);
     thread_done_.store(true);
     wake_.notify_all();
+  }
+
+  //! Leaving: a promoted primary runs on_demoted; a hold won just as stop() came in is
+  //! released without callbacks, since on_promoted never ran for it.
+  void finish() noexcept {
+    if (role_.load() == Role::primary) {
+      demote("stopped");
+    } else {
+      backend_->release();
+    }
+  }
+
+  bool verify() noexcept {
+    try {
+      return backend_->verify_held();
+    } catch (const std::exception& error) {
+      log(LogLevel::warning, fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", ::getpid(),
+                                         backend_->describe(), error.what()));
+      return false;
+    }
   }
 
   void sleep_unless_stopped(std::chrono::milliseconds duration) {
@@ -302,17 +310,9 @@ class Coordinator {
     wake_.wait_for(guard, duration, [&] { return stop_requested_.load(); });
   }
 
-  void report_retry(const detail::failure& f) const {
-    log(LogLevel::warning,
-        fmt::format("workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(),
-                    lock_error(f.operation, path_, f.code, f.explanation).what(), backoff_.count()));
-  }
-
-  bool still_holds_named_file() const noexcept {
-    const auto* s = detail::worker_lock_access::state(lock_);
-    struct stat st {};
-    if (::lstat(path_.c_str(), &st) != 0) return errno != ENOENT;  // other errors: keep going
-    return st.st_dev == s->dev && st.st_ino == s->ino;
+  void report_retry(const std::exception& error) const {
+    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(), error.what(),
+                                       backoff_.count()));
   }
 
   void invoke(const Callback& callback, const char* name) noexcept {
@@ -328,8 +328,8 @@ class Coordinator {
 
   void promote() noexcept {
     role_.store(Role::primary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary path={}", ::getpid(), path_.native()));
-    if (startup_ && !barrier_.completed()) {
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", ::getpid(), backend_->describe()));
+    if (startup_ && barrier_ && !barrier_->completed()) {
       bool finished = true;
       try {
         startup_();
@@ -341,11 +341,13 @@ class Coordinator {
         log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw", ::getpid()));
       }
       std::error_code ec;
-      if (finished) barrier_.complete(ec);
+      if (finished) barrier_->complete(ec);
       if (ec) {
         log(LogLevel::error, fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}", ::getpid(),
-                                         barrier_.marker_path().native(), ec.message()));
+                                         barrier_->marker_path().native(), ec.message()));
       }
+    } else if (startup_ && !barrier_) {
+      invoke(startup_, "on_startup");
     }
     invoke(promoted_, "on_promoted");
   }
@@ -353,22 +355,21 @@ class Coordinator {
   //! on_demoted first, then release: the successor never overlaps with us.
   void demote(const char* reason) noexcept {
     invoke(demoted_, "on_demoted");
-    std::error_code ignored;
-    lock_.unlock(ignored);
+    backend_->release();
     role_.store(Role::secondary);
-    log(LogLevel::info,
-        fmt::format("workerlock: pid={} role=secondary path={} ({})", ::getpid(), path_.native(), reason));
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})", ::getpid(), backend_->describe(), reason));
   }
 
-  void demote_and_close(const char* reason) noexcept {
-    log(LogLevel::warning, fmt::format("workerlock: pid={} {}: {}; stepping down", ::getpid(), path_.native(), reason));
+  void demote_and_reset(const char* reason) noexcept {
+    log(LogLevel::warning,
+        fmt::format("workerlock: pid={} {}: {}; stepping down", ::getpid(), backend_->describe(), reason));
     demote(reason);
-    if (auto* s = detail::worker_lock_access::state(lock_)) detail::close_file(*s);
+    backend_->reset();
   }
 
-  std::filesystem::path path_;
+  std::unique_ptr<Backend> backend_;
   CoordinatorOptions options_;
-  StartupBarrier barrier_;
+  std::optional<StartupBarrier> barrier_;
   Callback promoted_;
   Callback demoted_;
   Callback startup_;
@@ -376,22 +377,19 @@ class Coordinator {
   std::mutex control_mutex_;  // serializes start() and stop()
   bool running_ = false;
   bool kept_out_ = false;
-  WorkerLock lock_;
   std::atomic<Role> role_{Role::secondary};
   std::atomic<bool> stop_requested_{false};
 
   std::thread thread_;
-  std::atomic<pthread_t> thread_handle_{};
   std::atomic<std::thread::id> coordinator_thread_{};
-  std::atomic<bool> thread_ready_{false};
   std::atomic<bool> thread_done_{false};
   std::mutex wait_mutex_;
   std::condition_variable wake_;
 
-  // Polled mode and retry state; touched only by the thread driving the lock.
+  // Retry state; touched only by the thread driving the backend.
   std::chrono::milliseconds backoff_{10};
   std::chrono::steady_clock::time_point next_attempt_{};
-  std::chrono::steady_clock::time_point last_health_check_{};
+  std::chrono::steady_clock::time_point last_verified_{};
 };
 
 }  // namespace workerlock

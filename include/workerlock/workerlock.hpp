@@ -8,5 +8,7 @@
 #include "options.hpp"
 #include "role.hpp"
 #include "worker_lock.hpp"
+#include "backend.hpp"
 #include "coordinator.hpp"
+#include "file_backend.hpp"
 #include "startup_barrier.hpp"

@@ -1,0 +1,61 @@
+// workerlock/backend.hpp: Backend, the interface through which a Coordinator holds the
+// primary role: a local lock file (FileBackend) or a lease on a network engine.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+namespace workerlock {
+
+//! What a Coordinator needs from a lock or lease. Errors are thrown as lock_error (or
+//! another std::exception); the Coordinator surfaces those from start() and logs and
+//! retries them later. An implementation is driven by one thread at a time, except
+//! interrupt(), which other threads may call at any moment.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  //! Called once by Coordinator::start() in the caller's thread, before anything else.
+  virtual void prepare() {}
+
+  //! One attempt that does not wait. Returns: true if this process now holds it.
+  virtual bool try_acquire() = 0;
+
+  //! Waits until held (true) or until interrupt() is called (false).
+  virtual bool wait_acquire() = 0;
+
+  //! Makes a wait_acquire() running on another thread return soon. May be called repeatedly.
+  virtual void interrupt() noexcept = 0;
+
+  //! Clears an earlier interrupt() before the next wait.
+  virtual void clear_interrupt() noexcept = 0;
+
+  //! While held, called every verify_interval(): renews a lease or checks the lock is
+  //! still ours. Returns false as soon as the hold is lost or cannot be proven.
+  virtual bool verify_held() = 0;
+  virtual std::chrono::milliseconds verify_interval() const noexcept = 0;
+
+  //! Gives up the hold, if any. Never throws.
+  virtual void release() noexcept = 0;
+
+  //! Gives up the hold and drops any resource (descriptor, connection) so that the next
+  //! attempt starts afresh, after an error or a lost hold. Never throws.
+  virtual void reset() noexcept { release(); }
+
+  virtual bool held() const noexcept = 0;
+
+  //! For log lines, such as "path=/run/app/primary.lock".
+  virtual std::string describe() const = 0;
+
+  //! The base path of the startup barrier's marker (the marker is `<base>.startup`), or
+  //! empty when the backend offers none.
+  virtual std::filesystem::path startup_marker_base() const { return {}; }
+
+  //! A number that grows with every new holder, for fencing downstream writes; 0 if the
+  //! backend has none.
+  virtual std::uint64_t fencing_token() const noexcept { return 0; }
+};
+
+}  // namespace workerlock

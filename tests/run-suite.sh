@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# workerlock: THE test command (see README).
+#
+#   bash tests/run-suite.sh
+#
+# On a fresh Debian 12 machine (as root, or with sudo) it installs whatever is
+# missing, then configures, builds and runs ctest in several configurations:
+#
+#   gcc      g++     C++17  RelWithDebInfo  -Werror
+#   clang20  clang++ C++20  Debug           -Werror
+#   asan     g++     C++17  Debug -O1       -fsanitize=address,undefined
+#   tsan     clang++ C++17  Debug -O1       -fsanitize=thread, only tests labelled
+#                                           "threads" (Catch2 tag [threads]);
+#                                           skipped if there are none
+#
+# Build trees: build/<config> in the repository.  Exit status is non-zero if
+# any configuration fails to configure, build or pass its tests.
+#
+# Environment knobs:
+#   WORKERLOCK_SUITE_CONFIGS   configs to run, space/comma separated
+#                              (default: "gcc clang20 asan tsan"), e.g. "gcc"
+#   WORKERLOCK_SUITE_JOBS      build parallelism (default: nproc)
+#   WORKERLOCK_SUITE_CTEST_JOBS ctest -j value (default: 2)
+#   WORKERLOCK_SUITE_FRESH=1   wipe build/<config> before configuring
+#   WORKERLOCK_SUITE_NO_INSTALL=1  never call apt-get (just check)
+#   CMAKE_GENERATOR            honoured by cmake; default Ninja if installed
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+ALL_CONFIGS=(gcc clang20 asan tsan)
+CONFIGS_RAW="${WORKERLOCK_SUITE_CONFIGS:-${ALL_CONFIGS[*]}}"
+read -r -a CONFIGS <<<"${CONFIGS_RAW//,/ }"
+if [[ ${#CONFIGS[@]} -eq 0 ]]; then
+  echo "run-suite: WORKERLOCK_SUITE_CONFIGS is empty" >&2
+  exit 2
+fi
+for c in "${CONFIGS[@]}"; do
+  case "$c" in
+    gcc | clang20 | asan | tsan) ;;
+    *)
+      echo "run-suite: unknown config '$c' (known: ${ALL_CONFIGS[*]})" >&2
+      exit 2
+      ;;
+  esac
+done
+
+log() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+# ---------------------------------------------------------------------------
+# 1. Dependencies (Debian/Ubuntu): install exactly what is missing.
+# ---------------------------------------------------------------------------
+PKGS=(cmake make libboost-dev libfmt-dev catch2 python3-filelock util-linux procps)
+for c in "${CONFIGS[@]}"; do
+  case "$c" in
+    gcc | asan) PKGS+=(g++) ;;
+    clang20) PKGS+=(clang) ;;
+    # clang's sanitizer runtimes are only a Recommends of clang-NN
+    tsan) PKGS+=(clang libclang-rt-dev) ;;
+  esac
+done
+# de-duplicate, keep order
+mapfile -t PKGS < <(printf '%s\n' "${PKGS[@]}" | awk '!seen[$0]++')
+
+install_missing() {
+  if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "run-suite: not a dpkg-based system; assuming dependencies are present: ${PKGS[*]}" >&2
+    return 0
+  fi
+  local missing=() p
+  for p in "${PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$p")
+    fi
+  done
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "run-suite: all required packages are installed"
+    return 0
+  fi
+  log "Installing missing packages: ${missing[*]}"
+  if [[ -n "${WORKERLOCK_SUITE_NO_INSTALL:-}" ]]; then
+    echo "run-suite: WORKERLOCK_SUITE_NO_INSTALL is set; install them yourself" >&2
+    return 1
+  fi
+  local SUDO=()
+  if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+      SUDO=(sudo)
+    else
+      echo "run-suite: not root and no sudo; please install: ${missing[*]}" >&2
+      return 1
+    fi
+  fi
+  local apt=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+  # apt-get update only if there are no package lists yet, or if the install
+  # fails with the current lists (stale lists -> 404s).
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+    "${apt[@]}" update
+  fi
+  if ! "${apt[@]}" install -y --no-install-recommends "${missing[@]}"; then
+    "${apt[@]}" update
+    "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
+  fi
+}
+install_missing
+
+if [[ -z "${CMAKE_GENERATOR:-}" ]] && command -v ninja >/dev/null 2>&1; then
+  export CMAKE_GENERATOR=Ninja
+fi
+GENERATOR="${CMAKE_GENERATOR:-Unix Makefiles}"
+JOBS="${WORKERLOCK_SUITE_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+CTEST_JOBS="${WORKERLOCK_SUITE_CTEST_JOBS:-2}"
+
+# Sanitizer runtime options (user-provided values win).
+export ASAN_OPTIONS="${ASAN_OPTIONS:-strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1}"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+# die_after_fork=0: the tests fork worker processes from multi-threaded parents.
+export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:die_after_fork=0}"
+
+# ---------------------------------------------------------------------------
+# 2. Configurations.
+# ---------------------------------------------------------------------------
+# config_args <config>: prints one cmake -D argument per line
+config_args() {
+  local common=(
+    -DCMAKE_CXX_STANDARD_REQUIRED=ON
+    -DCMAKE_CXX_EXTENSIONS=OFF
+    -DWORKERLOCK_BUILD_TESTS=ON
+    -DWORKERLOCK_INSTALL=ON
+  )
+  case "$1" in
+    gcc)
+      printf '%s\n' "${common[@]}" -DCMAKE_CXX_COMPILER=g++ -DCMAKE_CXX_STANDARD=17 \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo -DWORKERLOCK_WERROR=ON \
+        -DWORKERLOCK_BUILD_EXAMPLES=ON -DWORKERLOCK_BUILD_BENCHMARKS=ON
+      ;;
+    clang20)
+      printf '%s\n' "${common[@]}" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_STANDARD=20 \
+        -DCMAKE_BUILD_TYPE=Debug -DWORKERLOCK_WERROR=ON \
+        -DWORKERLOCK_BUILD_EXAMPLES=ON -DWORKERLOCK_BUILD_BENCHMARKS=ON
+      ;;
+    asan)
+      printf '%s\n' "${common[@]}" -DCMAKE_CXX_COMPILER=g++ -DCMAKE_CXX_STANDARD=17 \
+        -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS=-O1 \
+        -DWORKERLOCK_SANITIZE=address,undefined \
+        -DWORKERLOCK_BUILD_EXAMPLES=ON -DWORKERLOCK_BUILD_BENCHMARKS=OFF
+      ;;
+    tsan)
+      printf '%s\n' "${common[@]}" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_STANDARD=17 \
+        -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS=-O1 \
+        -DWORKERLOCK_SANITIZE=thread \
+        -DWORKERLOCK_BUILD_EXAMPLES=OFF -DWORKERLOCK_BUILD_BENCHMARKS=OFF
+      ;;
+  esac
+}
+
+# Commands of the tsan config run through this prefix: clang 14's TSan cannot
+# cope with the high mmap ASLR entropy of newer kernels (vm.mmap_rnd_bits > 28:
+# "FATAL: ThreadSanitizer: unexpected memory mapping"), so disable ASLR there.
+TSAN_RUNNER=()
+rnd_bits="$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 0)"
+if [[ "$rnd_bits" -gt 28 ]] && setarch "$(uname -m)" -R true 2>/dev/null; then
+  TSAN_RUNNER=(setarch "$(uname -m)" -R)
+fi
+
+declare -A RESULT SUMMARY
+FAILED=0
+
+run_config() {
+  local cfg="$1"
+  local dir="$ROOT/build/$cfg" runner=() args
+  [[ "$cfg" == tsan ]] && runner=("${TSAN_RUNNER[@]}")
+  mapfile -t args < <(config_args "$cfg")
+
+  if [[ -n "${WORKERLOCK_SUITE_FRESH:-}" ]]; then
+    rm -rf "$dir"
+  elif [[ -f "$dir/CMakeCache.txt" ]] &&
+    ! grep -qxF "CMAKE_GENERATOR:INTERNAL=$GENERATOR" "$dir/CMakeCache.txt"; then
+    echo "run-suite: $dir was configured with another generator; wiping it"
+    rm -rf "$dir"
+  fi
+
+  log "[$cfg] configure ($GENERATOR)"
+  if ! cmake -S "$ROOT" -B "$dir" -G "$GENERATOR" "${args[@]}"; then
+    RESULT[$cfg]=FAIL SUMMARY[$cfg]="cmake configure failed"
+    return 1
+  fi
+
+  log "[$cfg] build"
+  local build_cmd=(cmake --build "$dir" --parallel "$JOBS")
+  [[ "$cfg" == tsan ]] && build_cmd+=(--target workerlock_tests)
+  if ! "${runner[@]}" "${build_cmd[@]}"; then
+    RESULT[$cfg]=FAIL SUMMARY[$cfg]="build failed"
+    return 1
+  fi
+
+  local ctest_args=(--output-on-failure -j "$CTEST_JOBS")
+  if [[ "$cfg" == tsan ]]; then
+    local n
+    n="$(cd "$dir" && ctest -N -L threads 2>/dev/null | sed -n 's/^Total Tests: *\([0-9]\+\).*/\1/p')"
+    if [[ "${n:-0}" -eq 0 ]]; then
+      RESULT[$cfg]=SKIP SUMMARY[$cfg]="no tests labelled 'threads' (tag TEST_CASEs with [threads])"
+      echo "run-suite: [$cfg] ${SUMMARY[$cfg]}; skipping"
+      return 0
+    fi
+    ctest_args+=(-L threads)
+  fi
+
+  log "[$cfg] ctest ${ctest_args[*]}  (in build/$cfg)"
+  local logf="$dir/run-suite-ctest.log" rc=0
+  (cd "$dir" && "${runner[@]}" ctest "${ctest_args[@]}") 2>&1 | tee "$logf" || rc=$?
+  # with pipefail, rc is ctest's status (tee does not fail)
+  local line
+  line="$(grep -E '^[0-9]+% tests passed' "$logf" | tail -n 1 || true)"
+  SUMMARY[$cfg]="${line:-no ctest summary line (see $logf)}"
+  if [[ $rc -ne 0 ]]; then
+    RESULT[$cfg]=FAIL
+    return 1
+  fi
+  RESULT[$cfg]=PASS
+}
+
+for cfg in "${CONFIGS[@]}"; do
+  if ! run_config "$cfg"; then
+    FAILED=1
+  fi
+done
+
+# ---------------------------------------------------------------------------
+# 3. Summary.
+# ---------------------------------------------------------------------------
+log "workerlock test suite summary"
+for cfg in "${CONFIGS[@]}"; do
+  printf '  %-8s %-4s  %s\n' "$cfg" "${RESULT[$cfg]:-FAIL}" "${SUMMARY[$cfg]:-}"
+done
+if [[ $FAILED -ne 0 ]]; then
+  echo "run-suite: FAILED"
+  exit 1
+fi
+echo "run-suite: OK"

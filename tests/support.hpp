@@ -1,0 +1,131 @@
+// tests/support.hpp: helpers for tests that fork real processes: temporary directories,
+// children whose exit codes the parent checks, and shared memory for their bookkeeping.
+#pragma once
+
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <new>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <boost/interprocess/anonymous_shared_memory.hpp>
+#include <boost/interprocess/mapped_region.hpp>
+
+namespace wltest {
+
+//! A fresh directory under /tmp, removed with its contents at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "workerlock-test-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+//! One T placed in anonymous shared memory: a child forked afterwards shares it with the
+//! parent. T should hold std::atomic members (lock-free atomics work across processes).
+template <typename T>
+class Shared {
+ public:
+  Shared() : region_(boost::interprocess::anonymous_shared_memory(sizeof(T))) {
+    object_ = new (region_.get_address()) T();
+  }
+  ~Shared() { object_->~T(); }
+  Shared(const Shared&) = delete;
+  Shared& operator=(const Shared&) = delete;
+
+  T* operator->() const { return object_; }
+  T& operator*() const { return *object_; }
+
+ private:
+  boost::interprocess::mapped_region region_;
+  T* object_ = nullptr;
+};
+
+//! Forks a child that runs `body` (returning its exit code) and leaves with _exit, so no
+//! destructor or atexit handler of the parent runs twice. An exception exits with 99.
+template <typename F>
+pid_t fork_child(F&& body) {
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    int code = 0;
+    try {
+      code = body();
+    } catch (...) {
+      code = 99;
+    }
+    ::_exit(code);
+  }
+  return pid;
+}
+
+//! Waits for `pid`; returns its exit code, or 128 + the signal that killed it.
+inline int wait_exit_code(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return -1;
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+//! Waits for every pid; returns how many did not exit with 0.
+inline int wait_all_failures(const std::vector<pid_t>& pids) {
+  int failures = 0;
+  for (const pid_t pid : pids) failures += wait_exit_code(pid) != 0 ? 1 : 0;
+  return failures;
+}
+
+//! Polls `condition` every 100 µs until it holds or `timeout` passes.
+template <typename F>
+bool eventually(F&& condition, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  return true;
+}
+
+//! A start line for racing children: each calls arrive_and_wait(), the parent calls
+//! release() once all arrived, so they all start their attempt at nearly the same instant.
+struct StartLine {
+  std::atomic<int> arrived{0};
+  std::atomic<bool> go{false};
+
+  void arrive_and_wait() {
+    arrived.fetch_add(1);
+    while (!go.load()) std::this_thread::yield();
+  }
+  bool release_when(int expected, std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+    const bool all = eventually([&] { return arrived.load() >= expected; }, timeout);
+    go.store(true);
+    return all;
+  }
+};
+
+}  // namespace wltest

@@ -220,7 +220,7 @@ class Coordinator {
     if (kept_out_) {
       running_ = true;
       log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
-                                      ::getpid(), backend_->describe()));
+                                      detail::current_pid(), backend_->describe()));
       return;
     }
     backend_->clear_interrupt();
@@ -230,7 +230,7 @@ class Coordinator {
     backoff_ = options_.retry_backoff_min;
     last_verified_ = std::chrono::steady_clock::now();
     next_attempt_ = last_verified_;
-    if (!held) log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)", ::getpid(), backend_->describe()));
+    if (!held) log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)", detail::current_pid(), backend_->describe()));
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
       return;
@@ -299,7 +299,7 @@ class Coordinator {
     try {
       return backend_->verify_held();
     } catch (const std::exception& error) {
-      log(LogLevel::warning, fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", ::getpid(),
+      log(LogLevel::warning, fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", detail::current_pid(),
                                          backend_->describe(), error.what()));
       return false;
     }
@@ -311,7 +311,7 @@ class Coordinator {
   }
 
   void report_retry(const std::exception& error) const {
-    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(), error.what(),
+    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms", detail::current_pid(), error.what(),
                                        backoff_.count()));
   }
 
@@ -320,30 +320,30 @@ class Coordinator {
     try {
       callback();
     } catch (const std::exception& error) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw: {}", ::getpid(), name, error.what()));
+      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw: {}", detail::current_pid(), name, error.what()));
     } catch (...) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw a non-standard exception", ::getpid(), name));
+      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw a non-standard exception", detail::current_pid(), name));
     }
   }
 
   void promote() noexcept {
     role_.store(Role::primary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", ::getpid(), backend_->describe()));
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", detail::current_pid(), backend_->describe()));
     if (startup_ && barrier_ && !barrier_->completed()) {
       bool finished = true;
       try {
         startup_();
       } catch (const std::exception& error) {
         finished = false;
-        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw: {}", ::getpid(), error.what()));
+        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw: {}", detail::current_pid(), error.what()));
       } catch (...) {
         finished = false;
-        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw", ::getpid()));
+        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw", detail::current_pid()));
       }
       std::error_code ec;
       if (finished) barrier_->complete(ec);
       if (ec) {
-        log(LogLevel::error, fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}", ::getpid(),
+        log(LogLevel::error, fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}", detail::current_pid(),
                                          barrier_->marker_path().native(), ec.message()));
       }
     } else if (startup_ && !barrier_) {
@@ -357,12 +357,12 @@ class Coordinator {
     invoke(demoted_, "on_demoted");
     backend_->release();
     role_.store(Role::secondary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})", ::getpid(), backend_->describe(), reason));
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})", detail::current_pid(), backend_->describe(), reason));
   }
 
   void demote_and_reset(const char* reason) noexcept {
     log(LogLevel::warning,
-        fmt::format("workerlock: pid={} {}: {}; stepping down", ::getpid(), backend_->describe(), reason));
+        fmt::format("workerlock: pid={} {}: {}; stepping down", detail::current_pid(), backend_->describe(), reason));
     demote(reason);
     backend_->reset();
   }

@@ -81,7 +81,7 @@ inline void warn_if_elected_before_fork(const std::filesystem::path& path, const
            fmt::format("workerlock: pid={} warning: its parent pid={} won the election on {} before fork(); a "
                        "forked child is never primary, and while the parent holds the lock no worker can be. "
                        "Call is_primary_worker() in each worker after fork(), not in the master",
-                       ::getpid(), parent, path.native()));
+                       current_pid(), parent, path.native()));
 }
 
 //! The operator override: WORKERLOCK_ROLE=secondary keeps this worker out of the election.
@@ -112,7 +112,7 @@ inline pid_t recorded_holder_pid(const WorkerLock& lock) {
 }
 
 inline Election elect(const std::filesystem::path& path, const Options& options, failure& f) {
-  const pid_t me = ::getpid();
+  const pid_t me = current_pid();
   Election result{ElectedRole(Role::secondary, me), WorkerLock(path, options)};
 
   if (kept_out_by_operator(options, f)) {

@@ -108,7 +108,7 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   Holder holder;
   holder.pid = kernel.pid;
   holder.mechanism = std::string(kernel_kind_name(kernel.kind));
-  const bool posix_here = kernel.kind == kernel_lock_kind::posix && kernel.pid == ::getpid();
+  const bool posix_here = kernel.kind == kernel_lock_kind::posix && kernel.pid == current_pid();
   const auto record = read_record(path, st.st_dev, st.st_ino, posix_here);
   if (!record) return holder;
   // The kernel knows the pid for POSIX and flock locks in our namespace; a record naming

@@ -10,6 +10,8 @@
 
 #include <fmt/format.h>
 
+#include "detail/registry.hpp"
+
 namespace workerlock {
 
 //! The outcome of an election: the primary runs singleton work, secondaries only serve.
@@ -34,7 +36,7 @@ class ElectedRole {
   operator Role() const noexcept { return get(); }  // NOLINT: reads like the enum it stands for
 
   //! True in a child that inherited this value through fork() from the process elected.
-  bool inherited_across_fork() const noexcept { return elected_in_ != 0 && elected_in_ != ::getpid(); }
+  bool inherited_across_fork() const noexcept { return elected_in_ != 0 && elected_in_ != detail::current_pid(); }
   //! The pid of the process the election ran in.
   pid_t elected_in() const noexcept { return elected_in_; }
 

@@ -152,7 +152,8 @@ class WorkerLock {
   }
   Mechanism mechanism() const noexcept { return options().mechanism; }
 
-  //! The open descriptor, or -1 before the first attempt. Closing it breaks the handle.
+  //! The open descriptor, or -1 before the first attempt. Closing it breaks the handle, and
+  //! a dup() of it would keep an OFD or flock lock alive after the handle is destroyed.
   int native_handle() const noexcept { return state_ ? state_->fd : -1; }
 
   //! True if this handle was copied into this process by fork() (its descriptor closed).
@@ -192,8 +193,13 @@ class WorkerLock {
 
   void dispose() noexcept {
     if (!state_) return;
-    detail::failure ignored;
-    detail::release(*state_, ignored);
+    // Closing our only descriptor releases an OFD or flock lock by itself; a POSIX lock's
+    // descriptor may be shared with sibling handles, so release it explicitly.
+    if (state_->options.mechanism == Mechanism::posix) {
+      detail::failure ignored;
+      detail::release(*state_, ignored);
+    }
+    state_->owned = false;
     {
       detail::registry_guard reg;
       detail::close_registered(*reg.operator->(), *state_);

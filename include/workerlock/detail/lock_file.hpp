@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,8 +45,8 @@ inline const char* explain_open_errno(int e) noexcept {
 //! True when the file belongs to an ordinary user other than us and other than the owner
 //! of its world-writable sticky directory: the /tmp denial of service, where that user
 //! can hold the lock forever.
-inline bool foreign_owner_in_sticky_directory(const char* path, const struct stat& file) noexcept {
-  if (file.st_uid == ::geteuid() || file.st_uid == 0) return false;
+inline bool foreign_owner_in_sticky_directory(const char* path, uid_t owner) noexcept {
+  if (owner == 0 || owner == ::geteuid()) return false;
   char parent[PATH_MAX];
   const auto length = std::strlen(path);
   if (length >= sizeof parent) return false;
@@ -60,7 +61,7 @@ inline bool foreign_owner_in_sticky_directory(const char* path, const struct sta
   }
   struct stat directory {};
   if (::stat(parent, &directory) != 0) return false;
-  if (file.st_uid == directory.st_uid) return false;
+  if (owner == directory.st_uid) return false;
   return (directory.st_mode & S_ISVTX) != 0 && (directory.st_mode & S_IWOTH) != 0;
 }
 
@@ -107,28 +108,22 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
     f.set(e, operation, explain_open_errno(e));
     return false;
   }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    f.set(errno, operation);
-    close_keep_errno(fd);
-    return false;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    close_keep_errno(fd);
-    f.set(EINVAL, operation, "the path is not a regular file");
-    return false;
-  }
-  if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(path, st)) {
-    close_keep_errno(fd);
-    f.set(EPERM, operation,
-          "the file belongs to another user in a world-writable sticky directory such as /tmp, "
-          "so that user could hold the lock forever; use a private directory such as /run/<app>");
-    return false;
-  }
   s.fd = fd;
-  s.dev = st.st_dev;
-  s.ino = st.st_ino;
+  s.dev = 0;
+  s.ino = 0;
   s.verified_since_open = false;
+  if (s.options.mechanism == Mechanism::posix) {
+    // Sibling POSIX handles find each other by identity, so it is needed before any lock.
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      f.set(errno, operation);
+      close_keep_errno(fd);
+      s.fd = -1;
+      return false;
+    }
+    s.dev = st.st_dev;
+    s.ino = st.st_ino;
+  }
   return true;
 }
 
@@ -148,35 +143,57 @@ inline void close_file(lock_state& s) noexcept {
   close_registered(*reg.operator->(), s);
 }
 
-//! After the kernel granted the lock: does the path still name the file we locked? A holder
-//! may have removed it (unlock_and_remove) while we waited on the old inode. Sets `size` to
-//! the file's current size. Returns false, with `f` untouched, when the file was replaced.
-inline bool still_the_named_file(lock_state& s, off_t& size, failure& f) noexcept {
-  struct stat st {};
-  if (!s.verified_since_open) {
-    if (::lstat(s.path.c_str(), &st) != 0) {
-      if (errno == ENOENT) return false;
-      f.set(errno, "verify lock file");
-      return false;
-    }
-    if (st.st_dev != s.dev || st.st_ino != s.ino) return false;
-    s.verified_since_open = true;
-  } else {
-    // Cheaper on re-lock: a removed or renamed-over file has no links left.
-    if (::fstat(s.fd, &st) != 0) {
-      f.set(errno, "verify lock file");
-      return false;
-    }
-    if (st.st_nlink == 0) return false;
+enum class inspection { ours, replaced, failed };
+
+//! After the kernel granted the lock: is this the file the path names, and may we use it?
+//! A holder may have removed it (unlock_and_remove) while we waited on the old inode; then
+//! it has no links left, or the path names a new file. The first time after open() this
+//! also checks the file type and owner (after locking, to spend no extra system call: a
+//! refused file is released at once). Sets `size` for write_holder_record().
+inline inspection inspect_locked_file(lock_state& s, off_t& size, failure& f) noexcept {
+  constexpr const char* operation = "verify lock file";
+  const bool first = !s.verified_since_open;
+  // statx asks only for what is used: no timestamps (reading them can make the next write
+  // record a fine-grained timestamp, which costs on Linux >= 6.13).
+  const unsigned mask = first ? (STATX_TYPE | STATX_MODE | STATX_UID | STATX_INO | STATX_NLINK | STATX_SIZE)
+                              : (STATX_NLINK | STATX_SIZE);
+  struct statx file {};
+  if (::statx(s.fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, mask, &file) != 0) {
+    f.set(errno, operation);
+    return inspection::failed;
   }
-  size = st.st_size;
-  return true;
+  if (first) {
+    if (!S_ISREG(file.stx_mode)) {
+      f.set(EINVAL, "open lock file", "the path is not a regular file");
+      return inspection::failed;
+    }
+    if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(s.path.c_str(), file.stx_uid)) {
+      f.set(EPERM, "open lock file",
+            "the file belongs to another user in a world-writable sticky directory such as /tmp, "
+            "so that user could hold the lock forever; use a private directory such as /run/<app>");
+      return inspection::failed;
+    }
+    struct stat named {};
+    if (::lstat(s.path.c_str(), &named) != 0) {
+      if (errno == ENOENT) return inspection::replaced;
+      f.set(errno, operation);
+      return inspection::failed;
+    }
+    const dev_t dev = makedev(file.stx_dev_major, file.stx_dev_minor);
+    if (named.st_dev != dev || named.st_ino != file.stx_ino) return inspection::replaced;
+    s.dev = dev;
+    s.ino = file.stx_ino;
+    s.verified_since_open = true;
+  }
+  if (file.stx_nlink == 0) return inspection::replaced;
+  size = static_cast<off_t>(file.stx_size);
+  return inspection::ours;
 }
 
 //! Writes the holder record in place; shrinks the file only if an older record was longer.
 inline bool write_holder_record(lock_state& s, off_t size, failure& f) noexcept {
   char buffer[max_record_size];
-  const auto length = format_record(buffer, ::getpid(), std::chrono::system_clock::now(), s.options.mechanism);
+  const auto length = format_record(buffer, current_pid(), std::chrono::system_clock::now(), s.options.mechanism);
   const auto written = retry_on_eintr([&] { return ::pwrite(s.fd, buffer, length, 0); });
   if (written != static_cast<ssize_t>(length)) {
     f.set(written < 0 ? errno : EIO, "write holder record to");
@@ -299,7 +316,7 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
 
     s.owned = true;
     off_t size = 0;
-    if (still_the_named_file(s, size, f)) {
+    if (inspect_locked_file(s, size, f) == inspection::ours) {
       if (!s.options.write_holder_record || write_holder_record(s, size, f)) return true;
     }
     // Replaced under our feet, or an error: let go of this inode and, if replaced, retry.
@@ -314,7 +331,7 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
 }
 
 //! Removes the file while still holding the lock, and only if the path still names it;
-//! waiters on the old inode then notice (still_the_named_file) and retry on a fresh file.
+//! waiters on the old inode then notice (inspect_locked_file) and retry on a fresh file.
 inline bool release_and_remove(lock_state& s, failure& f) noexcept {
   if (!s.owned) {
     f.set(EPERM, "remove lock file", "this handle does not hold the lock");

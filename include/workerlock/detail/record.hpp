@@ -18,9 +18,11 @@
 #include <string>
 #include <string_view>
 
+#include <fmt/compile.h>
 #include <fmt/format.h>
 
 #include "../options.hpp"
+#include "registry.hpp"
 
 namespace workerlock::detail {
 
@@ -50,7 +52,7 @@ inline process_identity current_identity() noexcept {
   static std::mutex mutex;
   static pid_t cached_for = 0;
   static process_identity cached;
-  const pid_t me = ::getpid();
+  const pid_t me = current_pid();
   std::lock_guard<std::mutex> guard(mutex);
   if (cached_for != me) {
     process_identity fresh;
@@ -73,11 +75,12 @@ inline std::size_t format_record(char* out, pid_t pid, std::chrono::system_clock
   const auto micros = static_cast<long>(since_epoch.count() % 1000000);
   std::tm utc{};
   ::gmtime_r(&seconds, &utc);
-  const auto result = fmt::format_to_n(
-      out, max_record_size, "{}\nacquired={:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\nhost={}\npidns={}\nmechanism={}\n",
+  // Bounded: the host name is at most 64 bytes, so the record always fits max_record_size.
+  const char* end = fmt::format_to(
+      out, FMT_COMPILE("{}\nacquired={:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\nhost={}\npidns={}\nmechanism={}\n"),
       pid, utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, micros,
-      identity.host, identity.pid_namespace, to_string(mechanism));
-  return std::min(result.size, max_record_size);
+      static_cast<const char*>(identity.host), identity.pid_namespace, to_string(mechanism));
+  return static_cast<std::size_t>(end - out);
 }
 
 inline std::optional<std::chrono::system_clock::time_point> parse_utc(std::string_view text) {

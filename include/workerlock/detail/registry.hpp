@@ -6,6 +6,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <filesystem>
 
@@ -84,6 +85,7 @@ class registry {
   // parent's intact. Only async-signal-safe work happens here.
   static void after_fork_in_child() noexcept {
     auto& self = instance();
+    forget_cached_pid();
     const pid_t parent = ::getppid();
     for (auto* s = self.head_; s != nullptr; s = s->next) {
       if (s->fd >= 0 && !fd_shared_with_earlier(self.head_, s)) close_keep_errno(s->fd);
@@ -96,6 +98,8 @@ class registry {
     }
     self.unlock();
   }
+
+  static void forget_cached_pid() noexcept;
 
   static bool fd_shared_with_earlier(lock_state* head, lock_state* s) noexcept {
     for (auto* t = head; t != s; t = t->next)
@@ -112,6 +116,24 @@ class registry {
   pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
   lock_state* head_ = nullptr;
 };
+
+//! This process's pid, cached: getpid() is a real system call, and a costly one on kernels
+//! with page-table isolation. The atfork child handler clears the cache, so a child of
+//! fork() sees its own pid. (A child made by a raw clone() that skips atfork handlers would
+//! see its parent's pid; workerlock does not support such children.)
+inline std::atomic<pid_t> cached_process_id{0};
+
+inline void registry::forget_cached_pid() noexcept { cached_process_id.store(0, std::memory_order_relaxed); }
+
+inline pid_t current_pid() noexcept {
+  pid_t pid = cached_process_id.load(std::memory_order_relaxed);
+  if (pid == 0) {
+    registry::instance();  // installs the atfork handlers before anything is cached
+    pid = ::getpid();
+    cached_process_id.store(pid, std::memory_order_relaxed);
+  }
+  return pid;
+}
 
 //! RAII holder of the registry mutex.
 class registry_guard {

@@ -55,24 +55,31 @@ class FileBackend final : public Backend {
 
   bool try_acquire() override { return lock_.try_lock(); }
 
+  //! Unblocks the wakeup signal only for the duration of the blocking call, so that the
+  //! signal never interrupts the host's own system calls (in callbacks, say).
   bool wait_acquire() override {
-    waiter_.store(::pthread_self());
-    has_waiter_.store(true);
-    // The waiting thread must be able to receive the wakeup signal.
     sigset_t wakeup;
     sigemptyset(&wakeup);
     sigaddset(&wakeup, wakeup_signal_);
+    waiter_.store(::pthread_self());
+    waiting_.store(true);
     ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
-    if (interrupted_.load()) return false;
     detail::failure f;
-    const bool held = detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+    bool held = false;
+    if (!interrupted_.load()) {
+      held = detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+    }
+    ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
+    waiting_.store(false);
     f.throw_if_failed(lock_.path());
     return held;
   }
 
+  //! A signal sent just before the waiter enters the kernel is lost; callers repeat it
+  //! until the wait returns (Coordinator::stop() does, every millisecond).
   void interrupt() noexcept override {
     interrupted_.store(true);
-    if (has_waiter_.load()) ::pthread_kill(waiter_.load(), wakeup_signal_);
+    if (waiting_.load()) ::pthread_kill(waiter_.load(), wakeup_signal_);
   }
   void clear_interrupt() noexcept override { interrupted_.store(false); }
 
@@ -110,7 +117,7 @@ class FileBackend final : public Backend {
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;
   std::atomic<bool> interrupted_{false};
-  std::atomic<bool> has_waiter_{false};
+  std::atomic<bool> waiting_{false};
   std::atomic<pthread_t> waiter_{};
 };
 

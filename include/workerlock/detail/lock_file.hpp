@@ -42,14 +42,14 @@ inline const char* explain_open_errno(int e) noexcept {
   }
 }
 
-//! True when the file belongs to an ordinary user other than us and other than the owner
-//! of its world-writable sticky directory: the /tmp denial of service, where that user
-//! can hold the lock forever.
-inline bool foreign_owner_in_sticky_directory(const char* path, uid_t owner) noexcept {
-  if (owner == 0 || owner == ::geteuid()) return false;
+//! stat() of the directory containing `path`, without allocating. Returns 0 or -1/errno.
+inline int stat_parent_directory(const char* path, struct stat& directory) noexcept {
   char parent[PATH_MAX];
   const auto length = std::strlen(path);
-  if (length >= sizeof parent) return false;
+  if (length >= sizeof parent) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
   std::memcpy(parent, path, length + 1);
   char* slash = std::strrchr(parent, '/');
   if (slash == nullptr) {
@@ -59,10 +59,23 @@ inline bool foreign_owner_in_sticky_directory(const char* path, uid_t owner) noe
   } else {
     *slash = '\0';
   }
+  return ::stat(parent, &directory);
+}
+
+//! True when the file belongs to an ordinary user other than us and other than the owner
+//! of its world-writable sticky directory: the /tmp denial of service, where that user
+//! can hold the lock forever.
+inline bool foreign_owner_in_sticky_directory(const char* path, uid_t owner) noexcept {
+  if (owner == 0 || owner == ::geteuid()) return false;
   struct stat directory {};
-  if (::stat(parent, &directory) != 0) return false;
+  if (stat_parent_directory(path, directory) != 0) return false;
   if (owner == directory.st_uid) return false;
   return (directory.st_mode & S_ISVTX) != 0 && (directory.st_mode & S_IWOTH) != 0;
+}
+
+inline bool parent_directory_exists(const char* path) noexcept {
+  struct stat directory {};
+  return stat_parent_directory(path, directory) == 0 && S_ISDIR(directory.st_mode);
 }
 
 //! Opens (creating if needed) the lock file of `s`. Requires the registry mutex, so that no
@@ -106,6 +119,8 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
   if (fd < 0) {
     const int e = errno;
     f.set(e, operation, explain_open_errno(e));
+    if (e == ENOENT && parent_directory_exists(path))
+      f.explanation = "the file system refuses to create the file here";
     return false;
   }
   s.fd = fd;

@@ -1,26 +1,23 @@
 #!/usr/bin/env bash
 # workerlock: THE demo command (see README).
 #
-#   bash examples/run-demo.sh [extra args for the example]
+#   bash examples/run-demo.sh [--basic]
 #
-# Installs what is missing (Debian/Ubuntu), builds one example in build/demo
-# (tests/benchmark off) and runs it with a lock file in a temporary directory.
-# To demo another example, change DEMO_EXAMPLE/DEMO_TARGET/demo_args below
-# (or set WORKERLOCK_DEMO_EXAMPLE / WORKERLOCK_DEMO_TARGET).
+# Installs what is missing (Debian/Ubuntu), builds the example in build/demo
+# (tests/benchmark off) and runs it with its files in a temporary directory.
 set -euo pipefail
 
-DEMO_EXAMPLE="${WORKERLOCK_DEMO_EXAMPLE:-basic}"            # examples/<dir>
-DEMO_TARGET="${WORKERLOCK_DEMO_TARGET:-workerlock_basic}"   # CMake target in it
-demo_args() { # $1 = temp dir; prints one argument per line
-  printf '%s\n' --workers 4 --lock "$1/demo.lock"
-}
+# The demo: the pre-fork HTTP server (examples/prefork_server) with 4 workers, driven by
+# examples/prefork_server/demo.sh. `--basic` runs the minimal example (examples/basic) instead.
+MODE=prefork
+[[ "${1:-}" == "--basic" ]] && MODE=basic
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="$ROOT/build/demo"
 cd "$ROOT"
 
 # --- dependencies ----------------------------------------------------------
-PKGS=(g++ cmake make libfmt-dev libboost-dev)
+PKGS=(g++ cmake make pkg-config libfmt-dev libcpp-httplib-dev curl)
 if command -v dpkg-query >/dev/null 2>&1; then
   missing=()
   for p in "${PKGS[@]}"; do
@@ -53,12 +50,12 @@ cmake -S "$ROOT" -B "$BUILD_DIR" \
   -DWORKERLOCK_BUILD_BENCHMARKS=OFF \
   -DWORKERLOCK_BUILD_EXAMPLES=ON \
   -DWORKERLOCK_INSTALL=OFF
-cmake --build "$BUILD_DIR" --target "$DEMO_TARGET" --parallel "$(nproc 2>/dev/null || echo 2)"
-
-# --- run ---------------------------------------------------------------------
-tmpdir="$(mktemp -d "${TMPDIR:-/tmp}/workerlock-demo.XXXXXX")"
-trap 'rm -rf "$tmpdir"' EXIT
-mapfile -t args < <(demo_args "$tmpdir")
-exe="$BUILD_DIR/examples/$DEMO_EXAMPLE/$DEMO_TARGET"
-echo "+ ${exe#"$ROOT"/} ${args[*]} $*"
-"$exe" "${args[@]}" "$@"
+if [[ $MODE == basic ]]; then
+  cmake --build "$BUILD_DIR" --target workerlock_basic --parallel "$(nproc 2>/dev/null || echo 2)"
+  tmpdir="$(mktemp -d "${TMPDIR:-/tmp}/workerlock-demo.XXXXXX")"
+  trap 'rm -rf "$tmpdir"' EXIT
+  "$BUILD_DIR/examples/basic/workerlock_basic" --workers 4 --lock "$tmpdir/demo.lock"
+  exit
+fi
+cmake --build "$BUILD_DIR" --target workerlock_prefork_server --parallel "$(nproc 2>/dev/null || echo 2)"
+exec bash "$ROOT/examples/prefork_server/demo.sh" "$BUILD_DIR/examples/prefork_server/workerlock_prefork_server"

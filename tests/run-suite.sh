@@ -51,7 +51,7 @@ log() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 # ---------------------------------------------------------------------------
 # 1. Dependencies (Debian/Ubuntu): install exactly what is missing.
 # ---------------------------------------------------------------------------
-PKGS=(cmake make libboost-dev libfmt-dev catch2 python3-filelock util-linux procps)
+PKGS=(cmake make pkg-config libboost-dev libfmt-dev catch2 libcpp-httplib-dev wrk curl python3-filelock util-linux procps)
 for c in "${CONFIGS[@]}"; do
   case "$c" in
     gcc | asan) PKGS+=(g++) ;;

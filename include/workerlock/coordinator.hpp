@@ -13,8 +13,8 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -23,8 +23,8 @@
 
 #include "backend.hpp"
 #include "election.hpp"
-#include "file_backend.hpp"
 #include "error.hpp"
+#include "file_backend.hpp"
 #include "options.hpp"
 #include "role.hpp"
 #include "startup_barrier.hpp"
@@ -86,8 +86,9 @@ class Coordinator {
   explicit Coordinator(std::unique_ptr<Backend> backend, CoordinatorOptions options = {})
       : backend_(std::move(backend)), options_(std::move(options)) {
     if (auto base = backend_->startup_marker_base(); !base.empty()) {
-      barrier_.emplace(base, options_.startup_generation.empty() ? StartupBarrier::master_generation()
-                                                                 : options_.startup_generation);
+      barrier_.emplace(base, options_.startup_generation.empty()
+                                 ? StartupBarrier::master_generation()
+                                 : options_.startup_generation);
     }
   }
 
@@ -119,7 +120,8 @@ class Coordinator {
 
   //! Takes part in the election and returns at once: role() is primary now (on_promoted
   //! has run, or is about to on the coordinator thread), or this worker is a standby.
-  //! Calling start() while running does nothing.
+  //! Calling start() while running does nothing; after a callback called stop(), start()
+  //! (from any thread but a callback) waits for that stop to finish, then starts afresh.
   //! Throws: lock_error if the lock file cannot be opened or locked; nothing is started.
   void start() {
     detail::failure f;
@@ -159,7 +161,7 @@ class Coordinator {
         std::unique_lock<std::mutex> guard(wait_mutex_);
         wake_.wait_for(guard, std::chrono::milliseconds(1), [&] { return thread_done_.load(); });
       }
-      thread_.join();
+      if (thread_.joinable()) thread_.join();  // kept out of the election: no thread
     }
     running_ = false;
   }
@@ -167,7 +169,8 @@ class Coordinator {
   //! WaitMode::polled only: one step of the standby machinery. Call it every
   //! recommended_poll_interval from the host's event loop. Never throws, never blocks.
   void poll() noexcept {
-    if (options_.wait != WaitMode::polled || !running_ || stop_requested_.load() || kept_out_) return;
+    if (options_.wait != WaitMode::polled || !running_ || stop_requested_.load() || kept_out_)
+      return;
     const auto now = std::chrono::steady_clock::now();
     if (!backend_->held()) {
       if (now < next_attempt_) return;
@@ -186,6 +189,10 @@ class Coordinator {
       last_verified_ = now;
       if (!verify()) demote_and_reset("the lock was lost");
     }
+    if (stop_requested_.load()) {
+      std::lock_guard<std::mutex> control(control_mutex_);
+      finish_stop_requested_by_callback();
+    }
   }
 
   Role role() const noexcept { return role_.load(); }
@@ -199,10 +206,24 @@ class Coordinator {
   //! Waits until a primary completed the on_startup tasks of this generation, or until
   //! `timeout`; returns whether they completed. Workers started after completion return
   //! at once. Waiters keep waiting across a failover in the middle of the tasks.
-  bool wait_for_startup(std::chrono::milliseconds timeout) const { return barrier_ && barrier_->wait_for(timeout); }
+  bool wait_for_startup(std::chrono::milliseconds timeout) const {
+    return barrier_ && barrier_->wait_for(timeout);
+  }
 
  private:
-  bool on_coordinator_thread() const noexcept { return coordinator_thread_.load() == std::this_thread::get_id(); }
+  //! True on the coordinator thread (thread mode) and inside a callback (both modes): there
+  //! stop() only asks, and the stop completes once the callback has returned.
+  bool on_coordinator_thread() const noexcept {
+    const auto me = std::this_thread::get_id();
+    return coordinator_thread_.load() == me || callback_thread_.load() == me;
+  }
+
+  //! Polled mode: completes a stop() that a callback asked for. Requires control_mutex_.
+  void finish_stop_requested_by_callback() noexcept {
+    if (options_.wait != WaitMode::polled || !stop_requested_.load() || !running_) return;
+    finish();
+    running_ = false;
+  }
 
   void log(LogLevel level, std::string_view line) const {
     if (options_.lock.log) options_.lock.log(level, line);
@@ -210,8 +231,14 @@ class Coordinator {
 
   void begin(detail::failure& f) {
     std::lock_guard<std::mutex> control(control_mutex_);
-    if (running_) return;
-    if (thread_.joinable()) thread_.join();  // a run that a callback stopped
+    if (running_) {
+      if (!stop_requested_.load() || on_coordinator_thread()) return;
+      // A callback asked to stop: that thread is ending (it runs on_demoted first); wait
+      // for it, then start afresh.
+      if (thread_.joinable()) thread_.join();
+      running_ = false;
+    }
+    if (thread_.joinable()) thread_.join();
     stop_requested_.store(false);
     thread_done_.store(false);
     role_.store(Role::secondary);
@@ -219,20 +246,27 @@ class Coordinator {
     if (f) return;
     if (kept_out_) {
       running_ = true;
-      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
-                                      detail::current_pid(), backend_->describe()));
+      thread_done_.store(true);  // no thread to wait for in stop()
+      log(LogLevel::info,
+          fmt::format(
+              "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
+              detail::current_pid(), backend_->describe()));
       return;
     }
     backend_->clear_interrupt();
     backend_->prepare();
     const bool held = backend_->try_acquire();
+    if (held) role_.store(Role::primary);  // on_promoted follows, here or on the thread
     running_ = true;
     backoff_ = options_.retry_backoff_min;
     last_verified_ = std::chrono::steady_clock::now();
     next_attempt_ = last_verified_;
-    if (!held) log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)", detail::current_pid(), backend_->describe()));
+    if (!held)
+      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)",
+                                      detail::current_pid(), backend_->describe()));
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
+      finish_stop_requested_by_callback();
       return;
     }
     // The thread blocks every signal (the backend unblocks the one it needs), so the
@@ -299,8 +333,9 @@ class Coordinator {
     try {
       return backend_->verify_held();
     } catch (const std::exception& error) {
-      log(LogLevel::warning, fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", detail::current_pid(),
-                                         backend_->describe(), error.what()));
+      log(LogLevel::warning,
+          fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", detail::current_pid(),
+                      backend_->describe(), error.what()));
       return false;
     }
   }
@@ -311,40 +346,50 @@ class Coordinator {
   }
 
   void report_retry(const std::exception& error) const {
-    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms", detail::current_pid(), error.what(),
-                                       backoff_.count()));
+    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms",
+                                       detail::current_pid(), error.what(), backoff_.count()));
   }
 
   void invoke(const Callback& callback, const char* name) noexcept {
     if (!callback) return;
+    const auto outer = callback_thread_.exchange(std::this_thread::get_id());
     try {
       callback();
     } catch (const std::exception& error) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw: {}", detail::current_pid(), name, error.what()));
+      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw: {}", detail::current_pid(),
+                                       name, error.what()));
     } catch (...) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw a non-standard exception", detail::current_pid(), name));
+      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw a non-standard exception",
+                                       detail::current_pid(), name));
     }
+    callback_thread_.store(outer);
   }
 
   void promote() noexcept {
     role_.store(Role::primary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", detail::current_pid(), backend_->describe()));
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", detail::current_pid(),
+                                    backend_->describe()));
     if (startup_ && barrier_ && !barrier_->completed()) {
       bool finished = true;
+      const auto outer = callback_thread_.exchange(std::this_thread::get_id());
       try {
         startup_();
       } catch (const std::exception& error) {
         finished = false;
-        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw: {}", detail::current_pid(), error.what()));
+        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw: {}",
+                                         detail::current_pid(), error.what()));
       } catch (...) {
         finished = false;
-        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw", detail::current_pid()));
+        log(LogLevel::error,
+            fmt::format("workerlock: pid={} on_startup threw", detail::current_pid()));
       }
+      callback_thread_.store(outer);
       std::error_code ec;
       if (finished) barrier_->complete(ec);
       if (ec) {
-        log(LogLevel::error, fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}", detail::current_pid(),
-                                         barrier_->marker_path().native(), ec.message()));
+        log(LogLevel::error,
+            fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}",
+                        detail::current_pid(), barrier_->marker_path().native(), ec.message()));
       }
     } else if (startup_ && !barrier_) {
       invoke(startup_, "on_startup");
@@ -357,12 +402,13 @@ class Coordinator {
     invoke(demoted_, "on_demoted");
     backend_->release();
     role_.store(Role::secondary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})", detail::current_pid(), backend_->describe(), reason));
+    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})",
+                                    detail::current_pid(), backend_->describe(), reason));
   }
 
   void demote_and_reset(const char* reason) noexcept {
-    log(LogLevel::warning,
-        fmt::format("workerlock: pid={} {}: {}; stepping down", detail::current_pid(), backend_->describe(), reason));
+    log(LogLevel::warning, fmt::format("workerlock: pid={} {}: {}; stepping down",
+                                       detail::current_pid(), backend_->describe(), reason));
     demote(reason);
     backend_->reset();
   }
@@ -382,6 +428,7 @@ class Coordinator {
 
   std::thread thread_;
   std::atomic<std::thread::id> coordinator_thread_{};
+  std::atomic<std::thread::id> callback_thread_{};
   std::atomic<bool> thread_done_{false};
   std::mutex wait_mutex_;
   std::condition_variable wake_;

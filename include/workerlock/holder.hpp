@@ -3,6 +3,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,39 +44,46 @@ namespace detail {
 
 inline std::string_view kernel_kind_name(kernel_lock_kind kind) noexcept {
   switch (kind) {
-    case kernel_lock_kind::posix: return "posix";
-    case kernel_lock_kind::ofd: return "ofd";
-    case kernel_lock_kind::flock: return "flock";
-    case kernel_lock_kind::none: break;
+    case kernel_lock_kind::posix:
+      return "posix";
+    case kernel_lock_kind::ofd:
+      return "ofd";
+    case kernel_lock_kind::flock:
+      return "flock";
+    case kernel_lock_kind::none:
+      break;
   }
   return "";
 }
 
 //! Reads the record through a descriptor this process already has open on the file, or
 //! through a fresh read-only descriptor when that cannot release a lock of ours.
-inline std::optional<record_fields> read_record(const std::filesystem::path& path, dev_t dev, ino_t ino,
-                                                bool posix_held_by_this_process) {
+inline std::optional<record_fields> read_record(const std::filesystem::path& path, dev_t dev,
+                                                ino_t ino, bool posix_held_by_this_process) {
   char buffer[max_record_size];
   ssize_t got = -1;
-  {
-    registry_guard reg;
-    const auto* open_here =
-        reg->find_if([&](const lock_state& t) { return t.fd >= 0 && t.dev == dev && t.ino == ino; });
-    if (open_here != nullptr) {
-      got = retry_on_eintr([&] { return ::pread(open_here->fd, buffer, sizeof buffer, 0); });
-    } else if (posix_held_by_this_process) {
-      return std::nullopt;  // another part of this process holds a POSIX lock: never open
-    }
-  }
-  if (got < 0) {
-    const int fd = retry_on_eintr(
-        [&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK); });
+  // The registry mutex is held throughout: no other thread of this process can open the
+  // file, and so take a POSIX lock on it, until the private descriptor below is closed.
+  registry_guard reg;
+  const auto* open_here =
+      reg->find_if([&](const lock_state& t) { return t.fd >= 0 && t.dev == dev && t.ino == ino; });
+  if (open_here != nullptr) {
+    got = retry_on_eintr([&] { return ::pread(open_here->fd, buffer, sizeof buffer, 0); });
+  } else {
+    if (posix_held_by_this_process) return std::nullopt;  // held outside workerlock: never open
+    const int fd = retry_on_eintr([&] {
+      return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK);
+    });
     if (fd < 0) return std::nullopt;
     got = retry_on_eintr([&] { return ::pread(fd, buffer, sizeof buffer, 0); });
     ::close(fd);
   }
   if (got <= 0) return std::nullopt;
   return parse_record(std::string_view(buffer, static_cast<std::size_t>(got)));
+}
+
+inline bool process_exists(pid_t pid) noexcept {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
 }
 
 inline std::optional<Holder> find_holder(const std::filesystem::path& path, failure& f) {
@@ -115,6 +123,9 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   // someone else is a leftover of an earlier holder, for example one that used flock(1).
   const bool same_namespace = record->pid_namespace == current_identity().pid_namespace;
   if (same_namespace && kernel.pid > 0 && kernel.pid != record->pid) return holder;
+  // An OFD lock shows no pid (-1): a record naming a process that no longer exists is a
+  // leftover of a dead holder, and the lock belongs to a program that wrote no record.
+  if (same_namespace && kernel.pid < 0 && !process_exists(record->pid)) return holder;
   holder.pid = record->pid;
   holder.acquired = record->acquired;
   holder.host = record->host;

@@ -24,21 +24,29 @@ namespace workerlock::detail {
 
 inline const char* explain_open_errno(int e) noexcept {
   switch (e) {
-    case ELOOP: return "the path is a symbolic link, and workerlock never follows one (O_NOFOLLOW)";
-    case EISDIR: return "the path is a directory";
+    case ELOOP:
+      return "the path is a symbolic link, and workerlock never follows one (O_NOFOLLOW)";
+    case EISDIR:
+      return "the path is a directory";
     case ENOENT:
       return "the parent directory does not exist; workerlock does not create directories "
              "(use systemd's RuntimeDirectory= or install -d)";
-    case ENOTDIR: return "a component of the path is not a directory";
+    case ENOTDIR:
+      return "a component of the path is not a directory";
     case EACCES:
     case EPERM:
       return "the worker's user needs read and write access to the file and write access to "
              "its directory";
-    case EROFS: return "the file system is read-only";
-    case ENAMETOOLONG: return "the path is too long";
-    case EMFILE: return "this process has no file descriptor left (EMFILE)";
-    case ENFILE: return "the system has no file descriptor left (ENFILE)";
-    default: return "";
+    case EROFS:
+      return "the file system is read-only";
+    case ENAMETOOLONG:
+      return "the path is too long";
+    case EMFILE:
+      return "this process has no file descriptor left (EMFILE)";
+    case ENFILE:
+      return "the system has no file descriptor left (ENFILE)";
+    default:
+      return "";
   }
 }
 
@@ -88,22 +96,32 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
   }
   const char* path = s.path.c_str();
 
-  if (s.options.mechanism == Mechanism::posix) {
-    // A POSIX lock dies when the process closes ANY descriptor of the file, so handles on
-    // the same file share one descriptor instead of opening a second one.
-    struct stat st {};
-    if (::lstat(path, &st) == 0) {
-      const auto* twin = reg.find_if([&](const lock_state& t) {
-        return &t != &s && t.fd >= 0 && t.options.mechanism == Mechanism::posix && t.dev == st.st_dev &&
-               t.ino == st.st_ino;
-      });
-      if (twin != nullptr) {
-        s.fd = twin->fd;
-        s.dev = twin->dev;
-        s.ino = twin->ino;
-        s.verified_since_open = false;
-        return true;
-      }
+  // A POSIX lock dies when the process closes ANY descriptor of the file. So POSIX handles
+  // on one file share one descriptor, and a handle of another mechanism may not open a file
+  // that a POSIX handle of this process has open (its close would drop that lock), nor the
+  // other way round. Only when this process has another open handle does this cost a stat.
+  const bool posix = s.options.mechanism == Mechanism::posix;
+  const bool others_open = reg.find_if([&](const lock_state& t) {
+    return &t != &s && t.fd >= 0 && (posix || t.options.mechanism == Mechanism::posix);
+  }) != nullptr;
+  struct stat named {};
+  if (others_open && ::lstat(path, &named) == 0) {
+    const auto* same_file = reg.find_if([&](const lock_state& t) {
+      return &t != &s && t.fd >= 0 && t.dev == named.st_dev && t.ino == named.st_ino &&
+             (posix || t.options.mechanism == Mechanism::posix);
+    });
+    if (same_file != nullptr && posix && same_file->options.mechanism == Mechanism::posix) {
+      s.fd = same_file->fd;
+      s.dev = same_file->dev;
+      s.ino = same_file->ino;
+      s.verified_since_open = false;
+      return true;
+    }
+    if (same_file != nullptr) {
+      f.set(EBUSY, operation,
+            "another handle of this process has the file open with a different mechanism, and one "
+            "of them is Mechanism::posix, whose lock any close() of the file would drop");
+      return false;
     }
   }
 
@@ -123,22 +141,33 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
       f.explanation = "the file system refuses to create the file here";
     return false;
   }
-  s.fd = fd;
-  s.dev = 0;
-  s.ino = 0;
-  s.verified_since_open = false;
-  if (s.options.mechanism == Mechanism::posix) {
-    // Sibling POSIX handles find each other by identity, so it is needed before any lock.
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      f.set(errno, operation);
-      close_keep_errno(fd);
-      s.fd = -1;
-      return false;
-    }
-    s.dev = st.st_dev;
-    s.ino = st.st_ino;
+  // Type and owner are checked before locking: a refused file is never locked, not even
+  // for a moment, and a foreign holder is reported, not mistaken for plain contention.
+  // statx asks only for what is used: no timestamps (reading them can make the next write
+  // record a fine-grained timestamp, which costs on Linux >= 6.13).
+  struct statx file {};
+  if (::statx(fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT,
+              STATX_TYPE | STATX_MODE | STATX_UID | STATX_INO, &file) != 0) {
+    f.set(errno, operation);
+    close_keep_errno(fd);
+    return false;
   }
+  if (!S_ISREG(file.stx_mode)) {
+    close_keep_errno(fd);
+    f.set(EINVAL, operation, "the path is not a regular file");
+    return false;
+  }
+  if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(path, file.stx_uid)) {
+    close_keep_errno(fd);
+    f.set(EPERM, operation,
+          "the file belongs to another user in a world-writable sticky directory such as /tmp, "
+          "so that user could hold the lock forever; use a private directory such as /run/<app>");
+    return false;
+  }
+  s.fd = fd;
+  s.dev = makedev(file.stx_dev_major, file.stx_dev_minor);
+  s.ino = file.stx_ino;
+  s.verified_since_open = false;
   return true;
 }
 
@@ -146,8 +175,9 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
 //! the registry mutex.
 inline void close_registered(registry& reg, lock_state& s) noexcept {
   if (s.fd < 0) return;
-  const bool shared = s.options.mechanism == Mechanism::posix &&
-                      reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd; }) != nullptr;
+  const bool shared =
+      s.options.mechanism == Mechanism::posix &&
+      reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd; }) != nullptr;
   if (!shared) ::close(s.fd);  // never retried: the descriptor is gone even on EINTR
   s.fd = -1;
   s.verified_since_open = false;
@@ -160,45 +190,30 @@ inline void close_file(lock_state& s) noexcept {
 
 enum class inspection { ours, replaced, failed };
 
-//! After the kernel granted the lock: is this the file the path names, and may we use it?
-//! A holder may have removed it (unlock_and_remove) while we waited on the old inode; then
-//! it has no links left, or the path names a new file. The first time after open() this
-//! also checks the file type and owner (after locking, to spend no extra system call: a
-//! refused file is released at once). Sets `size` for write_holder_record().
+//! After the kernel granted the lock: does the path still name the file we locked? A holder
+//! may have removed it (unlock_and_remove) while we waited on the old inode. The first time
+//! after open() the path is compared with the open file (as FreeBSD's flopen() does); on
+//! re-lock a link count of zero tells the same, one stat cheaper. Sets `size` for
+//! write_holder_record().
 inline inspection inspect_locked_file(lock_state& s, off_t& size, failure& f) noexcept {
   constexpr const char* operation = "verify lock file";
-  const bool first = !s.verified_since_open;
-  // statx asks only for what is used: no timestamps (reading them can make the next write
-  // record a fine-grained timestamp, which costs on Linux >= 6.13).
-  const unsigned mask = first ? (STATX_TYPE | STATX_MODE | STATX_UID | STATX_INO | STATX_NLINK | STATX_SIZE)
-                              : (STATX_NLINK | STATX_SIZE);
-  struct statx file {};
-  if (::statx(s.fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, mask, &file) != 0) {
-    f.set(errno, operation);
-    return inspection::failed;
-  }
-  if (first) {
-    if (!S_ISREG(file.stx_mode)) {
-      f.set(EINVAL, "open lock file", "the path is not a regular file");
-      return inspection::failed;
-    }
-    if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(s.path.c_str(), file.stx_uid)) {
-      f.set(EPERM, "open lock file",
-            "the file belongs to another user in a world-writable sticky directory such as /tmp, "
-            "so that user could hold the lock forever; use a private directory such as /run/<app>");
-      return inspection::failed;
-    }
+  if (!s.verified_since_open) {
     struct stat named {};
     if (::lstat(s.path.c_str(), &named) != 0) {
       if (errno == ENOENT) return inspection::replaced;
       f.set(errno, operation);
       return inspection::failed;
     }
-    const dev_t dev = makedev(file.stx_dev_major, file.stx_dev_minor);
-    if (named.st_dev != dev || named.st_ino != file.stx_ino) return inspection::replaced;
-    s.dev = dev;
-    s.ino = file.stx_ino;
+    if (named.st_dev != s.dev || named.st_ino != s.ino) return inspection::replaced;
     s.verified_since_open = true;
+    size = named.st_size;
+    return inspection::ours;
+  }
+  struct statx file {};
+  if (::statx(s.fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_NLINK | STATX_SIZE, &file) !=
+      0) {
+    f.set(errno, operation);
+    return inspection::failed;
   }
   if (file.stx_nlink == 0) return inspection::replaced;
   size = static_cast<off_t>(file.stx_size);
@@ -208,7 +223,8 @@ inline inspection inspect_locked_file(lock_state& s, off_t& size, failure& f) no
 //! Writes the holder record in place; shrinks the file only if an older record was longer.
 inline bool write_holder_record(lock_state& s, off_t size, failure& f) noexcept {
   char buffer[max_record_size];
-  const auto length = format_record(buffer, current_pid(), std::chrono::system_clock::now(), s.options.mechanism);
+  const auto length =
+      format_record(buffer, current_pid(), std::chrono::system_clock::now(), s.options.mechanism);
   const auto written = retry_on_eintr([&] { return ::pwrite(s.fd, buffer, length, 0); });
   if (written != static_cast<ssize_t>(length)) {
     f.set(written < 0 ? errno : EIO, "write holder record to");
@@ -225,7 +241,9 @@ inline bool write_holder_record(lock_state& s, off_t size, failure& f) noexcept 
 //! POSIX locks do not exclude each other inside one process, so handles of this process on
 //! the same file exclude each other here. Requires the registry mutex.
 inline bool held_by_sibling_handle(registry& reg, const lock_state& s) noexcept {
-  return reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd && t.options.mechanism == Mechanism::posix && t.owned; }) != nullptr;
+  return reg.find_if([&](const lock_state& t) {
+    return &t != &s && t.fd == s.fd && t.options.mechanism == Mechanism::posix && t.owned;
+  }) != nullptr;
 }
 
 //! Drops the kernel lock; if even that fails, closes the descriptor, which always releases.
@@ -276,8 +294,11 @@ inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
       const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(pause);
       struct timespec nap {};
       nap.tv_sec = static_cast<time_t>(seconds.count());
-      nap.tv_nsec = static_cast<long>(std::chrono::duration_cast<std::chrono::nanoseconds>(pause - seconds).count());
-      if (::nanosleep(&nap, nullptr) != 0 && errno == EINTR && mode == wait_mode::block_interruptibly) return -1;
+      nap.tv_nsec = static_cast<long>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(pause - seconds).count());
+      if (::nanosleep(&nap, nullptr) != 0 && errno == EINTR &&
+          mode == wait_mode::block_interruptibly)
+        return -1;
       pause = std::min(pause * 2, std::chrono::microseconds(2000));
       continue;
     }
@@ -287,20 +308,29 @@ inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
     }
     registry_guard reg;
     if (!held_by_sibling_handle(*reg.operator->(), s)) {
-      s.owned = true;
-      return 0;
+      // Between the grant and this mutex a sibling may have taken the lock and let it go,
+      // dropping the process's lock with it: ask the kernel again, without waiting.
+      const int rc = retry_on_eintr([&] { return acquire_once(s.fd, Mechanism::posix, false); });
+      if (rc == 0) {
+        s.owned = true;
+        return 0;
+      }
+      if (!is_contention(errno)) return -1;
     }
-    // A sibling handle took it while we slept in the kernel; the process holds it for that
-    // sibling, not for us. Wait for the sibling to let go.
+    // A sibling handle took it while we slept in the kernel (the process holds it for that
+    // sibling, not for us), or another process did since: wait again.
   }
 }
 
 //! One acquisition: open if needed, lock, verify the path, write the record.
 //! Returns true when held; false with `f` empty on contention (or EINTR when interruptible).
+//! A try gives up after max_replacements files in a row were removed under it; a blocking
+//! wait goes on, since each replacement means another holder came and went.
 inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
   constexpr int max_replacements = 64;
   if (s.kept_out_by_operator) {
-    if (mode != wait_mode::try_once) f.set(EPERM, "lock", "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
+    if (mode != wait_mode::try_once)
+      f.set(EPERM, "lock", "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
     return false;
   }
   for (int attempt = 0; attempt < max_replacements;) {
@@ -339,7 +369,7 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
     release(s, ignored);
     close_file(s);
     if (f) return false;
-    ++attempt;
+    if (mode == wait_mode::try_once) ++attempt;
   }
   f.set(EAGAIN, "lock", "the lock file kept being removed or replaced while locking");
   return false;

@@ -51,7 +51,8 @@ log() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 # ---------------------------------------------------------------------------
 # 1. Dependencies (Debian/Ubuntu): install exactly what is missing.
 # ---------------------------------------------------------------------------
-PKGS=(cmake make pkg-config libboost-dev libfmt-dev catch2 libcpp-httplib-dev wrk curl python3-filelock util-linux procps)
+PKGS=(cmake make pkg-config libboost-dev libfmt-dev catch2 libcpp-httplib-dev wrk curl python3-filelock util-linux procps
+  libhiredis-dev redis-server python3-redis postgresql libpq-dev)
 for c in "${CONFIGS[@]}"; do
   case "$c" in
     gcc | asan) PKGS+=(g++) ;;
@@ -164,6 +165,9 @@ if [[ "$rnd_bits" -gt 28 ]] && setarch "$(uname -m)" -R true 2>/dev/null; then
   TSAN_RUNNER=(setarch "$(uname -m)" -R)
 fi
 
+# The suite installed redis-server and PostgreSQL: their tests must run, never skip.
+export WORKERLOCK_REQUIRE_REDIS=1 WORKERLOCK_REQUIRE_POSTGRES=1
+
 declare -A RESULT SUMMARY
 FAILED=0
 
@@ -189,7 +193,7 @@ run_config() {
 
   log "[$cfg] build"
   local build_cmd=(cmake --build "$dir" --parallel "$JOBS")
-  [[ "$cfg" == tsan ]] && build_cmd+=(--target workerlock_tests)
+  [[ "$cfg" == tsan ]] && build_cmd+=(--target workerlock_all_tests)
   if ! "${runner[@]}" "${build_cmd[@]}"; then
     RESULT[$cfg]=FAIL SUMMARY[$cfg]="build failed"
     return 1

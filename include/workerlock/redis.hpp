@@ -24,18 +24,20 @@
 //   trust the lease until  valid_until = s + T - D, where D absorbs the rate difference of the
 //   two clocks and the scheduling delay of on_demoted (default D = T/10 + 2 ms).
 //   A renewal never outlives the lease: every command of verify_held() (reconnecting
-//   included) has the deadline min(now + C, valid_until), enforced with ppoll() on a
-//   non-blocking socket, so verify_held() returns false (or throws) at valid_until at the
-//   latest, even when Redis is unreachable, stalled (CLIENT PAUSE, DEBUG SLEEP), or the
-//   network drops packets. The Coordinator then runs on_demoted before anybody else can
-//   hold the key, provided this process is not paused (see FENCING).
+//   included) has the deadline min(now + C, valid_until), an absolute one (see I/O), so
+//   verify_held() returns false (or throws) at valid_until at the latest, even when Redis is
+//   unreachable, stalled (CLIENT PAUSE, DEBUG SLEEP), or the network drops packets. The
+//   Coordinator then runs on_demoted, and Redis keeps the key for at least D more, so
+//   nobody else can be promoted before on_demoted returns, provided this process is not
+//   paused for longer than D (see FENCING) and on_demoted takes less than D.
 //   verify_interval() shrinks as the lease runs out, to at most valid_until - now - C, so a
 //   long on_promoted callback does not push the next renewal past the end of the lease.
 //   Checked by prepare(): V + C <= T - D, so a renewal started on schedule always ends
 //   (success or timeout) before the lease does. Defaults: V = T/3, C = min(T/5, 2 s),
 //   poll_interval = min(T/10, 1 s); with T = 10 s: V = 3.33 s, C = 2 s, D = 1.002 s, so
-//   V + C = 5.33 s <= T - D = 8.998 s, and a renewal failing on its first try leaves the
-//   holder demoted at least 3.6 s before Redis could let another process in.
+//   V + C = 5.33 s <= T - D = 8.998 s: a holder whose first renewal fails is demoted by
+//   s + 5.33 s, 4.6 s before Redis can hand the key to anybody (s + 10 s); with T = 1 s
+//   (V = 333 ms, C = 200 ms, D = 102 ms): by s + 533 ms, 467 ms before.
 //   ALL PARTICIPANTS OF ONE KEY MUST USE THE SAME TTL.
 //
 // FENCING
@@ -62,19 +64,21 @@
 //   ESRCH, or /proc/<pid>/stat says zombie), the holder is provably dead: a dead process
 //   cannot act as primary. The standby then deletes the key, if it still holds exactly that
 //   token, and takes it in the same script. It waits on a pidfd of the holder, so this takes
-//   about a millisecond instead of a ttl. A reused pid only delays failover to the ttl.
-//   Not covered: standbys on other hosts (they wait for the ttl) and a holder checkpointed
-//   and restored onto another machine (CRIU) while its old host keeps the same boot id.
+//   milliseconds instead of a ttl. A reused pid only delays failover to the ttl.
+//   Not covered: standbys on other hosts (they wait for the ttl). Assumed: a process never
+//   moves to another kernel (a CRIU checkpoint restored on another machine would keep its
+//   old token while its old host sees the pid gone). Set fast_local_failover = false there.
 //   Why nothing faster for remote holders: "the holder's connection closed" does not mean
 //   "the holder stopped", since a live holder may merely be reconnecting, and it only learns
 //   of the loss at its next renewal; keyspace notifications only report the expiry the ttl
 //   already implies.
 //
 // LIMITS
-//   - One Redis server. With a replica and failover (Sentinel, Cluster), a SET acknowledged by
-//     the old master may be missing on the promoted replica: two holders. Use one server,
-//     or WAIT-less setups knowingly. In Cluster, key and <key>:fence must share a slot: use a
-//     hash tag, key = "{myapp}:primary".
+//   - One Redis server. With replicas and failover (Sentinel, Cluster), a SET acknowledged by
+//     the old master may be missing on the promoted replica: two holders (the quarantine
+//     does not help, since <key>:fence usually made it across). WAIT does not fix that; it is
+//     not consensus. In Cluster, key and <key>:fence must share a slot: use a hash tag, as in
+//     key = "{myapp}:primary".
 //   - maxmemory-policy must not evict the key (noeviction, or never reach maxmemory): an
 //     evicted key is a lost lock.
 //   - Redis expires keys by its wall clock: a step forward on the Redis host ends leases
@@ -83,18 +87,27 @@
 //     servers failing or restarting; it would not remove the need for fencing tokens (a
 //     paused client is the same problem) and it has no monotonic fencing token of its own,
 //     since the servers' counters disagree. Not implemented.
-//   - No TLS (rediss://). Host names are resolved with getaddrinfo, which connect_timeout
-//     does not bound (the resolver's own timeouts of resolv.conf apply).
-//   - Callbacks run on the thread that renews: on_promoted and on_startup must return well
-//     within T - D - V (after they return, the next renewal is at most V away), and
-//     on_demoted must finish within D, since the lease may end D after demotion starts.
+//   - No TLS (rediss://), no Sentinel or Cluster discovery.
+//   - Callbacks run on the Coordinator thread, which is also the one that renews: while
+//     on_promoted or on_startup run, nothing renews. They must return within
+//     T - D - C of the acquisition (verify_interval() then returns 0 and the renewal starts
+//     at once); a longer one loses the lease, and another process may be promoted while it
+//     still runs. on_demoted must finish within D.
 //   - No startup barrier (startup_marker_base() is empty): on_startup runs on every promotion.
 //
-// I/O. hiredis parses the replies; the socket is workerlock's own: non-blocking, O_CLOEXEC,
-// TCP_NODELAY and keepalive, sent with MSG_NOSIGNAL (hiredis's blocking API write()s and can
-// raise SIGPIPE when Redis closes the connection), and every command has an absolute deadline
-// (SO_RCVTIMEO, as set by redisSetTimeout, bounds each syscall, not the command). interrupt()
-// wakes wait_acquire() at once, even in the middle of a command.
+// I/O. hiredis parses the replies; the socket is workerlock's own (SOCK_CLOEXEC, TCP_NODELAY,
+// keepalive), not redisConnectWithTimeout()'s, because: hiredis's blocking API write()s and
+// raises SIGPIPE when Redis has closed the connection (we send with MSG_NOSIGNAL);
+// redisSetTimeout()'s SO_RCVTIMEO bounds each system call, not the command, so it cannot
+// enforce "give up at valid_until"; and a blocked hiredis call cannot be interrupted. Here
+// every command has an absolute deadline: connect and the last 20 ms before a deadline go
+// through ppoll() (microsecond-exact); before that a plain blocking recv() with SO_RCVTIMEO
+// at least 10 ms short of the deadline (one system call less per command, so an
+// acquire+release costs the same 4 system calls as hiredis's SET NX + DEL). wait_acquire()
+// always uses ppoll() on the socket and an eventfd, so interrupt() ends it at once, even in
+// the middle of a command (whose outcome is then unknown: release() deletes the key if it
+// holds our token). Host names are resolved with getaddrinfo(), which connect_timeout does
+// not bound (resolv.conf's own timeouts apply).
 #pragma once
 
 #include <fcntl.h>
@@ -296,8 +309,9 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
     rest = rest.substr(at + 1);
     const auto colon = userinfo.find(':');
     if (colon == std::string_view::npos) {
-      why = "a user name without a password; write redis://:PASSWORD@host for a password, or "
-            "redis://USER:PASSWORD@host";
+      why =
+          "a user name without a password; write redis://:PASSWORD@host for a password, or "
+          "redis://USER:PASSWORD@host";
       return false;
     }
     if (!percent_decode(userinfo.substr(0, colon), url.username, why)) return false;
@@ -344,7 +358,8 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
       }
     } else {
       const auto colon = authority.find(':');
-      if (colon != std::string_view::npos && authority.find(':', colon + 1) != std::string_view::npos) {
+      if (colon != std::string_view::npos &&
+          authority.find(':', colon + 1) != std::string_view::npos) {
         why = "an IPv6 address must be written in brackets, as in redis://[::1]:6379";
         return false;
       }
@@ -636,19 +651,25 @@ class redis_connection {
 
   static std::string explain_connect(int error) {
     switch (error) {
-      case ECONNREFUSED: return "connection refused: is redis-server running and listening there?";
-      case ENOENT: return "no such socket: is redis-server running with unixsocket set?";
-      case EACCES: return "permission denied on the socket";
+      case ECONNREFUSED:
+        return "connection refused: is redis-server running and listening there?";
+      case ENOENT:
+        return "no such socket: is redis-server running with unixsocket set?";
+      case EACCES:
+        return "permission denied on the socket";
       case ENETUNREACH:
-      case EHOSTUNREACH: return "the host is unreachable";
-      default: return "cannot connect";
+      case EHOSTUNREACH:
+        return "the host is unreachable";
+      default:
+        return "cannot connect";
     }
   }
 
   bool wait(short events, redis_clock::time_point deadline, int wake_fd, redis_status& st) {
     int error = 0;
     switch (redis_wait_fd(fd_, events, deadline, wake_fd, error)) {
-      case redis_ready::yes: return true;
+      case redis_ready::yes:
+        return true;
       case redis_ready::timeout:
         st.code = ETIMEDOUT;
         st.why = "no answer in time";
@@ -671,7 +692,8 @@ class redis_connection {
   //! option is set only when it must shrink, so commands with the same timeout set it once.
   bool bound_receive_timeout(redis_clock::time_point deadline) noexcept {
     const auto left =
-        std::chrono::duration_cast<std::chrono::microseconds>(deadline - redis_clock::now()).count();
+        std::chrono::duration_cast<std::chrono::microseconds>(deadline - redis_clock::now())
+            .count();
     if (left <= 20000) return false;
     const long long most = (left - 10000) / 1000 * 1000;  // whole milliseconds
     if (receive_timeout_us_ != 0 && receive_timeout_us_ <= most) return true;
@@ -799,8 +821,8 @@ inline std::string redis_make_token() {
     p.pid = me;
     p.used = sizeof p.bytes;  // a forked child must not reuse its parent's bytes
     const auto identity = current_identity();
-    p.suffix = fmt::format(":{}:{}:{}:{}", redis_boot_id(), identity.pid_namespace, me,
-                           identity.host);
+    p.suffix =
+        fmt::format(":{}:{}:{}:{}", redis_boot_id(), identity.pid_namespace, me, identity.host);
   }
   if (p.used + 16 > sizeof p.bytes) {
     std::size_t got = 0;
@@ -972,11 +994,11 @@ class RedisBackend final : public Backend {
     const auto until = valid_until();
     if (now >= until) {
       unknown_ = true;
-      throw lock_error("renew the lease on", where(), std::make_error_code(std::errc::timed_out),
-                       fmt::format("the lease ran out {} ms ago before it could be renewed; was "
-                                   "this process paused?",
-                                   std::chrono::duration_cast<std::chrono::milliseconds>(now - until)
-                                       .count()));
+      throw lock_error(
+          "renew the lease on", where(), std::make_error_code(std::errc::timed_out),
+          fmt::format("the lease ran out {} ms ago before it could be renewed; was "
+                      "this process paused?",
+                      std::chrono::duration_cast<std::chrono::milliseconds>(now - until).count()));
     }
     const auto deadline = std::min(now + cfg_.command_timeout, until);
     detail::redis_reply reply;
@@ -1018,8 +1040,8 @@ class RedisBackend final : public Backend {
       try {
         detail::redis_reply reply;
         clock::time_point start;
-        const auto st = run_script(script::release, clock::now() + cfg_.command_timeout, -1, {},
-                                   reply, start);
+        const auto st =
+            run_script(script::release, clock::now() + cfg_.command_timeout, -1, {}, reply, start);
         if (!st && reply->type != REDIS_REPLY_ERROR) unknown_ = false;
       } catch (...) {
       }
@@ -1225,7 +1247,8 @@ class RedisBackend final : public Backend {
       return false;
     }
     if (reply->type == REDIS_REPLY_ERROR) throw server_error("acquire the lease on", reply.get());
-    throw lock_error("acquire the lease on", where(), std::make_error_code(std::errc::protocol_error),
+    throw lock_error("acquire the lease on", where(),
+                     std::make_error_code(std::errc::protocol_error),
                      "unexpected reply to the acquire script");
   }
 
@@ -1310,11 +1333,15 @@ class RedisBackend final : public Backend {
       select_index = static_cast<int>(n);
       commands[n++] << "SELECT" << db;
     }
-    commands[n++] << "CLIENT" << "SETNAME" << name;
+    commands[n++] << "CLIENT"
+                  << "SETNAME" << name;
     const std::size_t first_script = n;
-    commands[n++] << "SCRIPT" << "LOAD" << detail::redis_acquire_script;
-    commands[n++] << "SCRIPT" << "LOAD" << detail::redis_renew_script;
-    commands[n++] << "SCRIPT" << "LOAD" << detail::redis_release_script;
+    commands[n++] << "SCRIPT"
+                  << "LOAD" << detail::redis_acquire_script;
+    commands[n++] << "SCRIPT"
+                  << "LOAD" << detail::redis_renew_script;
+    commands[n++] << "SCRIPT"
+                  << "LOAD" << detail::redis_release_script;
     detail::redis_reply replies[6];
     st = connection_.exchange(commands, n, replies, deadline, wake_fd);
     if (st) {
@@ -1335,7 +1362,8 @@ class RedisBackend final : public Backend {
       } else if (text.substr(0, 6) == "NOAUTH") {
         failure.why =
             "the server requires a password: give it in the URL (redis://:PASSWORD@host:port) "
-            "or in RedisOptions::password (" + text + ")";
+            "or in RedisOptions::password (" +
+            text + ")";
       } else if (static_cast<int>(i) == select_index) {
         failure.code = EINVAL;
         failure.why = "the server refused the database number: " + text;
@@ -1358,9 +1386,10 @@ class RedisBackend final : public Backend {
     std::string why = st.why;
     if (st.code == ETIMEDOUT) {
       why = until != clock::time_point{}
-                ? fmt::format("{}: within command_timeout ({} ms) or before the lease ran out, "
-                              "whichever came first",
-                              why, cfg_.command_timeout.count())
+                ? fmt::format(
+                      "{}: within command_timeout ({} ms) or before the lease ran out, "
+                      "whichever came first",
+                      why, cfg_.command_timeout.count())
                 : fmt::format("{}: connect_timeout {} ms, command_timeout {} ms", why,
                               cfg_.connect_timeout.count(), cfg_.command_timeout.count());
     }

@@ -1,0 +1,993 @@
+// Tests of RedisBackend (workerlock/redis.hpp) against a real redis-server started by
+// tests/redis_server.hpp, with forked processes and a shared-memory checker. Skipped, with a
+// warning, when redis-server is not installed.
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <catch2/catch.hpp>
+
+#include <workerlock/coordinator.hpp>
+#include <workerlock/redis.hpp>
+
+#include "redis_server.hpp"
+#include "support.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using workerlock::Coordinator;
+using workerlock::CoordinatorOptions;
+using workerlock::lock_error;
+using workerlock::RedisBackend;
+using workerlock::RedisOptions;
+using workerlock::Role;
+
+//! Skipping is allowed only outside CI: $WORKERLOCK_REQUIRE_REDIS=1 (set by
+//! tests/run-suite.sh) or $CI makes a missing redis-server a failure.
+bool redis_required() {
+  const char* require = std::getenv("WORKERLOCK_REQUIRE_REDIS");
+  const char* ci = std::getenv("CI");
+  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
+}
+
+#define WL_REQUIRE_REDIS_SERVER()                                        \
+  do {                                                                   \
+    if (!wltest::RedisServer::available()) {                             \
+      if (redis_required()) FAIL(wltest::RedisServer::missing_reason()); \
+      WARN(wltest::RedisServer::missing_reason());                       \
+      return;                                                            \
+    }                                                                    \
+  } while (false)
+
+std::int64_t mono_ns() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
+  return static_cast<double>(to_ns - from_ns) / 1e6;
+}
+
+//! A key of its own for each test, so they never see each other's leases.
+std::string fresh_key(const char* name) {
+  static int counter = 0;
+  return fmt::format("wltest:{}:{}:{}", name, ::getpid(), ++counter);
+}
+
+//! Gives `key` a fencing counter, so the first acquisition is not quarantined (a fresh key
+//! looks like data loss), with a value from the server's clock as the script would use.
+void seed_fence(const wltest::RedisServer& server, const std::string& key) {
+  server.command({"SET", key + ":fence", "1000"});
+}
+
+RedisOptions options_for(const wltest::RedisServer& server, const std::string& key,
+                         std::chrono::milliseconds ttl = 1000ms) {
+  RedisOptions o;
+  o.url = server.url();
+  o.key = key;
+  o.ttl = ttl;
+  // Slack for a loaded machine (CI runners, sanitizers): V + C = ttl/3 + ttl/2 <= ttl - D.
+  o.command_timeout = ttl / 2;
+  o.connect_timeout = 2000ms;
+  return o;
+}
+
+//! try_acquire() for polling loops: a timeout (a load spike of a busy test machine) counts as
+//! "not yet"; every other error propagates.
+bool try_acquire_or_timeout(RedisBackend& backend) {
+  try {
+    return backend.try_acquire();
+  } catch (const lock_error& e) {
+    if (e.code() != std::errc::timed_out) throw;
+    WARN("try_acquire() timed out, retrying: " << e.what());
+    return false;
+  }
+}
+
+//! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
+int closed_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t size = sizeof address;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker, in shared memory: who is primary, and in which order roles changed.
+// ---------------------------------------------------------------------------------------------
+
+struct Event {
+  std::atomic<std::int64_t> t{0};
+  std::atomic<int> pid{0};
+  std::atomic<int> kind{0};  // 1 promoted, 2 demoted, 3 killed by the test
+  std::atomic<std::uint64_t> fence{0};
+};
+
+struct Checker {
+  std::atomic<int> holder{0};             // pid of the primary, 0 when none
+  std::atomic<int> overlaps{0};           // promoted while another live process was primary
+  std::atomic<int> foreign_demotions{0};  // demoted while not recorded as the holder
+  std::atomic<int> fence_violations{0};   // a fencing token not above every earlier one
+  std::atomic<int> zero_fences{0};
+  std::atomic<int> promotions{0};
+  std::atomic<int> demotions{0};
+  std::atomic<std::int64_t> last_demoted_ns{0};
+  std::atomic<std::int64_t> last_promoted_ns{0};
+  std::atomic<std::int64_t> killed_ns{0};
+  std::atomic<std::int64_t> min_gap_ns{std::numeric_limits<std::int64_t>::max()};
+  // on_demoted's time minus the backend's valid_until(): the largest seen. Redis keeps the key
+  // until at least valid_until + drift_margin, so this must stay below the drift margin.
+  std::atomic<std::int64_t> worst_demotion_after_lease_ns{std::numeric_limits<std::int64_t>::min()};
+  std::atomic<std::uint64_t> max_fence{0};
+  std::atomic<bool> stop[16];
+  std::atomic<int> nevents{0};
+  Event events[512];
+
+  Checker() {
+    for (auto& s : stop) s.store(false);
+  }
+
+  void log(int kind, int pid, std::uint64_t fence, std::int64_t t) {
+    const int i = nevents.fetch_add(1);
+    if (i >= 512) return;
+    events[i].t.store(t);
+    events[i].pid.store(pid);
+    events[i].kind.store(kind);
+    events[i].fence.store(fence);
+  }
+
+  //! on_promoted: CAS from 0 (or from a holder the test killed, which holds nothing).
+  void promoted(int pid, std::uint64_t fence) {
+    int expected = 0;
+    while (!holder.compare_exchange_strong(expected, pid)) {
+      if (expected != 0 && workerlock::detail::redis_process_gone(expected)) continue;
+      overlaps.fetch_add(1);
+      holder.store(pid);
+      break;
+    }
+    const auto now = mono_ns();
+    const auto previous = std::max(last_demoted_ns.load(), killed_ns.load());
+    if (previous != 0) {
+      const auto gap = now - previous;
+      auto best = min_gap_ns.load();
+      while (gap < best && !min_gap_ns.compare_exchange_weak(best, gap)) {
+      }
+    }
+    if (fence == 0) zero_fences.fetch_add(1);
+    if (fence <= max_fence.load()) fence_violations.fetch_add(1);
+    max_fence.store(std::max(max_fence.load(), fence));
+    last_promoted_ns.store(now);
+    promotions.fetch_add(1);
+    log(1, pid, fence, now);
+  }
+
+  //! on_demoted: record the time, then store 0 (the lease is released only after this).
+  void demoted(int pid, std::int64_t valid_until_ns) {
+    const auto now = mono_ns();
+    auto worst = worst_demotion_after_lease_ns.load();
+    while (now - valid_until_ns > worst &&
+           !worst_demotion_after_lease_ns.compare_exchange_weak(worst, now - valid_until_ns)) {
+    }
+    last_demoted_ns.store(now);
+    demotions.fetch_add(1);
+    log(2, pid, 0, now);
+    int expected = pid;
+    if (!holder.compare_exchange_strong(expected, 0)) foreign_demotions.fetch_add(1);
+  }
+
+  std::string dump() const {
+    std::string out = fmt::format(
+        "promotions={} demotions={} overlaps={} foreign_demotions={} fence_violations={} "
+        "zero_fences={}\n",
+        promotions.load(), demotions.load(), overlaps.load(), foreign_demotions.load(),
+        fence_violations.load(), zero_fences.load());
+    const int n = std::min(nevents.load(), 512);
+    const std::int64_t t0 = n > 0 ? events[0].t.load() : 0;
+    for (int i = 0; i < n; ++i) {
+      static const char* names[] = {"?", "promoted", "demoted", "killed"};
+      out += fmt::format("  {:9.3f} ms pid={} {} fence={}\n", ms_between(t0, events[i].t.load()),
+                         events[i].pid.load(), names[events[i].kind.load() & 3],
+                         events[i].fence.load());
+    }
+    return out;
+  }
+};
+
+CoordinatorOptions quiet_coordinator_options() {
+  CoordinatorOptions co;
+  co.lock.log = nullptr;
+  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
+    co.lock.log = workerlock::stderr_sink;
+  co.retry_backoff_min = 10ms;
+  co.retry_backoff_max = 250ms;
+  return co;
+}
+
+//! A child running a Coordinator on a RedisBackend until checker.stop[index]; exit codes:
+//! 0 fine, 3 start() threw.
+int coordinator_child(const RedisOptions& options, Checker& checker, int index,
+                      wltest::StartLine* line = nullptr) {
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
+  Coordinator c(std::make_unique<RedisBackend>(options), quiet_coordinator_options());
+  const int me = static_cast<int>(::getpid());
+  c.on_promoted([&] { checker.promoted(me, c.fencing_token()); });
+  c.on_demoted([&] {
+    const auto& backend = dynamic_cast<const RedisBackend&>(c.backend());
+    checker.demoted(me, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            backend.valid_until().time_since_epoch())
+                            .count());
+  });
+  if (line != nullptr) line->arrive_and_wait();
+  try {
+    c.start();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "child %d: start() threw: %s\n", me, e.what());
+    return 3;
+  }
+  while (!checker.stop[index].load()) std::this_thread::sleep_for(1ms);
+  c.stop();
+  return 0;
+}
+
+//! Forks `n` coordinator children.
+std::vector<pid_t> spawn_coordinators(int n, const RedisOptions& options, Checker& checker,
+                                      wltest::StartLine* line = nullptr) {
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; ++i)
+    pids.push_back(
+        wltest::fork_child([&, i] { return coordinator_child(options, checker, i, line); }));
+  return pids;
+}
+
+int index_of(const std::vector<pid_t>& pids, int pid) {
+  for (std::size_t i = 0; i < pids.size(); ++i)
+    if (pids[i] == pid) return static_cast<int>(i);
+  return -1;
+}
+
+void stop_all(Checker& checker, int n) {
+  for (int i = 0; i < n; ++i) checker.stop[i].store(true);
+}
+
+}  // namespace
+
+// =============================================================================================
+// Configuration, no server needed
+// =============================================================================================
+
+TEST_CASE("redis: URL parsing", "[redis]") {
+  using workerlock::detail::parse_redis_url;
+  using workerlock::detail::redis_url;
+  redis_url url;
+  std::string why;
+
+  REQUIRE(parse_redis_url("redis://127.0.0.1", url, why));
+  CHECK(url.host == "127.0.0.1");
+  CHECK(url.port == 6379);
+  CHECK(url.db == 0);
+  CHECK(!url.unix_socket);
+
+  REQUIRE(parse_redis_url("redis://cache.example:7000/3", url, why));
+  CHECK(url.host == "cache.example");
+  CHECK(url.port == 7000);
+  CHECK(url.db == 3);
+
+  REQUIRE(parse_redis_url("REDIS://:p%40ss%2Fw@h:1/2", url, why));
+  CHECK(url.username.empty());
+  CHECK(url.password == "p@ss/w");
+  CHECK(url.redacted() == "redis://:***@h:1/2");
+
+  REQUIRE(parse_redis_url("redis://app:pw@h", url, why));
+  CHECK(url.username == "app");
+  CHECK(url.password == "pw");
+  CHECK(url.redacted() == "redis://app:***@h:6379/0");
+
+  REQUIRE(parse_redis_url("redis://[::1]:6380/1", url, why));
+  CHECK(url.host == "::1");
+  CHECK(url.port == 6380);
+  CHECK(url.redacted() == "redis://[::1]:6380/1");
+
+  REQUIRE(parse_redis_url("unix:///run/redis/redis.sock?db=2", url, why));
+  CHECK(url.unix_socket);
+  CHECK(url.socket_path == "/run/redis/redis.sock");
+  CHECK(url.db == 2);
+
+  REQUIRE(parse_redis_url("redis+unix://:pw@/tmp/r.sock", url, why));
+  CHECK(url.socket_path == "/tmp/r.sock");
+  CHECK(url.password == "pw");
+
+  const char* bad[][2] = {
+      {"", "empty"},
+      {"localhost:6379", "no scheme"},
+      {"http://h", "unknown scheme"},
+      {"rediss://h", "TLS"},
+      {"redis://", "host is empty"},
+      {"redis://:6379", "host is empty"},
+      {"redis://h:0", "bad port"},
+      {"redis://h:65536", "bad port"},
+      {"redis://h:http", "bad port"},
+      {"redis://h:", "port after ':' is empty"},
+      {"redis://h/x", "bad database"},
+      {"redis://h/-1", "bad database"},
+      {"redis://user@h", "user name without a password"},
+      {"redis://user:@h", "password after ':' is empty"},
+      {"redis://::1:6379", "brackets"},
+      {"redis://[::1", "without ']'"},
+      {"unix://relative.sock", "absolute"},
+      {"redis://h?timeout=1", "query parameter"},
+      {"redis://h/1?db=2", "twice"},
+      {"redis://:%zz@h", "percent-encoding"},
+      {"redis://:ab%4@h", "percent-encoding"},
+      {"redis://h#x", "fragment"},
+      {"redis://bad host", "bad character"},
+  };
+  for (const auto& [text, expected] : bad) {
+    INFO("URL: '" << text << "'");
+    why.clear();
+    CHECK_FALSE(parse_redis_url(text, url, why));
+    CHECK_THAT(why, Catch::Contains(expected));
+  }
+
+  // Messages never show a password, even from a URL that does not parse.
+  using workerlock::detail::redact_raw_url;
+  CHECK(redact_raw_url("redis://u:topsecret@h:x") == "redis://u:***@h:x");
+  CHECK(redact_raw_url("redis://:top/secret@h:x") == "redis://:***@h:x");
+  CHECK(redact_raw_url("redis://h:1") == "redis://h:1");
+}
+
+TEST_CASE(
+    "redis: bad configuration is a lock_error from prepare(), try_acquire() and "
+    "Coordinator::start()",
+    "[redis]") {
+  const auto expect_error = [](const RedisOptions& o, const char* text) {
+    INFO("expected: " << text);
+    RedisBackend backend(o);
+    try {
+      backend.prepare();
+      FAIL("prepare() did not throw");
+    } catch (const lock_error& e) {
+      CHECK_THAT(e.what(), Catch::Contains(text));
+      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+      CHECK(e.code() == std::errc::invalid_argument);
+    }
+    CHECK_THROWS_AS(backend.try_acquire(), lock_error);
+    CHECK_FALSE(backend.held());
+    CHECK(backend.fencing_token() == 0);
+    Coordinator c(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
+    CHECK_THROWS_AS(c.start(), lock_error);
+    CHECK(c.role() == Role::secondary);
+    CHECK_FALSE(c.running());
+  };
+
+  RedisOptions o;
+  o.url = "redis://:topsecret@127.0.0.1:notaport/0";
+  expect_error(o, "bad port 'notaport'");
+  {
+    RedisBackend backend(o);
+    CHECK(backend.describe() == "redis=redis://:***@127.0.0.1:notaport/0 key=workerlock:primary");
+  }
+
+  o.url = "rediss://:topsecret@127.0.0.1:6379";
+  expect_error(o, "TLS");
+
+  o.url = "redis://127.0.0.1:6379";
+  o.ttl = 1000ms;
+  o.command_timeout = 900ms;
+  expect_error(o, "must not exceed ttl");
+
+  o = RedisOptions{};
+  o.url = "redis://127.0.0.1:6379";
+  o.ttl = 5ms;
+  expect_error(o, "at least 10 ms");
+
+  // No URL anywhere; then the URL from the environment.
+  const char* saved = std::getenv("WORKERLOCK_REDIS_URL");
+  const std::string saved_value = saved != nullptr ? saved : "";
+  ::unsetenv("WORKERLOCK_REDIS_URL");
+  expect_error(RedisOptions{}, "no Redis URL");
+  ::setenv("WORKERLOCK_REDIS_URL", "redis://10.1.2.3:7777/4", 1);
+  {
+    RedisBackend backend(RedisOptions{});
+    CHECK(backend.options().url == "redis://10.1.2.3:7777/4");
+    CHECK(backend.redacted_url() == "redis://10.1.2.3:7777/4");
+    CHECK_NOTHROW(backend.prepare());
+  }
+  if (saved != nullptr) {
+    ::setenv("WORKERLOCK_REDIS_URL", saved_value.c_str(), 1);
+  } else {
+    ::unsetenv("WORKERLOCK_REDIS_URL");
+  }
+
+  // The defaults derived from the ttl.
+  RedisOptions d;
+  d.url = "redis://h";
+  d.ttl = 10000ms;
+  RedisBackend backend(d);
+  CHECK(backend.options().verify_interval == 3333ms);
+  CHECK(backend.options().drift_margin == 1002ms);
+  CHECK(backend.options().command_timeout == 2000ms);
+  CHECK(backend.options().connect_timeout == 2000ms);
+  CHECK(backend.options().poll_interval == 1000ms);
+  CHECK(backend.verify_interval() == 3333ms);
+}
+
+// =============================================================================================
+// Errors against real endpoints
+// =============================================================================================
+
+TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors, never primary",
+          "[redis]") {
+  const auto expect_failure = [](const RedisOptions& o, std::errc code,
+                                 std::vector<std::string> texts, const std::string& secret) {
+    RedisBackend backend(o);
+    try {
+      backend.try_acquire();
+      FAIL("try_acquire() did not throw");
+    } catch (const lock_error& e) {
+      INFO("what(): " << e.what());
+      CHECK(e.code() == code);
+      for (const auto& t : texts) CHECK_THAT(e.what(), Catch::Contains(t));
+      if (!secret.empty()) CHECK_THAT(e.what(), !Catch::Contains(secret));
+    }
+    CHECK_FALSE(backend.held());
+    CHECK(backend.fencing_token() == 0);
+    Coordinator c(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
+    CHECK_THROWS_AS(c.start(), lock_error);
+    CHECK(c.role() == Role::secondary);
+  };
+
+  SECTION("connection refused") {
+    const int port = closed_port();
+    RedisOptions o;
+    o.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", port);
+    expect_failure(o, std::errc::connection_refused,
+                   {"cannot acquire the lease on", fmt::format("redis://:***@127.0.0.1:{}/0", port),
+                    "connection refused", "is redis-server running"},
+                   "topsecret");
+  }
+
+  SECTION("unknown host") {
+    RedisOptions o;
+    o.url = "redis://no-such-host.invalid:6379";
+    o.command_timeout = 500ms;
+    expect_failure(o, std::errc::host_unreachable,
+                   {"redis://no-such-host.invalid:6379/0", "cannot resolve the host name"}, "");
+  }
+
+  SECTION("a socket path where nothing listens") {
+    RedisOptions o;
+    o.url = "unix:///nonexistent/workerlock-test.sock";
+    expect_failure(o, std::errc::no_such_file_or_directory,
+                   {"unix:///nonexistent", "no such socket"}, "");
+  }
+
+  SECTION("password problems") {
+    WL_REQUIRE_REDIS_SERVER();
+    wltest::RedisServer server({"s3cret-pw", {}});
+    RedisOptions o;
+    o.key = fresh_key("auth");
+    o.quarantine_after_data_loss = false;
+
+    o.url = fmt::format("redis://:hunter2-wrong@127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied,
+                   {"redis://:***@127.0.0.1", "refused the user name or password", "WRONGPASS"},
+                   "hunter2-wrong");
+
+    o.url = fmt::format("redis://nobody:hunter2-wrong@127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied, {"redis://nobody:***@", "WRONGPASS"},
+                   "hunter2-wrong");
+
+    o.url = fmt::format("redis://127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied, {"requires a password", "NOAUTH"}, "");
+
+    o.url = fmt::format("redis://127.0.0.1:{}/5", server.port());
+    expect_failure(o, std::errc::permission_denied, {"requires a password"}, "");
+
+    // The right password: in the URL, and through the options.
+    o.url = server.url();
+    RedisBackend a(o);
+    CHECK(a.try_acquire());
+    a.release();
+    o.url = fmt::format("redis://127.0.0.1:{}/0", server.port());
+    o.password = "s3cret-pw";
+    RedisBackend b(o);
+    CHECK(b.try_acquire());
+    CHECK(b.describe().find("s3cret") == std::string::npos);
+  }
+
+  SECTION("a password the server does not have, a database it does not have") {
+    WL_REQUIRE_REDIS_SERVER();
+    wltest::RedisServer server;
+    RedisOptions o;
+    o.key = fresh_key("nopass");
+    o.url = fmt::format("redis://:extra-pw@127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied, {"server has none configured"}, "extra-pw");
+    o.url = fmt::format("redis://127.0.0.1:{}/999", server.port());
+    expect_failure(o, std::errc::invalid_argument, {"refused the database number"}, "");
+  }
+}
+
+// =============================================================================================
+// The lease itself
+// =============================================================================================
+
+TEST_CASE("redis: acquire, renew, release, expiry and fencing tokens", "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("basics");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  RedisBackend a(o);
+  RedisBackend b(o);
+
+  REQUIRE(a.try_acquire());
+  CHECK(a.held());
+  CHECK(a.lease_valid());
+  const auto fa = a.fencing_token();
+  CHECK(fa > 1000);
+  CHECK(server.command({"GET", key}) == a.token());
+  const auto pttl = std::stol(server.command({"PTTL", key}));
+  CHECK(pttl > 900);
+  CHECK(pttl <= 1000);
+  CHECK_FALSE(b.try_acquire());
+  CHECK(b.fencing_token() == 0);
+  a.release();
+  CHECK_FALSE(a.held());
+  CHECK(a.fencing_token() == 0);
+  CHECK(server.command({"EXISTS", key}) == "0");
+  REQUIRE(b.try_acquire());
+  const auto fb = b.fencing_token();
+  CHECK(fb > fa);
+  b.release();
+
+  SECTION("renewals keep the lease for longer than one ttl") {
+    REQUIRE(a.try_acquire());
+    const auto f1 = a.fencing_token();
+    const auto until = std::chrono::steady_clock::now() + 1500ms;
+    while (std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(a.verify_interval());
+      REQUIRE(a.verify_held());
+      CHECK_FALSE(b.try_acquire());
+    }
+    CHECK(a.fencing_token() == f1);  // renewals keep the token
+    a.release();
+  }
+
+  SECTION("an expired lease: the late holder neither renews nor deletes the next one") {
+    REQUIRE(a.try_acquire());
+    const auto f1 = a.fencing_token();
+    std::this_thread::sleep_for(1100ms);  // no renewal: the key expires
+    CHECK_FALSE(a.lease_valid());
+    REQUIRE(b.try_acquire());
+    CHECK(b.fencing_token() > f1);
+    try {
+      a.verify_held();
+      FAIL("verify_held() after the lease ran out did not throw");
+    } catch (const lock_error& e) {
+      CHECK_THAT(e.what(), Catch::Contains("ran out"));
+      CHECK(e.code() == std::errc::timed_out);
+    }
+    a.release();  // compare-then-DEL: must not delete b's key
+    CHECK(server.command({"GET", key}) == b.token());
+    CHECK(b.verify_held());
+    b.release();
+  }
+
+  SECTION("a lease taken over: verify_held() returns false") {
+    REQUIRE(a.try_acquire());
+    server.command({"SET", key, "someone-else", "PX", "5000"});
+    CHECK_FALSE(a.verify_held());
+    a.release();
+    CHECK(server.command({"GET", key}) == "someone-else");
+  }
+
+  SECTION("our own token in the key (an attempt whose reply was lost) is adopted") {
+    server.command({"SET", key, a.token(), "PX", "5000"});
+    REQUIRE(a.try_acquire());
+    CHECK(a.fencing_token() > fb);
+    CHECK(std::stol(server.command({"PTTL", key})) <= 1000);
+    const auto old_token = a.token();
+    a.release();
+    CHECK(a.token() != old_token);  // every hold has its own token
+  }
+
+  SECTION("SCRIPT FLUSH: EVALSHA falls back to EVAL") {
+    REQUIRE(a.try_acquire());
+    server.command({"SCRIPT", "FLUSH"});
+    CHECK(a.verify_held());
+    a.release();
+    server.command({"SCRIPT", "FLUSH"});
+    REQUIRE(b.try_acquire());
+    b.release();
+  }
+
+  SECTION("a unix socket") {
+    const wltest::TempDir dir;
+    const auto path = (dir / "redis.sock").native();
+    wltest::RedisServer with_socket({"", {"--unixsocket", path, "--unixsocketperm", "700"}});
+    RedisOptions u = o;
+    u.url = "unix://" + path;
+    u.quarantine_after_data_loss = false;
+    RedisBackend c(u);
+    REQUIRE(c.try_acquire());
+    CHECK(c.verify_held());
+    c.release();
+  }
+}
+
+TEST_CASE("redis: a fresh key or lost data keeps everybody out for one ttl (quarantine)",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("quarantine");
+  const auto o = options_for(server, key, 500ms);
+  RedisBackend a(o);
+  RedisBackend b(o);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK_FALSE(a.try_acquire());  // no fencing counter: as after a restart without persistence
+  CHECK(server.command({"GET", key}) == "workerlock-quarantine");
+  REQUIRE(wltest::eventually([&] { return try_acquire_or_timeout(a); }, 5s));
+  CHECK(std::chrono::steady_clock::now() - t0 >= 450ms);
+  const auto f1 = a.fencing_token();
+  CHECK(f1 > 1000000000000000ULL);  // seeded from Redis's TIME in microseconds
+
+  server.command({"FLUSHALL"});
+  CHECK_FALSE(a.verify_held());
+  a.release();
+  CHECK_FALSE(b.try_acquire());
+  REQUIRE(wltest::eventually([&] { return try_acquire_or_timeout(b); }, 5s));
+  CHECK(b.fencing_token() > f1);
+  b.release();
+
+  RedisOptions off = o;
+  off.quarantine_after_data_loss = false;
+  off.key = fresh_key("no-quarantine");
+  RedisBackend c(off);
+  CHECK(c.try_acquire());
+}
+
+TEST_CASE("redis: a renewal never outlives the lease", "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("deadline");
+  seed_fence(server, key);
+  auto o = options_for(server, key);
+  o.verify_interval = 100ms;
+  o.command_timeout = 790ms;  // 100 + 790 <= 1000 - 102
+  RedisBackend a(o);
+  REQUIRE(a.try_acquire());
+  const auto until = a.valid_until();
+  // valid_until - now - command_timeout = 108 ms - (time since the acquisition): at most V.
+  CHECK(a.verify_interval() <= 100ms);
+
+  server.command({"CLIENT", "PAUSE", "2000"});
+  std::this_thread::sleep_until(until - 300ms);
+  CHECK(a.verify_interval() == 0ms);  // less than command_timeout left
+  const auto before = std::chrono::steady_clock::now();
+  CHECK_THROWS_AS(a.verify_held(), lock_error);
+  const auto after = std::chrono::steady_clock::now();
+  const auto late = std::chrono::duration_cast<std::chrono::microseconds>(after - until);
+  const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(after - before);
+  WARN(
+      fmt::format("renewal against a paused Redis gave up {:.2f} ms after valid_until, after {} ms "
+                  "(command_timeout 790 ms)",
+                  static_cast<double>(late.count()) / 1000.0, waited.count()));
+  CHECK(late < 250ms);  // without the cut-off: ~490 ms late (now + command_timeout)
+  CHECK(waited < 600ms);
+  CHECK_FALSE(a.lease_valid());
+}
+
+TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "[redis][threads]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("interrupt");
+  seed_fence(server, key);
+  const auto o = options_for(server, key, 5000ms);
+  RedisBackend holder(o);
+  REQUIRE(holder.try_acquire());
+  RedisBackend waiter(o);
+
+  const auto wait_and_interrupt = [&](std::chrono::milliseconds after) {
+    std::atomic<int> result{-1};
+    std::atomic<std::int64_t> returned{0};
+    waiter.clear_interrupt();
+    std::thread t([&] {
+      result.store(waiter.wait_acquire() ? 1 : 0);
+      returned.store(mono_ns());
+    });
+    std::this_thread::sleep_for(after);
+    const auto interrupted = mono_ns();
+    waiter.interrupt();
+    t.join();
+    CHECK(result.load() == 0);
+    return ms_between(interrupted, returned.load());
+  };
+
+  const double idle = wait_and_interrupt(150ms);
+  CHECK(idle < 250);
+  server.command({"CLIENT", "PAUSE", "1500"});  // the waiter's next attempt hangs in Redis
+  const double busy = wait_and_interrupt(600ms);
+  CHECK(busy < 250);  // command_timeout is 2500 ms
+  WARN(
+      fmt::format("interrupt() -> wait_acquire() returned: {:.2f} ms while sleeping, {:.2f} ms "
+                  "while a command hung in a paused Redis",
+                  idle, busy));
+  waiter.release();  // cleans up the attempt of unknown outcome (waits for the pause)
+  CHECK(server.command({"GET", key}) == holder.token());
+  holder.release();
+  waiter.clear_interrupt();
+  CHECK(waiter.try_acquire());
+}
+
+TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("polled");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  Coordinator first(std::make_unique<RedisBackend>(o), co);
+  Coordinator second(std::make_unique<RedisBackend>(o), co);
+  int promoted[2] = {0, 0};
+  int demoted[2] = {0, 0};
+  first.on_promoted([&] { ++promoted[0]; }).on_demoted([&] { ++demoted[0]; });
+  second.on_promoted([&] { ++promoted[1]; }).on_demoted([&] { ++demoted[1]; });
+  first.start();
+  second.start();
+  REQUIRE(first.role() == Role::primary);
+  REQUIRE(second.role() == Role::secondary);
+  const auto f1 = first.fencing_token();
+  // Two ttls of polling: the primary renews, the standby stays out.
+  const auto until = std::chrono::steady_clock::now() + 2000ms;
+  while (std::chrono::steady_clock::now() < until) {
+    first.poll();
+    second.poll();
+    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
+  }
+  CHECK(first.role() == Role::primary);
+  CHECK(second.role() == Role::secondary);
+  CHECK(promoted[0] == 1);
+  CHECK(demoted[0] == 0);
+  first.stop();
+  CHECK(demoted[0] == 1);
+  REQUIRE(wltest::eventually(
+      [&] {
+        second.poll();
+        return second.role() == Role::primary;
+      },
+      2s));
+  CHECK(second.fencing_token() > f1);
+  CHECK(promoted[1] == 1);
+}
+
+// =============================================================================================
+// Many processes
+// =============================================================================================
+
+TEST_CASE("redis: 8 processes race and exactly one holds the lease", "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  constexpr int n = 8;
+
+  SECTION("RedisBackend directly") {
+    struct Race {
+      wltest::StartLine line;
+      std::atomic<int> winners{0};
+      std::atomic<int> errors{0};
+      std::atomic<bool> done{false};
+    };
+    for (int round = 0; round < 5; ++round) {
+      const auto key = fresh_key("race");
+      seed_fence(server, key);
+      const auto o = options_for(server, key, 5000ms);
+      wltest::Shared<Race> race;
+      std::vector<pid_t> pids;
+      for (int i = 0; i < n; ++i) {
+        pids.push_back(wltest::fork_child([&] {
+          ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+          RedisBackend b(o);
+          b.prepare();
+          race->line.arrive_and_wait();
+          bool won = false;
+          try {
+            won = b.try_acquire();
+          } catch (const std::exception&) {
+            race->errors.fetch_add(1);
+            return 1;
+          }
+          if (won) race->winners.fetch_add(1);
+          while (!race->done.load()) std::this_thread::sleep_for(1ms);
+          if (won && !b.verify_held()) return 2;
+          b.release();
+          return 0;
+        }));
+      }
+      REQUIRE(race->line.release_when(n));
+      std::this_thread::sleep_for(300ms);
+      const int winners = race->winners.load();
+      race->done.store(true);
+      CHECK(wltest::wait_all_failures(pids) == 0);
+      CHECK(race->errors.load() == 0);
+      REQUIRE(winners == 1);
+    }
+  }
+
+  SECTION("through Coordinator: one primary, handed over as the processes stop") {
+    const auto key = fresh_key("race-coordinator");
+    seed_fence(server, key);
+    const auto o = options_for(server, key);
+    wltest::Shared<Checker> checker;
+    wltest::Shared<wltest::StartLine> line;
+    const auto pids = spawn_coordinators(n, o, *checker, &*line);
+    REQUIRE(line->release_when(n));
+    REQUIRE(wltest::eventually([&] { return checker->promotions.load() >= 1; }, 5s));
+    std::this_thread::sleep_for(500ms);
+    CHECK(checker->promotions.load() == 1);
+    // Stop them one at a time, the primary first each time: every stop hands over.
+    for (int handover = 0; handover < n; ++handover) {
+      const int holder = checker->holder.load();
+      const int i = index_of(pids, holder);
+      REQUIRE(i >= 0);
+      const int before = checker->promotions.load();
+      checker->stop[i].store(true);
+      if (handover + 1 < n) {
+        REQUIRE(wltest::eventually([&] { return checker->promotions.load() > before; }, 5s));
+      }
+    }
+    stop_all(*checker, n);
+    CHECK(wltest::wait_all_failures(pids) == 0);
+    INFO(checker->dump());
+    CHECK(checker->promotions.load() == n);
+    CHECK(checker->demotions.load() == n);
+    CHECK(checker->overlaps.load() == 0);
+    CHECK(checker->foreign_demotions.load() == 0);
+    CHECK(checker->fence_violations.load() == 0);
+    CHECK(checker->zero_fences.load() == 0);
+    WARN(fmt::format("graceful handover (stop() -> next on_promoted), smallest: {:.1f} ms",
+                     static_cast<double>(checker->min_gap_ns.load()) / 1e6));
+  }
+}
+
+TEST_CASE("redis: SIGKILL of the holder: takeover time", "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  constexpr int n = 4;
+  for (const bool fast : {true, false}) {
+    INFO("fast_local_failover=" << fast);
+    const auto key = fresh_key("sigkill");
+    seed_fence(server, key);
+    auto o = options_for(server, key);
+    o.fast_local_failover = fast;
+    wltest::Shared<Checker> checker;
+    auto pids = spawn_coordinators(n, o, *checker);
+    REQUIRE(wltest::eventually([&] { return checker->promotions.load() >= 1; }, 5s));
+    std::this_thread::sleep_for(fast ? 200ms : 500ms);  // mid-lease: some renewals happened
+    const int holder = checker->holder.load();
+    const int i = index_of(pids, holder);
+    REQUIRE(i >= 0);
+    const auto killed = mono_ns();
+    checker->killed_ns.store(killed);
+    checker->log(3, holder, 0, killed);
+    ::kill(holder, SIGKILL);
+    CHECK(wltest::wait_exit_code(holder) == 128 + SIGKILL);
+    REQUIRE(wltest::eventually([&] { return checker->promotions.load() >= 2; }, 5s));
+    const double takeover = ms_between(killed, checker->last_promoted_ns.load());
+    const RedisBackend probe(o);
+    const auto eff = probe.options();
+    // The lease may have just been renewed: ttl, plus a poll, plus slack for a loaded machine.
+    const double bound = static_cast<double>((eff.ttl + eff.poll_interval).count()) + 400.0;
+    WARN(
+        fmt::format("SIGKILL -> next on_promoted: {:.1f} ms (fast_local_failover={}, ttl {} ms, "
+                    "poll {} ms, bound {:.0f} ms)",
+                    takeover, fast, eff.ttl.count(), eff.poll_interval.count(), bound));
+    CHECK(takeover < bound);
+    if (fast) CHECK(takeover < 500.0);  // typically ~1 ms: a pidfd wakes the standby
+    stop_all(*checker, n);
+    pids.erase(pids.begin() + i);
+    CHECK(wltest::wait_all_failures(pids) == 0);
+    INFO(checker->dump());
+    CHECK(checker->overlaps.load() == 0);
+    CHECK(checker->fence_violations.load() == 0);
+  }
+}
+
+TEST_CASE("redis: the holder demotes before anyone else is promoted when Redis stalls or restarts",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  constexpr int n = 4;
+  const auto key = fresh_key("stall");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  wltest::Shared<Checker> checker;
+
+  // The action that stalls Redis for longer than the ttl.
+  std::string what;
+  std::function<void()> stall;
+  SECTION("Redis killed and restarted on the same port (data lost)") {
+    what = "SIGKILL + restart";
+    stall = [&] {
+      server.stop(SIGKILL);
+      std::this_thread::sleep_for(300ms);
+      server.restart();
+    };
+  }
+  SECTION("CLIENT PAUSE 3000") {
+    what = "CLIENT PAUSE 3000";
+    stall = [&] { server.command({"CLIENT", "PAUSE", "3000"}); };
+  }
+  SECTION("DEBUG SLEEP 2") {
+    if (wltest::RedisServer::major_version() < 7) {
+      WARN("DEBUG SLEEP needs --enable-debug-command (Redis >= 7); skipped");
+      return;
+    }
+    what = "DEBUG SLEEP 2";
+    stall = [&] { server.command({"DEBUG", "SLEEP", "2"}, 10s); };  // blocks Redis and us
+  }
+
+  const auto pids = spawn_coordinators(n, o, *checker);
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() >= 1; }, 5s));
+  std::this_thread::sleep_for(400ms);
+  REQUIRE(checker->promotions.load() == 1);
+  const int first_holder = checker->holder.load();
+  const auto stalled_at = mono_ns();
+  stall();
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() >= 2; }, 10s));
+  std::this_thread::sleep_for(300ms);
+  stop_all(*checker, n);
+  CHECK(wltest::wait_all_failures(pids) == 0);
+
+  INFO(what << "\n" << checker->dump());
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  CHECK(checker->zero_fences.load() == 0);
+  // The first holder demoted, and that came before the second promotion.
+  std::int64_t first_demotion = 0;
+  std::int64_t second_promotion = 0;
+  for (int e = 0; e < std::min(checker->nevents.load(), 512); ++e) {
+    const auto& ev = checker->events[e];
+    if (first_demotion == 0 && ev.kind.load() == 2 && ev.pid.load() == first_holder)
+      first_demotion = ev.t.load();
+    if (second_promotion == 0 && ev.kind.load() == 1 && ev.t.load() > stalled_at)
+      second_promotion = ev.t.load();
+  }
+  REQUIRE(first_demotion != 0);
+  REQUIRE(second_promotion != 0);
+  CHECK(first_demotion < second_promotion);
+  const RedisBackend probe(o);
+  const double worst = static_cast<double>(checker->worst_demotion_after_lease_ns.load()) / 1e6;
+  CHECK(worst < static_cast<double>(probe.options().drift_margin.count()));
+  WARN(fmt::format(
+      "{}: holder demoted {:.0f} ms after the stall began, {:.2f} ms after its "
+      "valid_until (drift margin {} ms); next primary {:.0f} ms after that demotion",
+      what, ms_between(stalled_at, first_demotion), worst, probe.options().drift_margin.count(),
+      ms_between(first_demotion, second_promotion)));
+}

@@ -225,12 +225,19 @@ class Coordinator {
     running_ = false;
   }
 
-  void log(LogLevel level, std::string_view line) const {
-    if (options_.lock.log) options_.lock.log(level, line);
+  //! Formats only when there is a sink; a sink that throws loses its line, nothing else.
+  template <typename... Args>
+  void log(LogLevel level, fmt::format_string<Args...> format, Args&&... args) const noexcept {
+    if (!options_.lock.log) return;
+    try {
+      options_.lock.log(level, fmt::format(format, std::forward<Args>(args)...));
+    } catch (...) {
+    }
   }
 
   void begin(detail::failure& f) {
     std::lock_guard<std::mutex> control(control_mutex_);
+    description_ = backend_->describe();  // formatted once: log lines need no allocation
     if (running_) {
       if (!stop_requested_.load() || on_coordinator_thread()) return;
       // A callback asked to stop: that thread is ending (it runs on_demoted first); wait
@@ -248,9 +255,8 @@ class Coordinator {
       running_ = true;
       thread_done_.store(true);  // no thread to wait for in stop()
       log(LogLevel::info,
-          fmt::format(
-              "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
-              detail::current_pid(), backend_->describe()));
+          "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
+          detail::current_pid(), description_);
       return;
     }
     backend_->clear_interrupt();
@@ -262,8 +268,8 @@ class Coordinator {
     last_verified_ = std::chrono::steady_clock::now();
     next_attempt_ = last_verified_;
     if (!held)
-      log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} (standby)",
-                                      detail::current_pid(), backend_->describe()));
+      log(LogLevel::info, "workerlock: pid={} role=secondary {} (standby)", detail::current_pid(),
+          description_);
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
       finish_stop_requested_by_callback();
@@ -333,9 +339,8 @@ class Coordinator {
     try {
       return backend_->verify_held();
     } catch (const std::exception& error) {
-      log(LogLevel::warning,
-          fmt::format("workerlock: pid={} cannot verify the hold on {}: {}", detail::current_pid(),
-                      backend_->describe(), error.what()));
+      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}",
+          detail::current_pid(), description_, error.what());
       return false;
     }
   }
@@ -346,8 +351,8 @@ class Coordinator {
   }
 
   void report_retry(const std::exception& error) const {
-    log(LogLevel::warning, fmt::format("workerlock: pid={} standby: {}; retrying in {} ms",
-                                       detail::current_pid(), error.what(), backoff_.count()));
+    log(LogLevel::warning, "workerlock: pid={} standby: {}; retrying in {} ms",
+        detail::current_pid(), error.what(), backoff_.count());
   }
 
   void invoke(const Callback& callback, const char* name) noexcept {
@@ -356,19 +361,18 @@ class Coordinator {
     try {
       callback();
     } catch (const std::exception& error) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw: {}", detail::current_pid(),
-                                       name, error.what()));
+      log(LogLevel::error, "workerlock: pid={} {} threw: {}", detail::current_pid(), name,
+          error.what());
     } catch (...) {
-      log(LogLevel::error, fmt::format("workerlock: pid={} {} threw a non-standard exception",
-                                       detail::current_pid(), name));
+      log(LogLevel::error, "workerlock: pid={} {} threw a non-standard exception",
+          detail::current_pid(), name);
     }
     callback_thread_.store(outer);
   }
 
   void promote() noexcept {
     role_.store(Role::primary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=primary {}", detail::current_pid(),
-                                    backend_->describe()));
+    log(LogLevel::info, "workerlock: pid={} role=primary {}", detail::current_pid(), description_);
     if (startup_ && barrier_ && !barrier_->completed()) {
       bool finished = true;
       const auto outer = callback_thread_.exchange(std::this_thread::get_id());
@@ -376,20 +380,18 @@ class Coordinator {
         startup_();
       } catch (const std::exception& error) {
         finished = false;
-        log(LogLevel::error, fmt::format("workerlock: pid={} on_startup threw: {}",
-                                         detail::current_pid(), error.what()));
+        log(LogLevel::error, "workerlock: pid={} on_startup threw: {}", detail::current_pid(),
+            error.what());
       } catch (...) {
         finished = false;
-        log(LogLevel::error,
-            fmt::format("workerlock: pid={} on_startup threw", detail::current_pid()));
+        log(LogLevel::error, "workerlock: pid={} on_startup threw", detail::current_pid());
       }
       callback_thread_.store(outer);
       std::error_code ec;
       if (finished) barrier_->complete(ec);
       if (ec) {
-        log(LogLevel::error,
-            fmt::format("workerlock: pid={} cannot mark startup complete in {}: {}",
-                        detail::current_pid(), barrier_->marker_path().native(), ec.message()));
+        log(LogLevel::error, "workerlock: pid={} cannot mark startup complete in {}: {}",
+            detail::current_pid(), barrier_->marker_path().native(), ec.message());
       }
     } else if (startup_ && !barrier_) {
       invoke(startup_, "on_startup");
@@ -402,18 +404,19 @@ class Coordinator {
     invoke(demoted_, "on_demoted");
     backend_->release();
     role_.store(Role::secondary);
-    log(LogLevel::info, fmt::format("workerlock: pid={} role=secondary {} ({})",
-                                    detail::current_pid(), backend_->describe(), reason));
+    log(LogLevel::info, "workerlock: pid={} role=secondary {} ({})", detail::current_pid(),
+        description_, reason);
   }
 
   void demote_and_reset(const char* reason) noexcept {
-    log(LogLevel::warning, fmt::format("workerlock: pid={} {}: {}; stepping down",
-                                       detail::current_pid(), backend_->describe(), reason));
+    log(LogLevel::warning, "workerlock: pid={} {}: {}; stepping down", detail::current_pid(),
+        description_, reason);
     demote(reason);
     backend_->reset();
   }
 
   std::unique_ptr<Backend> backend_;
+  std::string description_;
   CoordinatorOptions options_;
   std::optional<StartupBarrier> barrier_;
   Callback promoted_;

@@ -67,19 +67,39 @@ inline process_identity current_identity() noexcept {
 }
 
 //! Formats the record into `out` (at least max_record_size bytes); returns its length.
+//! "YYYY-MM-DDTHH:MM:SS" of `seconds` (UTC), formatted once per second and thread: the
+//! record is written on every acquisition, and zero-padded date fields are its main cost.
+inline std::string_view utc_seconds_text(std::time_t seconds) noexcept {
+  struct cache {
+    std::time_t seconds = -1;
+    char text[32] = {};
+    std::size_t size = 0;
+  };
+  thread_local cache last;
+  if (last.seconds != seconds) {
+    std::tm utc{};
+    ::gmtime_r(&seconds, &utc);
+    const auto result = fmt::format_to_n(
+        last.text, sizeof last.text, FMT_COMPILE("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}"),
+        utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec);
+    last.size = std::min(result.size, sizeof last.text);
+    last.seconds = seconds;
+  }
+  return std::string_view(last.text, last.size);
+}
+
 inline std::size_t format_record(char* out, pid_t pid, std::chrono::system_clock::time_point now,
                                  Mechanism mechanism) noexcept {
   const auto identity = current_identity();
-  const auto since_epoch = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch());
+  const auto since_epoch =
+      std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch());
   const std::time_t seconds = static_cast<std::time_t>(since_epoch.count() / 1000000);
   const auto micros = static_cast<long>(since_epoch.count() % 1000000);
-  std::tm utc{};
-  ::gmtime_r(&seconds, &utc);
   // Bounded: the host name is at most 64 bytes, so the record always fits max_record_size.
   const char* end = fmt::format_to(
-      out, FMT_COMPILE("{}\nacquired={:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\nhost={}\npidns={}\nmechanism={}\n"),
-      pid, utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, micros,
-      static_cast<const char*>(identity.host), identity.pid_namespace, to_string(mechanism));
+      out, FMT_COMPILE("{}\nacquired={}.{:06}Z\nhost={}\npidns={}\nmechanism={}\n"), pid,
+      utc_seconds_text(seconds), micros, static_cast<const char*>(identity.host),
+      identity.pid_namespace, to_string(mechanism));
   return static_cast<std::size_t>(end - out);
 }
 
@@ -88,15 +108,16 @@ inline std::optional<std::chrono::system_clock::time_point> parse_utc(std::strin
   long micros = 0;
   char zone = 0;
   const std::string copy(text);
-  if (std::sscanf(copy.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d.%6ld%c", &utc.tm_year, &utc.tm_mon, &utc.tm_mday,
-                  &utc.tm_hour, &utc.tm_min, &utc.tm_sec, &micros, &zone) != 8 ||
+  if (std::sscanf(copy.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d.%6ld%c", &utc.tm_year, &utc.tm_mon,
+                  &utc.tm_mday, &utc.tm_hour, &utc.tm_min, &utc.tm_sec, &micros, &zone) != 8 ||
       zone != 'Z')
     return std::nullopt;
   utc.tm_year -= 1900;
   utc.tm_mon -= 1;
   const std::time_t seconds = ::timegm(&utc);
   if (seconds == static_cast<std::time_t>(-1)) return std::nullopt;
-  return std::chrono::system_clock::time_point(std::chrono::seconds(seconds) + std::chrono::microseconds(micros));
+  return std::chrono::system_clock::time_point(std::chrono::seconds(seconds) +
+                                               std::chrono::microseconds(micros));
 }
 
 //! Parses a record; anything that is not a record written by workerlock (empty, garbage, a
@@ -115,7 +136,8 @@ inline std::optional<record_fields> parse_record(std::string_view text) {
       long value = 0;
       const std::string copy(line);
       char trailing = 0;
-      if (std::sscanf(copy.c_str(), "%ld%c", &value, &trailing) != 1 || value <= 0) return std::nullopt;
+      if (std::sscanf(copy.c_str(), "%ld%c", &value, &trailing) != 1 || value <= 0)
+        return std::nullopt;
       fields.pid = static_cast<pid_t>(value);
       have_pid = true;
       continue;

@@ -1,0 +1,937 @@
+// tests/test_postgres.cpp: PostgresBackend (workerlock/postgres.hpp) against a real PostgreSQL
+// cluster started by tests/postgres_server.hpp, with forked processes and a shared-memory
+// checker. Skipped with a warning when the server binaries are missing (a failure instead
+// when $WORKERLOCK_REQUIRE_POSTGRES=1 or $CI is set).
+//
+// The two-primaries checker is Checker::holder, an atomic pid in shared memory: on_promoted
+// moves it from 0 (or from a pid that is gone) to its own pid, on_demoted moves it back to 0;
+// a promotion that finds another live pid there is an overlap.
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <catch2/catch.hpp>
+
+#include <workerlock/coordinator.hpp>
+#include <workerlock/postgres.hpp>
+
+#include "postgres_server.hpp"
+#include "support.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using workerlock::Coordinator;
+using workerlock::CoordinatorOptions;
+using workerlock::lock_error;
+using workerlock::PostgresBackend;
+using workerlock::PostgresOptions;
+using workerlock::Role;
+
+bool postgres_required() {
+  const char* require = std::getenv("WORKERLOCK_REQUIRE_POSTGRES");
+  const char* ci = std::getenv("CI");
+  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
+}
+
+#define WL_REQUIRE_POSTGRES_SERVER()                                           \
+  do {                                                                         \
+    if (!wltest::PostgresServer::available()) {                                \
+      if (postgres_required()) FAIL(wltest::PostgresServer::missing_reason()); \
+      WARN(wltest::PostgresServer::missing_reason());                          \
+      return;                                                                  \
+    }                                                                          \
+  } while (false)
+
+//! One cluster for the whole run (initdb costs seconds); stopped at exit.
+wltest::PostgresServer& server() {
+  static std::unique_ptr<wltest::PostgresServer> instance;
+  if (!instance) instance = std::make_unique<wltest::PostgresServer>();
+  return *instance;
+}
+
+std::int64_t mono_ns() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
+  return static_cast<double>(to_ns - from_ns) / 1e6;
+}
+
+//! A lock name of its own for each test, so they never see each other's locks.
+std::string fresh_name(const char* what) {
+  static int counter = 0;
+  return fmt::format("test:{}:{}:{}", what, ::getpid(), ++counter);
+}
+
+PostgresOptions options_for(const std::string& name) {
+  PostgresOptions o;
+  o.conninfo = server().conninfo();
+  o.name = name;
+  return o;
+}
+
+//! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
+int closed_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t size = sizeof address;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+//! True once `pid` has exited (a zombie counts as gone: it holds nothing).
+bool process_gone(int pid) {
+  if (::kill(pid, 0) != 0) return errno == ESRCH;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  const auto close = text.rfind(')');
+  return close != std::string::npos && close + 2 < text.size() &&
+         (text[close + 2] == 'Z' || text[close + 2] == 'X');
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker, in shared memory.
+// ---------------------------------------------------------------------------------------------
+
+struct Checker {
+  std::atomic<int> holder{0};  // pid of the primary, 0 when none
+  std::atomic<int> overlaps{0};
+  std::atomic<int> foreign_demotions{0};
+  std::atomic<int> fence_violations{0};
+  std::atomic<int> promotions{0};
+  std::atomic<int> demotions{0};
+  std::atomic<int> start_failures{0};
+  std::atomic<int> last_promoted_pid{0};
+  std::atomic<std::int64_t> last_promoted_ns{0};
+  std::atomic<std::int64_t> last_demoted_ns{0};
+  std::atomic<std::uint64_t> max_fence{0};
+  std::atomic<bool> stop[32];
+
+  Checker() {
+    for (auto& s : stop) s.store(false);
+  }
+
+  void promoted(int pid, std::uint64_t fence) {
+    int expected = 0;
+    while (!holder.compare_exchange_strong(expected, pid)) {
+      if (expected != 0 && process_gone(expected)) continue;  // SIGKILLed: held nothing
+      overlaps.fetch_add(1);
+      holder.store(pid);
+      break;
+    }
+    if (fence <= max_fence.load()) fence_violations.fetch_add(1);
+    max_fence.store(std::max(max_fence.load(), fence));
+    last_promoted_pid.store(pid);
+    last_promoted_ns.store(mono_ns());
+    promotions.fetch_add(1);
+  }
+
+  void demoted(int pid) {
+    last_demoted_ns.store(mono_ns());
+    demotions.fetch_add(1);
+    int expected = pid;
+    if (!holder.compare_exchange_strong(expected, 0)) foreign_demotions.fetch_add(1);
+  }
+
+  std::string summary() const {
+    return fmt::format(
+        "promotions={} demotions={} overlaps={} foreign_demotions={} fence_violations={} holder={}",
+        promotions.load(), demotions.load(), overlaps.load(), foreign_demotions.load(),
+        fence_violations.load(), holder.load());
+  }
+};
+
+CoordinatorOptions quiet_coordinator_options() {
+  CoordinatorOptions co;
+  co.lock.log = nullptr;
+  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
+    co.lock.log = workerlock::stderr_sink;
+  co.retry_backoff_min = 10ms;
+  co.retry_backoff_max = 250ms;
+  return co;
+}
+
+//! A child running a Coordinator on a PostgresBackend until checker.stop[index].
+//! Exit codes: 0 fine, 3 start() threw.
+int coordinator_child(const PostgresOptions& options, Checker& checker, int index,
+                      wltest::StartLine* line = nullptr) {
+  Coordinator c(std::make_unique<PostgresBackend>(options), quiet_coordinator_options());
+  const int me = static_cast<int>(::getpid());
+  c.on_promoted([&] { checker.promoted(me, c.fencing_token()); });
+  c.on_demoted([&] { checker.demoted(me); });
+  if (line != nullptr) line->arrive_and_wait();
+  try {
+    c.start();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "child %d: start() threw: %s\n", me, e.what());
+    checker.start_failures.fetch_add(1);
+    return 3;
+  }
+  while (!checker.stop[index].load()) std::this_thread::sleep_for(2ms);
+  c.stop();
+  return 0;
+}
+
+int index_of(const std::vector<pid_t>& pids, int pid) {
+  for (std::size_t i = 0; i < pids.size(); ++i)
+    if (pids[i] == pid) return static_cast<int>(i);
+  return -1;
+}
+
+//! Sets every stop flag and reaps the children; returns how many did not exit with 0, not
+//! counting those in `ignored` (killed, or reaped already).
+int stop_and_reap(Checker& checker, const std::vector<pid_t>& pids,
+                  const std::vector<pid_t>& ignored = {}) {
+  for (auto& s : checker.stop) s.store(true);
+  int failures = 0;
+  for (const pid_t pid : pids) {
+    const int code = wltest::wait_exit_code(pid);
+    if (std::find(ignored.begin(), ignored.end(), pid) == ignored.end() && code != 0) {
+      std::fprintf(stderr, "child %d exited with %d\n", static_cast<int>(pid), code);
+      ++failures;
+    }
+  }
+  return failures;
+}
+
+//! Checks that `e` reads well: the operation, the redacted connection string, libpq's text.
+void check_error_text(const lock_error& e, const std::string& redacted, const char* libpq_text,
+                      const char* secret = nullptr) {
+  INFO("what(): " << e.what());
+  CHECK_THAT(e.what(), Catch::Contains("connect to PostgreSQL"));
+  CHECK_THAT(e.what(), Catch::Contains(redacted));
+  CHECK_THAT(e.what(), Catch::Contains(libpq_text));
+  CHECK_THAT(e.what(), !Catch::Contains("\n"));
+  if (secret != nullptr) CHECK_THAT(e.what(), !Catch::Contains(secret));
+}
+
+}  // namespace
+
+// =============================================================================================
+// No server needed
+// =============================================================================================
+
+TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
+  // FNV-1a 64 of "workerlock:" + name, as computed by the Python snippet in postgres.hpp.
+  static_assert(PostgresBackend::key_for("primary") == 9204049115472362304LL);
+  STATIC_REQUIRE(PostgresBackend::key_for("jobs") == 1313632444998051446LL);
+  STATIC_REQUIRE(PostgresBackend::key_for("") == -2417965672574310066LL);
+
+  using workerlock::detail::pg_redact_conninfo;
+  const auto check = [](const char* in, const char* out, std::vector<std::string> secrets = {}) {
+    INFO("conninfo: " << in);
+    const auto r = pg_redact_conninfo(in);
+    CHECK(r.text == out);
+    for (const auto& s : secrets)
+      CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
+  };
+  check("postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require&password=other",
+        "postgresql://app:***@db.example:5433/app?sslmode=require&password=***",
+        {"s3cr%40t", "s3cr@t", "other"});
+  check("postgres://app@db/app", "postgres://app@db/app");
+  check("POSTGRESQL://u:p@[::1]:5432/d", "POSTGRESQL://u:***@[::1]:5432/d", {"p"});
+  check("postgresql://", "postgresql://");
+  check("host=db port=5432 password=topsecret dbname=app",
+        "host=db port=5432 password=*** dbname=app", {"topsecret"});
+  check("host = db  password = 'it\\'s secret' user=x", "host=db password=*** user=x",
+        {"it's secret"});
+  check("dbname='postgresql://u:pw@h/d' host=x", "dbname='postgresql://u:***@h/d' host=x", {"pw"});
+  check("host=db password", "host=db <the rest does not parse>");
+  check("password='unterminated", "password=*** <unterminated quoted string>");
+
+  CHECK(workerlock::detail::pg_scrub("FATAL:  password \"topsecret\" bad\n\tline two\n",
+                                     {"topsecret"}) == "FATAL: password \"***\" bad line two");
+  CHECK(workerlock::detail::pg_scrub(
+            "server closed the connection unexpectedly\n\tThis probably means the server "
+            "terminated abnormally\n\tbefore or while processing the request.\n",
+            {}) ==
+        "server closed the connection unexpectedly; This probably means the server terminated "
+        "abnormally before or "
+        "while processing the request.");
+
+  PostgresOptions o;
+  o.conninfo = "host=db.example user=app password=topsecret";
+  PostgresBackend named(o);
+  CHECK(named.key() == PostgresBackend::key_for("primary"));
+  CHECK(named.describe() ==
+        "postgres=host=db.example user=app password=*** lock=primary key=9204049115472362304");
+  CHECK(named.redacted_conninfo() == "host=db.example user=app password=***");
+  CHECK_FALSE(named.held());
+  CHECK(named.fencing_token() == 0);
+  CHECK(named.verify_interval() == 1000ms);
+  o.key = -42;
+  PostgresBackend keyed(o);
+  CHECK(keyed.key() == -42);
+  CHECK(keyed.describe() == "postgres=host=db.example user=app password=*** key=-42");
+}
+
+TEST_CASE(
+    "postgres: bad configuration is a lock_error from prepare(), every acquisition and "
+    "Coordinator::start()",
+    "[postgres]") {
+  const auto expect_error = [](const PostgresOptions& o, const char* text) {
+    INFO("expected: " << text);
+    PostgresBackend backend(o);
+    try {
+      backend.prepare();
+      FAIL("prepare() did not throw");
+    } catch (const lock_error& e) {
+      // The operation, the target (password redacted), the reason, on one line.
+      CHECK_THAT(e.what(), Catch::Contains("use the PostgreSQL lock on"));
+      CHECK_THAT(e.what(), Catch::Contains("'" + backend.redacted_conninfo() + "'"));
+      CHECK_THAT(e.what(), Catch::Contains(text));
+      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+      CHECK_THAT(e.what(), !Catch::Contains("\n"));
+      CHECK(e.operation() == "use the PostgreSQL lock on");
+      CHECK(e.code() == std::errc::invalid_argument);
+    }
+    CHECK_THROWS_AS(backend.try_acquire(), lock_error);
+    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+    CHECK_FALSE(backend.held());
+    Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
+    CHECK_THROWS_AS(c.start(), lock_error);
+    std::error_code ec;
+    c.start(ec);
+    CHECK(ec == std::errc::invalid_argument);
+    CHECK(c.role() == Role::secondary);
+    CHECK_FALSE(c.running());
+  };
+
+  const char* saved = std::getenv("WORKERLOCK_POSTGRES_URL");
+  const std::string saved_value = saved != nullptr ? saved : "";
+  ::unsetenv("WORKERLOCK_POSTGRES_URL");
+  expect_error(PostgresOptions{}, "no connection string");
+
+  PostgresOptions o;
+  o.conninfo = "postgresql://u:topsecret@[::1/postgres";
+  expect_error(o, "does not parse");
+  o.conninfo = "postgresql://u:topsecret@h/postgres?nosuch=1";
+  expect_error(o, "invalid URI query parameter");
+  o.conninfo = "hostx=db password=topsecret";
+  expect_error(o, "invalid connection option \"hostx\"");
+  o.conninfo = "host=db password='topsecret";
+  expect_error(o, "unterminated quoted string");
+
+  o = PostgresOptions{};
+  o.conninfo = "host=db";
+  o.verify_interval = 5ms;
+  expect_error(o, "verify_interval must be at least 10 ms");
+  o = PostgresOptions{};
+  o.conninfo = "host=db";
+  o.name.clear();
+  expect_error(o, "the lock name is empty");
+  o = PostgresOptions{};
+  o.conninfo = "host=db";
+  o.keepalives_count = 0;
+  expect_error(o, "keepalives_count");
+  o = PostgresOptions{};
+  o.conninfo = "host=db";
+  o.command_timeout = 5000ms;  // 2 * (1 s + 5 s) > 10 s: a cut-off holder could overlap
+  expect_error(o, "exceeds the 10000 ms");
+
+  ::setenv("WORKERLOCK_POSTGRES_URL", "postgresql://app:topsecret@10.1.2.3:7777/app", 1);
+  {
+    PostgresBackend backend(PostgresOptions{});
+    CHECK(backend.options().conninfo == "postgresql://app:topsecret@10.1.2.3:7777/app");
+    CHECK(backend.redacted_conninfo() == "postgresql://app:***@10.1.2.3:7777/app");
+    CHECK_NOTHROW(backend.prepare());
+  }
+  if (saved != nullptr) {
+    ::setenv("WORKERLOCK_POSTGRES_URL", saved_value.c_str(), 1);
+  } else {
+    ::unsetenv("WORKERLOCK_POSTGRES_URL");
+  }
+}
+
+// =============================================================================================
+// Against a server
+// =============================================================================================
+
+TEST_CASE(
+    "postgres: refused, wrong password, bad URL, unknown host: clear lock_errors, never primary",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+
+  const auto never_primary = [](const PostgresOptions& o, std::errc code, const char* libpq_text,
+                                const char* secret = nullptr) {
+    PostgresBackend backend(o);
+    INFO("conninfo: " << backend.redacted_conninfo());
+    CHECK_NOTHROW(backend.prepare());
+    try {
+      backend.try_acquire();
+      FAIL("try_acquire() did not throw");
+    } catch (const lock_error& e) {
+      check_error_text(e, backend.redacted_conninfo(), libpq_text, secret);
+      CHECK(e.code() == code);
+      CHECK(e.operation() == "connect to PostgreSQL");
+    }
+    CHECK_FALSE(backend.held());
+    CHECK(backend.fencing_token() == 0);
+    CHECK_FALSE(backend.verify_held());
+    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+
+    Checker checker;
+    Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
+    c.on_promoted([&] { checker.promoted(1, 1); });
+    CHECK_THROWS_AS(c.start(), lock_error);
+    CHECK(c.role() == Role::secondary);
+    CHECK_FALSE(c.running());
+    CHECK(checker.promotions.load() == 0);
+  };
+
+  PostgresOptions o;
+  o.name = fresh_name("errors");
+  o.conninfo = fmt::format("host=127.0.0.1 port={} dbname=postgres user=postgres", closed_port());
+  never_primary(o, std::errc::connection_refused, "Connection refused");
+
+  o.conninfo = pg.conninfo(wltest::PostgresServer::password_user, "wrong-topsecret");
+  never_primary(o, std::errc::permission_denied, "password authentication failed",
+                "wrong-topsecret");
+  o.conninfo = pg.url(wltest::PostgresServer::password_user, "wrong-topsecret");
+  never_primary(o, std::errc::permission_denied, "password authentication failed",
+                "wrong-topsecret");
+  o.conninfo = pg.conninfo(wltest::PostgresServer::password_user);  // none given at all
+  never_primary(o, std::errc::permission_denied, "no password supplied");
+
+  o.conninfo = fmt::format("postgresql://postgres:topsecret@127.0.0.1:notaport/postgres");
+  never_primary(o, std::errc::io_error, "invalid integer value \"notaport\"", "topsecret");
+
+  o.conninfo = "host=nonexistent.invalid dbname=postgres user=postgres password=topsecret";
+  never_primary(o, std::errc::host_unreachable, "could not translate host name", "topsecret");
+
+  o.conninfo = fmt::format("host=127.0.0.1 port={} dbname=no_such_db user=postgres", pg.port());
+  never_primary(o, std::errc::io_error, "database \"no_such_db\" does not exist");
+
+  // The right password goes through to libpq unchanged, as do sslmode and friends.
+  o.conninfo = pg.url(wltest::PostgresServer::password_user, wltest::PostgresServer::password) +
+               "?sslmode=prefer";
+  PostgresBackend backend(o);
+  CHECK(backend.redacted_conninfo().find(wltest::PostgresServer::password) == std::string::npos);
+  CHECK(backend.wait_acquire());  // (waits out the restart grace if the cluster is young)
+  CHECK(backend.verify_held());
+  backend.release();
+  CHECK_FALSE(backend.held());
+}
+
+TEST_CASE("postgres: try_acquire, verify, release, fencing tokens and pg_locks", "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("basics"));
+  o.restart_grace = 0ms;  // the cluster may be seconds old; the grace has its own test
+  PostgresBackend a(o);
+  PostgresBackend b(o);  // two sessions of one process exclude each other like two processes
+
+  REQUIRE(a.try_acquire());
+  CHECK(a.held());
+  CHECK(a.try_acquire());  // already held: no statement, still true
+  CHECK_FALSE(b.try_acquire());
+  CHECK_FALSE(b.held());
+  CHECK(a.verify_held());
+  const auto first_token = a.fencing_token();
+  CHECK(first_token > 0);
+  CHECK(b.fencing_token() == 0);
+
+  // What an operator sees: the lock session holds the bigint lock, the fence session the pair.
+  CHECK(pg.lock_holder_pid(a.key(), 1) == a.lock_session_pid());
+  CHECK(pg.lock_holder_pid(a.key(), 2) == a.fence_session_pid());
+  CHECK(a.lock_session_pid() != a.fence_session_pid());
+  CHECK(pg.query(fmt::format("SELECT application_name FROM pg_stat_activity WHERE pid = {}",
+                             a.lock_session_pid())) == "workerlock");
+  CHECK(pg.query(fmt::format("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")) ==
+        "0");
+
+  a.release();
+  CHECK_FALSE(a.held());
+  CHECK(a.fencing_token() == 0);
+  CHECK(pg.lock_holder_pid(a.key(), 1) == 0);
+  CHECK(pg.lock_holder_pid(a.key(), 2) == 0);
+  a.release();  // twice is harmless
+
+  REQUIRE(b.try_acquire());
+  CHECK(b.fencing_token() > first_token);
+  CHECK_FALSE(a.try_acquire());
+  b.reset();  // closing the sessions frees the locks too
+  CHECK(wltest::eventually([&] { return a.try_acquire(); }, 5s));
+  CHECK(a.fencing_token() > first_token);
+  a.reset();
+
+  // Fencing off: no transaction id, token 0.
+  o.fencing = false;
+  PostgresBackend c(o);
+  REQUIRE(c.try_acquire());
+  CHECK(c.fencing_token() == 0);
+  c.release();
+
+  // An explicit key.
+  o.key = 4711;
+  PostgresBackend d(o);
+  REQUIRE(d.try_acquire());
+  CHECK(pg.lock_holder_pid(4711, 1) == d.lock_session_pid());
+  d.reset();
+}
+
+TEST_CASE(
+    "postgres: the fence: when the server ends the holder's lock session, the successor waits for "
+    "it",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("fence"));
+  o.restart_grace = 0ms;
+  PostgresBackend a(o);
+  PostgresBackend b(o);
+  REQUIRE(a.try_acquire());
+  REQUIRE(pg.terminate(a.lock_session_pid()));
+  // The election lock is free, so b wins it, but a still holds the handover lock: b is not
+  // promoted while a has not noticed.
+  REQUIRE(wltest::eventually([&] { return pg.lock_holder_pid(a.key(), 1) == 0; }, 5s));
+  CHECK_FALSE(b.try_acquire());
+  CHECK_FALSE(b.held());
+  CHECK(b.lock_session_pid() != 0);  // pending: the election lock is b's
+  CHECK_FALSE(a.verify_held());      // a notices (the Coordinator would now run on_demoted)
+  a.release();
+  CHECK(b.try_acquire());
+  CHECK(b.held());
+  b.release();
+
+  // The other way round: the fence session is ended; nobody can win the election lock, and
+  // the holder steps down at its next check.
+  REQUIRE(a.try_acquire());
+  REQUIRE(pg.terminate(a.fence_session_pid()));
+  CHECK_FALSE(b.try_acquire());
+  CHECK(b.lock_session_pid() == 0);
+  CHECK(wltest::eventually([&] { return !a.verify_held(); }, 5s));
+  a.release();
+  CHECK(b.try_acquire());
+  b.reset();
+  a.reset();
+}
+
+TEST_CASE("postgres: restart grace: a new holder of a young server waits out restart_grace",
+          "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  const auto uptime =
+      std::chrono::milliseconds(std::atoll(pg.query("SELECT (extract(epoch FROM clock_timestamp() "
+                                                    "- pg_postmaster_start_time()) * 1000)::int8")
+                                               .c_str()));
+  auto o = options_for(fresh_name("grace"));
+  o.restart_grace = uptime + 1500ms;  // as if the server had started 1.5 s ago
+  PostgresBackend a(o);
+  const auto begin = std::chrono::steady_clock::now();
+  CHECK_FALSE(a.try_acquire());  // both locks won, promotion pending
+  CHECK(pg.lock_holder_pid(a.key(), 2) == a.fence_session_pid());
+  CHECK_FALSE(a.held());
+  CHECK(a.wait_acquire());  // waits out the rest of the grace
+  const auto waited = std::chrono::steady_clock::now() - begin;
+  CHECK(waited >= 1300ms);
+  CHECK(waited < 10s);
+  CHECK(a.held());
+  a.release();
+}
+
+TEST_CASE(
+    "postgres: wait_acquire() returns when the holder releases, and interrupt() cancels the wait",
+    "[postgres][threads]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("wait"));
+  o.restart_grace = 0ms;
+  PostgresBackend a(o);
+  PostgresBackend b(o);
+  REQUIRE(a.try_acquire());
+
+  // interrupt() ends a wait on the election lock; the session survives the cancel.
+  std::atomic<int> result{-1};
+  std::thread waiter([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
+  auto t0 = std::chrono::steady_clock::now();
+  b.interrupt();
+  waiter.join();
+  CHECK(result.load() == 0);
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  CHECK(pg.lock_waiters(a.key(), 1) == 0);
+  CHECK_FALSE(b.held());
+  CHECK_FALSE(b.wait_acquire());  // still interrupted until clear_interrupt()
+  b.clear_interrupt();
+
+  // A wait returns as soon as the holder releases.
+  result.store(-1);
+  std::thread second([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
+  t0 = std::chrono::steady_clock::now();
+  a.release();
+  second.join();
+  const auto handover = std::chrono::steady_clock::now() - t0;
+  CHECK(result.load() == 1);
+  CHECK(b.held());
+  CHECK(b.verify_held());
+  CHECK(handover < 1s);
+  WARN("wait_acquire() handover after release(): "
+       << std::chrono::duration_cast<std::chrono::microseconds>(handover).count() << " us");
+
+  // interrupt() also ends a wait on the fence lock: b's lock session is ended by the server,
+  // so a wins the election lock and waits for b's fence.
+  REQUIRE(pg.terminate(b.lock_session_pid()));
+  result.store(-1);
+  std::thread third([&] { result.store(a.wait_acquire() ? 1 : 0); });
+  REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 2) == 1; }, 10s));
+  a.interrupt();
+  third.join();
+  CHECK(result.load() == 0);
+  CHECK_FALSE(a.held());
+  a.release();  // gives up the election lock it won
+  a.clear_interrupt();
+  b.reset();
+}
+
+TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  server();
+  constexpr int n = 8;
+  struct Shared {
+    wltest::StartLine line;
+    std::atomic<int> winners{0};
+    std::atomic<int> attempted{0};
+    std::atomic<int> in_critical{0};
+    std::atomic<int> max_in_critical{0};
+    std::atomic<int> completed{0};
+  };
+
+  for (int round = 0; round < 3; ++round) {
+    wltest::Shared<Shared> shared;
+    auto o = options_for(fresh_name("race"));
+    o.restart_grace = 0ms;
+    std::vector<pid_t> pids;
+    for (int i = 0; i < n; ++i) {
+      pids.push_back(wltest::fork_child([&] {
+        PostgresBackend backend(o);
+        backend.prepare();
+        shared->line.arrive_and_wait();
+        const bool won = backend.try_acquire();
+        if (won) shared->winners.fetch_add(1);
+        shared->attempted.fetch_add(1);
+        wltest::eventually([&] { return shared->attempted.load() == n; },
+                           30s);  // hold until all tried
+        return 0;
+      }));
+    }
+    CHECK(shared->line.release_when(n));
+    CHECK(wltest::wait_all_failures(pids) == 0);
+    CHECK(shared->winners.load() == 1);
+  }
+
+  // Blocking waits: everybody gets it once, never two at a time.
+  wltest::Shared<Shared> shared;
+  auto o = options_for(fresh_name("handover"));
+  o.restart_grace = 0ms;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; ++i) {
+    pids.push_back(wltest::fork_child([&] {
+      PostgresBackend backend(o);
+      shared->line.arrive_and_wait();
+      if (!backend.wait_acquire()) return 1;
+      const int inside = shared->in_critical.fetch_add(1) + 1;
+      int seen = shared->max_in_critical.load();
+      while (inside > seen && !shared->max_in_critical.compare_exchange_weak(seen, inside)) {
+      }
+      std::this_thread::sleep_for(3ms);
+      if (!backend.verify_held()) return 2;
+      shared->in_critical.fetch_sub(1);
+      backend.release();
+      shared->completed.fetch_add(1);
+      return 0;
+    }));
+  }
+  CHECK(shared->line.release_when(n));
+  CHECK(wltest::wait_all_failures(pids) == 0);
+  CHECK(shared->completed.load() == n);
+  CHECK(shared->max_in_critical.load() == 1);
+}
+
+TEST_CASE("postgres: 8 processes race: exactly one primary (Coordinator)", "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  server();
+  constexpr int n = 8;
+  wltest::Shared<Checker> checker;
+  wltest::Shared<wltest::StartLine> line;
+  const auto o = options_for(fresh_name("coordinators"));
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; ++i)
+    pids.push_back(
+        wltest::fork_child([&, i] { return coordinator_child(o, *checker, i, &*line); }));
+  CHECK(line->release_when(n));
+  // The cluster may be younger than restart_grace (4 s): allow for it.
+  CHECK(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+  std::this_thread::sleep_for(1500ms);  // a second primary would show up by now
+  INFO(checker->summary());
+  CHECK(checker->promotions.load() == 1);
+  CHECK(checker->holder.load() != 0);
+  CHECK(checker->start_failures.load() == 0);
+
+  // Orderly handovers: stop the primary, one standby takes over, never two.
+  std::vector<pid_t> stopped;
+  for (int round = 0; round < 3; ++round) {
+    const int holder = checker->holder.load();
+    const int index = index_of(pids, holder);
+    REQUIRE(index >= 0);
+    const int before = checker->promotions.load();
+    checker->stop[index].store(true);
+    CHECK(wltest::wait_exit_code(pids[static_cast<std::size_t>(index)]) == 0);
+    stopped.push_back(pids[static_cast<std::size_t>(index)]);
+    CHECK(wltest::eventually([&] { return checker->promotions.load() == before + 1; }, 10s));
+  }
+  CHECK(stop_and_reap(*checker, pids, stopped) == 0);
+  INFO(checker->summary());
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  CHECK(checker->demotions.load() == checker->promotions.load());
+}
+
+TEST_CASE("postgres: SIGKILL of the primary: a standby takes over in < 1 s", "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  wltest::Shared<Checker> checker;
+  const auto o = options_for(fresh_name("sigkill"));
+  std::vector<pid_t> pids;
+  std::vector<pid_t> killed;
+  const auto spawn = [&] {
+    const int index = static_cast<int>(pids.size());
+    pids.push_back(
+        wltest::fork_child([&, index] { return coordinator_child(o, *checker, index); }));
+  };
+  for (int i = 0; i < 3; ++i) spawn();
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+
+  std::vector<double> takeover_ms;
+  for (int round = 0; round < 7; ++round) {
+    // Both standbys wait in pg_advisory_lock before the kill.
+    REQUIRE(wltest::eventually(
+        [&] { return pg.lock_waiters(PostgresBackend::key_for(o.name)) == 2; }, 10s));
+    const int victim = checker->holder.load();
+    REQUIRE(victim != 0);
+    const int before = checker->promotions.load();
+    const auto killed_at = mono_ns();
+    ::kill(victim, SIGKILL);
+    killed.push_back(victim);
+    REQUIRE(wltest::eventually([&] { return checker->promotions.load() == before + 1; }, 10s));
+    takeover_ms.push_back(ms_between(killed_at, checker->last_promoted_ns.load()));
+    CHECK(checker->last_promoted_pid.load() != victim);
+    spawn();
+  }
+  CHECK(stop_and_reap(*checker, pids, killed) == 0);
+  INFO(checker->summary());
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  std::sort(takeover_ms.begin(), takeover_ms.end());
+  WARN(fmt::format("SIGKILL takeover: median {:.1f} ms, min {:.1f} ms, max {:.1f} ms over {} kills",
+                   median(takeover_ms), takeover_ms.front(), takeover_ms.back(),
+                   takeover_ms.size()));
+  CHECK(median(takeover_ms) < 1000.0);
+  CHECK(takeover_ms.back() < 1000.0);  // every takeover, not just the typical one
+}
+
+TEST_CASE(
+    "postgres: a child forked by the holder neither keeps the lock nor ends the holder's session",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  struct Shared {
+    std::atomic<int> holder_ready{0};  // 1 ok, 2 failed
+    std::atomic<int> verified_after_child{0};
+    std::atomic<int> grandchild{0};
+    std::atomic<bool> grandchild_may_exit{false};
+    std::atomic<std::int64_t> promoted_ns{0};
+  };
+  wltest::Shared<Shared> shared;
+  auto o = options_for(fresh_name("fork"));
+  o.restart_grace = 0ms;
+
+  const pid_t holder = wltest::fork_child([&] {
+    auto backend = std::make_unique<PostgresBackend>(o);
+    if (!backend->try_acquire()) {
+      shared->holder_ready.store(2);
+      return 1;
+    }
+    // A child that frees its copy of the backend (as a normal exit with destructors would).
+    const pid_t discarding = wltest::fork_child([&] {
+      if (backend->held()) return 1;  // a copy inherited through fork() holds nothing
+      backend.reset();
+      return 0;
+    });
+    if (wltest::wait_exit_code(discarding) != 0) return 2;
+    shared->verified_after_child.store(backend->verify_held() ? 1 : 2);
+    // A long-lived helper forked without exec: it must not keep the session (and lock) alive.
+    const pid_t helper = wltest::fork_child([&] {
+      while (!shared->grandchild_may_exit.load()) std::this_thread::sleep_for(5ms);
+      return 0;
+    });
+    shared->grandchild.store(helper);
+    shared->holder_ready.store(1);
+    for (;;) ::pause();
+  });
+  REQUIRE(wltest::eventually([&] { return shared->holder_ready.load() != 0; }, 20s));
+  REQUIRE(shared->holder_ready.load() == 1);
+  CHECK(shared->verified_after_child.load() == 1);
+
+  const pid_t waiter = wltest::fork_child([&] {
+    PostgresBackend backend(o);
+    if (!backend.wait_acquire()) return 1;
+    shared->promoted_ns.store(mono_ns());
+    backend.release();
+    return 0;
+  });
+  REQUIRE(wltest::eventually(
+      [&] { return pg.lock_waiters(PostgresBackend::key_for(o.name), 1) == 1; }, 10s));
+  const auto killed_at = mono_ns();
+  ::kill(holder, SIGKILL);
+  CHECK(wltest::eventually([&] { return shared->promoted_ns.load() != 0; }, 10s));
+  const bool helper_alive = !process_gone(shared->grandchild.load());
+  shared->grandchild_may_exit.store(true);
+  CHECK(wltest::wait_exit_code(waiter) == 0);
+  wltest::wait_exit_code(holder);
+  CHECK(wltest::eventually([&] { return process_gone(shared->grandchild.load()); }, 5s));
+  CHECK(helper_alive);  // the takeover happened while the forked helper still ran
+  const double takeover = ms_between(killed_at, shared->promoted_ns.load());
+  INFO("takeover " << takeover << " ms");
+  CHECK(takeover < 1000.0);
+}
+
+TEST_CASE(
+    "postgres: pg_terminate_backend of the holder's session: it demotes before anyone is promoted",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  wltest::Shared<Checker> checker;
+  const auto o = options_for(fresh_name("terminate"));
+  const auto key = PostgresBackend::key_for(o.name);
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 3; ++i)
+    pids.push_back(wltest::fork_child([&, i] { return coordinator_child(o, *checker, i); }));
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+
+  std::vector<double> handover_ms;
+  for (int round = 0; round < 4; ++round) {
+    const int objsubid = round % 2 == 0 ? 1 : 2;  // the lock session, then the fence session
+    REQUIRE(wltest::eventually([&] { return pg.lock_waiters(key, 1) == 2; }, 10s));
+    const int old_holder = checker->holder.load();
+    const int session = pg.lock_holder_pid(key, objsubid);
+    REQUIRE(old_holder != 0);
+    REQUIRE(session != 0);
+    const int promotions = checker->promotions.load();
+    const int demotions = checker->demotions.load();
+    const auto t0 = mono_ns();
+    REQUIRE(pg.terminate(session));
+    CHECK(wltest::eventually([&] { return checker->demotions.load() == demotions + 1; }, 10s));
+    CHECK(wltest::eventually([&] { return checker->promotions.load() == promotions + 1; }, 10s));
+    handover_ms.push_back(ms_between(t0, checker->last_promoted_ns.load()));
+    // on_demoted ran first: the checker moved old_holder -> 0 -> new holder.
+    CHECK(checker->last_demoted_ns.load() <= checker->last_promoted_ns.load());
+  }
+  CHECK(stop_and_reap(*checker, pids) == 0);
+  INFO(checker->summary());
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  WARN(fmt::format("pg_terminate_backend handover (lock session, fence session, ...): {:.0f} ms",
+                   fmt::join(handover_ms, " ms, ")));
+}
+
+TEST_CASE("postgres: Coordinator in WaitMode::polled", "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto o = options_for(fresh_name("polled"));
+  o.restart_grace = 0ms;
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  Coordinator first(std::make_unique<PostgresBackend>(o), co);
+  Coordinator second(std::make_unique<PostgresBackend>(o), co);
+  int first_events = 0;
+  int second_promoted = 0;
+  first.on_promoted([&] { ++first_events; });
+  second.on_promoted([&] { ++second_promoted; });
+  first.start();
+  second.start();
+  CHECK(first.role() == Role::primary);
+  CHECK(second.role() == Role::secondary);
+  CHECK(first.fencing_token() > 0);
+  second.poll();
+  CHECK(second.role() == Role::secondary);
+  first.stop();
+  CHECK(wltest::eventually(
+      [&] {
+        second.poll();
+        return second.role() == Role::primary;
+      },
+      5s));
+  CHECK(second_promoted == 1);
+  CHECK(first_events == 1);
+  second.stop();
+}
+
+// Last: restarting the server ends every session.
+TEST_CASE("postgres: a server restart demotes the holder, then exactly one primary again",
+          "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  wltest::Shared<Checker> checker;
+  const auto o = options_for(fresh_name("restart"));
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 3; ++i)
+    pids.push_back(wltest::fork_child([&, i] { return coordinator_child(o, *checker, i); }));
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+  // Every worker is started and waiting: start() would rightly throw if the restart caught it.
+  REQUIRE(wltest::eventually(
+      [&] { return pg.lock_waiters(PostgresBackend::key_for(o.name), 1) == 2; }, 20s));
+  const int demotions = checker->demotions.load();
+  const auto t0 = mono_ns();
+  pg.restart();
+  const auto restarted = mono_ns();
+  CHECK(wltest::eventually([&] { return checker->demotions.load() == demotions + 1; }, 10s));
+  CHECK(wltest::eventually(
+      [&] { return checker->promotions.load() == 2 && checker->holder.load() != 0; }, 30s));
+  const auto promoted = checker->last_promoted_ns.load();
+  std::this_thread::sleep_for(1500ms);
+  INFO(checker->summary());
+  CHECK(checker->promotions.load() == 2);
+  CHECK(stop_and_reap(*checker, pids) == 0);
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  WARN(fmt::format(
+      "server restart: pg_ctl restart took {:.0f} ms; new primary {:.0f} ms after it returned",
+      ms_between(t0, restarted), ms_between(restarted, promoted)));
+}

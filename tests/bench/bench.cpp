@@ -24,29 +24,20 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
-#include <sys/utsname.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <random>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -59,29 +50,22 @@
 
 #include <workerlock/workerlock.hpp>
 
+#include "bench_support.hpp"
+
 #ifndef F_OFD_SETLK
 #error "this benchmark needs Linux open file description locks (F_OFD_SETLK, Linux >= 3.15)"
 #endif
-
-extern char** environ;
 
 namespace {
 
 namespace fs = std::filesystem;
 using workerlock::Mechanism;
 
-[[noreturn]] void fail_errno(std::string_view what, int e = errno) {
-  throw std::system_error(e, std::system_category(), std::string(what));
-}
-
-[[noreturn]] void fail(const std::string& what) { throw std::runtime_error(what); }
-
-std::uint64_t read_clock(clockid_t clock) {
-  struct timespec ts {};
-  ::clock_gettime(clock, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
-         static_cast<std::uint64_t>(ts.tv_nsec);
-}
+using wlbench::fail;
+using wlbench::fail_errno;
+using wlbench::median;
+using wlbench::quantile;
+using wlbench::read_clock;
 
 //! Both clocks of one sample: wall (CLOCK_MONOTONIC) and this thread's CPU time, which leaves
 //! out the time other processes of a busy machine ran instead of us (but also any time spent
@@ -145,67 +129,43 @@ void usage(std::FILE* out) {
       out);
 }
 
-std::string shell_quote(std::string_view arg) {
-  const bool plain = !arg.empty() && std::all_of(arg.begin(), arg.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) != 0 ||
-           std::strchr("_./=:,+-@%", c) != nullptr;
-  });
-  if (plain) return std::string(arg);
-  std::string quoted = "'";
-  for (char c : arg) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return quoted + "'";
-}
-
 Config parse_args(int argc, char** argv) {
   Config cfg;
   bool rounds_given = false;
   bool sample_given = false;
-  for (int i = 0; i < argc; ++i) cfg.command += (i ? " " : "") + shell_quote(argv[i]);
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "workerlock_bench: %s needs a value\n", argv[i]);
-        usage(stderr);
+  cfg.command = wlbench::command_line(argc, argv);
+  // One argument; false for an unknown one.
+  const auto option = [&](std::string_view arg, auto& value) {
+    if (arg == "--rounds") {
+      cfg.rounds = std::stoi(value());
+      rounds_given = true;
+    } else if (arg == "--quick") {
+      cfg.quick = true;
+    } else if (arg == "--dir") {
+      cfg.dir = value();
+    } else if (arg == "--sample-ms") {
+      cfg.sample_ms = std::stod(value());
+      sample_given = true;
+    } else if (arg == "--clock") {
+      const auto clock = value();
+      if (clock != "cpu" && clock != "wall") {
+        std::fprintf(stderr, "workerlock_bench: --clock takes cpu or wall\n");
         std::exit(2);
       }
-      return argv[++i];
-    };
-    try {
-      if (arg == "--rounds") {
-        cfg.rounds = std::stoi(value());
-        rounds_given = true;
-      } else if (arg == "--quick") {
-        cfg.quick = true;
-      } else if (arg == "--dir") {
-        cfg.dir = value();
-      } else if (arg == "--sample-ms") {
-        cfg.sample_ms = std::stod(value());
-        sample_given = true;
-      } else if (arg == "--clock") {
-        const auto clock = value();
-        if (clock != "cpu" && clock != "wall") {
-          std::fprintf(stderr, "workerlock_bench: --clock takes cpu or wall\n");
-          std::exit(2);
-        }
-        cfg.cpu_clock = clock == "cpu";
-      } else if (arg == "--max-seconds") {
-        cfg.max_seconds = std::stod(value());
-      } else if (arg == "--python") {
-        cfg.python = value();
-      } else if (arg == "--help" || arg == "-h") {
-        usage(stdout);
-        std::exit(0);
-      } else {
-        std::fprintf(stderr, "workerlock_bench: unknown argument '%s'\n", argv[i]);
-        usage(stderr);
-        std::exit(2);
-      }
-    } catch (const std::logic_error&) {  // stoi/stod on garbage
-      std::fprintf(stderr, "workerlock_bench: bad value for %s\n", argv[i - 1]);
-      std::exit(2);
+      cfg.cpu_clock = clock == "cpu";
+    } else if (arg == "--max-seconds") {
+      cfg.max_seconds = std::stod(value());
+    } else if (arg == "--python") {
+      cfg.python = value();
+    } else if (arg == "--help" || arg == "-h") {
+      usage(stdout);
+      std::exit(0);
+    } else {
+      return false;
     }
-  }
+    return true;
+  };
+  wlbench::parse_options(argc, argv, "workerlock_bench", usage, option);
   if (cfg.quick) {
     if (!rounds_given) cfg.rounds = 3;
     if (!sample_given) cfg.sample_ms = 2.0;
@@ -269,57 +229,27 @@ std::string filesystem_name(const fs::path& dir) {
       break;
   }
   // Refine from mountinfo: the mount with this st_dev whose mount point is the longest
-  // prefix of the directory. Fields: id parent major:minor root mountpoint ... - type ...
+  // prefix of the directory.
   struct stat st {};
   std::error_code ec;
   const auto canonical = fs::canonical(dir, ec).native();
   if (::stat(dir.c_str(), &st) == 0 && !ec) {
     const auto dev = fmt::format("{}:{}", major(st.st_dev), minor(st.st_dev));
-    std::ifstream mountinfo("/proc/self/mountinfo");
-    std::string line;
     std::size_t best = 0;
-    while (std::getline(mountinfo, line)) {
-      std::vector<std::string> fields;
-      std::size_t pos = 0;
-      while (pos < line.size()) {
-        const auto end = std::min(line.find(' ', pos), line.size());
-        fields.emplace_back(line.substr(pos, end - pos));
-        pos = end + 1;
-      }
-      const auto dash = std::find(fields.begin(), fields.end(), "-");
-      if (fields.size() < 5 || dash == fields.end() || dash + 1 == fields.end()) continue;
-      const std::string& point = fields[4];
-      const bool prefix =
-          canonical.compare(0, point.size(), point) == 0 &&
-          (point == "/" || canonical.size() == point.size() || canonical[point.size()] == '/');
-      if (fields[2] == dev && prefix && point.size() + 1 > best) {
-        best = point.size() + 1;
-        name = *(dash + 1);
+    for (const auto& mount : wlbench::read_mountinfo()) {
+      if (mount.device == dev && wlbench::is_under(canonical, mount.point) &&
+          mount.point.size() + 1 > best) {
+        best = mount.point.size() + 1;
+        name = mount.type;
       }
     }
   }
   return fmt::format("{} (f_type 0x{:x})", name, magic);
 }
 
-//! A fresh directory (mkdtemp) removed, with its lock files, when this object goes away.
-class TempDir {
- public:
-  explicit TempDir(const fs::path& parent) {
-    std::string templ = (parent / "workerlock-bench.XXXXXX").native();
-    if (::mkdtemp(templ.data()) == nullptr) fail_errno("mkdtemp in " + parent.native());
-    path_ = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+//! Where the lock files live: a fresh directory, removed with them at exit.
+using wlbench::TempDir;
+constexpr const char* kTempPrefix = "workerlock-bench";
 
 void create_empty_file(const fs::path& path) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -355,96 +285,6 @@ for line in sys.stdin:
     c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
     print("%.3f %.3f" % ((w1 - w0) / n, (c1 - c0) / n), flush=True)
 )PY";
-
-class PythonFilelock {
- public:
-  //! Starts `interpreter`; returns nullptr with `why` set if it cannot import filelock.
-  static std::unique_ptr<PythonFilelock> start(const std::string& interpreter, std::string& why) {
-    int to_child[2];
-    int from_child[2];
-    if (::pipe2(to_child, O_CLOEXEC) != 0) fail_errno("pipe");
-    if (::pipe2(from_child, O_CLOEXEC) != 0) fail_errno("pipe");
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, to_child[0], STDIN_FILENO);
-    posix_spawn_file_actions_adddup2(&actions, from_child[1], STDOUT_FILENO);
-    std::string script = python_script;
-    std::string dash_c = "-c";
-    std::string arg0 = interpreter;
-    char* args[] = {arg0.data(), dash_c.data(), script.data(), nullptr};
-    pid_t pid = 0;
-    const int rc = ::posix_spawnp(&pid, interpreter.c_str(), &actions, nullptr, args, environ);
-    posix_spawn_file_actions_destroy(&actions);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    if (rc != 0) {
-      ::close(to_child[1]);
-      ::close(from_child[0]);
-      why = fmt::format("{}: cannot start ({})", interpreter, std::strerror(rc));
-      return nullptr;
-    }
-    std::unique_ptr<PythonFilelock> self(
-        new PythonFilelock(pid, to_child[1], ::fdopen(from_child[0], "r")));
-    const auto first = self->read_line();
-    if (!first || first->rfind("READY ", 0) != 0) {
-      why = fmt::format("{}: {}", interpreter, first ? *first : "exited without an answer");
-      return nullptr;
-    }
-    self->version_ = first->substr(6);
-    return self;
-  }
-
-  ~PythonFilelock() {
-    ::close(to_child_);
-    if (from_child_ != nullptr) std::fclose(from_child_);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-  }
-  PythonFilelock(const PythonFilelock&) = delete;
-  PythonFilelock& operator=(const PythonFilelock&) = delete;
-
-  const std::string& version() const { return version_; }
-
-  PerOp measure(std::uint64_t iterations, const fs::path& path) {
-    const auto request = fmt::format("{} {}\n", iterations, path.native());
-    std::size_t done = 0;
-    while (done < request.size()) {
-      const auto n = ::write(to_child_, request.data() + done, request.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) fail_errno("write to the Python coprocess");
-      done += static_cast<std::size_t>(n);
-    }
-    const auto answer = read_line();
-    if (!answer) fail("the Python filelock coprocess died (see its traceback above)");
-    PerOp result;
-    if (std::sscanf(answer->c_str(), "%lf %lf", &result.wall, &result.cpu) != 2)
-      fail("unexpected answer from the Python coprocess: " + *answer);
-    return result;
-  }
-
- private:
-  PythonFilelock(pid_t pid, int to_child, std::FILE* from_child)
-      : pid_(pid), to_child_(to_child), from_child_(from_child) {}
-
-  std::optional<std::string> read_line() {
-    std::string line;
-    char buffer[256];
-    while (std::fgets(buffer, sizeof buffer, from_child_) != nullptr) {
-      line += buffer;
-      if (!line.empty() && line.back() == '\n') {
-        line.pop_back();
-        return line;
-      }
-    }
-    if (line.empty()) return std::nullopt;
-    return line;
-  }
-
-  pid_t pid_;
-  int to_child_;
-  std::FILE* from_child_;
-  std::string version_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Cases, groups, the harness
@@ -493,21 +333,8 @@ void calibrate(Case& c, double sample_ns) {
   c.iterations = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(sample_ns / best));
 }
 
-double quantile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const double pos = q * static_cast<double>(v.size() - 1);
-  const auto lo = static_cast<std::size_t>(pos);
-  const auto hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
-}
-double median(const std::vector<double>& v) { return quantile(v, 0.5); }
-
 std::vector<double> ratios(const Case& a, const Case& b) {
-  std::vector<double> r;
-  for (std::size_t i = 0; i < std::min(a.samples.size(), b.samples.size()); ++i)
-    r.push_back(a.samples[i] / b.samples[i]);
-  return r;
+  return wlbench::ratios(a.samples, b.samples);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,7 +422,8 @@ Group try_lock_group(const Primitive& p, const fs::path& dir, const std::string&
 // B. is_primary_worker() end to end
 // ---------------------------------------------------------------------------------------------
 
-Group election_group(const fs::path& dir, const std::string& fs_label, PythonFilelock* python) {
+Group election_group(const fs::path& dir, const std::string& fs_label,
+                     wlbench::PythonCoprocess* python) {
   Group g;
   g.title = fmt::format("B {}", fs_label);
   const std::string pid_text = fmt::format("{}\n", ::getpid());
@@ -668,7 +496,11 @@ Group election_group(const fs::path& dir, const std::string& fs_label, PythonFil
     Case py;
     py.name =
         "Python filelock.FileLock acquire()+release() in one python3 (open+flock+unlock+close)";
-    py.measure = [python, py_path](std::uint64_t n) { return python->measure(n, py_path); };
+    py.measure = [python, py_path](std::uint64_t n) {
+      const auto [wall, cpu] =
+          python->ask(fmt::format("{} {}\n", n, py_path.native()), "the Python filelock coprocess");
+      return PerOp{wall, cpu};
+    };
     g.cases.push_back(std::move(py));
     g.cases[1].faster_than = static_cast<int>(g.cases.size() - 1);
   }
@@ -680,34 +512,7 @@ Group election_group(const fs::path& dir, const std::string& fs_label, PythonFil
 // ---------------------------------------------------------------------------------------------
 
 std::string header_line(const Config& cfg) {
-  char date[64];
-  const std::time_t t = std::time(nullptr);
-  std::tm utc{};
-  ::gmtime_r(&t, &utc);
-  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &utc);
-  struct utsname names {};
-  ::uname(&names);
-#if defined(__clang__)
-  const std::string compiler = fmt::format("clang++ {}", __clang_version__);
-#elif defined(__GNUC__)
-  const std::string compiler = fmt::format("g++ {}", __VERSION__);
-#else
-  const std::string compiler = "unknown compiler";
-#endif
-#ifdef __OPTIMIZE__
-  const char* optimized = "optimized";
-#else
-  const char* optimized = "NOT optimized";
-#endif
-#ifdef NDEBUG
-  const char* ndebug = "NDEBUG";
-#else
-  const char* ndebug = "assertions on";
-#endif
-  return fmt::format(
-      "date: {} | kernel: {} {} | compiler: {} (C++ {}L, {}, {}) | cpus: {} | command: `{}`", date,
-      names.sysname, names.release, compiler, __cplusplus, optimized, ndebug,
-      ::sysconf(_SC_NPROCESSORS_ONLN), cfg.command);
+  return fmt::format("{} | command: `{}`", wlbench::machine_fields(), cfg.command);
 }
 
 //! Markdown table cells cannot hold a bare '|'.
@@ -727,10 +532,7 @@ std::string format_ns(double ns) {
 }
 
 std::vector<double> other_ratios(const Case& a, const Case& b) {
-  std::vector<double> r;
-  for (std::size_t i = 0; i < std::min(a.other.size(), b.other.size()); ++i)
-    r.push_back(a.other[i] / b.other[i]);
-  return r;
+  return wlbench::ratios(a.other, b.other);
 }
 
 void print_report(const std::vector<Group>& groups, const Config& cfg, int rounds) {
@@ -790,36 +592,18 @@ int run(const Config& cfg) {
   ::unsetenv("WORKERLOCK_ROLE");  // the operator override would turn every election secondary
 
   // The Python coprocess first, before any lock file is open.
-  std::unique_ptr<PythonFilelock> python;
   std::vector<std::string> notes;
-  {
-    std::vector<std::string> candidates;
-    if (!cfg.python.empty()) {
-      candidates.push_back(cfg.python);
-    } else {
-      candidates = {"python3", "/usr/bin/python3"};
-    }
-    std::vector<std::string> reasons;
-    for (const auto& interpreter : candidates) {
-      std::string why;
-      python = PythonFilelock::start(interpreter, why);
-      if (python) {
-        notes.push_back(fmt::format("Python row: {} ({})", interpreter, python->version()));
-        break;
-      }
-      reasons.push_back(why);
-    }
-    if (!python) {
-      std::string joined;
-      for (const auto& r : reasons) joined += (joined.empty() ? "" : "; ") + r;
-      notes.push_back(fmt::format(
-          "NOTE: Python filelock row SKIPPED: no interpreter could import filelock ({}). "
-          "Install Debian's python3-filelock (tests/bench/run-bench.sh does) or pass --python.",
-          joined));
-    }
+  std::string why;
+  const std::unique_ptr<wlbench::PythonCoprocess> python =
+      wlbench::start_python(cfg.python, python_script, {}, notes, why);
+  if (!python) {
+    notes.push_back(fmt::format(
+        "NOTE: Python filelock row SKIPPED: no interpreter could import filelock ({}). "
+        "Install Debian's python3-filelock (tests/bench/run-bench.sh does) or pass --python.",
+        why));
   }
 
-  const TempDir main_dir(cfg.dir.empty() ? fs::path("/tmp") : fs::path(cfg.dir));
+  const TempDir main_dir(cfg.dir.empty() ? fs::path("/tmp") : fs::path(cfg.dir), kTempPrefix);
   std::vector<std::pair<fs::path, std::string>> dirs;
   dirs.emplace_back(main_dir.path(), filesystem_name(main_dir.path()));
   std::unique_ptr<TempDir> shm_dir;
@@ -828,7 +612,7 @@ int run(const Config& cfg) {
     struct stat b {};
     if (::stat("/dev/shm", &b) == 0 && S_ISDIR(b.st_mode) && ::access("/dev/shm", W_OK) == 0 &&
         ::stat(main_dir.path().c_str(), &a) == 0 && a.st_dev != b.st_dev) {
-      shm_dir = std::make_unique<TempDir>("/dev/shm");
+      shm_dir = std::make_unique<TempDir>("/dev/shm", kTempPrefix);
       dirs.emplace_back(shm_dir->path(), filesystem_name(shm_dir->path()));
     } else {
       notes.push_back(
@@ -878,10 +662,7 @@ int run(const Config& cfg) {
       group_order[i] = (i + static_cast<std::size_t>(round)) % groups.size();
     for (const auto gi : group_order) {
       auto& g = groups[gi];
-      std::vector<std::size_t> order(g.cases.size());
-      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::shuffle(order.begin(), order.end(), shuffle);
-      for (const auto ci : order) {
+      for (const auto ci : wlbench::shuffled_indices(g.cases.size(), shuffle)) {
         auto& c = g.cases[ci];
         const auto sample = c.measure(c.iterations);
         c.samples.push_back(cfg.cpu_clock ? sample.cpu : sample.wall);
@@ -911,11 +692,5 @@ int run(const Config& cfg) {
 
 int main(int argc, char** argv) {
   const Config cfg = parse_args(argc, argv);
-  try {
-    return run(cfg);
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "\nworkerlock_bench: error: %s\n", e.what());
-    return 1;
-  }
+  return wlbench::report_errors("workerlock_bench", [&] { return run(cfg); });
 }

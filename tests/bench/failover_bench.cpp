@@ -49,26 +49,21 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
-#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -80,6 +75,7 @@
 #include <workerlock/workerlock.hpp>
 
 #include "../support.hpp"
+#include "bench_support.hpp"
 
 #ifndef F_OFD_SETLKW
 #error "this benchmark needs Linux open file description locks (F_OFD_SETLKW, Linux >= 3.15)"
@@ -98,10 +94,7 @@ extern "C" int fcntl(int fd, int cmd, ...) {
   const long rc = ::syscall(SYS_fcntl, fd, cmd, arg);
   if (rc == 0 && (cmd == F_OFD_SETLKW || cmd == F_OFD_SETLK) &&
       static_cast<const struct flock*>(arg)->l_type == F_WRLCK) {
-    struct timespec ts {};
-    ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    lock_granted_ns.store(static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
-                          static_cast<std::uint64_t>(ts.tv_nsec));
+    lock_granted_ns.store(wlbench::mono_ns());
   }
   return static_cast<int>(rc);
 }
@@ -110,18 +103,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-[[noreturn]] void fail_errno(std::string_view what, int e = errno) {
-  throw std::system_error(e, std::system_category(), std::string(what));
-}
-
-[[noreturn]] void fail(const std::string& what) { throw std::runtime_error(what); }
-
-std::uint64_t mono_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ULL +
-         static_cast<std::uint64_t>(ts.tv_nsec);
-}
+using wlbench::fail;
+using wlbench::fail_errno;
+using wlbench::mono_ns;
 
 void sleep_ns(std::uint64_t ns) {
   struct timespec ts {};
@@ -160,54 +144,30 @@ void usage(std::FILE* out) {
       out);
 }
 
-std::string shell_quote(std::string_view arg) {
-  const bool plain = !arg.empty() && std::all_of(arg.begin(), arg.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) != 0 ||
-           std::strchr("_./=:,+-@%", c) != nullptr;
-  });
-  if (plain) return std::string(arg);
-  std::string quoted = "'";
-  for (char c : arg) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return quoted + "'";
-}
-
 Config parse_args(int argc, char** argv) {
   Config cfg;
   bool kills_given = false;
-  for (int i = 0; i < argc; ++i) cfg.command += (i ? " " : "") + shell_quote(argv[i]);
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "failover_bench: %s needs a value\n", argv[i]);
-        usage(stderr);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (arg == "--kills") {
-        cfg.kills = std::stoi(value());
-        kills_given = true;
-      } else if (arg == "--quick") {
-        cfg.quick = true;
-      } else if (arg == "--dir") {
-        cfg.dir = value();
-      } else if (arg == "--pool") {
-        cfg.pool = std::stoi(value());
-      } else if (arg == "--help" || arg == "-h") {
-        usage(stdout);
-        std::exit(0);
-      } else {
-        std::fprintf(stderr, "failover_bench: unknown argument '%s'\n", argv[i]);
-        usage(stderr);
-        std::exit(2);
-      }
-    } catch (const std::logic_error&) {  // stoi on garbage
-      std::fprintf(stderr, "failover_bench: bad value for %s\n", argv[i - 1]);
-      std::exit(2);
+  cfg.command = wlbench::command_line(argc, argv);
+  // One argument; false for an unknown one.
+  const auto option = [&](std::string_view arg, auto& value) {
+    if (arg == "--kills") {
+      cfg.kills = std::stoi(value());
+      kills_given = true;
+    } else if (arg == "--quick") {
+      cfg.quick = true;
+    } else if (arg == "--dir") {
+      cfg.dir = value();
+    } else if (arg == "--pool") {
+      cfg.pool = std::stoi(value());
+    } else if (arg == "--help" || arg == "-h") {
+      usage(stdout);
+      std::exit(0);
+    } else {
+      return false;
     }
-  }
+    return true;
+  };
+  wlbench::parse_options(argc, argv, "failover_bench", usage, option);
   if (cfg.quick && !kills_given) cfg.kills = 30;
   if (cfg.kills < 1 || cfg.pool < 2 || cfg.pool > kMaxPool) {
     std::fprintf(stderr, "failover_bench: --kills must be positive, --pool in 2..%d\n", kMaxPool);
@@ -225,27 +185,15 @@ Config parse_args(int argc, char** argv) {
 std::string filesystem_name(const fs::path& dir) {
   std::error_code ec;
   const auto canonical = fs::canonical(dir, ec).native();
-  std::ifstream mountinfo("/proc/self/mountinfo");
-  std::string line;
   std::string best_type;
   std::string best_point;
-  while (!ec && std::getline(mountinfo, line)) {
-    std::vector<std::string> fields;
-    std::size_t pos = 0;
-    while (pos < line.size()) {
-      const auto end = std::min(line.find(' ', pos), line.size());
-      fields.emplace_back(line.substr(pos, end - pos));
-      pos = end + 1;
-    }
-    const auto dash = std::find(fields.begin(), fields.end(), "-");
-    if (fields.size() < 5 || dash == fields.end() || dash + 1 == fields.end()) continue;
-    const std::string& point = fields[4];
-    const bool prefix =
-        canonical.compare(0, point.size(), point) == 0 &&
-        (point == "/" || canonical.size() == point.size() || canonical[point.size()] == '/');
-    if (prefix && point.size() >= best_point.size()) {  // later mounts shadow earlier ones
-      best_point = point;
-      best_type = *(dash + 1);
+  if (!ec) {
+    for (const auto& mount : wlbench::read_mountinfo()) {
+      // >=: later mounts shadow earlier ones
+      if (wlbench::is_under(canonical, mount.point) && mount.point.size() >= best_point.size()) {
+        best_point = mount.point;
+        best_type = mount.type;
+      }
     }
   }
   if (!best_type.empty()) return fmt::format("{} (mount {})", best_type, best_point);
@@ -269,55 +217,9 @@ double load_1min() {
 }
 
 std::string header_line(const Config& cfg, const std::string& load_at_start) {
-  char date[64];
-  const std::time_t t = std::time(nullptr);
-  std::tm utc{};
-  ::gmtime_r(&t, &utc);
-  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &utc);
-  struct utsname names {};
-  ::uname(&names);
-#if defined(__clang__)
-  const std::string compiler = fmt::format("clang++ {}", __clang_version__);
-#elif defined(__GNUC__)
-  const std::string compiler = fmt::format("g++ {}", __VERSION__);
-#else
-  const std::string compiler = "unknown compiler";
-#endif
-#ifdef __OPTIMIZE__
-  const char* optimized = "optimized";
-#else
-  const char* optimized = "NOT optimized";
-#endif
-#ifdef NDEBUG
-  const char* ndebug = "NDEBUG";
-#else
-  const char* ndebug = "assertions on";
-#endif
-  return fmt::format(
-      "date: {} | kernel: {} {} | compiler: {} (C++ {}L, {}, {}) | cpus: {} | load average at "
-      "start: {} | command: `{}`",
-      date, names.sysname, names.release, compiler, __cplusplus, optimized, ndebug,
-      ::sysconf(_SC_NPROCESSORS_ONLN), load_at_start, cfg.command);
+  return fmt::format("{} | load average at start: {} | command: `{}`", wlbench::machine_fields(),
+                     load_at_start, cfg.command);
 }
-
-class TempDir {
- public:
-  explicit TempDir(const fs::path& parent) {
-    std::string templ = (parent / "workerlock-failover.XXXXXX").native();
-    if (::mkdtemp(templ.data()) == nullptr) fail_errno("mkdtemp in " + parent.native());
-    path_ = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Shared bookkeeping and the children
@@ -814,7 +716,7 @@ int run(const Config& cfg) {
                  ? fs::path("/dev/shm")
                  : fs::path("/tmp");
   }
-  const TempDir dir(parent);
+  const wlbench::TempDir dir(parent, "workerlock-failover");
   const std::string fs_name = filesystem_name(dir.path());
 
   wltest::Shared<Board> board;
@@ -986,11 +888,5 @@ int run(const Config& cfg) {
 
 int main(int argc, char** argv) {
   const Config cfg = parse_args(argc, argv);
-  try {
-    return run(cfg);
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "\nfailover_bench: error: %s\n", e.what());
-    return 1;
-  }
+  return wlbench::report_errors("failover_bench", [&] { return run(cfg); });
 }

@@ -15,9 +15,7 @@
 // Exit status: 0, 1 when something fails, 2 for bad arguments.
 
 #include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/mman.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -29,12 +27,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <random>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -47,35 +42,20 @@
 #include <workerlock/redis.hpp>
 
 #include "../redis_server.hpp"
-
-extern char** environ;
+#include "bench_support.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
 
-[[noreturn]] void fail(const std::string& what) { throw std::runtime_error(what); }
+using wlbench::fail;
+using wlbench::median;
+using wlbench::quantile;
 
 std::int64_t mono_ns() {
   struct timespec ts {};
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const auto n = v.size();
-  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-double quantile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const double pos = q * static_cast<double>(v.size() - 1);
-  const auto lo = static_cast<std::size_t>(pos);
-  const auto hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
 }
 
 //! ns per acquire+release cycle, and ns of the acquire part alone (0 when not measured).
@@ -93,42 +73,31 @@ struct Config {
 
 Config parse_args(int argc, char** argv) {
   Config cfg;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "redis_bench: %s needs a value\n", argv[i]);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (arg == "--rounds") {
-        cfg.rounds = std::stoi(value());
-      } else if (arg == "--iterations") {
-        cfg.iterations = std::stoi(value());
-      } else if (arg == "--failover-runs") {
-        cfg.failover_runs = std::stoi(value());
-      } else if (arg == "--python") {
-        cfg.python = value();
-      } else if (arg == "--quick") {
-        cfg.rounds = 3;
-        cfg.iterations = 100;
-        cfg.failover_runs = 1;
-      } else if (arg == "--help" || arg == "-h") {
-        std::puts(
-            "usage: redis_bench [--rounds R] [--iterations N] [--failover-runs K] "
-            "[--python PATH] [--quick]");
-        std::exit(0);
-      } else {
-        std::fprintf(stderr, "redis_bench: unknown argument '%s'\n", argv[i]);
-        std::exit(2);
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "redis_bench: bad value for %s\n", argv[i - 1]);
-      std::exit(2);
+  // One argument; false for an unknown one.
+  const auto option = [&](std::string_view arg, auto& value) {
+    if (arg == "--rounds") {
+      cfg.rounds = std::stoi(value());
+    } else if (arg == "--iterations") {
+      cfg.iterations = std::stoi(value());
+    } else if (arg == "--failover-runs") {
+      cfg.failover_runs = std::stoi(value());
+    } else if (arg == "--python") {
+      cfg.python = value();
+    } else if (arg == "--quick") {
+      cfg.rounds = 3;
+      cfg.iterations = 100;
+      cfg.failover_runs = 1;
+    } else if (arg == "--help" || arg == "-h") {
+      std::puts(
+          "usage: redis_bench [--rounds R] [--iterations N] [--failover-runs K] "
+          "[--python PATH] [--quick]");
+      std::exit(0);
+    } else {
+      return false;
     }
-  }
+    return true;
+  };
+  wlbench::parse_options(argc, argv, "redis_bench", nullptr, option);
   if (cfg.rounds < 1 || cfg.iterations < 1 || cfg.failover_runs < 0) {
     std::fprintf(stderr, "redis_bench: values must be positive\n");
     std::exit(2);
@@ -226,90 +195,6 @@ for line in sys.stdin:
     w1 = clock()
     print("%.3f %.3f" % ((w1 - w0) / n, in_acquire / n), flush=True)
 )PY";
-
-class PythonLock {
- public:
-  static std::unique_ptr<PythonLock> start(const std::string& interpreter, int port,
-                                           std::string& why) {
-    int to_child[2];
-    int from_child[2];
-    if (::pipe2(to_child, O_CLOEXEC) != 0 || ::pipe2(from_child, O_CLOEXEC) != 0) fail("pipe");
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, to_child[0], STDIN_FILENO);
-    posix_spawn_file_actions_adddup2(&actions, from_child[1], STDOUT_FILENO);
-    std::string script = python_script;
-    std::string dash_c = "-c";
-    std::string arg0 = interpreter;
-    std::string port_text = std::to_string(port);
-    char* args[] = {arg0.data(), dash_c.data(), script.data(), port_text.data(), nullptr};
-    pid_t pid = 0;
-    const int rc = ::posix_spawnp(&pid, interpreter.c_str(), &actions, nullptr, args, environ);
-    posix_spawn_file_actions_destroy(&actions);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    if (rc != 0) {
-      ::close(to_child[1]);
-      ::close(from_child[0]);
-      why = fmt::format("{}: cannot start ({})", interpreter, std::strerror(rc));
-      return nullptr;
-    }
-    std::unique_ptr<PythonLock> self(
-        new PythonLock(pid, to_child[1], ::fdopen(from_child[0], "r")));
-    const auto first = self->read_line();
-    if (!first || first->rfind("READY ", 0) != 0) {
-      why = fmt::format("{}: {}", interpreter, first ? *first : "exited without an answer");
-      return nullptr;
-    }
-    self->version_ = first->substr(6);
-    return self;
-  }
-
-  ~PythonLock() {
-    ::close(to_child_);
-    if (from_child_ != nullptr) std::fclose(from_child_);
-    ::waitpid(pid_, nullptr, 0);
-  }
-  PythonLock(const PythonLock&) = delete;
-  PythonLock& operator=(const PythonLock&) = delete;
-
-  const std::string& version() const { return version_; }
-
-  Sample measure(int iterations) {
-    const auto request = fmt::format("{}\n", iterations);
-    if (::write(to_child_, request.data(), request.size()) != static_cast<ssize_t>(request.size()))
-      fail("write to the Python coprocess");
-    const auto answer = read_line();
-    if (!answer) fail("the Python coprocess died (see its traceback above)");
-    Sample sample;
-    if (std::sscanf(answer->c_str(), "%lf %lf", &sample.cycle, &sample.acquire) != 2)
-      fail("unexpected answer from the Python coprocess: " + *answer);
-    return sample;
-  }
-
- private:
-  PythonLock(pid_t pid, int to_child, std::FILE* from_child)
-      : pid_(pid), to_child_(to_child), from_child_(from_child) {}
-
-  std::optional<std::string> read_line() {
-    std::string line;
-    char buffer[256];
-    while (std::fgets(buffer, sizeof buffer, from_child_) != nullptr) {
-      line += buffer;
-      if (!line.empty() && line.back() == '\n') {
-        line.pop_back();
-        return line;
-      }
-    }
-    if (line.empty()) return std::nullopt;
-    return line;
-  }
-
-  pid_t pid_;
-  int to_child_;
-  std::FILE* from_child_;
-  std::string version_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Cases
@@ -453,28 +338,12 @@ int run(const Config& cfg) {
     version = redis_version.substr(p + 14, redis_version.find('\r', p) - p - 14);
 
   std::vector<std::string> notes;
-  std::unique_ptr<PythonLock> python;
-  {
-    std::vector<std::string> candidates;
-    if (!cfg.python.empty()) {
-      candidates.push_back(cfg.python);
-    } else {
-      candidates = {"python3", "/usr/bin/python3"};
-    }
-    std::string reasons;
-    for (const auto& interpreter : candidates) {
-      std::string why;
-      python = PythonLock::start(interpreter, server.port(), why);
-      if (python) {
-        notes.push_back(fmt::format("Python row: {} ({})", interpreter, python->version()));
-        break;
-      }
-      reasons += (reasons.empty() ? "" : "; ") + why;
-    }
-    if (!python)
-      notes.push_back("NOTE: redis-py row SKIPPED (" + reasons +
-                      "); apt-get install python3-redis or pass --python");
-  }
+  std::string reasons;
+  const std::unique_ptr<wlbench::PythonCoprocess> python = wlbench::start_python(
+      cfg.python, python_script, {std::to_string(server.port())}, notes, reasons);
+  if (!python)
+    notes.push_back("NOTE: redis-py row SKIPPED (" + reasons +
+                    "); apt-get install python3-redis or pass --python");
 
   std::vector<Case> cases;
   // Floor: the bare lock, no token check on release, no fencing.
@@ -563,10 +432,13 @@ int run(const Config& cfg) {
            })});
 
   if (python) {
-    PythonLock* p = python.get();
-    cases.push_back({"redis-py redis.lock.Lock acquire(blocking=False) + release()",
-                     "2 round trips: SET NX PX, EVALSHA compare-DEL; timed inside Python",
-                     [p](int n) { return p->measure(n); }});
+    wlbench::PythonCoprocess* p = python.get();
+    cases.push_back(
+        {"redis-py redis.lock.Lock acquire(blocking=False) + release()",
+         "2 round trips: SET NX PX, EVALSHA compare-DEL; timed inside Python", [p](int n) {
+           const auto [cycle, acquire] = p->ask(fmt::format("{}\n", n), "the Python coprocess");
+           return Sample{cycle, acquire};
+         }});
   }
 
   std::fprintf(stderr, "redis_bench: warming up...\n");
@@ -575,10 +447,7 @@ int run(const Config& cfg) {
   std::mt19937 shuffle(12345);
   for (int round = 0; round < cfg.rounds; ++round) {
     std::fprintf(stderr, "\rredis_bench: round %d/%d", round + 1, cfg.rounds);
-    std::vector<std::size_t> order(cases.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), shuffle);
-    for (const auto i : order) {
+    for (const auto i : wlbench::shuffled_indices(cases.size(), shuffle)) {
       const auto sample = cases[i].measure(cfg.iterations);
       cases[i].samples.push_back(sample.cycle);
       cases[i].acquire.push_back(sample.acquire);
@@ -605,8 +474,7 @@ int run(const Config& cfg) {
   fmt::print("| case | what it sends | acquire+release µs | ratio | acquire alone µs | ratio |\n");
   fmt::print("|---|---|---:|---:|---:|---:|\n");
   const auto ratio_text = [](const std::vector<double>& a, const std::vector<double>& floor) {
-    std::vector<double> r;
-    for (std::size_t i = 0; i < a.size(); ++i) r.push_back(a[i] / floor[i]);
+    const auto r = wlbench::ratios(a, floor);
     return fmt::format("{:.2f} ({:.2f}..{:.2f})", median(r), quantile(r, 0.25), quantile(r, 0.75));
   };
   for (const auto& c : cases) {
@@ -635,11 +503,5 @@ int run(const Config& cfg) {
 
 int main(int argc, char** argv) {
   const Config cfg = parse_args(argc, argv);
-  try {
-    return run(cfg);
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "\nredis_bench: error: %s\n", e.what());
-    return 1;
-  }
+  return wlbench::report_errors("redis_bench", [&] { return run(cfg); });
 }

@@ -924,6 +924,7 @@ TEST_CASE("postgres: a server restart demotes the holder, then exactly one prima
   CHECK(wltest::eventually(
       [&] { return checker->promotions.load() == 2 && checker->holder.load() != 0; }, 30s));
   const auto promoted = checker->last_promoted_ns.load();
+  CHECK(checker->last_demoted_ns.load() <= promoted);  // the old holder stepped down first
   std::this_thread::sleep_for(1500ms);
   INFO(checker->summary());
   CHECK(checker->promotions.load() == 2);

@@ -237,7 +237,6 @@ class Coordinator {
 
   void begin(detail::failure& f) {
     std::lock_guard<std::mutex> control(control_mutex_);
-    description_ = backend_->describe();  // formatted once: log lines need no allocation
     if (running_) {
       if (!stop_requested_.load() || on_coordinator_thread()) return;
       // A callback asked to stop: that thread is ending (it runs on_demoted first); wait
@@ -246,6 +245,8 @@ class Coordinator {
       running_ = false;
     }
     if (thread_.joinable()) thread_.join();
+    // Formatted once, while no thread runs, so that log lines need no allocation.
+    description_ = backend_->describe();
     stop_requested_.store(false);
     thread_done_.store(false);
     role_.store(Role::secondary);

@@ -26,7 +26,8 @@ namespace wltest {
 class TempDir {
  public:
   TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "workerlock-test-XXXXXX").string();
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "workerlock-test-XXXXXX").string();
     if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
     path_ = pattern;
   }
@@ -128,4 +129,23 @@ struct StartLine {
   }
 };
 
+//! Whether a test that needs a server may skip when the server's package is missing: not
+//! in CI. $<require_variable>=1 (tests/run-suite.sh sets it) or $CI makes it a failure.
+inline bool server_required(const char* require_variable) {
+  const char* require = std::getenv(require_variable);
+  const char* ci = std::getenv("CI");
+  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
+}
+
 }  // namespace wltest
+
+//! First statement of a test that needs `Server` (wltest::RedisServer, PostgresServer):
+//! skips with a warning, or fails where the server is required (see server_required).
+#define WLTEST_REQUIRE_SERVER(Server, require_variable)                              \
+  do {                                                                               \
+    if (!Server::available()) {                                                      \
+      if (wltest::server_required(require_variable)) FAIL(Server::missing_reason()); \
+      WARN(Server::missing_reason());                                                \
+      return;                                                                        \
+    }                                                                                \
+  } while (false)

@@ -47,20 +47,8 @@ using workerlock::PostgresBackend;
 using workerlock::PostgresOptions;
 using workerlock::Role;
 
-bool postgres_required() {
-  const char* require = std::getenv("WORKERLOCK_REQUIRE_POSTGRES");
-  const char* ci = std::getenv("CI");
-  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
-}
-
-#define WL_REQUIRE_POSTGRES_SERVER()                                           \
-  do {                                                                         \
-    if (!wltest::PostgresServer::available()) {                                \
-      if (postgres_required()) FAIL(wltest::PostgresServer::missing_reason()); \
-      WARN(wltest::PostgresServer::missing_reason());                          \
-      return;                                                                  \
-    }                                                                          \
-  } while (false)
+#define WL_REQUIRE_POSTGRES_SERVER() \
+  WLTEST_REQUIRE_SERVER(wltest::PostgresServer, "WORKERLOCK_REQUIRE_POSTGRES")
 
 //! One cluster for the whole run (initdb costs seconds); stopped at exit.
 wltest::PostgresServer& server() {

@@ -41,22 +41,8 @@ using workerlock::RedisBackend;
 using workerlock::RedisOptions;
 using workerlock::Role;
 
-//! Skipping is allowed only outside CI: $WORKERLOCK_REQUIRE_REDIS=1 (set by
-//! tests/run-suite.sh) or $CI makes a missing redis-server a failure.
-bool redis_required() {
-  const char* require = std::getenv("WORKERLOCK_REQUIRE_REDIS");
-  const char* ci = std::getenv("CI");
-  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
-}
-
-#define WL_REQUIRE_REDIS_SERVER()                                        \
-  do {                                                                   \
-    if (!wltest::RedisServer::available()) {                             \
-      if (redis_required()) FAIL(wltest::RedisServer::missing_reason()); \
-      WARN(wltest::RedisServer::missing_reason());                       \
-      return;                                                            \
-    }                                                                    \
-  } while (false)
+#define WL_REQUIRE_REDIS_SERVER() \
+  WLTEST_REQUIRE_SERVER(wltest::RedisServer, "WORKERLOCK_REQUIRE_REDIS")
 
 std::int64_t mono_ns() {
   struct timespec ts {};

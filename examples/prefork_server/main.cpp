@@ -51,6 +51,8 @@ using prefork::Mode;
 //! How long a worker may take to finish its requests after SIGTERM before it gets SIGKILL.
 constexpr auto graceful_timeout = std::chrono::seconds(30);
 constexpr int max_workers = 128;
+//! How long the master waits before it replaces a worker that died.
+constexpr auto respawn_delay = std::chrono::milliseconds(100);
 
 void print_usage(std::FILE* out, const char* program) {
   fmt::print(out,
@@ -89,8 +91,9 @@ void print_usage(std::FILE* out, const char* program) {
              "                   (a second one kills the workers at once)\n"
              "  SIGHUP           replace the workers one at a time: start a new one, then\n"
              "                   stop an old one gracefully\n"
-             "A worker that dies is respawned. Exit status: 0 after a shutdown, 2 for bad\n"
-             "options, 1 when the lock file, the report file or the socket cannot be used.\n",
+             "A worker that dies is respawned after 100 ms. Exit status: 0 after a shutdown,\n"
+             "2 for bad options, 1 when the lock file, the report file or the socket cannot\n"
+             "be used.\n",
              program, "", std::strlen(program), max_workers,
              workerlock::default_lock_path().native());
 }
@@ -419,7 +422,13 @@ class Master {
     } else if (child.stopping) {
       log(fmt::format("worker pid={} {}", pid, how));
     } else {
-      log(fmt::format("worker pid={} {}{}", pid, how, shutting_down_ ? "" : "; respawning"));
+      log(fmt::format(
+          "worker pid={} {}{}", pid, how,
+          shutting_down_ ? "" : fmt::format("; respawning in {} ms", respawn_delay.count())));
+      // Kernel locks are not fair: a worker forked the moment the primary died could take
+      // the free lock before a standby thread is even scheduled. The standbys take over
+      // within a millisecond; the replacement then joins as a secondary.
+      next_spawn_ = std::max(next_spawn_, Clock::now() + respawn_delay);
     }
     if (!child.ready && !shutting_down_) {
       // It died before it came up: a crash loop must not become a fork loop.

@@ -45,7 +45,8 @@ inline std::filesystem::path default_lock_path() {
     const char* value = std::getenv(name);
     return value != nullptr ? std::string(value) : std::string();
   };
-  if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty()) return explicit_path;
+  if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty())
+    return explicit_path;
 
   std::string program = program_invocation_short_name;
   if (program.empty()) program = "workerlock";
@@ -53,10 +54,12 @@ inline std::filesystem::path default_lock_path() {
     runtime = runtime.substr(0, runtime.find(':'));  // systemd lists several dirs with ':'
     return std::filesystem::path(runtime) / (program + ".lock");
   }
-  if (auto xdg = from_env("XDG_RUNTIME_DIR"); !xdg.empty()) return std::filesystem::path(xdg) / (program + ".lock");
+  if (auto xdg = from_env("XDG_RUNTIME_DIR"); !xdg.empty())
+    return std::filesystem::path(xdg) / (program + ".lock");
   const auto name = fmt::format("{}-{}.lock", program, ::geteuid());
   std::error_code ec;
-  if (std::filesystem::is_directory("/run/lock", ec)) return std::filesystem::path("/run/lock") / name;
+  if (std::filesystem::is_directory("/run/lock", ec))
+    return std::filesystem::path("/run/lock") / name;
   return std::filesystem::path("/tmp") / name;
 }
 
@@ -72,16 +75,18 @@ inline void warn_if_elected_before_fork(const std::filesystem::path& path, const
   pid_t parent = 0;
   {
     registry_guard reg;
-    const auto* inherited =
-        reg->find_if([&](const lock_state& s) { return s.inherited && s.held_when_forked && s.path == path; });
+    const auto* inherited = reg->find_if(
+        [&](const lock_state& s) { return s.inherited && s.held_when_forked && s.path == path; });
     if (inherited != nullptr) parent = inherited->forked_from;
   }
   if (parent == 0) return;
-  log_line(options, LogLevel::warning,
-           fmt::format("workerlock: pid={} warning: its parent pid={} won the election on {} before fork(); a "
-                       "forked child is never primary, and while the parent holds the lock no worker can be. "
-                       "Call is_primary_worker() in each worker after fork(), not in the master",
-                       current_pid(), parent, path.native()));
+  log_line(
+      options, LogLevel::warning,
+      fmt::format(
+          "workerlock: pid={} warning: its parent pid={} won the election on {} before fork(); a "
+          "forked child is never primary, and while the parent holds the lock no worker can be. "
+          "Call is_primary_worker() in each worker after fork(), not in the master",
+          current_pid(), parent, path.native()));
 }
 
 //! The operator override: WORKERLOCK_ROLE=secondary keeps this worker out of the election.
@@ -92,7 +97,8 @@ inline bool kept_out_by_operator(const Options& options, failure& f) noexcept {
   if (value == "secondary") return true;
   if (value == "primary") {
     f.set(EPERM, "elect a primary on",
-          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run twice; "
+          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run "
+          "twice; "
           "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
   } else if (!value.empty() && value != "auto") {
     f.set(EINVAL, "elect a primary on", "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
@@ -118,31 +124,37 @@ inline Election elect(const std::filesystem::path& path, const Options& options,
   if (kept_out_by_operator(options, f)) {
     worker_lock_access::state(result.lock)->kept_out_by_operator = true;
     log_line(options, LogLevel::info,
-             fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary)", me, path.native()));
+             fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary)",
+                         me, path.native()));
     return result;
   }
   if (f) {
-    log_line(options, LogLevel::error, lock_error(f.operation, path, f.code, f.explanation).what());
+    if (options.log)
+      log_line(options, LogLevel::error,
+               lock_error(f.operation, path, f.code, f.explanation).what());
     return result;
   }
 
   warn_if_elected_before_fork(path, options);
   const bool won = worker_lock_access::acquire(result.lock, wait_mode::try_once, f);
   if (f) {
-    log_line(options, LogLevel::error,
-             fmt::format("workerlock: pid={} role=secondary path={} error: {}", me, path.native(),
-                         lock_error(f.operation, path, f.code, f.explanation).what()));
+    if (options.log) {
+      log_line(options, LogLevel::error,
+               fmt::format("workerlock: pid={} role=secondary path={} error: {}", me, path.native(),
+                           lock_error(f.operation, path, f.code, f.explanation).what()));
+    }
     return result;
   }
   result.role = ElectedRole(won ? Role::primary : Role::secondary, me);
   if (options.log) {
     if (won) {
       log_line(options, LogLevel::info,
-               fmt::format("workerlock: pid={} role=primary path={} mechanism={}", me, path.native(), options.mechanism));
+               fmt::format("workerlock: pid={} role=primary path={} mechanism={}", me,
+                           path.native(), options.mechanism));
     } else {
       log_line(options, LogLevel::info,
-               fmt::format("workerlock: pid={} role=secondary path={} mechanism={} holder={}", me, path.native(),
-                           options.mechanism, recorded_holder_pid(result.lock)));
+               fmt::format("workerlock: pid={} role=secondary path={} mechanism={} holder={}", me,
+                           path.native(), options.mechanism, recorded_holder_pid(result.lock)));
     }
   }
   return result;
@@ -156,7 +168,8 @@ inline Election elect(const std::filesystem::path& path, const Options& options,
 //! any process forked from the winner, it reads Role::secondary.
 //! Throws: lock_error when the file cannot be opened, created or locked, or when
 //! WORKERLOCK_ROLE asks for something other than "secondary". An error never yields primary.
-inline Election is_primary_worker(const std::filesystem::path& path = default_lock_path(), const Options& options = {}) {
+inline Election is_primary_worker(const std::filesystem::path& path = default_lock_path(),
+                                  const Options& options = {}) {
   detail::failure f;
   auto election = detail::elect(path, options, f);
   f.throw_if_failed(path);
@@ -164,7 +177,8 @@ inline Election is_primary_worker(const std::filesystem::path& path = default_lo
 }
 
 //! As above, but reports errors through `ec` and then returns Role::secondary.
-inline Election is_primary_worker(const std::filesystem::path& path, const Options& options, std::error_code& ec) {
+inline Election is_primary_worker(const std::filesystem::path& path, const Options& options,
+                                  std::error_code& ec) {
   detail::failure f;
   auto election = detail::elect(path, options, f);
   ec = f.code;

@@ -92,7 +92,8 @@ class WorkerLock {
     return try_lock_until(std::chrono::steady_clock::now() + timeout);
   }
   template <typename Rep, typename Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout, std::error_code& ec) noexcept {
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout,
+                    std::error_code& ec) noexcept {
     return try_lock_until(std::chrono::steady_clock::now() + timeout, ec);
   }
 
@@ -104,7 +105,8 @@ class WorkerLock {
     return held;
   }
   template <typename Clock, typename Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline, std::error_code& ec) noexcept {
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
+                      std::error_code& ec) noexcept {
     detail::failure f;
     const bool held = acquire_until(deadline, f);
     ec = f.code;
@@ -171,7 +173,8 @@ class WorkerLock {
   }
 
   template <typename Clock, typename Duration>
-  bool acquire_until(const std::chrono::time_point<Clock, Duration>& deadline, detail::failure& f) noexcept {
+  bool acquire_until(const std::chrono::time_point<Clock, Duration>& deadline,
+                     detail::failure& f) noexcept {
     auto pause = std::chrono::microseconds(50);
     for (;;) {
       if (acquire(detail::wait_mode::try_once, f) || f) return !f;
@@ -199,9 +202,9 @@ class WorkerLock {
       detail::failure ignored;
       detail::release(*state_, ignored);
     }
-    state_->owned = false;
     {
-      detail::registry_guard reg;
+      detail::registry_guard reg;  // sibling POSIX handles read `owned` under this mutex
+      state_->owned = false;
       detail::close_registered(*reg.operator->(), *state_);
       reg->unlink(state_.get());
     }
@@ -216,7 +219,9 @@ namespace detail {
 struct worker_lock_access {
   static lock_state* state(WorkerLock& lock) noexcept { return lock.state_.get(); }
   static const lock_state* state(const WorkerLock& lock) noexcept { return lock.state_.get(); }
-  static bool acquire(WorkerLock& lock, wait_mode mode, failure& f) noexcept { return lock.acquire(mode, f); }
+  static bool acquire(WorkerLock& lock, wait_mode mode, failure& f) noexcept {
+    return lock.acquire(mode, f);
+  }
 };
 }  // namespace detail
 

@@ -359,8 +359,8 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
       return false;
     }
 
-    if (s.options.mechanism != Mechanism::posix)
-      s.owned = true;  // lock_posix() set it, under the registry mutex
+    // For POSIX handles lock_posix() has set it, under the registry mutex.
+    if (s.options.mechanism != Mechanism::posix) s.owned = true;
     off_t size = 0;
     if (inspect_locked_file(s, size, f) == inspection::ours) {
       if (!s.options.write_holder_record || write_holder_record(s, size, f)) return true;

@@ -51,13 +51,12 @@ using prefork::Mode;
 //! How long a worker may take to finish its requests after SIGTERM before it gets SIGKILL.
 constexpr auto graceful_timeout = std::chrono::seconds(30);
 constexpr int max_workers = 128;
-//! How long the master waits before it replaces a worker that died.
-constexpr auto respawn_delay = std::chrono::milliseconds(100);
 
 void print_usage(std::FILE* out, const char* program) {
   fmt::print(out,
              "usage: {0} [--workers N] [--host ADDR] [--port P] [--lock PATH]\n"
-             "       {1:{2}} [--report FILE] [--tick SECONDS] [--no-coordination]\n"
+             "       {1:{2}} [--report FILE] [--tick SECONDS] [--respawn-delay MS]\n"
+             "       {1:{2}} [--no-coordination]\n"
              "\n"
              "A pre-fork HTTP/1.1 server. The master binds one listening socket and forks\n"
              "workers that share it; each worker joins a workerlock election after fork(),\n"
@@ -73,6 +72,8 @@ void print_usage(std::FILE* out, const char* program) {
              "  --report FILE      report file the scheduler appends to\n"
              "                     (default prefork-report.log)\n"
              "  --tick SECONDS     scheduler period, fractions allowed, 0.01..86400 (default 1)\n"
+             "  --respawn-delay MS wait before replacing a dead worker, 0..60000 (default 100):\n"
+             "                     a dead primary's standby takes over first\n"
              "  --no-coordination  every worker runs the scheduler: shows the duplicate work\n"
              "  --help             print this text and exit\n"
              "\n"
@@ -91,9 +92,9 @@ void print_usage(std::FILE* out, const char* program) {
              "                   (a second one kills the workers at once)\n"
              "  SIGHUP           replace the workers one at a time: start a new one, then\n"
              "                   stop an old one gracefully\n"
-             "A worker that dies is respawned after 100 ms. Exit status: 0 after a shutdown,\n"
-             "2 for bad options, 1 when the lock file, the report file or the socket cannot\n"
-             "be used.\n",
+             "A worker that dies is respawned (see --respawn-delay). Exit status: 0 after a\n"
+             "shutdown, 2 for bad options, 1 when the lock file, the report file or the\n"
+             "socket cannot be used.\n",
              program, "", std::strlen(program), max_workers,
              workerlock::default_lock_path().native());
 }
@@ -134,7 +135,8 @@ std::optional<int> parse_args(int argc, char** argv, Config& config) {
       name.resize(eq);
     }
     const bool takes_value = name == "--workers" || name == "--host" || name == "--port" ||
-                             name == "--lock" || name == "--report" || name == "--tick";
+                             name == "--lock" || name == "--report" || name == "--tick" ||
+                             name == "--respawn-delay";
     if (takes_value && !value) {
       if (i + 1 >= argc) return fail(fmt::format("{} needs a value", name));
       value = argv[++i];
@@ -165,6 +167,10 @@ std::optional<int> parse_args(int argc, char** argv, Config& config) {
       if (!tick)
         return fail(fmt::format("--tick: expected seconds in 0.01..86400, got '{}'", *value));
       config.tick_seconds = *tick;
+    } else if (name == "--respawn-delay") {
+      const auto ms = parse_int(*value, 0, 60000);
+      if (!ms) return fail(fmt::format("--respawn-delay: expected 0..60000 ms, got '{}'", *value));
+      config.respawn_delay = std::chrono::milliseconds(*ms);
     } else if (name == "--no-coordination") {
       config.mode = Mode::uncoordinated;
     } else if (name == "--no-workerlock") {
@@ -422,13 +428,14 @@ class Master {
     } else if (child.stopping) {
       log(fmt::format("worker pid={} {}", pid, how));
     } else {
-      log(fmt::format(
-          "worker pid={} {}{}", pid, how,
-          shutting_down_ ? "" : fmt::format("; respawning in {} ms", respawn_delay.count())));
+      log(fmt::format("worker pid={} {}{}", pid, how,
+                      shutting_down_
+                          ? ""
+                          : fmt::format("; respawning in {} ms", config_.respawn_delay.count())));
       // Kernel locks are not fair: a worker forked the moment the primary died could take
       // the free lock before a standby thread is even scheduled. The standbys take over
       // within a millisecond; the replacement then joins as a secondary.
-      next_spawn_ = std::max(next_spawn_, Clock::now() + respawn_delay);
+      next_spawn_ = std::max(next_spawn_, Clock::now() + config_.respawn_delay);
     }
     if (!child.ready && !shutting_down_) {
       // It died before it came up: a crash loop must not become a fork loop.

@@ -50,6 +50,8 @@ struct Config {
   std::string report_path = "prefork-report.log";
   double tick_seconds = 1.0;
   Mode mode = Mode::coordinated;
+  //! How long the master waits before it replaces a worker that died.
+  std::chrono::milliseconds respawn_delay{100};
 };
 
 //! An httplib::Server that serves on a listening socket someone else bound (the master), and

@@ -8,6 +8,7 @@
 #   bash tests/bench/run-bench.sh redis           # RedisBackend vs bare hiredis vs redis-py
 #   bash tests/bench/run-bench.sh postgres        # PostgresBackend vs bare libpq
 #   bash tests/bench/run-bench.sh http            # prefork_server req/s with/without workerlock
+#   bash tests/bench/run-bench.sh respawn         # after a SIGKILL: standby or replacement?
 #
 # The Markdown report goes to stdout, progress and build output to stderr.
 set -euo pipefail
@@ -30,8 +31,9 @@ case "$WHICH" in
   redis) TARGET=workerlock_redis_bench PKGS+=(libhiredis-dev redis-server python3-redis) ;;
   postgres) TARGET=workerlock_postgres_bench PKGS+=(libpq-dev postgresql) ;;
   http) TARGET=workerlock_prefork_server PKGS+=(libcpp-httplib-dev wrk) ;;
+  respawn) TARGET=workerlock_prefork_server PKGS+=(libcpp-httplib-dev procps) ;;
   *)
-    echo "run-bench: unknown benchmark '$WHICH' (core, failover, redis, postgres, http)" >&2
+    echo "run-bench: unknown benchmark '$WHICH' (core, failover, redis, postgres, http, respawn)" >&2
     exit 2
     ;;
 esac
@@ -72,7 +74,7 @@ cmake -S "$ROOT" -B "$BUILD" \
   -DCMAKE_BUILD_TYPE=Release \
   -DWORKERLOCK_BUILD_BENCHMARKS=ON \
   -DWORKERLOCK_BUILD_TESTS=OFF \
-  -DWORKERLOCK_BUILD_EXAMPLES="$([[ $WHICH == http ]] && echo ON || echo OFF)" >&2
+  -DWORKERLOCK_BUILD_EXAMPLES="$([[ $TARGET == workerlock_prefork_server ]] && echo ON || echo OFF)" >&2
 cmake --build "$BUILD" --config Release --target "$TARGET" \
   --parallel "$(nproc 2>/dev/null || echo 2)" >&2
 
@@ -94,7 +96,8 @@ fi
 # ---------------------------------------------------------------------------
 # 3. Run.
 # ---------------------------------------------------------------------------
-if [[ "$WHICH" == http ]]; then
-  exec bash "$ROOT/tests/bench/http_bench.sh" "$BENCH" "$@"
-fi
+case "$WHICH" in
+  http) exec bash "$ROOT/tests/bench/http_bench.sh" "$BENCH" "$@" ;;
+  respawn) exec bash "$ROOT/tests/bench/respawn_race.sh" "$BENCH" "$@" ;;
+esac
 exec "$BENCH" "$@"

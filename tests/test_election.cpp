@@ -3,9 +3,9 @@
 // anonymous shared memory (wltest::Shared); children never use Catch2 macros, they return an
 // exit code and leave a message in a Diag block, which the parent prints on failure.
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <linux/futex.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <climits>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -37,8 +37,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -66,7 +66,8 @@ constexpr auto kParentPatience = 30s;
 Options quiet(Mechanism m = workerlock::default_mechanism) { return Options{}.with(m).silent(); }
 
 std::int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -92,7 +93,8 @@ struct Diag {
 
   //! Called in a child: records `what` (if first) and returns the child's exit code.
   int fail(std::string_view what) {
-    if (failures.fetch_add(1) == 0) copy_text(first, fmt::format("child pid={}: {}", ::getpid(), what));
+    if (failures.fetch_add(1) == 0)
+      copy_text(first, fmt::format("child pid={}: {}", ::getpid(), what));
     return 1;
   }
   std::string message() const { return failures.load() != 0 ? std::string(first) : std::string(); }
@@ -153,7 +155,8 @@ class Children {
 class Gate {
  public:
   Gate() {
-    if (::pipe2(fds_, O_CLOEXEC) != 0) throw std::system_error(errno, std::system_category(), "pipe2");
+    if (::pipe2(fds_, O_CLOEXEC) != 0)
+      throw std::system_error(errno, std::system_category(), "pipe2");
   }
   ~Gate() {
     close_fd(fds_[0]);
@@ -301,7 +304,8 @@ std::optional<Record> parse_exact_record(const std::string& text) {
     return std::nullopt;
   Record r;
   r.host = std::string(c.until("\n"));
-  if (!c.literal("\npidns=") || !c.digits(1, 20, pidns) || !c.literal("\nmechanism=")) return std::nullopt;
+  if (!c.literal("\npidns=") || !c.digits(1, 20, pidns) || !c.literal("\nmechanism="))
+    return std::nullopt;
   r.mechanism = std::string(c.until("\n"));
   if (r.mechanism != "ofd" && r.mechanism != "posix" && r.mechanism != "flock") return std::nullopt;
   if (!c.literal("\n") || !c.rest.empty()) return std::nullopt;  // nothing after the record
@@ -405,7 +409,8 @@ int race_child(RaceBoard& board, Gate& all_forked, Gate& all_voted, const fs::pa
   if (election && primary != election->lock.owns_lock()) {
     error = fmt::format("role={} but owns_lock()={}", election->role, election->lock.owns_lock());
   }
-  if (election && (election->lock.path() != path || election->lock.mechanism() != options.mechanism)) {
+  if (election &&
+      (election->lock.path() != path || election->lock.mechanism() != options.mechanism)) {
     error = fmt::format("handle reports path={} mechanism={}", election->lock.path().native(),
                         election->lock.mechanism());
   }
@@ -447,8 +452,10 @@ struct RaceResult {
     if (!all_voted) p += "not every child voted; ";
     if (failed_children != 0) p += fmt::format("{} children failed ({}); ", failed_children, diag);
     if (primaries != 1) p += fmt::format("{} primaries; ", primaries);
-    if (secondaries != children - 1) p += fmt::format("{} secondaries of {}; ", secondaries, children);
-    if (primaries == 1 && !winner_is_a_child) p += fmt::format("winner pid {} is no child; ", winner);
+    if (secondaries != children - 1)
+      p += fmt::format("{} secondaries of {}; ", secondaries, children);
+    if (primaries == 1 && !winner_is_a_child)
+      p += fmt::format("winner pid {} is no child; ", winner);
     return p;
   }
 };
@@ -463,8 +470,8 @@ RaceResult run_race(RaceBoard& board, const fs::path& path, int n, const Options
     Gate all_forked;
     Gate all_voted;
     for (int i = 0; i < n; ++i) {
-      pids.push_back(children.spawn(
-          [&] { return race_child(board, all_forked, all_voted, path, options); }));
+      pids.push_back(
+          children.spawn([&] { return race_child(board, all_forked, all_voted, path, options); }));
     }
     all_forked.open();
     r.all_arrived = board.start.release_when(n, kParentPatience);
@@ -493,7 +500,8 @@ std::string check_after_race(const fs::path& path, pid_t winner, Mechanism m) {
     return fmt::format("file is not exactly one record ({} bytes): {}", text.size(),
                        text.substr(0, 200));
   }
-  if (record->pid != winner) return fmt::format("record names pid {}, winner was {}", record->pid, winner);
+  if (record->pid != winner)
+    return fmt::format("record names pid {}, winner was {}", record->pid, winner);
   if (record->mechanism != workerlock::to_string(m))
     return fmt::format("record says mechanism={}", record->mechanism);
   return {};
@@ -540,7 +548,9 @@ bool futex_wait_until(std::atomic<int>& word, Pred&& done, std::chrono::millisec
     const int seen = word.load();
     if (done(seen)) return true;
     if (steady_clock::now() >= deadline) return false;
-    struct timespec pause {0, 20'000'000};
+    struct timespec pause {
+      0, 20'000'000
+    };
     ::syscall(SYS_futex, reinterpret_cast<int*>(&word), FUTEX_WAIT, seen, &pause, nullptr, 0);
   }
 }
@@ -565,10 +575,12 @@ struct ArenaBoard {
   Diag diag;
 };
 
-int arena_worker(ArenaBoard& board, const fs::path& dir, int n, int rounds, const Options& options) {
+int arena_worker(ArenaBoard& board, const fs::path& dir, int n, int rounds,
+                 const Options& options) {
   for (int r = 0; r < rounds; ++r) {
     auto& round = board.rounds[r];
-    if (!futex_wait_until(board.open_round, [&](int v) { return v >= r; }, kChildPatience))
+    if (!futex_wait_until(
+            board.open_round, [&](int v) { return v >= r; }, kChildPatience))
       return board.diag.fail(fmt::format("round {} never opened", r));
     round.start.arrive_and_wait();
     std::string error;
@@ -581,14 +593,16 @@ int arena_worker(ArenaBoard& board, const fs::path& dir, int n, int rounds, cons
       }
       const bool primary = election && election->role == Role::primary;
       if (election && primary != election->lock.owns_lock())
-        error = fmt::format("role={} but owns_lock()={}", election->role, election->lock.owns_lock());
+        error =
+            fmt::format("role={} but owns_lock()={}", election->role, election->lock.owns_lock());
       if (primary) {
         round.winner.store(::getpid());
         round.primaries.fetch_add(1);
       }
       if (round.voted.fetch_add(1) + 1 == n) {
         futex_wake_all(round.voted);
-      } else if (!futex_wait_until(round.voted, [&](int v) { return v >= n; }, kChildPatience)) {
+      } else if (!futex_wait_until(
+                     round.voted, [&](int v) { return v >= n; }, kChildPatience)) {
         error = "timed out waiting for the siblings' votes";
       }
     }  // the handle goes here: the primary lets go only after everyone voted
@@ -621,7 +635,8 @@ ArenaResult run_arena(ArenaBoard& board, const fs::path& dir, int n, int rounds,
     std::string problem;
     if (!round.start.release_when(n, kParentPatience)) {
       problem = "not every worker reached the start line";
-    } else if (!futex_wait_until(round.released, [&](int v) { return v >= n; }, kParentPatience)) {
+    } else if (!futex_wait_until(
+                   round.released, [&](int v) { return v >= n; }, kParentPatience)) {
       problem = "not every worker let go of its handle";
     } else {
       result.primaries_seen += round.primaries.load();
@@ -694,10 +709,11 @@ TEST_CASE("race: 16-way races for each mechanism", "[election]") {
 struct HolderBoard {
   std::atomic<int> state{0};  // 0 starting, 1 primary and holding, 2 failed
   std::atomic<bool> release{false};
-  std::atomic<int> delay_ms{0};  // how long to keep holding after `release`
-  std::atomic<bool> releasing{false};  // set just before the child lets go
+  std::atomic<int> delay_ms{0};          // how long to keep holding after `release`
+  std::atomic<bool> releasing{false};    // set just before the child lets go
   std::atomic<bool> fork_helper{false};  // the primary forks a long-lived helper (no exec)
   std::atomic<pid_t> helper{0};
+  std::atomic<bool> helper_running{false};  // the helper runs its own code: atfork handlers ran
   std::atomic<bool> helper_may_exit{false};
   Diag diag;
 };
@@ -720,15 +736,24 @@ pid_t spawn_primary(Children& children, HolderBoard& board, const fs::path& path
     auto [role, lock] = workerlock::is_primary_worker(path, options);
     if (role != Role::primary || !lock.owns_lock()) {
       board.state.store(2);
-      return board.diag.fail(fmt::format("expected primary, got {} owns_lock={}", role, lock.owns_lock()));
+      return board.diag.fail(
+          fmt::format("expected primary, got {} owns_lock={}", role, lock.owns_lock()));
     }
     if (board.fork_helper.load()) {
       // A helper forked by the primary without exec, as servers do for background work. It
       // outlives the primary; it must not keep the primary's lock alive (locking.md).
       const pid_t helper = ::fork();
       if (helper < 0) return board.diag.fail("fork of the helper failed");
-      if (helper == 0) ::_exit(sleep_until_set(board.helper_may_exit, 60s) ? 0 : 1);
+      if (helper == 0) {
+        board.helper_running.store(true);
+        ::_exit(sleep_until_set(board.helper_may_exit, 60s) ? 0 : 1);
+      }
       board.helper.store(helper);
+      // Until the helper is scheduled and its atfork handler has closed the inherited
+      // descriptor, it shares the primary's open file description (flock/OFD): a kill in that
+      // window (microseconds, longer on a loaded machine) would find the lock still held.
+      if (!sleep_until_set(board.helper_running, 10s))
+        return board.diag.fail("the helper never started");
     }
     board.state.store(1);
     if (!sleep_until_set(board.release, 120s)) return board.diag.fail("never released");
@@ -744,8 +769,9 @@ pid_t spawn_primary(Children& children, HolderBoard& board, const fs::path& path
 // The holder record
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("holder record: the primary's pid and acquired time via file text and cat and lock_holder",
-          "[election]") {
+TEST_CASE(
+    "holder record: the primary's pid and acquired time via file text and cat and lock_holder",
+    "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
   wltest::TempDir dir;
@@ -776,7 +802,8 @@ TEST_CASE("holder record: the primary's pid and acquired time via file text and 
   CHECK(run_command("cat " + shell_quote(path.string())) == text);
   CHECK(run_command("head -n 1 " + shell_quote(path.string())) == fmt::format("{}\n", primary));
   const auto copy = dir / "copy.txt";
-  CHECK(std::system(("cat " + shell_quote(path.string()) + " > " + shell_quote(copy.string())).c_str()) ==
+  CHECK(std::system(
+            ("cat " + shell_quote(path.string()) + " > " + shell_quote(copy.string())).c_str()) ==
         0);
   CHECK(read_file(copy) == text);
 
@@ -881,7 +908,8 @@ TEST_CASE("holder record: a longer stale record is shrunk to exactly the new rec
       stale = make_record(4194303, system_clock::now() - 1h, "flock", std::string(300, 'h'));
       break;
     case 2:  // a record followed by a long garbage tail
-      stale = make_record(1, system_clock::now(), "posix", host_name()) + std::string(5000, 'x') + "\n";
+      stale =
+          make_record(1, system_clock::now(), "posix", host_name()) + std::string(5000, 'x') + "\n";
       break;
     default:  // 64 KiB of text lines without any record
       for (int i = 0; stale.size() < 65536; ++i) stale += fmt::format("garbage line {}\n", i);
@@ -1106,7 +1134,8 @@ TEST_CASE("stale lock files never block an election", "[election]") {
     }
     case 4:
       description = "record naming the live parent";
-      REQUIRE(write_file(path, make_record(::getpid(), now, workerlock::to_string(m), host_name())));
+      REQUIRE(
+          write_file(path, make_record(::getpid(), now, workerlock::to_string(m), host_name())));
       break;
     case 5:
       description = "record naming a live sleeping child";
@@ -1122,7 +1151,8 @@ TEST_CASE("stale lock files never block an election", "[election]") {
       break;
     case 8:
       description = "record naming a dead pid";
-      REQUIRE(write_file(path, make_record(dead, now - 10min, workerlock::to_string(m), host_name())));
+      REQUIRE(
+          write_file(path, make_record(dead, now - 10min, workerlock::to_string(m), host_name())));
       break;
     default:
       description = "record of another host and pid namespace";
@@ -1295,7 +1325,8 @@ TEST_CASE("WorkerLock composes with std::unique_lock and std::scoped_lock across
       WorkerLock mine(path_a, quiet(m));
       if (mine.try_lock()) return b.diag.fail("try_lock succeeded while the parent holds it");
       const auto holder = workerlock::lock_holder(path_a);
-      if (!holder || holder->pid != ::getppid()) return b.diag.fail("lock_holder is not the parent");
+      if (!holder || holder->pid != ::getppid())
+        return b.diag.fail("lock_holder is not the parent");
       b.step.store(1);
       if (!reach(b.step, 2, kChildPatience)) return b.diag.fail("timeout at step 2");
       if (!mine.try_lock()) return b.diag.fail("try_lock failed after the parent unlocked");
@@ -1453,7 +1484,7 @@ TEST_CASE("WorkerLock accessors owns_lock path mechanism and empty or moved-from
 
   handle.unlock();
   CHECK_FALSE(handle.owns_lock());
-  CHECK_NOTHROW(handle.unlock());  // a second unlock is harmless
+  CHECK_NOTHROW(handle.unlock());      // a second unlock is harmless
   CHECK(handle.native_handle() >= 0);  // the file stays open
   CHECK(probe_takes(Mechanism::flock) == 0);
 
@@ -1519,8 +1550,8 @@ TEST_CASE("default_lock_path follows WORKERLOCK_PATH then RUNTIME_DIRECTORY then
   const std::vector<Scenario> scenarios = {
       {"WORKERLOCK_PATH wins over everything", "/srv/app/explicit.lock", "/run/a:/run/b",
        "/run/user/4242", "/srv/app/explicit.lock"},
-      {"RUNTIME_DIRECTORY, first of a colon list", nullptr, "/run/svc-a:/run/svc-b", "/run/user/4242",
-       fmt::format("/run/svc-a/{}.lock", program)},
+      {"RUNTIME_DIRECTORY, first of a colon list", nullptr, "/run/svc-a:/run/svc-b",
+       "/run/user/4242", fmt::format("/run/svc-a/{}.lock", program)},
       {"empty WORKERLOCK_PATH is ignored", "", "/run/single", nullptr,
        fmt::format("/run/single/{}.lock", program)},
       {"XDG_RUNTIME_DIR", nullptr, nullptr, "/run/user/4242",
@@ -1800,7 +1831,8 @@ TEST_CASE("log sink receives exactly one election line per worker with its pid a
     INFO(line);
     CHECK(board->slot[0].lines.load() == 1);
     CHECK(board->slot[0].role.load() == 1);
-    CHECK(line.rfind(fmt::format("workerlock: pid={} role=secondary path={} ", child, path.native()), 0) ==
+    CHECK(line.rfind(
+              fmt::format("workerlock: pid={} role=secondary path={} ", child, path.native()), 0) ==
           0);
     CHECK(line.find(fmt::format("holder={}", primary)) != std::string::npos);
     holder_board->release.store(true);
@@ -1847,7 +1879,8 @@ TEST_CASE("log sink receives exactly one election line per worker with its pid a
     REQUIRE(role == Role::primary);
     REQUIRE(parent_sink.lines.size() == 1);
     CHECK(parent_sink.lines[0].second.rfind(
-              fmt::format("workerlock: pid={} role=primary path={}", ::getpid(), path.native()), 0) == 0);
+              fmt::format("workerlock: pid={} role=primary path={}", ::getpid(), path.native()),
+              0) == 0);
     const pid_t child = children.spawn([&] {
       CapturingSink sink;
       auto [child_role, child_lock] = workerlock::is_primary_worker(path, sink.options());

@@ -50,9 +50,12 @@ using workerlock::Options;
 using workerlock::Role;
 using workerlock::WorkerLock;
 
-static_assert(std::atomic<int>::is_always_lock_free, "shared-memory bookkeeping needs lock-free atomics");
-static_assert(std::atomic<bool>::is_always_lock_free, "shared-memory bookkeeping needs lock-free atomics");
-static_assert(std::atomic<pid_t>::is_always_lock_free, "shared-memory bookkeeping needs lock-free atomics");
+static_assert(std::atomic<int>::is_always_lock_free,
+              "shared-memory bookkeeping needs lock-free atomics");
+static_assert(std::atomic<bool>::is_always_lock_free,
+              "shared-memory bookkeeping needs lock-free atomics");
+static_assert(std::atomic<pid_t>::is_always_lock_free,
+              "shared-memory bookkeeping needs lock-free atomics");
 
 Options quiet(Mechanism mechanism) { return Options{}.with(mechanism).silent(); }
 
@@ -68,9 +71,12 @@ enum class Probe { acquired, busy, error };
 
 std::ostream& operator<<(std::ostream& out, Probe probe) {
   switch (probe) {
-    case Probe::acquired: return out << "acquired";
-    case Probe::busy: return out << "busy";
-    case Probe::error: return out << "error";
+    case Probe::acquired:
+      return out << "acquired";
+    case Probe::busy:
+      return out << "busy";
+    case Probe::error:
+      return out << "error";
   }
   return out << "?";
 }
@@ -86,9 +92,12 @@ Probe probe_from_other_process(const std::filesystem::path& path, Mechanism mech
     return held ? 0 : 1;
   });
   switch (wltest::wait_exit_code(pid)) {
-    case 0: return Probe::acquired;
-    case 1: return Probe::busy;
-    default: return Probe::error;
+    case 0:
+      return Probe::acquired;
+    case 1:
+      return Probe::busy;
+    default:
+      return Probe::error;
   }
 }
 
@@ -207,11 +216,13 @@ int descriptors_on(pid_t pid, FileId target, const std::filesystem::path& path) 
     if (entry->d_name[0] == '.') continue;
     const std::string link = directory + "/" + entry->d_name;
     struct stat st {};
-    const bool same_file = ::stat(link.c_str(), &st) == 0 && st.st_dev == target.dev && st.st_ino == target.ino;
+    const bool same_file =
+        ::stat(link.c_str(), &st) == 0 && st.st_dev == target.dev && st.st_ino == target.ino;
     char text[4096];
     const ssize_t length = ::readlink(link.c_str(), text, sizeof text - 1);
     const bool names_path =
-        length > 0 && std::string_view(text, static_cast<std::size_t>(length)).find(path.native()) == 0;
+        length > 0 &&
+        std::string_view(text, static_cast<std::size_t>(length)).find(path.native()) == 0;
     if (same_file || names_path) ++count;
   }
   ::closedir(listing);
@@ -247,8 +258,8 @@ std::vector<KernelLock> kernel_locks() {
     while (fields >> token) tokens.push_back(token);
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       int used = 0;
-      if (std::sscanf(tokens[i].c_str(), "%x:%x:%lu%n", &entry.major_number, &entry.minor_number, &entry.inode,
-                      &used) == 3 &&
+      if (std::sscanf(tokens[i].c_str(), "%x:%x:%lu%n", &entry.major_number, &entry.minor_number,
+                      &entry.inode, &used) == 3 &&
           static_cast<std::size_t>(used) == tokens[i].size() && i >= 4) {
         entry.pid = std::strtol(tokens[i - 1].c_str(), nullptr, 10);
         entry.kind = tokens[i - 4];
@@ -279,7 +290,8 @@ bool kernel_posix_lock_held_by(pid_t pid, FileId target) {
 //! `watched` (when given) has exited. A POSIX lock() may poll instead of sleeping in
 //! F_SETLKW (two handles of one process cannot be told apart by the kernel), and then there
 //! is no waiter line to see: for POSIX, give the waiter time and do not insist.
-bool wait_for_blocked_waiters(FileId target, Mechanism mechanism, int count = 1, pid_t watched = 0) {
+bool wait_for_blocked_waiters(FileId target, Mechanism mechanism, int count = 1,
+                              pid_t watched = 0) {
   const auto blocked_or_gone = [&] {
     return blocked_waiters(target) >= count || (watched != 0 && !is_running(watched));
   };
@@ -316,7 +328,8 @@ bool mentions_number(std::string_view line, long number) {
   for (auto at = line.find(digits); at != std::string_view::npos; at = line.find(digits, at + 1)) {
     const bool digit_before = at > 0 && std::isdigit(static_cast<unsigned char>(line[at - 1])) != 0;
     const auto end = at + digits.size();
-    const bool digit_after = end < line.size() && std::isdigit(static_cast<unsigned char>(line[end])) != 0;
+    const bool digit_after =
+        end < line.size() && std::isdigit(static_cast<unsigned char>(line[end])) != 0;
     if (!digit_before && !digit_after) return true;
   }
   return false;
@@ -328,7 +341,8 @@ struct Notes {
   char first[512] = {};
 
   void note(const char* what) {
-    if (count.fetch_add(1) == 0) std::snprintf(first, sizeof first, "pid %d: %s", static_cast<int>(::getpid()), what);
+    if (count.fetch_add(1) == 0)
+      std::snprintf(first, sizeof first, "pid %d: %s", static_cast<int>(::getpid()), what);
   }
   void note(const char* what, const std::error_code& ec) {
     const std::string text = std::string(what) + ": " + ec.message();
@@ -367,8 +381,10 @@ void count_signal(int /*signal_number*/) {
 // 1. Fork safety
 // =======================================================================================
 
-TEST_CASE("Fork safety - a helper forked without exec by the primary is secondary and does not keep the lock alive",
-          "[fork]") {
+TEST_CASE(
+    "Fork safety - a helper forked without exec by the primary is secondary and does not keep the "
+    "lock alive",
+    "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -444,7 +460,8 @@ TEST_CASE("Fork safety - a helper forked without exec by the primary is secondar
   CHECK(reaper.kill_and_reap(helper) == 128 + SIGKILL);
 }
 
-TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never hold the lock", "[fork]") {
+TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never hold the lock",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -492,7 +509,8 @@ TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never h
 
   for (const pid_t sleeper : {forked_sleep, spawned_sleep}) {
     INFO("sleep pid " << sleeper);
-    REQUIRE(wltest::eventually([&] { return command_line(sleeper).rfind("/bin/sleep 30", 0) == 0; }));
+    REQUIRE(
+        wltest::eventually([&] { return command_line(sleeper).rfind("/bin/sleep 30", 0) == 0; }));
     CHECK(descriptors_on(sleeper, lock_file, path) == 0);
   }
   CHECK(probe_from_other_process(path, mechanism) == Probe::busy);
@@ -508,7 +526,8 @@ TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never h
   CHECK(reaper.kill_and_reap(spawned_sleep) == 128 + SIGKILL);
 }
 
-TEST_CASE("Fork safety - an election won in the master before fork makes no child primary", "[fork]") {
+TEST_CASE("Fork safety - an election won in the master before fork makes no child primary",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -550,14 +569,17 @@ TEST_CASE("Fork safety - an election won in the master before fork makes no chil
       // The child runs its own election while the master holds the lock.
       std::vector<std::pair<LogLevel, std::string>> lines;
       Options options = Options{}.with(mechanism);
-      options.log = [&lines](LogLevel level, std::string_view line) { lines.emplace_back(level, std::string(line)); };
+      options.log = [&lines](LogLevel level, std::string_view line) {
+        lines.emplace_back(level, std::string(line));
+      };
       {
         auto mine = workerlock::is_primary_worker(path, options);
         book->own_election_primary[i] = mine.role == Role::primary ? 1 : 0;
         book->own_election_owns[i] = mine.lock.owns_lock() ? 1 : 0;
       }
       for (const auto& [level, line] : lines) {
-        if (level == LogLevel::warning && mentions_number(line, master_pid) && line.find("fork") != std::string::npos)
+        if (level == LogLevel::warning && mentions_number(line, master_pid) &&
+            line.find("fork") != std::string::npos)
           book->warned[i] = 1;
       }
       book->first_round_done.fetch_add(1);
@@ -610,7 +632,8 @@ TEST_CASE("Fork safety - an election won in the master before fork makes no chil
 // 2. Lifecycle
 // =======================================================================================
 
-TEST_CASE("Lifecycle - unlock twice is harmless and never releases another handle's lock", "[fork]") {
+TEST_CASE("Lifecycle - unlock twice is harmless and never releases another handle's lock",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -769,7 +792,8 @@ TEST_CASE("Lifecycle - move construction and move assignment transfer ownership"
   CHECK(probe_from_other_process(path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("Lifecycle - move-assigning over a handle that holds a lock releases that lock first", "[fork]") {
+TEST_CASE("Lifecycle - move-assigning over a handle that holds a lock releases that lock first",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -820,7 +844,8 @@ TEST_CASE("Lifecycle - move-assigning over a handle that holds a lock releases t
   CHECK(probe_from_other_process(second_path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("Lifecycle - re-locking reuses the open descriptor across unlock and try_lock cycles", "[fork]") {
+TEST_CASE("Lifecycle - re-locking reuses the open descriptor across unlock and try_lock cycles",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -861,7 +886,8 @@ TEST_CASE("Lifecycle - re-locking reuses the open descriptor across unlock and t
 // 3. Race-free removal
 // =======================================================================================
 
-TEST_CASE("Removal - concurrent unlock_and_remove cycles never let two processes hold the lock", "[fork]") {
+TEST_CASE("Removal - concurrent unlock_and_remove cycles never let two processes hold the lock",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -953,8 +979,10 @@ TEST_CASE("Removal - concurrent unlock_and_remove cycles never let two processes
   CHECK(book->exclusion.entries == removers * iterations + book->cycler_hits);
 }
 
-TEST_CASE("Removal - a handle that waited on the removed file ends up holding the file the path names now",
-          "[fork]") {
+TEST_CASE(
+    "Removal - a handle that waited on the removed file ends up holding the file the path names "
+    "now",
+    "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   // Whether the waiter had already locked (and so verified) the old file once before.
   const bool verified_before = GENERATE(false, true);
@@ -1020,8 +1048,10 @@ TEST_CASE("Removal - a handle that waited on the removed file ends up holding th
   CHECK(reaper.exit_code(waiter) == 0);
 }
 
-TEST_CASE("Removal - a preempted waiter in lock keeps waiting however often the file is removed and recreated",
-          "[fork]") {
+TEST_CASE(
+    "Removal - a preempted waiter in lock keeps waiting however often the file is removed and "
+    "recreated",
+    "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1156,7 +1186,8 @@ TEST_CASE("Signals - lock keeps waiting through SIGUSR1 with and without SA_REST
   CHECK(book->owns_after == 1);
 }
 
-TEST_CASE("Signals - a SIGKILLed waiter disturbs neither the holder nor the other waiters", "[fork]") {
+TEST_CASE("Signals - a SIGKILLed waiter disturbs neither the holder nor the other waiters",
+          "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1235,8 +1266,10 @@ TEST_CASE("Signals - SIGTERM with its default action frees the primary's lock", 
 // 5. The POSIX close-releases trap
 // =======================================================================================
 
-TEST_CASE("POSIX trap - a sibling handle created tried and destroyed in the holder's process keeps the lock",
-          "[fork]") {
+TEST_CASE(
+    "POSIX trap - a sibling handle created tried and destroyed in the holder's process keeps the "
+    "lock",
+    "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1281,7 +1314,9 @@ TEST_CASE("POSIX trap - a sibling handle created tried and destroyed in the hold
   CHECK(probe_from_other_process(path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("POSIX trap - lock_holder in the holding process reports it and does not release the lock", "[fork]") {
+TEST_CASE(
+    "POSIX trap - lock_holder in the holding process reports it and does not release the lock",
+    "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1329,7 +1364,8 @@ TEST_CASE("POSIX trap - lock_holder in the holding process reports it and does n
 // 6. Threads
 // =======================================================================================
 
-TEST_CASE("Threads - two threads with their own handles on one file exclude each other", "[fork][threads]") {
+TEST_CASE("Threads - two threads with their own handles on one file exclude each other",
+          "[fork][threads]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1386,8 +1422,10 @@ TEST_CASE("Threads - two threads with their own handles on one file exclude each
   CHECK(exclusion.entries == hits[0] + hits[1] + 2 * lock_iterations);
 }
 
-TEST_CASE("Threads - handles of several threads never hold a lock the kernel has let go while another process contends",
-          "[fork][threads]") {
+TEST_CASE(
+    "Threads - handles of several threads never hold a lock the kernel has let go while another "
+    "process contends",
+    "[fork][threads]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
   wltest::TempDir dir;
@@ -1473,7 +1511,8 @@ TEST_CASE("Threads - handles of several threads never hold a lock the kernel has
   std::vector<std::thread> threads;
   for (int i = 0; i < trying_threads; ++i) threads.emplace_back(trying);
   for (int i = 0; i < locking_threads; ++i) threads.emplace_back(locking);
-  wltest::eventually([&] { return book->stop.load(); }, std::chrono::duration_cast<std::chrono::milliseconds>(budget));
+  wltest::eventually([&] { return book->stop.load(); },
+                     std::chrono::duration_cast<std::chrono::milliseconds>(budget));
   book->stop = true;
   for (auto& thread : threads) thread.join();
   const int other_exit = reaper.exit_code(other);
@@ -1490,8 +1529,9 @@ TEST_CASE("Threads - handles of several threads never hold a lock the kernel has
 
 // A race, so a time budget: a broken lock_holder is caught in well under a second typically
 // (3.7 s at worst in 11 runs here); a correct one costs the whole budget.
-TEST_CASE("Threads - lock_holder in one thread never drops a POSIX lock another thread takes meanwhile",
-          "[fork][threads][stress]") {
+TEST_CASE(
+    "Threads - lock_holder in one thread never drops a POSIX lock another thread takes meanwhile",
+    "[fork][threads][stress]") {
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
   Reaper reaper;

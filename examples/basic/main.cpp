@@ -19,7 +19,8 @@ namespace {
 int worker_main(const std::string& lock_path, int ready_fd, int go_fd) {
   auto [role, lock] = workerlock::is_primary_worker(lock_path);
   if (role == workerlock::Role::primary) {
-    fmt::print("worker pid={}: PRIMARY   - starting the scheduler and the report mailer\n", ::getpid());
+    fmt::print("worker pid={}: PRIMARY   - starting the scheduler and the report mailer\n",
+               ::getpid());
   } else {
     fmt::print("worker pid={}: SECONDARY - serving requests only\n", ::getpid());
   }

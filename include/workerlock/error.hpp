@@ -31,7 +31,8 @@ class lock_error : public std::system_error {
  private:
   static std::string compose(std::string_view operation, const std::filesystem::path& path,
                              std::string_view explanation) {
-    if (explanation.empty()) return fmt::format("workerlock: cannot {} '{}'", operation, path.native());
+    if (explanation.empty())
+      return fmt::format("workerlock: cannot {} '{}'", operation, path.native());
     return fmt::format("workerlock: cannot {} '{}' ({})", operation, path.native(), explanation);
   }
 

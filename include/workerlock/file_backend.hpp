@@ -42,9 +42,12 @@ class FileBackend final : public Backend {
     const bool plain = (current.sa_flags & SA_SIGINFO) == 0;
     if (plain && current.sa_handler == &ignore_signal) return;
     if (!plain || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
-      throw lock_error("start the coordinator for", lock_.path(), std::make_error_code(std::errc::device_or_resource_busy),
-                       fmt::format("signal {} already has a handler; choose another CoordinatorOptions::wakeup_signal",
-                                   wakeup_signal_));
+      throw lock_error(
+          "start the coordinator for", lock_.path(),
+          std::make_error_code(std::errc::device_or_resource_busy),
+          fmt::format(
+              "signal {} already has a handler; choose another CoordinatorOptions::wakeup_signal",
+              wakeup_signal_));
     struct sigaction wakeup {};
     wakeup.sa_handler = &ignore_signal;
     sigemptyset(&wakeup.sa_mask);
@@ -92,7 +95,9 @@ class FileBackend final : public Backend {
     if (::lstat(lock_.path().c_str(), &st) != 0) return errno != ENOENT;
     return st.st_dev == s->dev && st.st_ino == s->ino;
   }
-  std::chrono::milliseconds verify_interval() const noexcept override { return health_check_interval_; }
+  std::chrono::milliseconds verify_interval() const noexcept override {
+    return health_check_interval_;
+  }
 
   void release() noexcept override {
     std::error_code ignored;

@@ -35,9 +35,12 @@ inline constexpr Mechanism default_mechanism = Mechanism::posix;
 
 constexpr std::string_view to_string(Mechanism m) noexcept {
   switch (m) {
-    case Mechanism::ofd: return "ofd";
-    case Mechanism::posix: return "posix";
-    case Mechanism::flock: return "flock";
+    case Mechanism::ofd:
+      return "ofd";
+    case Mechanism::posix:
+      return "posix";
+    case Mechanism::flock:
+      return "flock";
   }
   return "unknown";
 }
@@ -46,9 +49,12 @@ enum class LogLevel { info, warning, error };
 
 constexpr std::string_view to_string(LogLevel level) noexcept {
   switch (level) {
-    case LogLevel::info: return "info";
-    case LogLevel::warning: return "warning";
-    case LogLevel::error: return "error";
+    case LogLevel::info:
+      return "info";
+    case LogLevel::warning:
+      return "warning";
+    case LogLevel::error:
+      return "error";
   }
   return "unknown";
 }

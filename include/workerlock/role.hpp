@@ -36,7 +36,9 @@ class ElectedRole {
   operator Role() const noexcept { return get(); }  // NOLINT: reads like the enum it stands for
 
   //! True in a child that inherited this value through fork() from the process elected.
-  bool inherited_across_fork() const noexcept { return elected_in_ != 0 && elected_in_ != detail::current_pid(); }
+  bool inherited_across_fork() const noexcept {
+    return elected_in_ != 0 && elected_in_ != detail::current_pid();
+  }
   //! The pid of the process the election ran in.
   pid_t elected_in() const noexcept { return elected_in_; }
 
@@ -44,7 +46,9 @@ class ElectedRole {
   friend bool operator==(Role a, const ElectedRole& b) noexcept { return a == b.get(); }
   friend bool operator!=(const ElectedRole& a, Role b) noexcept { return a.get() != b; }
   friend bool operator!=(Role a, const ElectedRole& b) noexcept { return a != b.get(); }
-  friend std::ostream& operator<<(std::ostream& out, const ElectedRole& r) { return out << r.get(); }
+  friend std::ostream& operator<<(std::ostream& out, const ElectedRole& r) {
+    return out << r.get();
+  }
 
  private:
   Role role_ = Role::secondary;
@@ -64,7 +68,8 @@ struct fmt::formatter<workerlock::Role> : fmt::formatter<std::string_view> {
 template <>
 struct fmt::formatter<workerlock::ElectedRole> : fmt::formatter<workerlock::Role> {
   template <typename FormatContext>
-  auto format(const workerlock::ElectedRole& role, FormatContext& ctx) const -> decltype(ctx.out()) {
+  auto format(const workerlock::ElectedRole& role, FormatContext& ctx) const
+      -> decltype(ctx.out()) {
     return fmt::formatter<workerlock::Role>::format(role.get(), ctx);
   }
 };

@@ -47,7 +47,8 @@ class StartupBarrier {
           if (pos == std::string::npos) break;
           ++field;
         }
-        if (pos != std::string::npos) start_time = text.substr(pos + 1, text.find(' ', pos + 1) - pos - 1);
+        if (pos != std::string::npos)
+          start_time = text.substr(pos + 1, text.find(' ', pos + 1) - pos - 1);
       }
     }
     return fmt::format("master={}:{}", master, start_time);
@@ -61,8 +62,8 @@ class StartupBarrier {
 
   //! True when the marker names this generation.
   bool completed() const noexcept {
-    const int fd =
-        detail::retry_on_eintr([&] { return ::open(marker_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY); });
+    const int fd = detail::retry_on_eintr(
+        [&] { return ::open(marker_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY); });
     if (fd < 0) return false;
     char buffer[512];
     const auto got = detail::retry_on_eintr([&] { return ::read(fd, buffer, sizeof buffer); });
@@ -85,14 +86,16 @@ class StartupBarrier {
     ec.clear();
     const std::string temporary = fmt::format("{}.{}.tmp", marker_.native(), ::getpid());
     const int fd = detail::retry_on_eintr([&] {
-      return ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
+      return ::open(temporary.c_str(),
+                    O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
     });
     if (fd < 0) {
       ec.assign(errno, std::system_category());
       return;
     }
     const std::string line = generation_ + "\n";
-    const auto written = detail::retry_on_eintr([&] { return ::write(fd, line.data(), line.size()); });
+    const auto written =
+        detail::retry_on_eintr([&] { return ::write(fd, line.data(), line.size()); });
     if (written != static_cast<ssize_t>(line.size()) || ::close(fd) != 0) {
       ec.assign(written < 0 ? errno : EIO, std::system_category());
       ::unlink(temporary.c_str());
@@ -113,7 +116,8 @@ class StartupBarrier {
       if (completed()) return true;
       const auto now = std::chrono::steady_clock::now();
       if (now >= deadline) return false;
-      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+      std::this_thread::sleep_for(
+          std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
       pause = std::min(pause * 2, std::chrono::milliseconds(20));
     }
   }

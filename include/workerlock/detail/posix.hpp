@@ -53,7 +53,8 @@ inline struct flock whole_file(short type) noexcept {
 //! A blocking wait is NOT restarted on EINTR: callers decide, so a wait can be cancelled.
 inline int acquire_once(int fd, Mechanism mechanism, bool blocking) noexcept {
   switch (mechanism) {
-    case Mechanism::flock: return ::flock(fd, LOCK_EX | (blocking ? 0 : LOCK_NB));
+    case Mechanism::flock:
+      return ::flock(fd, LOCK_EX | (blocking ? 0 : LOCK_NB));
     case Mechanism::posix: {
       auto range = whole_file(F_WRLCK);
       return ::fcntl(fd, blocking ? F_SETLKW : F_SETLK, &range);
@@ -75,7 +76,8 @@ inline int acquire_once(int fd, Mechanism mechanism, bool blocking) noexcept {
 //! Releases the lock held through fd. Returns 0 or -1 with errno.
 inline int release_once(int fd, Mechanism mechanism) noexcept {
   switch (mechanism) {
-    case Mechanism::flock: return retry_on_eintr([&] { return ::flock(fd, LOCK_UN); });
+    case Mechanism::flock:
+      return retry_on_eintr([&] { return ::flock(fd, LOCK_UN); });
     case Mechanism::posix: {
       auto range = whole_file(F_UNLCK);
       return retry_on_eintr([&] { return ::fcntl(fd, F_SETLK, &range); });

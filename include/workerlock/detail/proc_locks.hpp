@@ -33,8 +33,8 @@ inline bool read_kernel_lock_owner(dev_t dev, ino_t ino, kernel_lock_owner& owne
     unsigned major_number = 0;
     unsigned minor_number = 0;
     unsigned long inode = 0;
-    if (std::sscanf(line, "%*d: %15s %15s %15s %ld %x:%x:%lu", kind, mode, access, &pid, &major_number,
-                    &minor_number, &inode) != 7)
+    if (std::sscanf(line, "%*d: %15s %15s %15s %ld %x:%x:%lu", kind, mode, access, &pid,
+                    &major_number, &minor_number, &inode) != 7)
       continue;
     if (inode != ino || major_number != major(dev) || minor_number != minor(dev)) continue;
     if (std::strcmp(kind, "POSIX") == 0) {

@@ -20,11 +20,11 @@ struct lock_state {
   std::filesystem::path path;
   Options options;
 
-  int fd = -1;                // -1 while closed
-  dev_t dev = 0;              // identity of the open file, valid while fd >= 0
+  int fd = -1;    // -1 while closed
+  dev_t dev = 0;  // identity of the open file, valid while fd >= 0
   ino_t ino = 0;
-  bool owned = false;         // this handle holds the lock
-  bool verified_since_open = false;  // the path was compared with the open file once
+  bool owned = false;                 // this handle holds the lock
+  bool verified_since_open = false;   // the path was compared with the open file once
   bool kept_out_by_operator = false;  // WORKERLOCK_ROLE=secondary: never acquire
 
   // Set in a child of fork() by the registry's atfork handler, which closed the inherited fd.
@@ -74,7 +74,9 @@ class registry {
   }
 
  private:
-  registry() noexcept { ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child); }
+  registry() noexcept {
+    ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
+  }
 
   static void before_fork() noexcept { instance().lock(); }
   static void after_fork_in_parent() noexcept { instance().unlock(); }
@@ -123,7 +125,9 @@ class registry {
 //! see its parent's pid; workerlock does not support such children.)
 inline std::atomic<pid_t> cached_process_id{0};
 
-inline void registry::forget_cached_pid() noexcept { cached_process_id.store(0, std::memory_order_relaxed); }
+inline void registry::forget_cached_pid() noexcept {
+  cached_process_id.store(0, std::memory_order_relaxed);
+}
 
 inline pid_t current_pid() noexcept {
   pid_t pid = cached_process_id.load(std::memory_order_relaxed);

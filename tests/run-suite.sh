@@ -3,7 +3,7 @@
 #
 #   bash tests/run-suite.sh
 #
-# On a fresh Debian 12 machine (as root, or with sudo) it installs whatever is
+# On a fresh Debian 12 machine (as root; otherwise it re-runs itself with sudo) it installs whatever is
 # missing, then configures, builds and runs ctest in several configurations:
 #
 #   gcc      g++     C++17  RelWithDebInfo  -Werror
@@ -28,6 +28,17 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+# Several tests need root: they drop a forked child to uid 65534 (permission denied, the
+# /tmp denial of service) or mount a read-only tmpfs in a private mount namespace (EROFS).
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    echo "run-suite: the suite needs root (permission and read-only tests); re-running under sudo" >&2
+    exec sudo -E bash "$ROOT/tests/run-suite.sh" "$@"
+  fi
+  echo "run-suite: the suite needs root (permission and read-only tests), and there is no sudo" >&2
+  exit 2
+fi
 
 ALL_CONFIGS=(gcc clang20 asan tsan)
 CONFIGS_RAW="${WORKERLOCK_SUITE_CONFIGS:-${ALL_CONFIGS[*]}}"
@@ -84,16 +95,7 @@ install_missing() {
     echo "run-suite: WORKERLOCK_SUITE_NO_INSTALL is set; install them yourself" >&2
     return 1
   fi
-  local SUDO=()
-  if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-      SUDO=(sudo)
-    else
-      echo "run-suite: not root and no sudo; please install: ${missing[*]}" >&2
-      return 1
-    fi
-  fi
-  local apt=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
   # apt-get update only if there are no package lists yet, or if the install
   # fails with the current lists (stale lists -> 404s).
   if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then

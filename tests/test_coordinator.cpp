@@ -11,6 +11,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -31,6 +32,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -1113,9 +1115,170 @@ TEST_CASE(
   CHECK(h.exit_worker(stuck) == 0);
 }
 
+namespace {
+
+//! Field 22 of /proc/self/stat read by whitespace tokens (an independent parse).
+std::string own_start_time() {
+  std::ifstream stat("/proc/self/stat");
+  std::string line;
+  std::getline(stat, line);
+  std::istringstream fields(line.substr(line.rfind(')') + 1));
+  std::string field;
+  for (int number = 3; number <= 22; ++number) fields >> field;
+  return field;
+}
+
+struct GenerationBoard {
+  char generation[2][128] = {};
+  std::atomic<int> startup_runs{0};
+  std::atomic<int> primaries{0};
+};
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator: the default startup generation is the master's pid and start time, stable "
+    "while the master's memory changes",
+    "[coordinator][startup]") {
+  wltest::Shared<GenerationBoard> board;
+  wltest::TempDir dir;
+  const auto path = dir / "generation.lock";
+  const std::string expected = fmt::format("master={}:{}", ::getpid(), own_start_time());
+  REQUIRE(expected != fmt::format("master={}:0", ::getpid()));
+
+  // A worker with the default generation runs the startup tasks once and completes them.
+  Children children;
+  const auto worker = [&](int index) {
+    return children.spawn([&, index] {
+      const auto generation = workerlock::StartupBarrier::master_generation();
+      std::snprintf(board->generation[index], sizeof board->generation[index], "%s",
+                    generation.c_str());
+      CoordinatorOptions options;
+      options.lock.log = nullptr;
+      Coordinator coordinator(path, options);
+      coordinator.on_startup([&] { board->startup_runs.fetch_add(1); });
+      coordinator.on_promoted([&] { board->primaries.fetch_add(1); });
+      coordinator.start();
+      if (coordinator.role() != Role::primary) return 2;
+      return coordinator.wait_for_startup(5s) ? 0 : 3;
+    });
+  };
+  REQUIRE(children.wait(worker(0)) == 0);
+  // The master grows by 512 MiB of address space (its vsize, field 23, changes) between the
+  // first worker and its replacement: the generation must not.
+  void* grown = ::mmap(nullptr, 512u << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(grown != MAP_FAILED);
+  const int replacement = children.wait(worker(1));
+  ::munmap(grown, 512u << 20);
+  REQUIRE(replacement == 0);
+
+  CHECK(std::string(board->generation[0]) == expected);
+  CHECK(std::string(board->generation[1]) == expected);
+  CHECK(board->primaries.load() == 2);
+  CHECK(board->startup_runs.load() == 1);  // the replacement found the tasks complete
+}
+
+TEST_CASE("coordinator: /proc/PID/stat start time survives spaces and parentheses in the name",
+          "[coordinator][startup]") {
+  using workerlock::detail::proc_stat_start_time;
+  std::string line = "4242 (a b) c)) S";
+  for (int field = 4; field <= 21; ++field) line += fmt::format(" {}", field * 10);
+  line += " 987654 123456789 33";  // 22 starttime, 23 vsize, 24 rss
+  CHECK(proc_stat_start_time(line) == std::optional<std::string>("987654"));
+  CHECK_FALSE(proc_stat_start_time("4242 (name) S 1 2").has_value());
+  CHECK_FALSE(proc_stat_start_time("no parenthesis").has_value());
+}
+
 // ----------------------------------------------------------------------------------------
 // 5. Robustness
 // ----------------------------------------------------------------------------------------
+
+namespace {
+
+struct DeletionBoard {
+  std::atomic<int> promotions{0};
+  std::atomic<int> demotions{0};
+  std::atomic<int> role{-1};
+  std::atomic<bool> exit{false};
+  std::atomic<int> warnings{0};
+  char first_warning[512] = {};
+  std::atomic<int> newcomer_state{0};  // 1 holds the new file, 2 failed
+  std::atomic<bool> newcomer_release{false};
+};
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator: a primary whose lock file is deleted steps down at its health check, "
+    "logs it and rejoins as a standby",
+    "[coordinator]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const auto path = dir / "deleted.lock";
+  wltest::Shared<DeletionBoard> board;
+  Children children;
+
+  const pid_t worker = children.spawn([&] {
+    CoordinatorOptions options;
+    options.wait = mode;
+    options.health_check_interval = 100ms;
+    options.lock.log = [&](LogLevel level, std::string_view line) {
+      if (level == LogLevel::info) return;
+      if (board->warnings.fetch_add(1) == 0)
+        std::snprintf(board->first_warning, sizeof board->first_warning, "%.*s",
+                      static_cast<int>(line.size()), line.data());
+    };
+    Coordinator coordinator(path, options);
+    coordinator.on_promoted([&] { board->promotions.fetch_add(1); });
+    coordinator.on_demoted([&] { board->demotions.fetch_add(1); });
+    coordinator.start();
+    const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
+    while (!board->exit.load() && std::chrono::steady_clock::now() < deadline) {
+      if (mode == WaitMode::polled) coordinator.poll();
+      board->role.store(static_cast<int>(coordinator.role()));
+      std::this_thread::sleep_for(5ms);
+    }
+    coordinator.stop();
+    return coordinator.running() ? 1 : 0;
+  });
+  REQUIRE(wltest::eventually([&] { return board->promotions.load() == 1; }, 5s));
+
+  // An operator (or a tmp cleaner) deletes the file; a newcomer creates and locks a new one.
+  REQUIRE(fs::remove(path));
+  const pid_t newcomer = children.spawn([&] {
+    workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
+    if (!lock.try_lock()) {
+      board->newcomer_state.store(2);
+      return 1;
+    }
+    board->newcomer_state.store(1);
+    wait_flag(board->newcomer_release, std::chrono::steady_clock::now() + kChildLifetime);
+    return 0;
+  });
+  REQUIRE(wltest::eventually([&] { return board->newcomer_state.load() != 0; }, 5s));
+  REQUIRE(board->newcomer_state.load() == 1);
+
+  // The old primary notices within a health check or two, and says so through its sink.
+  REQUIRE(wltest::eventually([&] { return board->demotions.load() == 1; }, 3s));
+  REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 1s));
+  REQUIRE(board->warnings.load() >= 1);
+  const std::string warning = board->first_warning;
+  INFO("warning: " << warning);
+  CHECK(warning.find(path.string()) != std::string::npos);
+  CHECK(warning.find("stepping down") != std::string::npos);
+  CHECK(board->promotions.load() == 1);
+
+  // It rejoined as a standby on the new file: when the newcomer lets go, it is promoted.
+  std::this_thread::sleep_for(200ms);
+  CHECK(board->promotions.load() == 1);
+  board->newcomer_release.store(true);
+  REQUIRE(children.wait(newcomer) == 0);
+  REQUIRE(wltest::eventually([&] { return board->promotions.load() == 2; }, 5s));
+  board->exit.store(true);
+  CHECK(children.wait(worker) == 0);
+  CHECK(board->demotions.load() == 2);
+}
 
 TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
           "[coordinator][threads]") {

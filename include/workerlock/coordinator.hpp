@@ -167,10 +167,13 @@ class Coordinator {
   }
 
   //! WaitMode::polled only: one step of the standby machinery. Call it every
-  //! recommended_poll_interval from the host's event loop. Never throws, never blocks.
+  //! recommended_poll_interval from the host's event loop. Never throws and never waits for
+  //! another thread: while start() or stop() runs elsewhere it returns at once. Callbacks
+  //! (on_startup, on_promoted, on_demoted) run inside it, so it takes as long as they do.
   void poll() noexcept {
-    if (options_.wait != WaitMode::polled || !running_ || stop_requested_.load() || kept_out_)
-      return;
+    if (options_.wait != WaitMode::polled) return;
+    std::unique_lock<std::mutex> control(control_mutex_, std::try_to_lock);
+    if (!control || !running_ || stop_requested_.load() || kept_out_) return;
     const auto now = std::chrono::steady_clock::now();
     if (!backend_->held()) {
       if (now < next_attempt_) return;
@@ -189,10 +192,7 @@ class Coordinator {
       last_verified_ = now;
       if (!verify()) demote_and_reset("the lock was lost");
     }
-    if (stop_requested_.load()) {
-      std::lock_guard<std::mutex> control(control_mutex_);
-      finish_stop_requested_by_callback();
-    }
+    finish_stop_requested_by_callback();
   }
 
   Role role() const noexcept { return role_.load(); }
@@ -425,7 +425,7 @@ class Coordinator {
   Callback startup_;
 
   std::mutex control_mutex_;  // serializes start() and stop()
-  bool running_ = false;
+  std::atomic<bool> running_{false};  // written under control_mutex_; running() reads it
   bool kept_out_ = false;
   std::atomic<Role> role_{Role::secondary};
   std::atomic<bool> stop_requested_{false};

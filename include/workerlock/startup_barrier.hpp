@@ -10,7 +10,9 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <thread>
 
@@ -20,6 +22,28 @@
 #include "error.hpp"
 
 namespace workerlock {
+namespace detail {
+
+//! Field 22 of a /proc/PID/stat line (starttime, in clock ticks since boot). Fields are
+//! counted after the command name (field 2), which may hold spaces and ends at the last ')'.
+inline std::optional<std::string> proc_stat_start_time(std::string_view stat_line) {
+  const auto close = stat_line.rfind(')');
+  if (close == std::string_view::npos) return std::nullopt;
+  std::size_t begin = close + 1;  // the space before field 3
+  for (int field = 3; field <= 22; ++field) {
+    if (begin >= stat_line.size() || stat_line[begin] != ' ') return std::nullopt;
+    ++begin;
+    const auto end = std::min(stat_line.find(' ', begin), stat_line.size());
+    if (field == 22) {
+      if (end == begin) return std::nullopt;
+      return std::string(stat_line.substr(begin, end - begin));
+    }
+    begin = end;
+  }
+  return std::nullopt;
+}
+
+}  // namespace detail
 
 //! A marker file next to the lock, `<lock path>.startup`, holding the generation whose
 //! startup tasks completed. The primary calls complete() after its tasks; every worker may
@@ -36,20 +60,7 @@ class StartupBarrier {
       char buffer[1024] = {};
       const auto got = std::fread(buffer, 1, sizeof buffer - 1, stat);
       std::fclose(stat);
-      // Field 22 (starttime) follows the command name, which ends with the last ')'.
-      std::string text(buffer, got);
-      const auto close = text.rfind(')');
-      if (close != std::string::npos) {
-        std::size_t field = 2;
-        std::size_t pos = close + 1;
-        while (pos < text.size() && field < 22) {
-          pos = text.find(' ', pos + 1);
-          if (pos == std::string::npos) break;
-          ++field;
-        }
-        if (pos != std::string::npos)
-          start_time = text.substr(pos + 1, text.find(' ', pos + 1) - pos - 1);
-      }
+      start_time = detail::proc_stat_start_time(std::string_view(buffer, got)).value_or("0");
     }
     return fmt::format("master={}:{}", master, start_time);
   }

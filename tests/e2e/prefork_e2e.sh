@@ -221,16 +221,20 @@ analyse_report() {
         if ($1 != prev + 1) { breaks++; if (breaks <= 5) printf "  tick break: %s -> %s\n", prev, $1 > "/dev/stderr" }
         gap = $3 - t
         if (gap > maxgap) maxgap = gap
-        if ($2 != pid) { handoffs++; if (gap > maxho) maxho = gap }
+        if ($2 != pid) {
+          handoffs++; if (gap > maxho) maxho = gap
+          # A pid that ticks again after another took over: two workers ran the scheduler.
+          if ($2 in per) { returns++; if (returns <= 5) printf "  pid %s ticks again at tick %s\n", $2, $1 > "/dev/stderr" }
+        }
       } else { first = $3 }
       if (seen[$1]++) dups++
       if (!($2 in per)) npids++
       per[$2]++
       prev = $1; t = $3; pid = $2; n++
     }
-    END { printf "%d %d %d %d %.3f %d %.3f %d %.3f\n", n, bad, breaks, dups, maxgap, handoffs, maxho, npids, t - first }
+    END { printf "%d %d %d %d %.3f %d %.3f %d %.3f %d\n", n, bad, breaks, dups, maxgap, handoffs, maxho, npids, t - first, returns }
   ' "$1")"
-  read -r R_LINES R_BAD R_BREAKS R_DUPS R_MAXGAP R_HANDOFFS R_MAXHANDOFF R_PIDS R_SPAN <<<"$out"
+  read -r R_LINES R_BAD R_BREAKS R_DUPS R_MAXGAP R_HANDOFFS R_MAXHANDOFF R_PIDS R_SPAN R_RETURNS <<<"$out"
 }
 
 ticks_per_pid() { awk '{ n[$2]++ } END { for (p in n) printf "%s:%d ", p, n[p]; print "" }' "$1"; }
@@ -368,6 +372,9 @@ check "every report line is well formed" test "$R_BAD" -eq 0
 check "tick numbers strictly increase by 1 (no tick written twice or by two workers)" test "$R_BREAKS" -eq 0 -a "$R_DUPS" -eq 0
 timing_check "no gap between consecutive ticks exceeds ${limit}s (max ${R_MAXGAP}s)" le "$R_MAXGAP" "$limit"
 check "the work moved at every kill ($R_HANDOFFS handoffs >= ${#KILLED[@]})" test "$R_HANDOFFS" -ge "${#KILLED[@]}"
+# Killed and SIGHUP-replaced workers never come back, so with one primary at a time each
+# pid's ticks form one unbroken run; two primaries would interleave.
+check "each worker's ticks form one unbroken run ($R_RETURNS returns of an earlier pid)" test "$R_RETURNS" -eq 0
 # From each SIGKILL to the first tick by another worker. The victim may finish a tick it
 # timestamped before kill(2) returned, but none timestamped after (10 ms clock slack).
 worst_delay=0
@@ -389,6 +396,8 @@ echo "          SIGKILL -> first tick by another worker: ${DELAYS:-}"
 timing_check "after every SIGKILL the next tick came within tick + $FAILOVER_BOUND s (worst ${worst_delay}s)" le "$worst_delay" "$limit"
 timing_check "ticks kept their rate ($R_LINES >= 80% of ${R_SPAN}s / ${TICK}s)" \
   awk -v n="$R_LINES" -v e="$R_SPAN" -v t="$TICK" 'BEGIN { exit !(n >= 0.8 * e / t) }'
+timing_check "no more ticks than one scheduler writes ($R_LINES <= ${R_SPAN}s / ${TICK}s + 2)" \
+  awk -v n="$R_LINES" -v e="$R_SPAN" -v t="$TICK" 'BEGIN { exit !(n <= e / t + 2) }'
 
 fi # phase 1
 

@@ -8,8 +8,10 @@
 // a promotion that finds another live pid there is an overlap.
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,10 +21,12 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -604,6 +608,123 @@ TEST_CASE(
   a.release();  // gives up the election lock it won
   a.clear_interrupt();
   b.reset();
+}
+
+namespace {
+
+//! The keepalive settings of one TCP socket, as the kernel applies them.
+struct TcpTimers {
+  int keepalive = -1, idle = -1, interval = -1, count = -1;
+  unsigned user_timeout_ms = 0;
+  bool operator==(const TcpTimers& o) const {
+    return keepalive == o.keepalive && idle == o.idle && interval == o.interval &&
+           count == o.count && user_timeout_ms == o.user_timeout_ms;
+  }
+};
+
+std::ostream& operator<<(std::ostream& out, const TcpTimers& t) {
+  return out << "keepalive=" << t.keepalive << " idle=" << t.idle << " interval=" << t.interval
+             << " count=" << t.count << " user_timeout=" << t.user_timeout_ms << "ms";
+}
+
+TcpTimers tcp_timers(int fd) {
+  TcpTimers t;
+  socklen_t size = sizeof(int);
+  ::getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &t.keepalive, &size);
+  size = sizeof(int);
+  ::getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &t.idle, &size);
+  size = sizeof(int);
+  ::getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &t.interval, &size);
+  size = sizeof(int);
+  ::getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &t.count, &size);
+  size = sizeof(unsigned);
+  ::getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &t.user_timeout_ms, &size);
+  return t;
+}
+
+//! Port of the TCP peer of `fd` (0 if it is no connected IPv4 TCP socket).
+int tcp_port(int fd, bool peer) {
+  sockaddr_in address{};
+  socklen_t size = sizeof address;
+  int type = 0;
+  socklen_t type_size = sizeof type;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_size) != 0 || type != SOCK_STREAM)
+    return 0;
+  const int rc = peer ? ::getpeername(fd, reinterpret_cast<sockaddr*>(&address), &size)
+                      : ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
+  if (rc != 0 || address.sin_family != AF_INET) return 0;
+  return ntohs(address.sin_port);
+}
+
+//! The timers of every TCP socket of process `pid` whose port (peer or own) is `port`,
+//! copied out of that process with pidfd_getfd (needs root or CAP_SYS_PTRACE).
+std::vector<TcpTimers> sockets_of(pid_t pid, int port, bool peer) {
+  std::vector<TcpTimers> found;
+  const bool self = pid == ::getpid();
+  const int pidfd = self ? -1 : static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (!self && pidfd < 0) return found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(
+           fmt::format("/proc/{}/fd", self ? "self" : std::to_string(pid)), ec)) {
+    std::error_code link_ec;
+    const auto target = std::filesystem::read_symlink(entry.path(), link_ec).string();
+    if (target.rfind("socket:", 0) != 0) continue;
+    const int number = std::atoi(entry.path().filename().c_str());
+    const int fd = self ? number : static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, number, 0));
+    if (fd < 0) continue;
+    if (tcp_port(fd, peer) == port) found.push_back(tcp_timers(fd));
+    if (!self) ::close(fd);
+  }
+  if (pidfd >= 0) ::close(pidfd);
+  return found;
+}
+
+}  // namespace
+
+TEST_CASE("postgres: keepalives and tcp_user_timeout are in force on both ends of both sessions",
+          "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("keepalive"));
+  o.restart_grace = 0ms;
+  // Not the defaults, and not the kernel's (7200 s idle, 75 s interval, 9 probes, no timeout).
+  o.keepalives_idle = 7s;
+  o.keepalives_interval = 2s;
+  o.keepalives_count = 3;
+  o.tcp_user_timeout = 11000ms;
+  const TcpTimers expected{1, 7, 2, 3, 11000};
+
+  PostgresBackend backend(o);
+  REQUIRE(backend.try_acquire());
+  // Client side: this process's sockets to the server (the lock and the fence session).
+  const auto client = sockets_of(::getpid(), pg.port(), true);
+  REQUIRE(client.size() == 2);
+  for (const auto& timers : client) CHECK(timers == expected);
+
+  // Server side: the backend processes serving the two sessions, which free the lock when
+  // the holder's host goes silent.
+  if (::geteuid() != 0) {
+    WARN("not root: pidfd_getfd of the server's sockets is not permitted; server side unchecked");
+  } else {
+    for (const int session : {backend.lock_session_pid(), backend.fence_session_pid()}) {
+      INFO("server backend pid " << session);
+      const auto server_side = sockets_of(session, pg.port(), false);
+      REQUIRE(server_side.size() == 1);
+      CHECK(server_side.front() == expected);
+    }
+  }
+  backend.release();
+
+  // server_keepalives = false leaves the server's own settings (postgresql.conf: the kernel's).
+  o.server_keepalives = false;
+  PostgresBackend quiet_server(o);
+  REQUIRE(quiet_server.try_acquire());
+  if (::geteuid() == 0) {
+    const auto server_side = sockets_of(quiet_server.lock_session_pid(), pg.port(), false);
+    REQUIRE(server_side.size() == 1);
+    CHECK_FALSE(server_side.front() == expected);
+  }
+  quiet_server.reset();
 }
 
 TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[postgres]") {

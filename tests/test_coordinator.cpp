@@ -1280,6 +1280,89 @@ TEST_CASE(
   CHECK(board->demotions.load() == 2);
 }
 
+TEST_CASE(
+    "coordinator: a standby whose lock directory vanished logs the error, retries with "
+    "backoff and is promoted once the directory is back",
+    "[coordinator]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const auto lock_dir = dir / "run";
+  const auto path = lock_dir / "primary.lock";
+  fs::create_directory(lock_dir);
+  wltest::Shared<DeletionBoard> board;
+  Children children;
+
+  // The primary: a plain lock, held until told.
+  const pid_t primary = children.spawn([&] {
+    workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
+    if (!lock.try_lock()) {
+      board->newcomer_state.store(2);
+      return 1;
+    }
+    board->newcomer_state.store(1);
+    wait_flag(board->newcomer_release, std::chrono::steady_clock::now() + kChildLifetime);
+    return 0;
+  });
+  REQUIRE(wltest::eventually([&] { return board->newcomer_state.load() != 0; }, 5s));
+  REQUIRE(board->newcomer_state.load() == 1);
+
+  const pid_t standby = children.spawn([&] {
+    CoordinatorOptions options;
+    options.wait = mode;
+    options.retry_backoff_min = 10ms;
+    options.retry_backoff_max = 80ms;
+    options.lock.log = [&](LogLevel level, std::string_view line) {
+      if (level == LogLevel::info) return;
+      if (board->warnings.fetch_add(1) == 0)
+        std::snprintf(board->first_warning, sizeof board->first_warning, "%.*s",
+                      static_cast<int>(line.size()), line.data());
+    };
+    Coordinator coordinator(path, options);
+    coordinator.on_promoted([&] { board->promotions.fetch_add(1); });
+    coordinator.on_demoted([&] { board->demotions.fetch_add(1); });
+    coordinator.start();
+    board->role.store(static_cast<int>(coordinator.role()));
+    const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
+    while (!board->exit.load() && std::chrono::steady_clock::now() < deadline) {
+      if (mode == WaitMode::polled) coordinator.poll();
+      board->role.store(static_cast<int>(coordinator.role()));
+      std::this_thread::sleep_for(5ms);
+    }
+    coordinator.stop();
+    return 0;
+  });
+  REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
+
+  // The directory goes away (a cleaner, an operator); then the primary dies. The standby's
+  // next attempt cannot open the path: an error, reported and retried, never a promotion.
+  fs::remove_all(lock_dir);
+  board->newcomer_release.store(true);
+  REQUIRE(children.wait(primary) == 0);
+  REQUIRE(wltest::eventually([&] { return board->warnings.load() >= 3; }, 5s));
+  const int warnings_before = board->warnings.load();
+  std::this_thread::sleep_for(400ms);
+  const int retries_in_400ms = board->warnings.load() - warnings_before;
+  const std::string warning = board->first_warning;
+  INFO("first warning: " << warning << "; retries in 400 ms: " << retries_in_400ms);
+  CHECK(warning.find(path.string()) != std::string::npos);
+  CHECK(warning.find("retrying in") != std::string::npos);
+  CHECK(warning.find("No such file or directory") != std::string::npos);
+  // Backoff: at most 80 ms apart once it has grown, so a handful of retries, not hundreds.
+  CHECK(retries_in_400ms >= 2);
+  CHECK(retries_in_400ms <= 12);
+  CHECK(board->promotions.load() == 0);
+  CHECK(board->role.load() == kSecondary);
+
+  // The directory is back: the standby creates the file and is promoted.
+  fs::create_directory(lock_dir);
+  REQUIRE(wltest::eventually([&] { return board->promotions.load() == 1; }, 5s));
+  CHECK(workerlock::lock_holder(path).value_or(workerlock::Holder{}).pid == standby);
+  board->exit.store(true);
+  CHECK(children.wait(standby) == 0);
+  CHECK(board->demotions.load() == 1);
+}
+
 TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
           "[coordinator][threads]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);

@@ -44,6 +44,7 @@ phase() { [[ " $PHASES " == *" $1 "* ]]; }
 command -v curl >/dev/null || { echo "prefork_e2e: curl is required" >&2; exit 2; }
 command -v "$WRK" >/dev/null || { echo "prefork_e2e: wrk is required (apt-get install wrk)" >&2; exit 2; }
 ((KILLS >= 5)) || { echo "prefork_e2e: KILLS must be >= 5" >&2; exit 2; }
+((LOAD_SECONDS >= 20)) || { echo "prefork_e2e: LOAD_SECONDS must be >= 20" >&2; exit 2; }
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/prefork-e2e.XXXXXX")"
 MASTERS=()   # every master this script started
@@ -316,6 +317,10 @@ for ((k = 1; k <= KILLS; k++)); do
   fi
 done
 timing_check "every SIGKILLed primary was replaced by another holder within 5 s ($KILLS kills)" test "$FAILOVER_FAILS" -eq 0
+# The kills must land under load, or "requests kept being served" would prove nothing.
+wrk_alive=0
+kill -0 "$WRK_PID" 2>/dev/null && wrk_alive=1
+timing_check "wrk was still running after the last kill (load lasted through every failover)" test "$wrk_alive" -eq 1
 
 # Keep sampling until wrk is done.
 while kill -0 "$WRK_PID" 2>/dev/null; do

@@ -1163,6 +1163,55 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "interop: lock_holder() never drops this process's boost::interprocess::file_lock, even "
+    "while another process holds an flock lock on the file",
+    "[interop]") {
+  const bool boost_first = GENERATE(true, false);
+  INFO("boost's POSIX lock taken " << (boost_first ? "before" : "after") << " the flock lock");
+  wltest::TempDir tmp;
+  const auto path = tmp / "primary.lock";
+  REQUIRE(write_file(path, ""));
+  const auto boost_busy_in_child = [&] {
+    return run_child([&] {
+             boost::interprocess::file_lock lock(path.c_str());
+             return lock.try_lock() ? 10 : 20;
+           }) == 20;
+  };
+  // flock and POSIX locks do not conflict, so both are held at once, listed in /proc/locks
+  // in either order.
+  boost::interprocess::file_lock ours(path.c_str());
+  if (boost_first) REQUIRE(ours.try_lock());
+  wltest::Shared<Handshake> hs;
+  Child flock_holder([&] {
+    WorkerLock lock(path, quiet(Mechanism::flock));
+    if (!lock.try_lock()) {
+      hs->state = -1;
+      return 1;
+    }
+    hs->state = 1;
+    wait_for_release(*hs);
+    return 0;
+  });
+  REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
+  REQUIRE(hs->state.load() == 1);
+  if (!boost_first) REQUIRE(ours.try_lock());
+  REQUIRE(boost_busy_in_child());
+
+  for (int round = 0; round < 3; ++round) {
+    const auto who = workerlock::lock_holder(path);
+    REQUIRE(who.has_value());
+    CHECK((who->pid == ::getpid() || who->pid == flock_holder.pid()));
+  }
+  // Opening and closing the file here would have dropped our POSIX lock.
+  CHECK(boost_busy_in_child());
+  hs->release = true;
+  REQUIRE(flock_holder.wait() == 0);
+  CHECK(boost_busy_in_child());
+  ours.unlock();
+  CHECK_FALSE(boost_busy_in_child());
+}
+
 TEST_CASE("interop: Mechanism::flock and Python filelock exclude each other", "[interop]") {
   const std::string python = python_with_filelock();
   INFO("python3 with the filelock module (Debian python3-filelock): '" << python << "'");

@@ -107,7 +107,7 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
     return std::nullopt;
   }
   kernel_lock_owner kernel;
-  if (!read_kernel_lock_owner(st.st_dev, st.st_ino, kernel)) {
+  if (!read_kernel_lock_owner(st.st_dev, st.st_ino, current_pid(), kernel)) {
     f.set(errno != 0 ? errno : EIO, operation, "/proc/locks cannot be read");
     return std::nullopt;
   }
@@ -116,8 +116,7 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   Holder holder;
   holder.pid = kernel.pid;
   holder.mechanism = std::string(kernel_kind_name(kernel.kind));
-  const bool posix_here = kernel.kind == kernel_lock_kind::posix && kernel.pid == current_pid();
-  const auto record = read_record(path, st.st_dev, st.st_ino, posix_here);
+  const auto record = read_record(path, st.st_dev, st.st_ino, kernel.posix_by_self);
   if (!record) return holder;
   // The kernel knows the pid for POSIX and flock locks in our namespace; a record naming
   // someone else is a leftover of an earlier holder, for example one that used flock(1).

@@ -15,11 +15,16 @@ enum class kernel_lock_kind { none, posix, ofd, flock };
 struct kernel_lock_owner {
   kernel_lock_kind kind = kernel_lock_kind::none;
   pid_t pid = 0;  // -1 for OFD locks, 0 when the holder is outside our pid namespace
+  //! Some POSIX lock on the file belongs to process `self` (flock and POSIX locks coexist,
+  //! so it need not be the first holder listed). Closing any descriptor would drop it.
+  bool posix_by_self = false;
 };
 
-//! Returns false if /proc/locks cannot be read; else fills `owner` (kind none: unlocked).
+//! Returns false if /proc/locks cannot be read; else fills `owner` (kind none: unlocked)
+//! from the first holder of the file, and posix_by_self from all of them.
 //! Lines of waiters ("->") are skipped: they do not hold the lock.
-inline bool read_kernel_lock_owner(dev_t dev, ino_t ino, kernel_lock_owner& owner) noexcept {
+inline bool read_kernel_lock_owner(dev_t dev, ino_t ino, pid_t self,
+                                   kernel_lock_owner& owner) noexcept {
   owner = {};
   std::FILE* table = std::fopen("/proc/locks", "re");
   if (table == nullptr) return false;
@@ -37,17 +42,21 @@ inline bool read_kernel_lock_owner(dev_t dev, ino_t ino, kernel_lock_owner& owne
                     &major_number, &minor_number, &inode) != 7)
       continue;
     if (inode != ino || major_number != major(dev) || minor_number != minor(dev)) continue;
+    kernel_lock_kind found = kernel_lock_kind::none;
     if (std::strcmp(kind, "POSIX") == 0) {
-      owner.kind = kernel_lock_kind::posix;
+      found = kernel_lock_kind::posix;
     } else if (std::strcmp(kind, "OFDLCK") == 0) {
-      owner.kind = kernel_lock_kind::ofd;
+      found = kernel_lock_kind::ofd;
     } else if (std::strcmp(kind, "FLOCK") == 0) {
-      owner.kind = kernel_lock_kind::flock;
+      found = kernel_lock_kind::flock;
     } else {
       continue;  // leases and others do not hold our lock
     }
-    owner.pid = static_cast<pid_t>(pid);
-    break;
+    if (found == kernel_lock_kind::posix && pid == self) owner.posix_by_self = true;
+    if (owner.kind == kernel_lock_kind::none) {
+      owner.kind = found;
+      owner.pid = static_cast<pid_t>(pid);
+    }
   }
   std::fclose(table);
   return true;

@@ -119,6 +119,9 @@ double median(std::vector<double> v) {
 
 struct Checker {
   std::atomic<int> holder{0};  // pid of the primary, 0 when none
+  // Set by the parent BEFORE it SIGKILLs the holder: a killed process runs no more code, but
+  // the kernel closes its sockets (and so the server frees its lock) before it turns zombie.
+  std::atomic<int> killed{0};
   std::atomic<int> overlaps{0};
   std::atomic<int> foreign_demotions{0};
   std::atomic<int> fence_violations{0};
@@ -138,7 +141,8 @@ struct Checker {
   void promoted(int pid, std::uint64_t fence) {
     int expected = 0;
     while (!holder.compare_exchange_strong(expected, pid)) {
-      if (expected != 0 && process_gone(expected)) continue;  // SIGKILLed: held nothing
+      if (expected != 0 && (expected == killed.load() || process_gone(expected)))
+        continue;  // SIGKILLed: held nothing
       overlaps.fetch_add(1);
       holder.store(pid);
       break;
@@ -855,6 +859,7 @@ TEST_CASE("postgres: SIGKILL of the primary: a standby takes over in < 1 s", "[p
     REQUIRE(victim != 0);
     const int before = checker->promotions.load();
     const auto killed_at = mono_ns();
+    checker->killed.store(victim);
     ::kill(victim, SIGKILL);
     killed.push_back(victim);
     REQUIRE(wltest::eventually([&] { return checker->promotions.load() == before + 1; }, 10s));

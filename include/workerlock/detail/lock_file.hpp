@@ -198,15 +198,19 @@ enum class inspection { ours, replaced, failed };
 inline inspection inspect_locked_file(lock_state& s, off_t& size, failure& f) noexcept {
   constexpr const char* operation = "verify lock file";
   if (!s.verified_since_open) {
-    struct stat named {};
-    if (::lstat(s.path.c_str(), &named) != 0) {
+    // statx of the path without timestamps, as in open_registered(): an lstat() here would
+    // make the pwrite() of the record that follows pay for a fine-grained mtime.
+    struct statx named {};
+    if (::statx(AT_FDCWD, s.path.c_str(), AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT,
+                STATX_INO | STATX_SIZE, &named) != 0) {
       if (errno == ENOENT) return inspection::replaced;
       f.set(errno, operation);
       return inspection::failed;
     }
-    if (named.st_dev != s.dev || named.st_ino != s.ino) return inspection::replaced;
+    if (makedev(named.stx_dev_major, named.stx_dev_minor) != s.dev || named.stx_ino != s.ino)
+      return inspection::replaced;
     s.verified_since_open = true;
-    size = named.st_size;
+    size = static_cast<off_t>(named.stx_size);
     return inspection::ours;
   }
   struct statx file {};

@@ -35,6 +35,7 @@ class FileBackend final : public Backend {
         health_check_interval_(health_check_interval) {}
 
   void prepare() override {
+    detail::warm_record_caches();
     struct sigaction current {};
     if (::sigaction(wakeup_signal_, nullptr, &current) != 0)
       throw lock_error("start the coordinator for", lock_.path(), {errno, std::system_category()},

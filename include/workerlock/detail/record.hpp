@@ -66,7 +66,17 @@ inline process_identity current_identity() noexcept {
   return cached;
 }
 
-//! Formats the record into `out` (at least max_record_size bytes); returns its length.
+//! Looks up, once per process, what a record needs from the system: the host name, the pid
+//! namespace and the C library's time zone data (gmtime_r loads it on first use: about ten
+//! system calls). A standby calls it before it waits, so its first record after a failover
+//! costs only the write.
+inline void warm_record_caches() noexcept {
+  (void)current_identity();
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  ::gmtime_r(&now, &utc);
+}
+
 //! "YYYY-MM-DDTHH:MM:SS" of `seconds` (UTC), formatted once per second and thread: the
 //! record is written on every acquisition, and zero-padded date fields are its main cost.
 inline std::string_view utc_seconds_text(std::time_t seconds) noexcept {
@@ -88,6 +98,7 @@ inline std::string_view utc_seconds_text(std::time_t seconds) noexcept {
   return std::string_view(last.text, last.size);
 }
 
+//! Formats the record into `out` (at least max_record_size bytes); returns its length.
 inline std::size_t format_record(char* out, pid_t pid, std::chrono::system_clock::time_point now,
                                  Mechanism mechanism) noexcept {
   const auto identity = current_identity();

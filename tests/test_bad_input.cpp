@@ -156,6 +156,19 @@ void wait_for_release(Handshake& hs) {
   wltest::eventually([&] { return hs.release.load(); }, std::chrono::seconds(30));
 }
 
+//! Child body: takes `path` with a WorkerLock, reports through `hs`, holds until hs.release.
+int hold_until_released(Handshake& hs, const std::filesystem::path& path,
+                        const workerlock::Options& options) {
+  WorkerLock lock(path, options);
+  if (!lock.try_lock()) {
+    hs.state = -1;
+    return 1;
+  }
+  hs.state = 1;
+  wait_for_release(hs);
+  return 0;
+}
+
 // --- spawned programs (flock(1), python3) ------------------------------------------------
 
 //! A program started with posix_spawnp, optionally with its stdin and stdout on pipes.
@@ -839,18 +852,9 @@ TEST_CASE("security: a contender leaves larger pre-existing content intact while
     const auto before = stat_of(path);
 
     wltest::Shared<Handshake> hs;
-    Child holder([&] {
-      auto options = quiet(m);
-      options.write_holder_record = false;  // holds without touching the bytes
-      WorkerLock lock(path, options);
-      if (!lock.try_lock()) {
-        hs->state = -1;
-        return 1;
-      }
-      hs->state = 1;
-      wait_for_release(*hs);
-      return 0;
-    });
+    auto options = quiet(m);
+    options.write_holder_record = false;  // holds without touching the bytes
+    Child holder([&] { return hold_until_released(*hs, path, options); });
     REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
     REQUIRE(hs->state.load() == 1);
 
@@ -1183,16 +1187,7 @@ TEST_CASE(
   boost::interprocess::file_lock ours(path.c_str());
   if (boost_first) REQUIRE(ours.try_lock());
   wltest::Shared<Handshake> hs;
-  Child flock_holder([&] {
-    WorkerLock lock(path, quiet(Mechanism::flock));
-    if (!lock.try_lock()) {
-      hs->state = -1;
-      return 1;
-    }
-    hs->state = 1;
-    wait_for_release(*hs);
-    return 0;
-  });
+  Child flock_holder([&] { return hold_until_released(*hs, path, quiet(Mechanism::flock)); });
   REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
   REQUIRE(hs->state.load() == 1);
   if (!boost_first) REQUIRE(ours.try_lock());

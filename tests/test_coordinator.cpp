@@ -1195,16 +1195,53 @@ TEST_CASE("coordinator: /proc/PID/stat start time survives spaces and parenthese
 
 namespace {
 
-struct DeletionBoard {
+//! One Coordinator worker and one plain lock holder, for the lock-file trouble tests.
+struct TroubleBoard {
   std::atomic<int> promotions{0};
   std::atomic<int> demotions{0};
   std::atomic<int> role{-1};
   std::atomic<bool> exit{false};
-  std::atomic<int> warnings{0};
+  std::atomic<int> warnings{0};  // warning and error lines of the worker's sink
   char first_warning[512] = {};
-  std::atomic<int> newcomer_state{0};  // 1 holds the new file, 2 failed
-  std::atomic<bool> newcomer_release{false};
+  std::atomic<int> holder_state{0};  // the plain holder: 1 holds, 2 failed
+  std::atomic<bool> holder_release{false};
 };
+
+//! Child body: a Coordinator on `path` that counts its role changes and warnings in `board`,
+//! polls in polled mode, and stops when board.exit is set.
+int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions options) {
+  options.lock.log = [&board](LogLevel level, std::string_view line) {
+    if (level == LogLevel::info) return;
+    if (board.warnings.fetch_add(1) == 0)
+      std::snprintf(board.first_warning, sizeof board.first_warning, "%.*s",
+                    static_cast<int>(line.size()), line.data());
+  };
+  Coordinator coordinator(path, options);
+  coordinator.on_promoted([&] { board.promotions.fetch_add(1); });
+  coordinator.on_demoted([&] { board.demotions.fetch_add(1); });
+  coordinator.start();
+  board.role.store(static_cast<int>(coordinator.role()));
+  const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
+  while (!board.exit.load() && std::chrono::steady_clock::now() < deadline) {
+    if (options.wait == WaitMode::polled) coordinator.poll();
+    board.role.store(static_cast<int>(coordinator.role()));
+    std::this_thread::sleep_for(5ms);
+  }
+  coordinator.stop();
+  return coordinator.running() ? 1 : 0;
+}
+
+//! Child body: a plain WorkerLock on `path`, held until board.holder_release.
+int trouble_holder(TroubleBoard& board, const fs::path& path) {
+  workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
+  if (!lock.try_lock()) {
+    board.holder_state.store(2);
+    return 1;
+  }
+  board.holder_state.store(1);
+  wait_flag(board.holder_release, std::chrono::steady_clock::now() + kChildLifetime);
+  return 0;
+}
 
 }  // namespace
 
@@ -1216,48 +1253,20 @@ TEST_CASE(
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const auto path = dir / "deleted.lock";
-  wltest::Shared<DeletionBoard> board;
+  wltest::Shared<TroubleBoard> board;
   Children children;
 
-  const pid_t worker = children.spawn([&] {
-    CoordinatorOptions options;
-    options.wait = mode;
-    options.health_check_interval = 100ms;
-    options.lock.log = [&](LogLevel level, std::string_view line) {
-      if (level == LogLevel::info) return;
-      if (board->warnings.fetch_add(1) == 0)
-        std::snprintf(board->first_warning, sizeof board->first_warning, "%.*s",
-                      static_cast<int>(line.size()), line.data());
-    };
-    Coordinator coordinator(path, options);
-    coordinator.on_promoted([&] { board->promotions.fetch_add(1); });
-    coordinator.on_demoted([&] { board->demotions.fetch_add(1); });
-    coordinator.start();
-    const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
-    while (!board->exit.load() && std::chrono::steady_clock::now() < deadline) {
-      if (mode == WaitMode::polled) coordinator.poll();
-      board->role.store(static_cast<int>(coordinator.role()));
-      std::this_thread::sleep_for(5ms);
-    }
-    coordinator.stop();
-    return coordinator.running() ? 1 : 0;
-  });
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.health_check_interval = 100ms;
+  const pid_t worker = children.spawn([&] { return trouble_worker(*board, path, options); });
   REQUIRE(wltest::eventually([&] { return board->promotions.load() == 1; }, 5s));
 
   // An operator (or a tmp cleaner) deletes the file; a newcomer creates and locks a new one.
   REQUIRE(fs::remove(path));
-  const pid_t newcomer = children.spawn([&] {
-    workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
-    if (!lock.try_lock()) {
-      board->newcomer_state.store(2);
-      return 1;
-    }
-    board->newcomer_state.store(1);
-    wait_flag(board->newcomer_release, std::chrono::steady_clock::now() + kChildLifetime);
-    return 0;
-  });
-  REQUIRE(wltest::eventually([&] { return board->newcomer_state.load() != 0; }, 5s));
-  REQUIRE(board->newcomer_state.load() == 1);
+  const pid_t newcomer = children.spawn([&] { return trouble_holder(*board, path); });
+  REQUIRE(wltest::eventually([&] { return board->holder_state.load() != 0; }, 5s));
+  REQUIRE(board->holder_state.load() == 1);
 
   // The old primary notices within a health check or two, and says so through its sink.
   REQUIRE(wltest::eventually([&] { return board->demotions.load() == 1; }, 3s));
@@ -1272,7 +1281,7 @@ TEST_CASE(
   // It rejoined as a standby on the new file: when the newcomer lets go, it is promoted.
   std::this_thread::sleep_for(200ms);
   CHECK(board->promotions.load() == 1);
-  board->newcomer_release.store(true);
+  board->holder_release.store(true);
   REQUIRE(children.wait(newcomer) == 0);
   REQUIRE(wltest::eventually([&] { return board->promotions.load() == 2; }, 5s));
   board->exit.store(true);
@@ -1290,54 +1299,25 @@ TEST_CASE(
   const auto lock_dir = dir / "run";
   const auto path = lock_dir / "primary.lock";
   fs::create_directory(lock_dir);
-  wltest::Shared<DeletionBoard> board;
+  wltest::Shared<TroubleBoard> board;
   Children children;
 
   // The primary: a plain lock, held until told.
-  const pid_t primary = children.spawn([&] {
-    workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
-    if (!lock.try_lock()) {
-      board->newcomer_state.store(2);
-      return 1;
-    }
-    board->newcomer_state.store(1);
-    wait_flag(board->newcomer_release, std::chrono::steady_clock::now() + kChildLifetime);
-    return 0;
-  });
-  REQUIRE(wltest::eventually([&] { return board->newcomer_state.load() != 0; }, 5s));
-  REQUIRE(board->newcomer_state.load() == 1);
+  const pid_t primary = children.spawn([&] { return trouble_holder(*board, path); });
+  REQUIRE(wltest::eventually([&] { return board->holder_state.load() != 0; }, 5s));
+  REQUIRE(board->holder_state.load() == 1);
 
-  const pid_t standby = children.spawn([&] {
-    CoordinatorOptions options;
-    options.wait = mode;
-    options.retry_backoff_min = 10ms;
-    options.retry_backoff_max = 80ms;
-    options.lock.log = [&](LogLevel level, std::string_view line) {
-      if (level == LogLevel::info) return;
-      if (board->warnings.fetch_add(1) == 0)
-        std::snprintf(board->first_warning, sizeof board->first_warning, "%.*s",
-                      static_cast<int>(line.size()), line.data());
-    };
-    Coordinator coordinator(path, options);
-    coordinator.on_promoted([&] { board->promotions.fetch_add(1); });
-    coordinator.on_demoted([&] { board->demotions.fetch_add(1); });
-    coordinator.start();
-    board->role.store(static_cast<int>(coordinator.role()));
-    const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
-    while (!board->exit.load() && std::chrono::steady_clock::now() < deadline) {
-      if (mode == WaitMode::polled) coordinator.poll();
-      board->role.store(static_cast<int>(coordinator.role()));
-      std::this_thread::sleep_for(5ms);
-    }
-    coordinator.stop();
-    return 0;
-  });
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.retry_backoff_min = 10ms;
+  options.retry_backoff_max = 80ms;
+  const pid_t standby = children.spawn([&] { return trouble_worker(*board, path, options); });
   REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
 
   // The directory goes away (a cleaner, an operator); then the primary dies. The standby's
   // next attempt cannot open the path: an error, reported and retried, never a promotion.
   fs::remove_all(lock_dir);
-  board->newcomer_release.store(true);
+  board->holder_release.store(true);
   REQUIRE(children.wait(primary) == 0);
   REQUIRE(wltest::eventually([&] { return board->warnings.load() >= 3; }, 5s));
   const int warnings_before = board->warnings.load();

@@ -104,50 +104,7 @@ struct Diag {
   }
 };
 
-//! Forked children of one test; any child still running when the test leaves (a failed
-//! REQUIRE, say) is killed and reaped, so no test leaves a process behind.
-class Children {
- public:
-  Children() = default;
-  Children(const Children&) = delete;
-  Children& operator=(const Children&) = delete;
-  ~Children() {
-    for (const pid_t pid : live_) {
-      ::kill(pid, SIGKILL);
-      wltest::wait_exit_code(pid);
-    }
-  }
-
-  //! Forks a child running body(); the child dies with the test process (PR_SET_PDEATHSIG),
-  //! so an interrupted run leaves no child spinning at a start line.
-  template <typename F>
-  pid_t spawn(F&& body) {
-    const pid_t parent = ::getpid();
-    const pid_t pid = wltest::fork_child([&]() -> int {
-      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) return 98;
-      return body();
-    });
-    live_.push_back(pid);
-    return pid;
-  }
-
-  //! Waits for one child; returns its exit code (128 + signal when killed).
-  int wait(pid_t pid) {
-    const int code = wltest::wait_exit_code(pid);
-    live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end());
-    return code;
-  }
-
-  //! Waits for every remaining child; returns how many did not exit with 0.
-  int wait_all_failures() {
-    const int failures = wltest::wait_all_failures(live_);
-    live_.clear();
-    return failures;
-  }
-
- private:
-  std::vector<pid_t> live_;
-};
+using wltest::Children;
 
 //! A one-shot gate for many children, made of a pipe: a child blocks in pass() (no CPU, unlike
 //! polling) until the parent calls open() or dies. Hundreds of polling or spinning children

@@ -1,9 +1,10 @@
 // tests/postgres_server.hpp: a throwaway PostgreSQL cluster for tests and the PostgreSQL
 // benchmark: initdb into a fresh temporary directory, listening on 127.0.0.1 on a free port
 // and on a Unix socket in that directory, fsync off, stopped (pg_ctl stop -m immediate) and
-// removed by the destructor. As root, initdb and the server run as the `postgres` system
-// user (else `nobody`). pg_hba.conf trusts everyone except the role `wl_pw`, which needs
-// its password (scram-sha-256). Needs libpq for queries; does not need Catch2.
+// removed by the destructor. It can also listen on one more address and trust one more
+// client network (the partition test's virtual link). As root, initdb and the server run as the
+// `postgres` system user (else `nobody`). pg_hba.conf trusts everyone except the role `wl_pw`,
+// which needs its password (scram-sha-256). Needs libpq for queries; does not need Catch2.
 #pragma once
 
 #include <fcntl.h>
@@ -84,7 +85,10 @@ class PostgresServer {
   }
 
   //! initdb, then starts the server on a free port; throws std::runtime_error on failure.
-  PostgresServer() : bin_(bindir()) {
+  //! `also_listen` ("10.77.0.1") is added to listen_addresses, and clients from
+  //! `also_trust` ("10.77.0.0/24") are trusted like those on 127.0.0.1.
+  explicit PostgresServer(const std::string& also_listen = {}, const std::string& also_trust = {})
+      : bin_(bindir()) {
     if (bin_.empty()) throw std::runtime_error(missing_reason());
     pick_user();
     char pattern[] = "/tmp/workerlock-pg-XXXXXX";
@@ -102,7 +106,8 @@ class PostgresServer {
       {
         std::ofstream conf(dir_ / "data" / "postgresql.conf", std::ios::app);
         conf << "\n# workerlock test cluster\n"
-             << "listen_addresses = '127.0.0.1'\n"
+             << "listen_addresses = '127.0.0.1" << (also_listen.empty() ? "" : ", ") << also_listen
+             << "'\n"
              << "unix_socket_directories = '" << dir_.string() << "'\n"
              << "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
              << "max_connections = 200\nshared_buffers = 16MB\n"
@@ -112,6 +117,7 @@ class PostgresServer {
             << "host all " << password_user << " 127.0.0.1/32 scram-sha-256\n"
             << "local all all trust\n"
             << "host all all 127.0.0.1/32 trust\n";
+        if (!also_trust.empty()) hba << "host all all " << also_trust << " trust\n";
       }
       std::string error;
       for (int attempt = 0; attempt < 10; ++attempt) {
@@ -142,7 +148,12 @@ class PostgresServer {
 
   //! A libpq conninfo over TCP: host=127.0.0.1 port=P dbname=postgres user=U [password=W].
   std::string conninfo(const std::string& user = "postgres", const std::string& pw = "") const {
-    std::string text = fmt::format("host=127.0.0.1 port={} dbname=postgres user={}", port_, user);
+    return conninfo_at("127.0.0.1", user, pw);
+  }
+  //! The same for another address the server listens on.
+  std::string conninfo_at(const std::string& host, const std::string& user = "postgres",
+                          const std::string& pw = "") const {
+    std::string text = fmt::format("host={} port={} dbname=postgres user={}", host, port_, user);
     if (!pw.empty()) text += " password=" + pw;
     return text;
   }

@@ -7,8 +7,10 @@
 // moves it from 0 (or from a pid that is gone) to its own pid, on_demoted moves it back to 0;
 // a promotion that finds another live pid there is an overlap.
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -21,12 +23,14 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <limits>
 #include <memory>
 #include <ostream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1014,6 +1018,169 @@ TEST_CASE("postgres: Coordinator in WaitMode::polled", "[postgres]") {
   CHECK(second_promoted == 1);
   CHECK(first_events == 1);
   second.stop();
+}
+
+namespace {
+
+//! This process in a network namespace of its own, restored by the destructor: loopback up,
+//! and a virtual link (veth pair) whose end "wl-server" (10.77.0.1/24) stays here while the
+//! other, "wl-holder" (10.77.0.2/24), is moved into a child's namespace: a second host.
+//! cut() takes the link down, as a pulled cable or a partition would: nothing arrives, and
+//! nobody is told (no RST, no FIN). Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and ip(8).
+class PartitionLab {
+ public:
+  static constexpr const char* server_address = "10.77.0.1";
+  static constexpr const char* holder_address = "10.77.0.2";
+  static constexpr const char* network = "10.77.0.0/24";
+
+  //! Empty when the lab can be built here, else why not.
+  static std::string unavailable_reason() {
+    if (::geteuid() != 0) return "not root: a network namespace and a veth pair need root";
+    if (ip().empty()) return "ip(8) not found: apt-get install iproute2";
+    return {};
+  }
+
+  PartitionLab() {
+    original_ = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (original_ < 0) throw std::runtime_error("open /proc/self/ns/net failed");
+    if (::unshare(CLONE_NEWNET) != 0) {
+      ::close(original_);
+      throw std::runtime_error(fmt::format("unshare(CLONE_NEWNET): {}", std::strerror(errno)));
+    }
+    try {
+      run("link set lo up");
+      run("link add wl-server type veth peer name wl-holder");
+      run(fmt::format("addr add {}/24 dev wl-server", server_address));
+      run("link set wl-server up");
+    } catch (...) {
+      restore();
+      throw;
+    }
+  }
+  ~PartitionLab() { restore(); }
+  PartitionLab(const PartitionLab&) = delete;
+  PartitionLab& operator=(const PartitionLab&) = delete;
+
+  //! Moves the link's far end into the network namespace of `pid`.
+  void hand_over(pid_t pid) { run(fmt::format("link set wl-holder netns {}", pid)); }
+  //! In the child, once hand_over() returned: its side of the link.
+  static void configure_far_end() {
+    run("link set lo up");
+    run(fmt::format("addr add {}/24 dev wl-holder", holder_address));
+    run("link set wl-holder up");
+  }
+  void cut() { run("link set wl-server down"); }
+  void heal() { run("link set wl-server up"); }
+
+ private:
+  static std::string ip() {
+    for (const char* candidate : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"})
+      if (::access(candidate, X_OK) == 0) return candidate;
+    return {};
+  }
+  static void run(const std::string& arguments) {
+    const std::string command = ip() + " " + arguments + " 2>&1";
+    if (std::system(command.c_str()) != 0)
+      throw std::runtime_error("partition lab: '" + command + "' failed");
+  }
+  void restore() noexcept {
+    if (original_ < 0) return;
+    if (::setns(original_, CLONE_NEWNET) != 0) std::perror("setns back to the original network");
+    ::close(original_);
+    original_ = -1;
+  }
+  int original_ = -1;
+};
+
+}  // namespace
+
+// A partition, not a crash: the holder's host is cut off but its process lives on. The server
+// frees the lock only when its TCP keepalives / tcp_user_timeout give up on the silent client
+// (~10 s with the defaults); the holder must have stepped down before that, on its own.
+TEST_CASE(
+    "postgres: a partitioned holder steps down before the server frees its lock, then a standby "
+    "takes over and the healed holder rejoins as a standby",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  if (const auto why = PartitionLab::unavailable_reason(); !why.empty()) {
+    if (wltest::server_required("WORKERLOCK_REQUIRE_POSTGRES")) FAIL(why);
+    WARN(why << ": partition test skipped");
+    return;
+  }
+  PartitionLab lab;
+  wltest::PostgresServer pg(PartitionLab::server_address, PartitionLab::network);
+  struct Steps {
+    std::atomic<int> unshared{0};
+    std::atomic<int> handed_over{0};
+    std::atomic<int> configured{0};
+  };
+  wltest::Shared<Checker> checker;
+  wltest::Shared<Steps> steps;
+  wltest::Children children;  // a failed REQUIRE must not leave the workers running
+  PostgresOptions o;  // the default timers: the bounds checked below are the documented ones
+  o.name = "partition";
+  o.restart_grace = 0ms;
+
+  // The holder, on the far side of the link: a host of its own.
+  PostgresOptions far_side = o;
+  far_side.conninfo = pg.conninfo_at(PartitionLab::server_address);
+  const pid_t holder = children.spawn([&] {
+    if (::unshare(CLONE_NEWNET) != 0) return 10;
+    steps->unshared.store(1);
+    while (steps->handed_over.load() == 0) std::this_thread::sleep_for(1ms);
+    PartitionLab::configure_far_end();
+    steps->configured.store(1);
+    return coordinator_child(far_side, *checker, 0);
+  });
+  REQUIRE(wltest::eventually([&] { return steps->unshared.load() == 1; }, 10s));
+  lab.hand_over(holder);
+  steps->handed_over.store(1);
+  REQUIRE(wltest::eventually([&] { return steps->configured.load() == 1; }, 10s));
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+  REQUIRE(checker->holder.load() == holder);
+
+  // The standby, on the server's side of the link.
+  PostgresOptions near_side = o;
+  near_side.conninfo = pg.conninfo();
+  const pid_t standby = children.spawn([&] { return coordinator_child(near_side, *checker, 1); });
+  const auto key = PostgresBackend::key_for(o.name);
+  REQUIRE(wltest::eventually([&] { return pg.lock_waiters(key, 1) == 1; }, 20s));
+
+  const auto cut_at = mono_ns();
+  lab.cut();
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 2; }, 30s));
+  const double demoted_after = ms_between(cut_at, checker->last_demoted_ns.load());
+  const double promoted_after = ms_between(cut_at, checker->last_promoted_ns.load());
+  INFO(checker->summary());
+  CHECK(checker->last_promoted_pid.load() == standby);
+  CHECK(checker->demotions.load() == 1);
+  // The holder gave up within verify_interval + command_timeout (3 s), plus scheduling slack;
+  CHECK(demoted_after < 4500.0);
+  // the server freed the lock after min(tcp_user_timeout, keepalives) = 10 s, not at once
+  // (that would mean the link was not really cut), and not much later than documented;
+  CHECK(promoted_after > 5000.0);
+  CHECK(promoted_after < 14000.0);
+  // and so the two were never primary at once (the checker would count an overlap).
+  CHECK(checker->last_demoted_ns.load() < checker->last_promoted_ns.load());
+  CHECK(checker->overlaps.load() == 0);
+
+  // Healed, the old holder reconnects and waits behind the new primary.
+  lab.heal();
+  CHECK(wltest::eventually([&] { return pg.lock_waiters(key, 1) == 1; }, 30s));
+  std::this_thread::sleep_for(500ms);
+  CHECK(checker->promotions.load() == 2);
+  CHECK(checker->holder.load() == standby);
+
+  for (auto& stop : checker->stop) stop.store(true);
+  CHECK(children.wait(holder) == 0);
+  CHECK(children.wait(standby) == 0);
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  WARN(
+      fmt::format("partition of the holder's host: it stepped down {:.0f} ms after the cut; the "
+                  "server freed the lock and the standby was promoted {:.0f} ms after it",
+                  demoted_after, promoted_after));
 }
 
 // Last: restarting the server ends every session.

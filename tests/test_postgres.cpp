@@ -42,6 +42,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
+#include "partition_lab.hpp"
 #include "postgres_server.hpp"
 #include "support.hpp"
 
@@ -1020,80 +1021,6 @@ TEST_CASE("postgres: Coordinator in WaitMode::polled", "[postgres]") {
   second.stop();
 }
 
-namespace {
-
-//! This process in a network namespace of its own, restored by the destructor: loopback up,
-//! and a virtual link (veth pair) whose end "wl-server" (10.77.0.1/24) stays here while the
-//! other, "wl-holder" (10.77.0.2/24), is moved into a child's namespace: a second host.
-//! cut() takes the link down, as a pulled cable or a partition would: nothing arrives, and
-//! nobody is told (no RST, no FIN). Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and ip(8).
-class PartitionLab {
- public:
-  static constexpr const char* server_address = "10.77.0.1";
-  static constexpr const char* holder_address = "10.77.0.2";
-  static constexpr const char* network = "10.77.0.0/24";
-
-  //! Empty when the lab can be built here, else why not.
-  static std::string unavailable_reason() {
-    if (::geteuid() != 0) return "not root: a network namespace and a veth pair need root";
-    if (ip().empty()) return "ip(8) not found: apt-get install iproute2";
-    return {};
-  }
-
-  PartitionLab() {
-    original_ = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
-    if (original_ < 0) throw std::runtime_error("open /proc/self/ns/net failed");
-    if (::unshare(CLONE_NEWNET) != 0) {
-      ::close(original_);
-      throw std::runtime_error(fmt::format("unshare(CLONE_NEWNET): {}", std::strerror(errno)));
-    }
-    try {
-      run("link set lo up");
-      run("link add wl-server type veth peer name wl-holder");
-      run(fmt::format("addr add {}/24 dev wl-server", server_address));
-      run("link set wl-server up");
-    } catch (...) {
-      restore();
-      throw;
-    }
-  }
-  ~PartitionLab() { restore(); }
-  PartitionLab(const PartitionLab&) = delete;
-  PartitionLab& operator=(const PartitionLab&) = delete;
-
-  //! Moves the link's far end into the network namespace of `pid`.
-  void hand_over(pid_t pid) { run(fmt::format("link set wl-holder netns {}", pid)); }
-  //! In the child, once hand_over() returned: its side of the link.
-  static void configure_far_end() {
-    run("link set lo up");
-    run(fmt::format("addr add {}/24 dev wl-holder", holder_address));
-    run("link set wl-holder up");
-  }
-  void cut() { run("link set wl-server down"); }
-  void heal() { run("link set wl-server up"); }
-
- private:
-  static std::string ip() {
-    for (const char* candidate : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"})
-      if (::access(candidate, X_OK) == 0) return candidate;
-    return {};
-  }
-  static void run(const std::string& arguments) {
-    const std::string command = ip() + " " + arguments + " 2>&1";
-    if (std::system(command.c_str()) != 0)
-      throw std::runtime_error("partition lab: '" + command + "' failed");
-  }
-  void restore() noexcept {
-    if (original_ < 0) return;
-    if (::setns(original_, CLONE_NEWNET) != 0) std::perror("setns back to the original network");
-    ::close(original_);
-    original_ = -1;
-  }
-  int original_ = -1;
-};
-
-}  // namespace
-
 // A partition, not a crash: the holder's host is cut off but its process lives on. The server
 // frees the lock only when its TCP keepalives / tcp_user_timeout give up on the silent client
 // (~10 s with the defaults); the holder must have stepped down before that, on its own.
@@ -1102,20 +1029,14 @@ TEST_CASE(
     "takes over and the healed holder rejoins as a standby",
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  if (const auto why = PartitionLab::unavailable_reason(); !why.empty()) {
+  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
     if (wltest::server_required("WORKERLOCK_REQUIRE_POSTGRES")) FAIL(why);
     WARN(why << ": partition test skipped");
     return;
   }
-  PartitionLab lab;
-  wltest::PostgresServer pg(PartitionLab::server_address, PartitionLab::network);
-  struct Steps {
-    std::atomic<int> unshared{0};
-    std::atomic<int> handed_over{0};
-    std::atomic<int> configured{0};
-  };
+  wltest::PartitionLab lab;
+  wltest::PostgresServer pg(wltest::PartitionLab::server_address, wltest::PartitionLab::network);
   wltest::Shared<Checker> checker;
-  wltest::Shared<Steps> steps;
   wltest::Children children;  // a failed REQUIRE must not leave the workers running
   PostgresOptions o;  // the default timers: the bounds checked below are the documented ones
   o.name = "partition";
@@ -1123,19 +1044,9 @@ TEST_CASE(
 
   // The holder, on the far side of the link: a host of its own.
   PostgresOptions far_side = o;
-  far_side.conninfo = pg.conninfo_at(PartitionLab::server_address);
-  const pid_t holder = children.spawn([&] {
-    if (::unshare(CLONE_NEWNET) != 0) return 10;
-    steps->unshared.store(1);
-    while (steps->handed_over.load() == 0) std::this_thread::sleep_for(1ms);
-    PartitionLab::configure_far_end();
-    steps->configured.store(1);
-    return coordinator_child(far_side, *checker, 0);
-  });
-  REQUIRE(wltest::eventually([&] { return steps->unshared.load() == 1; }, 10s));
-  lab.hand_over(holder);
-  steps->handed_over.store(1);
-  REQUIRE(wltest::eventually([&] { return steps->configured.load() == 1; }, 10s));
+  far_side.conninfo = pg.conninfo_at(wltest::PartitionLab::server_address);
+  const pid_t holder =
+      lab.spawn_far_host(children, [&] { return coordinator_child(far_side, *checker, 0); });
   REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
   REQUIRE(checker->holder.load() == holder);
 

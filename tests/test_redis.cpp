@@ -28,6 +28,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/redis.hpp>
 
+#include "partition_lab.hpp"
 #include "redis_server.hpp"
 #include "support.hpp"
 
@@ -976,4 +977,81 @@ TEST_CASE("redis: the holder demotes before anyone else is promoted when Redis s
       "valid_until (drift margin {} ms); next primary {:.0f} ms after that demotion",
       what, ms_between(stalled_at, first_demotion), worst, probe.options().drift_margin.count(),
       ms_between(first_demotion, second_promotion)));
+}
+
+// A partition, not a stall: the holder's host is cut off, and only it. Every standby still
+// reaches Redis and takes the lease the moment it expires, so the holder must have stopped
+// trusting its lease before that, with no word from anyone.
+TEST_CASE(
+    "redis: a partitioned holder demotes before its lease expires, a standby takes over "
+    "after it, and the healed holder stays a standby",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
+    if (wltest::server_required("WORKERLOCK_REQUIRE_REDIS")) FAIL(why);
+    WARN(why << ": partition test skipped");
+    return;
+  }
+  wltest::PartitionLab lab;
+  wltest::RedisServer server(wltest::RedisServer::Config{
+      {}, {"--bind", "127.0.0.1", wltest::PartitionLab::server_address, "--protected-mode", "no"}});
+  wltest::Shared<Checker> checker;
+  wltest::Children children;  // a failed REQUIRE must not leave the workers running
+  const auto key = fresh_key("partition");
+  seed_fence(server, key);
+  const auto o = options_for(server, key, 2000ms);
+
+  // The holder, on the far side of the link: a host of its own.
+  RedisOptions far_side = o;
+  far_side.url =
+      fmt::format("redis://{}:{}/0", wltest::PartitionLab::server_address, server.port());
+  const pid_t holder =
+      lab.spawn_far_host(children, [&] { return coordinator_child(far_side, *checker, 0); });
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 10s));
+  REQUIRE(checker->holder.load() == holder);
+  // Two standbys on the server's side of the link.
+  const pid_t standby_a = children.spawn([&] { return coordinator_child(o, *checker, 1); });
+  const pid_t standby_b = children.spawn([&] { return coordinator_child(o, *checker, 2); });
+  std::this_thread::sleep_for(1500ms);  // the holder renews twice meanwhile
+  REQUIRE(checker->promotions.load() == 1);
+
+  const auto cut_at = mono_ns();
+  lab.cut();
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 2; }, 10s));
+  const auto demoted_ns = checker->last_demoted_ns.load();
+  const auto promoted_ns = checker->last_promoted_ns.load();
+  INFO(checker->dump());
+  CHECK(checker->demotions.load() == 1);
+  const int successor = checker->holder.load();
+  CHECK((successor == standby_a || successor == standby_b));
+  // The holder stopped trusting its lease before Redis could give it away: at most ttl after
+  // the cut, and before the lease's end (valid_until, drift margin included);
+  CHECK(ms_between(cut_at, demoted_ns) < 2000.0);
+  const RedisBackend probe(o);
+  CHECK(static_cast<double>(checker->worst_demotion_after_lease_ns.load()) / 1e6 <
+        static_cast<double>(probe.options().drift_margin.count()));
+  // a standby took over once the key expired: not before the holder had demoted, within ttl
+  // plus one standby retry (200 ms) and some scheduling slack.
+  CHECK(demoted_ns < promoted_ns);
+  CHECK(ms_between(cut_at, promoted_ns) < 2000.0 + 200.0 + 800.0);
+  CHECK(checker->overlaps.load() == 0);
+
+  // Healed, the old holder reaches Redis again, finds the lease taken and stays a standby.
+  lab.heal();
+  std::this_thread::sleep_for(2500ms);
+  CHECK(checker->promotions.load() == 2);
+  CHECK(checker->holder.load() == successor);
+
+  stop_all(*checker, 3);
+  CHECK(children.wait(holder) == 0);
+  CHECK(children.wait(standby_a) == 0);
+  CHECK(children.wait(standby_b) == 0);
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+  CHECK(checker->fence_violations.load() == 0);
+  CHECK(checker->zero_fences.load() == 0);
+  WARN(
+      fmt::format("partition of the holder's host (ttl 2000 ms): it demoted {:.0f} ms after the "
+                  "cut; a standby was promoted {:.0f} ms after the cut",
+                  ms_between(cut_at, demoted_ns), ms_between(cut_at, promoted_ns)));
 }

@@ -1024,9 +1024,10 @@ TEST_CASE(
   CHECK(checker->demotions.load() == 1);
   const int successor = checker->holder.load();
   CHECK((successor == standby_a || successor == standby_b));
-  // The holder stopped trusting its lease before Redis could give it away: at most ttl after
-  // the cut, and before the lease's end (valid_until, drift margin included);
-  CHECK(ms_between(cut_at, demoted_ns) < 2000.0);
+  // The holder stopped trusting its lease before Redis could give it away: within a ttl of
+  // the cut (plus scheduling slack), and before the lease's end (valid_until, which already
+  // leaves the drift margin);
+  CHECK(ms_between(cut_at, demoted_ns) < 2000.0 + 500.0);
   const RedisBackend probe(o);
   CHECK(static_cast<double>(checker->worst_demotion_after_lease_ns.load()) / 1e6 <
         static_cast<double>(probe.options().drift_margin.count()));

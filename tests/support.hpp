@@ -11,9 +11,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <utility>
@@ -68,7 +71,8 @@ class Shared {
 };
 
 //! Forks a child that runs `body` (returning its exit code) and leaves with _exit, so no
-//! destructor or atexit handler of the parent runs twice. An exception exits with 99.
+//! destructor or atexit handler of the parent runs twice. An exception exits with 99, after
+//! saying what it was on stderr.
 template <typename F>
 pid_t fork_child(F&& body) {
   const pid_t pid = ::fork();
@@ -77,7 +81,12 @@ pid_t fork_child(F&& body) {
     int code = 0;
     try {
       code = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child %d: exception: %s\n", static_cast<int>(::getpid()), e.what());
+      code = 99;
     } catch (...) {
+      std::fprintf(stderr, "child %d: exception of an unknown type\n",
+                   static_cast<int>(::getpid()));
       code = 99;
     }
     ::_exit(code);

@@ -43,6 +43,7 @@
 
 #include <workerlock/workerlock.hpp>
 
+#include "fault_injection.hpp"
 #include "support.hpp"
 
 extern char** environ;
@@ -663,6 +664,96 @@ TEST_CASE("bad input: descriptor exhaustion is reported as EMFILE, and the next 
     check_attempt(r->holder, "lock_holder", path, std::errc::too_many_files_open,
                   "inspect lock file", {"/proc/locks"});
     CHECK(r->primary_after_closing);
+  }
+}
+
+// Faults the kernel reports only on a bad day (a full lock table, NFS without its lock
+// manager, a failing disk) are injected with a seccomp filter in a child: the real system
+// call fails with the errno, and the library's own code handles it.
+
+namespace {
+
+//! What the file holds before the test: the record of a holder long gone.
+constexpr const char* earlier_holders_record = "4242\nacquired=2026-01-01T00:00:00.000000Z\n";
+
+//! In this (child) process, makes the lock call of mechanism `m` fail with `error`.
+bool fail_lock_calls(Mechanism m, int error) {
+  switch (m) {
+    case Mechanism::ofd:
+      return wltest::fail_syscall(SYS_fcntl, error, {F_OFD_SETLK, F_OFD_SETLKW});
+    case Mechanism::posix:
+      return wltest::fail_syscall(SYS_fcntl, error, {F_SETLK, F_SETLKW});
+    case Mechanism::flock:
+      return wltest::fail_syscall(SYS_flock, error);
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "faults: ENOLCK from the kernel's lock call is an error naming the path and the lock "
+    "manager, never a primary, and the file is untouched",
+    "[bad-input][faults]") {
+  wltest::TempDir tmp;
+  const auto path = tmp / "primary.lock";
+  const std::string before = earlier_holders_record;
+  REQUIRE(write_file(path, before));
+  for (const auto m : all_mechanisms) {
+    INFO("mechanism: " << name_of(m));
+    wltest::Shared<Refusal> r;
+    const int code = run_child([&] {
+      if (!fail_lock_calls(m, ENOLCK)) return 20;
+      attempt_into(*r, path, quiet(m));
+      return 0;
+    });
+    REQUIRE(code == 0);
+    for (const auto* a : {&r->elect, &r->try_lock}) {
+      check_attempt(*a, a == &r->elect ? "is_primary_worker" : "WorkerLock::try_lock", path,
+                    std::errc::no_lock_available, "lock", {"lock manager"});
+    }
+    CHECK(slurp(path) == before);
+    CHECK_FALSE(workerlock::lock_holder(path).has_value());
+  }
+}
+
+TEST_CASE(
+    "faults: EIO writing the holder record is reported, the lock is let go at once and "
+    "the file keeps its old content",
+    "[bad-input][faults]") {
+  wltest::TempDir tmp;
+  const auto path = tmp / "primary.lock";
+  const std::string before = earlier_holders_record;
+  REQUIRE(write_file(path, before));
+  struct Result {
+    Refusal refusal;
+    Handshake hs;
+  };
+  for (const auto m : all_mechanisms) {
+    INFO("mechanism: " << name_of(m));
+    REQUIRE(write_file(path, before));  // the previous round's `other` wrote its record
+    wltest::Shared<Result> r;
+    Child child([&] {
+      if (!wltest::fail_syscall(SYS_pwrite64, EIO)) return 20;
+      attempt_into(r->refusal, path, quiet(m));
+      r->hs.state = 1;
+      wait_for_release(r->hs);  // alive: a lock it kept would still be held
+      return 0;
+    });
+    REQUIRE(wltest::eventually([&] { return r->hs.state.load() != 0; }, std::chrono::seconds(10)));
+    check_attempt(r->refusal.elect, "is_primary_worker", path, std::errc::io_error,
+                  "write holder record to", {});
+    check_attempt(r->refusal.try_lock, "WorkerLock::try_lock", path, std::errc::io_error,
+                  "write holder record to", {});
+    // The failing worker still runs, and holds nothing: anybody else can be primary.
+    CHECK_FALSE(workerlock::lock_holder(path).has_value());
+    CHECK(slurp(path) == before);
+    {
+      WorkerLock other(path, quiet(m));
+      CHECK(other.try_lock());
+    }
+    r->hs.release = true;
+    CHECK(child.wait() == 0);
   }
 }
 

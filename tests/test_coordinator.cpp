@@ -45,6 +45,7 @@
 
 #include <workerlock/workerlock.hpp>
 
+#include "fault_injection.hpp"
 #include "support.hpp"
 
 namespace {
@@ -1208,8 +1209,10 @@ struct TroubleBoard {
 };
 
 //! Child body: a Coordinator on `path` that counts its role changes and warnings in `board`,
-//! polls in polled mode, and stops when board.exit is set.
-int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions options) {
+//! polls in polled mode, and stops when board.exit is set. `after_start`, if given, runs once
+//! start() returned; the worker exits with 21 if it returns false.
+int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions options,
+                   const std::function<bool()>& after_start = {}) {
   options.lock.log = [&board](LogLevel level, std::string_view line) {
     if (level == LogLevel::info) return;
     if (board.warnings.fetch_add(1) == 0)
@@ -1220,6 +1223,7 @@ int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions
   coordinator.on_promoted([&] { board.promotions.fetch_add(1); });
   coordinator.on_demoted([&] { board.demotions.fetch_add(1); });
   coordinator.start();
+  if (after_start && !after_start()) return 21;
   board.role.store(static_cast<int>(coordinator.role()));
   const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
   while (!board.exit.load() && std::chrono::steady_clock::now() < deadline) {
@@ -1241,6 +1245,23 @@ int trouble_holder(TroubleBoard& board, const fs::path& path) {
   board.holder_state.store(1);
   wait_flag(board.holder_release, std::chrono::steady_clock::now() + kChildLifetime);
   return 0;
+}
+
+//! Starts trouble_holder() in a child and waits until it holds `path`.
+pid_t spawn_plain_primary(Children& children, TroubleBoard& board, const fs::path& path) {
+  const pid_t primary = children.spawn([&] { return trouble_holder(board, path); });
+  REQUIRE(wltest::eventually([&] { return board.holder_state.load() != 0; }, 5s));
+  REQUIRE(board.holder_state.load() == 1);
+  return primary;
+}
+
+//! Options for the trouble tests that count retries: a short backoff, 10 to 80 ms.
+CoordinatorOptions quick_retry_options(WaitMode mode) {
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.retry_backoff_min = 10ms;
+  options.retry_backoff_max = 80ms;
+  return options;
 }
 
 }  // namespace
@@ -1303,14 +1324,9 @@ TEST_CASE(
   Children children;
 
   // The primary: a plain lock, held until told.
-  const pid_t primary = children.spawn([&] { return trouble_holder(*board, path); });
-  REQUIRE(wltest::eventually([&] { return board->holder_state.load() != 0; }, 5s));
-  REQUIRE(board->holder_state.load() == 1);
+  const pid_t primary = spawn_plain_primary(children, *board, path);
 
-  CoordinatorOptions options;
-  options.wait = mode;
-  options.retry_backoff_min = 10ms;
-  options.retry_backoff_max = 80ms;
+  const auto options = quick_retry_options(mode);
   const pid_t standby = children.spawn([&] { return trouble_worker(*board, path, options); });
   REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
 
@@ -1341,6 +1357,58 @@ TEST_CASE(
   board->exit.store(true);
   CHECK(children.wait(standby) == 0);
   CHECK(board->demotions.load() == 1);
+}
+
+TEST_CASE(
+    "coordinator: a worker whose holder record cannot be written (EIO) logs it, retries with "
+    "backoff, is never promoted, and keeps nobody else out",
+    "[coordinator]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const auto path = dir / "eio.lock";
+  wltest::Shared<TroubleBoard> board;
+  Children children;
+
+  // The primary: a plain lock, held until told.
+  const pid_t primary = spawn_plain_primary(children, *board, path);
+
+  // A standby whose disk then starts failing: from the moment start() has returned, every
+  // pwrite() of its process fails with EIO (a seccomp filter: the kernel refuses the real
+  // call, and the library's own error path runs). Then the primary leaves.
+  const auto options = quick_retry_options(mode);
+  const pid_t faulty = children.spawn([&] {
+    return trouble_worker(*board, path, options,
+                          [] { return wltest::fail_syscall(SYS_pwrite64, EIO); });
+  });
+  REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
+  board->holder_release.store(true);
+  REQUIRE(children.wait(primary) == 0);
+  REQUIRE(wltest::eventually([&] { return board->warnings.load() >= 3; }, 5s));
+  const std::string warning = board->first_warning;
+  INFO("first warning: " << warning);
+  CHECK(warning.find(path.string()) != std::string::npos);
+  CHECK(warning.find("write holder record") != std::string::npos);
+  CHECK(warning.find("Input/output error") != std::string::npos);
+  CHECK(warning.find("retrying in") != std::string::npos);
+  CHECK(board->promotions.load() == 0);
+  CHECK(board->role.load() == kSecondary);
+
+  // Between its attempts it holds nothing: another worker becomes primary (here the test
+  // process itself, which can write its record), and the faulty one keeps trying, quietly
+  // waiting while the lock is held.
+  workerlock::WorkerLock healthy(path, workerlock::Options{}.silent());
+  REQUIRE(wltest::eventually([&] { return healthy.try_lock(); }, 2s));
+  CHECK(workerlock::lock_holder(path).value_or(workerlock::Holder{}).pid == ::getpid());
+  std::this_thread::sleep_for(200ms);
+  CHECK(board->promotions.load() == 0);
+  healthy.unlock();
+  const int warnings_before = board->warnings.load();
+  REQUIRE(wltest::eventually([&] { return board->warnings.load() > warnings_before; }, 5s));
+  CHECK(board->promotions.load() == 0);
+  board->exit.store(true);
+  CHECK(children.wait(faulty) == 0);
+  CHECK(board->demotions.load() == 0);
 }
 
 TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",

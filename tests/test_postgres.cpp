@@ -89,6 +89,16 @@ PostgresOptions options_for(const std::string& name) {
   return o;
 }
 
+//! For tests about exclusion, not time: no round trip gives up on a loaded machine (CI, a
+//! sanitizer build). The TCP timers grow with it, as the options require.
+PostgresOptions patient(PostgresOptions o) {
+  o.connect_timeout = 20s;
+  o.command_timeout = 10s;
+  o.keepalives_idle = 30s;
+  o.tcp_user_timeout = 30s;
+  return o;
+}
+
 //! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
 int closed_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -751,7 +761,7 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
 
   for (int round = 0; round < 3; ++round) {
     wltest::Shared<Shared> shared;
-    auto o = options_for(fresh_name("race"));
+    auto o = patient(options_for(fresh_name("race")));
     o.restart_grace = 0ms;
     std::vector<pid_t> pids;
     for (int i = 0; i < n; ++i) {
@@ -774,7 +784,7 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
 
   // Blocking waits: everybody gets it once, never two at a time.
   wltest::Shared<Shared> shared;
-  auto o = options_for(fresh_name("handover"));
+  auto o = patient(options_for(fresh_name("handover")));
   o.restart_grace = 0ms;
   std::vector<pid_t> pids;
   for (int i = 0; i < n; ++i) {

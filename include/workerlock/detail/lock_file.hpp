@@ -50,6 +50,21 @@ inline const char* explain_open_errno(int e) noexcept {
   }
 }
 
+inline const char* explain_lock_errno(int e) noexcept {
+  switch (e) {
+    case ENOLCK:
+      return "no lock could be granted: the kernel's lock table is full, or the file system "
+             "cannot lock (on NFS: is the lock manager, lockd/rpc.statd, running?)";
+    case EDEADLK:
+      return "the kernel reports a deadlock between this process's POSIX locks and another's";
+    case EINVAL:
+    case EOPNOTSUPP:
+      return "the file system does not support this lock mechanism";
+    default:
+      return "";
+  }
+}
+
 //! stat() of the directory containing `path`, without allocating. Returns 0 or -1/errno.
 inline int stat_parent_directory(const char* path, struct stat& directory) noexcept {
   char parent[PATH_MAX];
@@ -359,7 +374,8 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
     }
     if (rc != 0) {
       if (mode == wait_mode::try_once && is_contention(errno)) return false;
-      f.set(errno, "lock");
+      const int e = errno;
+      f.set(e, "lock", explain_lock_errno(e));
       return false;
     }
 

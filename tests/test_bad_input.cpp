@@ -1425,6 +1425,72 @@ TEST_CASE("interop: lock_holder reports flock(1)'s kernel pid, not a stale recor
   CHECK_FALSE(workerlock::lock_holder(path).has_value());
 }
 
+TEST_CASE(
+    "interop: lock_holder does not trust a record whose pid now belongs to a later process, "
+    "when a program that writes no record holds an OFD lock",
+    "[interop]") {
+  using std::chrono::system_clock;
+  wltest::TempDir tmp;
+  const auto path = tmp / "primary.lock";
+  const auto write_record = [&](pid_t pid, system_clock::time_point acquired) {
+    char buffer[workerlock::detail::max_record_size];
+    const auto n = workerlock::detail::format_record(buffer, pid, acquired, Mechanism::ofd);
+    return write_file(path, std::string(buffer, n));
+  };
+  REQUIRE(write_record(1, system_clock::now()));
+
+  // A live process unrelated to the lock, started just now.
+  wltest::Shared<Handshake> bystander_hs;
+  Child bystander([&] {
+    bystander_hs->state = 1;
+    wait_for_release(*bystander_hs);
+    return 0;
+  });
+  // A program that takes an OFD lock and writes nothing; the kernel shows no pid for it.
+  wltest::Shared<Handshake> program_hs;
+  Child program([&] {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    struct flock whole {};
+    whole.l_type = F_WRLCK;
+    whole.l_whence = SEEK_SET;
+    if (fd < 0 || ::fcntl(fd, F_OFD_SETLK, &whole) != 0) {
+      program_hs->state = -1;
+      return 1;
+    }
+    program_hs->state = 1;
+    wait_for_release(*program_hs);
+    return 0;
+  });
+  const auto ready = [](Handshake& hs) {
+    return wltest::eventually([&] { return hs.state.load() != 0; }, std::chrono::seconds(10)) &&
+           hs.state.load() == 1;
+  };
+  REQUIRE(ready(*bystander_hs));
+  REQUIRE(ready(*program_hs));
+
+  // The record names the bystander's pid but is dated an hour before it started: it was
+  // written by an earlier process with the same pid, so it says nothing about this lock.
+  REQUIRE(write_record(bystander.pid(), system_clock::now() - std::chrono::hours(1)));
+  auto who = workerlock::lock_holder(path);
+  REQUIRE(who.has_value());
+  CHECK(who->pid == -1);
+  CHECK_FALSE(who->recorded);
+  CHECK(who->mechanism == "ofd");
+
+  // Dated after the bystander started, the record could be its own, and is believed: for
+  // OFD locks the kernel names no owner to check it against.
+  REQUIRE(write_record(bystander.pid(), system_clock::now()));
+  who = workerlock::lock_holder(path);
+  REQUIRE(who.has_value());
+  CHECK(who->pid == bystander.pid());
+  CHECK(who->recorded);
+
+  bystander_hs->release = true;
+  program_hs->release = true;
+  CHECK(bystander.wait() == 0);
+  CHECK(program.wait() == 0);
+}
+
 TEST_CASE("interop: lock_holder returns nullopt for an unlocked file with a valid record",
           "[interop]") {
   wltest::TempDir tmp;

@@ -16,6 +16,7 @@
 
 #include "detail/posix.hpp"
 #include "detail/proc_locks.hpp"
+#include "detail/proc_stat.hpp"
 #include "detail/record.hpp"
 #include "detail/registry.hpp"
 #include "error.hpp"
@@ -86,6 +87,13 @@ inline bool process_exists(pid_t pid) noexcept {
   return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
 }
 
+//! True when process `pid` certainly started after `when`: it cannot have written a record
+//! dated then. Two seconds of slack absorb clock adjustments; unknown counts as false.
+inline bool started_after(pid_t pid, std::chrono::system_clock::time_point when) {
+  const auto started = process_start_time(pid);
+  return started && *started > when + std::chrono::seconds(2);
+}
+
 inline std::optional<Holder> find_holder(const std::filesystem::path& path, failure& f) {
   constexpr const char* operation = "inspect lock file";
   if (path.empty()) {
@@ -122,9 +130,12 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   // someone else is a leftover of an earlier holder, for example one that used flock(1).
   const bool same_namespace = record->pid_namespace == current_identity().pid_namespace;
   if (same_namespace && kernel.pid > 0 && kernel.pid != record->pid) return holder;
-  // An OFD lock shows no pid (-1): a record naming a process that no longer exists is a
-  // leftover of a dead holder, and the lock belongs to a program that wrote no record.
-  if (same_namespace && kernel.pid < 0 && !process_exists(record->pid)) return holder;
+  // An OFD lock shows no pid (-1): a record naming a process that no longer exists, or one
+  // that started after the record was written (its pid was reused), is a leftover of a dead
+  // holder, and the lock belongs to a program that wrote no record.
+  if (same_namespace && kernel.pid < 0 &&
+      (!process_exists(record->pid) || started_after(record->pid, record->acquired)))
+    return holder;
   holder.pid = record->pid;
   holder.acquired = record->acquired;
   holder.host = record->host;

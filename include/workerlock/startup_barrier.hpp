@@ -19,31 +19,10 @@
 #include <fmt/format.h>
 
 #include "detail/posix.hpp"
+#include "detail/proc_stat.hpp"
 #include "error.hpp"
 
 namespace workerlock {
-namespace detail {
-
-//! Field 22 of a /proc/PID/stat line (starttime, in clock ticks since boot). Fields are
-//! counted after the command name (field 2), which may hold spaces and ends at the last ')'.
-inline std::optional<std::string> proc_stat_start_time(std::string_view stat_line) {
-  const auto close = stat_line.rfind(')');
-  if (close == std::string_view::npos) return std::nullopt;
-  std::size_t begin = close + 1;  // the space before field 3
-  for (int field = 3; field <= 22; ++field) {
-    if (begin >= stat_line.size() || stat_line[begin] != ' ') return std::nullopt;
-    ++begin;
-    const auto end = std::min(stat_line.find(' ', begin), stat_line.size());
-    if (field == 22) {
-      if (end == begin) return std::nullopt;
-      return std::string(stat_line.substr(begin, end - begin));
-    }
-    begin = end;
-  }
-  return std::nullopt;
-}
-
-}  // namespace detail
 
 //! A marker file next to the lock, `<lock path>.startup`, holding the generation whose
 //! startup tasks completed. The primary calls complete() after its tasks; every worker may
@@ -55,13 +34,10 @@ class StartupBarrier {
   //! workers respawned by the same master share it and a restarted master does not.
   static std::string master_generation() {
     const pid_t master = ::getppid();
-    std::string start_time = "0";
-    if (std::FILE* stat = std::fopen(fmt::format("/proc/{}/stat", master).c_str(), "re")) {
-      char buffer[1024] = {};
-      const auto got = std::fread(buffer, 1, sizeof buffer - 1, stat);
-      std::fclose(stat);
-      start_time = detail::proc_stat_start_time(std::string_view(buffer, got)).value_or("0");
-    }
+    const std::string start_time =
+        detail::proc_stat_start_time(
+            detail::read_proc_file(fmt::format("/proc/{}/stat", master).c_str()))
+            .value_or("0");
     return fmt::format("master={}:{}", master, start_time);
   }
 

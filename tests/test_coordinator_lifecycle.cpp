@@ -1,0 +1,5 @@
+// tests/test_coordinator_lifecycle.cpp: forked-process tests of coordinator_lifecycle (see tests/CMakeLists.txt for the topic).
+// Each test case forks real processes and fails if the behaviour it names breaks.
+#include <catch2/catch.hpp>
+
+#include "support.hpp"

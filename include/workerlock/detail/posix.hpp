@@ -33,6 +33,18 @@ inline void close_keep_errno(int fd) noexcept {
   errno = saved;
 }
 
+//! Every descriptor the library keeps must stay off 0, 1 and 2: a daemon started with a
+//! standard stream closed would otherwise get its lock file there, and a later
+//! freopen(stdin) or a log write to stderr would drop the lock or corrupt the file.
+//! Takes ownership of `fd`: returns it, or a close-on-exec duplicate at 3 or above (the
+//! original closed). Returns -1 with errno (and `fd` closed) when no duplicate can be made.
+inline int keep_off_standard_streams(int fd) noexcept {
+  if (fd < 0 || fd > STDERR_FILENO) return fd;
+  const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+  close_keep_errno(fd);
+  return moved;
+}
+
 //! EWOULDBLOCK/EAGAIN/EACCES from a non-blocking attempt mean "someone else holds it".
 constexpr bool is_contention(int errno_value) noexcept {
   return errno_value == EWOULDBLOCK || errno_value == EAGAIN || errno_value == EACCES;

@@ -21,9 +21,9 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <optional>
 #include <string>
 #include <thread>
@@ -351,6 +351,205 @@ TEST_CASE("lock_holder: names the holder of a lock file on overlayfs", "[lock_ho
           check_holders(l.merged / "lower.lock", std::nullopt, *report);
           touch(l.merged / "upper.lock");
           check_holders(l.merged / "upper.lock", std::nullopt, *report);
+        }
+        return 0;
+      },
+      std::chrono::seconds(60));
+  INFO(lab_failure(code, *report));
+  CHECK(code == 0);
+  CHECK(report->failures.load() == 0);
+}
+
+namespace {
+
+//! Runs `body` as pid 1 of a new pid namespace with its own /proc (in a new, private mount
+//! namespace), forked from a child of this process; returns its exit code.
+template <typename F>
+int in_new_pid_namespace(F&& body, LabReport& report) {
+  const pid_t outer = wltest::fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::unshare(CLONE_NEWPID | CLONE_NEWNS) != 0) {
+      report.fail(fmt::format("unshare(CLONE_NEWPID | CLONE_NEWNS): {}", std::strerror(errno)));
+      return 91;
+    }
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+      report.fail(fmt::format("making / private: {}", std::strerror(errno)));
+      return 92;
+    }
+    const pid_t init = wltest::fork_child([&]() -> int {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getpid() != 1) {
+        report.fail("the first process of the new pid namespace is not pid 1");
+        return 93;
+      }
+      if (::mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0) {
+        report.fail(fmt::format("mount proc on /proc: {}", std::strerror(errno)));
+        return 94;
+      }
+      return body();
+    });
+    return wltest::wait_exit_code(init);
+  });
+  return wltest::wait_exit_code(outer);
+}
+
+//! The last number of the NSpid line of /proc/PID/status: the pid in its own namespace.
+pid_t innermost_pid(pid_t pid) {
+  std::FILE* status = std::fopen(fmt::format("/proc/{}/status", pid).c_str(), "re");
+  if (status == nullptr) return -1;
+  char line[256];
+  pid_t last = -1;
+  while (std::fgets(line, sizeof line, status) != nullptr) {
+    if (std::strncmp(line, "NSpid:", 6) != 0) continue;
+    const char* number = std::strrchr(line, '\t');
+    if (number != nullptr) last = static_cast<pid_t>(std::atoi(number + 1));
+  }
+  std::fclose(status);
+  return last;
+}
+
+std::uint64_t pid_namespace_of(const char* proc_path) {
+  struct stat st {};
+  return ::stat(proc_path, &st) == 0 ? st.st_ino : 0;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "lock_holder: a holder outside the caller's pid namespace is reported as the header "
+    "says for each mechanism",
+    "[lock_holder]") {
+  REQUIRE(::geteuid() == 0);  // unshare(CLONE_NEWPID) and mounting /proc
+  wltest::TempDir tmp;
+  wltest::Shared<LabReport> report;
+  const int code = run_lab(
+      [&]() -> int {
+        for (const Mechanism m : {Mechanism::ofd, Mechanism::posix, Mechanism::flock}) {
+          for (const bool record : {true, false}) {
+            const auto path = tmp / fmt::format("{}-{}.lock", name_of(m), record);
+            const std::string what = fmt::format("{} lock {} a record held outside", name_of(m),
+                                                 record ? "with" : "without");
+            HeldLock held(path, m, record);
+            if (!held.locked()) {
+              report->fail(what + ": the holder could not lock it");
+              continue;
+            }
+            const pid_t holder_pid = held.pid();
+            const auto outer_namespace = pid_namespace_of("/proc/self/ns/pid");
+            const int inner = in_new_pid_namespace(
+                [&]() -> int {
+                  const auto h = holder_of(path, *report);
+                  const std::string got = describe(h);
+                  if (m == Mechanism::flock) {
+                    // The kernel hides it from /proc/locks, and F_OFD_GETLK ignores flock.
+                    report->expect(!h, what + ": documented as nullopt, got " + got);
+                  } else if (record) {
+                    report->expect(h && h->recorded && h->pid == holder_pid &&
+                                       h->pid_namespace == outer_namespace &&
+                                       h->mechanism == name_of(m),
+                                   fmt::format("{}: expected the record's pid {}, got {}", what,
+                                               holder_pid, got));
+                  } else {
+                    const pid_t expected = m == Mechanism::ofd ? -1 : 0;
+                    report->expect(
+                        h && !h->recorded && h->pid == expected && h->mechanism == name_of(m),
+                        fmt::format("{}: expected pid {}, got {}", what, expected, got));
+                  }
+                  return 0;
+                },
+                *report);
+            report->expect(inner == 0,
+                           fmt::format("{}: the namespace lab exited with {}", what, inner));
+          }
+        }
+        return 0;
+      },
+      std::chrono::seconds(60));
+  INFO(lab_failure(code, *report));
+  CHECK(code == 0);
+  CHECK(report->failures.load() == 0);
+}
+
+TEST_CASE(
+    "lock_holder: a holder inside a child pid namespace is named by its record there and by "
+    "the kernel's pid here",
+    "[lock_holder]") {
+  REQUIRE(::geteuid() == 0);  // unshare(CLONE_NEWPID) and mounting /proc
+  wltest::TempDir tmp;
+  wltest::Shared<LabReport> report;
+  struct Handshake {
+    std::atomic<int> locked{0};  // 1 locked, -1 failed
+    std::atomic<bool> release{false};
+    std::atomic<std::uint64_t> pid_namespace{0};
+  };
+  const int code = run_lab(
+      [&]() -> int {
+        // stale: the record names another process of that namespace (pid 2), which let go;
+        // then pid 1 holds a POSIX lock without writing a record.
+        for (const std::string kind :
+             {"ofd", "posix", "flock", "ofd-raw", "posix-raw", "flock-raw", "stale"}) {
+          const auto path = tmp / (kind + ".lock");
+          const Mechanism m = kind.rfind("ofd", 0) == 0     ? Mechanism::ofd
+                              : kind.rfind("flock", 0) == 0 ? Mechanism::flock
+                                                            : Mechanism::posix;
+          const bool record = kind.find('-') == std::string::npos && kind != "stale";
+          wltest::Shared<Handshake> hs;
+          const pid_t lab = wltest::fork_child([&]() -> int {
+            return in_new_pid_namespace(
+                [&]() -> int {
+                  hs->pid_namespace = pid_namespace_of("/proc/self/ns/pid");
+                  if (kind == "stale") {
+                    const pid_t writer = wltest::fork_child([&]() -> int {
+                      workerlock::WorkerLock lock(path, workerlock::Options{}.with(m));
+                      return lock.try_lock() ? 0 : 1;  // released at exit, the record stays
+                    });
+                    if (writer != 2 || wltest::wait_exit_code(writer) != 0) {
+                      report->fail(fmt::format("stale: the record writer was pid {}", writer));
+                      hs->locked = -1;
+                      return 1;
+                    }
+                  }
+                  HeldLock held(path, m, record);
+                  (void)held;
+                  hs->locked = held.locked() ? 1 : -1;
+                  while (!hs->release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                  return 0;
+                },
+                *report);
+          });
+          if (!wltest::eventually([&] { return hs->locked.load() != 0; },
+                                  std::chrono::seconds(20)) ||
+              hs->locked != 1) {
+            report->fail(kind + ": the holder in the new pid namespace did not lock");
+            hs->release = true;
+            wltest::wait_exit_code(lab);
+            continue;
+          }
+          // The holder is HeldLock's child of pid 1: pid 2 (3 after the stale writer).
+          const auto h = holder_of(path, *report);
+          const std::string got = describe(h);
+          if (record) {
+            const pid_t expected = 2;
+            report->expect(h && h->recorded && h->pid == expected &&
+                               h->pid_namespace == hs->pid_namespace &&
+                               h->pid_namespace != pid_namespace_of("/proc/self/ns/pid") &&
+                               h->mechanism == name_of(m),
+                           fmt::format("{}: expected the record's pid {} in namespace {}, got {}",
+                                       kind, expected, hs->pid_namespace.load(), got));
+          } else if (m == Mechanism::ofd) {
+            report->expect(h && !h->recorded && h->pid == -1,
+                           fmt::format("{}: expected pid -1, got {}", kind, got));
+          } else {
+            // The kernel's pid, as this namespace numbers the holder.
+            report->expect(
+                h && !h->recorded && h->pid > 0 && h->mechanism == name_of(m) &&
+                    innermost_pid(h->pid) == (kind == "stale" ? 3 : 2),
+                fmt::format("{}: expected the kernel's pid of the holder, got {}", kind, got));
+          }
+          hs->release = true;
+          const int exit_code = wltest::wait_exit_code(lab);
+          report->expect(exit_code == 0,
+                         fmt::format("{}: the namespace lab exited with {}", kind, exit_code));
         }
         return 0;
       },

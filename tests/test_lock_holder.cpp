@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -555,6 +556,112 @@ TEST_CASE(
       },
       std::chrono::seconds(60));
   INFO(lab_failure(code, *report));
+  CHECK(code == 0);
+  CHECK(report->failures.load() == 0);
+}
+
+namespace {
+
+//! From now on this process is killed (SIGSYS) if it reads through descriptor 0, 1 or 2:
+//! with those closed, only a descriptor the library opened there could be read. Returns
+//! false if the filter could not be installed.
+bool kill_on_read_of_standard_streams() {
+  if (wltest::seccomp_arch == 0) return false;
+  const long reads[] = {SYS_read, SYS_pread64, SYS_readv, SYS_preadv, SYS_getdents64};
+  constexpr int n = static_cast<int>(sizeof reads / sizeof reads[0]);
+  // 0 load arch, 1 arch?, 2 load nr, 3..3+n-1 nr?, 3+n allow, 4+n load arg 0, 5+n > 2?,
+  // 6+n kill, 7+n allow.
+  const auto to = [](int target, int from) { return static_cast<std::uint8_t>(target - from - 1); };
+  const int allow = 3 + n;
+  const int check = 4 + n;
+  std::vector<sock_filter> program = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, wltest::seccomp_arch, 0, to(allow, 1)),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+  };
+  for (int i = 0; i < n; ++i)
+    program.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<std::uint32_t>(reads[i]),
+                               to(check, 3 + i), 0));
+  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+  program.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args)));
+  program.push_back(BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K, 2, to(7 + n, 5 + n), 0));
+  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
+  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+  const sock_fprog filter{static_cast<unsigned short>(program.size()), program.data()};
+  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+         ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter) == 0;
+}
+
+//! The descriptors 0, 1 and 2 that are open, with what they point at.
+std::string open_standard_descriptors() {
+  std::string open;
+  for (int fd = 0; fd <= 2; ++fd) {
+    char target[256] = {};
+    const auto link = fmt::format("/proc/self/fd/{}", fd);
+    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
+  }
+  return open;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "lock_holder: with descriptors 0, 1 and 2 closed it answers right and never reads "
+    "through them",
+    "[lock_holder]") {
+  wltest::TempDir tmp;
+  wltest::Shared<LabReport> report;
+  const auto posix_file = tmp / "posix.lock";
+  const auto ofd_file = tmp / "ofd.lock";
+  const auto free_file = tmp / "free.lock";
+  touch(free_file);
+  const int code = run_lab(
+      [&]() -> int {
+        HeldLock posix(posix_file, Mechanism::posix, true);
+        HeldLock ofd(ofd_file, Mechanism::ofd, true);
+        if (!posix.locked() || !ofd.locked()) {
+          report->fail("the holders could not lock");
+          return 1;
+        }
+        const auto check = [&](const char* when) {
+          const auto p = holder_of(posix_file, *report);
+          report->expect(
+              p && p->recorded && p->pid == posix.pid(),
+              fmt::format("{}: posix holder {} expected, got {}", when, posix.pid(), describe(p)));
+          const auto o = holder_of(ofd_file, *report);
+          report->expect(
+              o && o->recorded && o->pid == ofd.pid(),
+              fmt::format("{}: ofd holder {} expected, got {}", when, ofd.pid(), describe(o)));
+          const auto f = holder_of(free_file, *report);
+          report->expect(!f, fmt::format("{}: free file, got {}", when, describe(f)));
+        };
+        // glibc's timegm() (parsing the record's date) loads /etc/localtime once per process
+        // through a descriptor of its own: load it now, it is not the library's.
+        ::tzset();
+        ::close(0);
+        ::close(1);
+        ::close(2);
+        if (!kill_on_read_of_standard_streams()) {
+          report->fail("cannot install the seccomp filter");
+          return 1;
+        }
+        check("0, 1, 2 closed");
+        const auto left = open_standard_descriptors();
+        report->expect(left.empty(), "descriptors left open at 0, 1, 2:" + left);
+        // A daemon reopening its standard streams on /dev/null, then logging to stderr.
+        for (int fd = 0; fd <= 2; ++fd) {
+          if (::open("/dev/null", O_RDWR) != fd)
+            report->fail(fmt::format("/dev/null not at {}", fd));
+        }
+        const char noise[] = "a log line on stderr\n";
+        report->expect(::write(2, noise, sizeof noise - 1) == sizeof noise - 1, "write to fd 2");
+        check("0, 1, 2 on /dev/null");
+        return 0;
+      },
+      std::chrono::seconds(30));
+  INFO(lab_failure(code, *report));
+  INFO("exit code 159 = SIGSYS: the library read through descriptor 0, 1 or 2");
   CHECK(code == 0);
   CHECK(report->failures.load() == 0);
 }

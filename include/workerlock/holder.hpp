@@ -35,8 +35,9 @@ struct Holder {
   //!   the record counts only if it names that process (in its own namespace).
   //! - Otherwise as the kernel shows it: for POSIX and flock locks the pid as numbered by
   //!   the procfs mounted at /proc (normally the caller's pid namespace); 0 for a POSIX lock
-  //!   whose owner is outside the caller's pid namespace; -1 for an OFD lock (the kernel
-  //!   keeps no pid for those).
+  //!   whose owner is not visible in the caller's pid namespace (a parent or sibling
+  //!   namespace: the host, seen from a container); -1 for an OFD lock (the kernel keeps no
+  //!   pid for those).
   pid_t pid = 0;
   //! When the holder acquired the lock, if it wrote a holder record.
   std::optional<std::chrono::system_clock::time_point> acquired;
@@ -266,11 +267,13 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
 //! read-only descriptor and reads the holder record; never locks, truncates or writes, and
 //! never closes a descriptor that would drop a POSIX lock of the calling process.
 //! The answer can be stale the moment it returns.
-//! Across pid namespaces (containers sharing the lock file): an OFD lock is always seen. A
-//! POSIX lock whose owner is outside the caller's pid namespace is hidden from /proc/locks
-//! but seen by F_OFD_GETLK: the Holder comes from its record, else has pid 0. A flock lock
-//! whose owner is not visible in the pid namespace of the procfs at /proc cannot be seen at
-//! all (/proc/locks hides it, F_OFD_GETLK ignores flock): lock_holder() returns nullopt.
+//! Across pid namespaces (containers sharing the lock file): a holder in a child namespace
+//! is seen with its pid as the caller numbers it (or its record's, see Holder::pid). An OFD
+//! lock is always seen. A POSIX lock whose owner is not visible in the caller's pid
+//! namespace (the host, seen from a container) is hidden from /proc/locks but seen by
+//! F_OFD_GETLK: the Holder comes from its record, else has pid 0. A flock lock whose owner
+//! is not visible in the pid namespace of the procfs at /proc cannot be seen at all
+//! (/proc/locks hides it, F_OFD_GETLK ignores flock): lock_holder() then returns nullopt.
 //! On btrfs, whose stat() device differs from the one /proc/locks prints, the file is
 //! matched through its mount's superblock device (/proc/self/mountinfo).
 //! Throws: lock_error if the path cannot be inspected.

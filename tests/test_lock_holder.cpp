@@ -174,8 +174,9 @@ std::optional<workerlock::Holder> holder_of(const fs::path& path, LabReport& rep
   return holder;
 }
 
+//! Runs a shell command; mkfs.btrfs and mount live in sbin, which a CI PATH may lack.
 int run_command(const std::string& command) {
-  const int status = std::system(command.c_str());
+  const int status = std::system(("PATH=\"$PATH:/usr/sbin:/sbin\" " + command).c_str());
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 

@@ -12,9 +12,11 @@
 #include <netinet/tcp.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -22,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -1137,4 +1140,82 @@ TEST_CASE("postgres: a server restart demotes the holder, then exactly one prima
   WARN(fmt::format(
       "server restart: pg_ctl restart took {:.0f} ms; new primary {:.0f} ms after it returned",
       ms_between(t0, restarted), ms_between(restarted, promoted)));
+}
+
+// =============================================================================================
+// Standard streams
+// =============================================================================================
+
+namespace {
+
+//! The descriptors 0, 1 and 2 that are open, with what they point at.
+std::string open_standard_descriptors() {
+  std::string open;
+  for (int fd = 0; fd <= 2; ++fd) {
+    char target[256] = {};
+    const auto link = fmt::format("/proc/self/fd/{}", fd);
+    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
+  }
+  return open;
+}
+
+struct StreamsReport {
+  char error[1024] = {};
+  char left_open[512] = {};
+};
+
+}  // namespace
+
+TEST_CASE(
+    "postgres: with descriptors 0, 1 and 2 closed, a libpq socket there is refused with a "
+    "clear error, and works once they are reopened",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto o = patient(options_for(fresh_name("stdio")));
+  o.restart_grace = 0ms;
+  wltest::Shared<StreamsReport> report;
+  // Exit codes: 0 fine, 1 acquired with a descriptor of the backend at 0-2, 2 refused with
+  // another error, 3 not acquired once 0-2 were reopened, 4 a descriptor at 0-2 other than
+  // /dev/null, 99 an exception.
+  const pid_t child = wltest::fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
+    ::close(0);
+    ::close(1);
+    ::close(2);
+    PostgresBackend backend(o);
+    try {
+      const bool acquired = backend.try_acquire();
+      const auto left = open_standard_descriptors();
+      std::snprintf(report->left_open, sizeof report->left_open, "acquired=%d:%s", acquired ? 1 : 0,
+                    left.c_str());
+      return 1;
+    } catch (const lock_error& e) {
+      std::snprintf(report->error, sizeof report->error, "%s", e.what());
+      if (e.code() != std::errc::bad_file_descriptor ||
+          std::string(e.what()).find("standard stream") == std::string::npos)
+        return 2;
+    }
+    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (int fd = 0; fd <= 2; ++fd)
+      if (null < 0 || ::dup2(null, fd) != fd) return 3;
+    if (!backend.try_acquire()) return 3;
+    const auto left = open_standard_descriptors();
+    std::snprintf(report->left_open, sizeof report->left_open, "%s", left.c_str());
+    if (left != " 0 -> /dev/null 1 -> /dev/null 2 -> /dev/null") return 4;
+    backend.release();
+    return 0;
+  });
+  int status = 0;
+  const bool done =
+      wltest::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 60s);
+  if (!done) {
+    ::kill(child, SIGKILL);
+    wltest::wait_exit_code(child);
+  }
+  INFO("error: " << report->error << "\ndescriptors at 0-2: " << report->left_open);
+  REQUIRE(done);
+  REQUIRE(WIFEXITED(status));
+  const int exit_code = WEXITSTATUS(status);
+  CHECK(exit_code == 0);
 }

@@ -2,11 +2,13 @@
 // tests/redis_server.hpp, with forked processes and a shared-memory checker. Skipped, with a
 // warning, when redis-server is not installed.
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -1055,4 +1058,92 @@ TEST_CASE(
       fmt::format("partition of the holder's host (ttl 2000 ms): it demoted {:.0f} ms after the "
                   "cut; a standby was promoted {:.0f} ms after the cut",
                   ms_between(cut_at, demoted_ns), ms_between(cut_at, promoted_ns)));
+}
+
+// =============================================================================================
+// Standard streams
+// =============================================================================================
+
+namespace {
+
+//! The descriptors 0, 1 and 2 that are open, with what they point at.
+std::string open_standard_descriptors() {
+  std::string open;
+  for (int fd = 0; fd <= 2; ++fd) {
+    char target[256] = {};
+    const auto link = fmt::format("/proc/self/fd/{}", fd);
+    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
+  }
+  return open;
+}
+
+struct StreamsReport {
+  std::atomic<int> step{0};
+  char left_open[512] = {};
+};
+
+}  // namespace
+
+TEST_CASE(
+    "redis: with descriptors 0, 1 and 2 closed, no backend descriptor lands there and "
+    "reopening them disturbs nothing",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("stdio");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  wltest::Shared<StreamsReport> report;
+  // Exit codes: 0 fine, 1 not primary after start(), 2 a descriptor at 0-2, 3 cannot reopen
+  // 0-2 on /dev/null, 4 demoted after the reopening and writes to stderr, 5 stop() left it
+  // primary, 99 an exception.
+  const pid_t child = wltest::fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
+    ::close(0);
+    ::close(1);
+    ::close(2);
+    auto co = quiet_coordinator_options();
+    co.wait = workerlock::WaitMode::polled;
+    Coordinator c(std::make_unique<RedisBackend>(o), co);
+    int demotions = 0;
+    c.on_demoted([&] { ++demotions; });
+    report->step = 1;
+    c.start();
+    if (c.role() != Role::primary) return 1;
+    const auto left = open_standard_descriptors();
+    std::snprintf(report->left_open, sizeof report->left_open, "%s", left.c_str());
+    if (!left.empty()) return 2;
+    // What a daemon does once it notices: standard streams on /dev/null, then it logs.
+    report->step = 2;
+    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (int fd = 0; fd <= 2; ++fd)
+      if (null < 0 || ::dup2(null, fd) != fd) return 3;
+    const char noise[] = "*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nnoise\r\n";
+    // Two ttls of renewals, with a "log line" on stdout and stderr before each poll.
+    const auto until = std::chrono::steady_clock::now() + 2000ms;
+    while (std::chrono::steady_clock::now() < until) {
+      [[maybe_unused]] const auto a = ::write(1, noise, sizeof noise - 1);
+      [[maybe_unused]] const auto b = ::write(2, noise, sizeof noise - 1);
+      c.poll();
+      std::this_thread::sleep_for(workerlock::recommended_poll_interval);
+    }
+    if (c.role() != Role::primary || demotions != 0) return 4;
+    report->step = 3;
+    c.stop();
+    return c.role() == Role::primary ? 5 : 0;
+  });
+  // A hang becomes a failure: the child is killed after the wait.
+  int status = 0;
+  const bool done =
+      wltest::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 20s);
+  if (!done) {
+    ::kill(child, SIGKILL);
+    wltest::wait_exit_code(child);
+  }
+  INFO("step " << report->step.load() << ", descriptors at 0-2:" << report->left_open);
+  REQUIRE(done);
+  REQUIRE(WIFEXITED(status));
+  const int exit_code = WEXITSTATUS(status);
+  CHECK(exit_code == 0);
 }

@@ -33,6 +33,7 @@
 #include <libpq-fe.h>
 
 #include "backend.hpp"
+#include "detail/posix.hpp"
 #include "error.hpp"
 
 namespace workerlock {
@@ -370,7 +371,7 @@ inline void pg_atfork_child() noexcept {
       }
     }
     if (state->event_fd >= 0) {  // the parent's interrupt() must not wake the child, nor back
-      const int fresh = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      const int fresh = keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
       if (fresh >= 0) {
         ::dup3(fresh, state->event_fd, O_CLOEXEC);
         ::close(fresh);
@@ -385,7 +386,7 @@ inline void pg_register(pg_fork_state* state) {
   static std::once_flag once;
   std::call_once(once, [] {
     auto& reg = pg_registry_instance();
-    reg.devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    reg.devnull = keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC));
     ::pthread_atfork(&pg_atfork_prepare, &pg_atfork_parent, &pg_atfork_child);
   });
   auto& reg = pg_registry_instance();
@@ -483,7 +484,7 @@ class PostgresBackend final : public Backend {
     if (!options_.restart_grace)
       options_.restart_grace = options_.verify_interval + options_.command_timeout;
     configure();
-    state_.event_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    state_.event_fd = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (state_.event_fd < 0 && config_error_.empty()) {
       config_errno_ = errno;
       config_error_ = "cannot create the eventfd that interrupt() writes to";
@@ -968,6 +969,19 @@ class PostgresBackend final : public Backend {
       }
       std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
       status = PQconnectPoll(state_.conn[i]);
+    }
+    // libpq creates its socket itself and keeps its number: workerlock cannot move it off
+    // the standard streams. There, a log line written to stderr would corrupt the protocol,
+    // and a reopening of that stream would close the session: either ends the lock unseen.
+    if (const int socket_fd = PQsocket(state_.conn[i]); socket_fd >= 0 && socket_fd <= 2) {
+      why = fmt::format(
+          "libpq's socket is descriptor {}, a standard stream (0, 1 or 2 was closed in this "
+          "process), where a write to that stream or its reopening would end the session and "
+          "its lock; open /dev/null on descriptors 0, 1 and 2 before connecting",
+          socket_fd);
+      f.set(EBADF, operation);
+      close(i);
+      return false;
     }
     if (PQsetnonblocking(state_.conn[i], 1) != 0) {
       why = connection_error(i);

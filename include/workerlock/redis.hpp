@@ -147,6 +147,8 @@
 #include <hiredis/hiredis.h>
 
 #include "backend.hpp"
+#include "detail/posix.hpp"
+#include "detail/proc_stat.hpp"
 #include "detail/record.hpp"
 #include "error.hpp"
 
@@ -626,7 +628,8 @@ class redis_connection {
                           redis_clock::time_point deadline, int wake_fd) {
     redis_status st;
     if (fd_ >= 0) ::close(fd_);
-    fd_ = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    fd_ =
+        keep_off_standard_streams(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (fd_ < 0) {
       st.code = errno;
       st.why = "cannot create a socket";
@@ -771,12 +774,7 @@ return 0
 //! This kernel's boot id (empty if unreadable), read once.
 inline const std::string& redis_boot_id() {
   static const std::string id = [] {
-    std::string text;
-    if (std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re")) {
-      char buffer[64] = {};
-      if (std::fgets(buffer, sizeof buffer, f) != nullptr) text = buffer;
-      std::fclose(f);
-    }
+    std::string text = read_proc_file("/proc/sys/kernel/random/boot_id");
     while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
     return text.find(':') == std::string::npos ? text : std::string();
   }();
@@ -877,14 +875,10 @@ inline bool redis_process_gone(pid_t pid) {
   // cannot read counts as alive.
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  std::FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return false;
-  char buffer[512] = {};
-  const auto n = std::fread(buffer, 1, sizeof buffer - 1, f);
-  std::fclose(f);
-  const std::string_view text(buffer, n);
+  const std::string text = read_proc_file(path);
+  if (text.empty()) return false;
   const auto close = text.rfind(')');  // the command name may contain ')'
-  if (close == std::string_view::npos || close + 2 >= text.size()) return false;
+  if (close == std::string::npos || close + 2 >= text.size()) return false;
   const char state = text[close + 2];
   return state == 'Z' || state == 'X' || state == 'x';
 }
@@ -892,8 +886,9 @@ inline bool redis_process_gone(pid_t pid) {
 inline int redis_pidfd_open(pid_t pid) noexcept {
 #ifdef SYS_pidfd_open
   const long fd = ::syscall(SYS_pidfd_open, pid, 0);
-  if (fd >= 0) ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);
-  return static_cast<int>(fd);
+  if (fd < 0) return -1;
+  ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);
+  return keep_off_standard_streams(static_cast<int>(fd));
 #else
   (void)pid;
   errno = ENOSYS;
@@ -922,7 +917,7 @@ class RedisBackend final : public Backend {
     }
     configure();
     owner_ = detail::redis_self_pid();
-    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
   }
 
@@ -1162,7 +1157,7 @@ class RedisBackend final : public Backend {
     fence_.store(0);
     lost_ = unknown_ = false;
     if (wake_fd_ >= 0) ::close(wake_fd_);
-    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
   }
 

@@ -1,7 +1,8 @@
-// workerlock/detail/proc_stat.hpp: a process's start time, from /proc/PID/stat, to tell a
-// record's writer from a later process that reused its pid.
+// workerlock/detail/proc_stat.hpp: small /proc readers: a process's start time (to tell a
+// record's writer from a later process that reused its pid) and its pid in its own namespace.
 #pragma once
 
+#include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -12,6 +13,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+
+#include "posix.hpp"
 
 namespace workerlock::detail {
 
@@ -34,16 +37,49 @@ inline std::optional<std::string> proc_stat_start_time(std::string_view stat_lin
   return std::nullopt;
 }
 
+//! Opens a /proc file read-only, never at 0, 1 or 2: a transient descriptor there could be
+//! replaced under us by another thread's dup2() or freopen() of a standard stream, and our
+//! close() would then close that stream. Returns -1 with errno on failure.
+inline int open_proc_file(const char* path, int extra_flags = 0) noexcept {
+  const int fd =
+      retry_on_eintr([&] { return ::open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | extra_flags); });
+  return keep_off_standard_streams(fd);
+}
+
 //! The first 4 KiB of a small /proc file; empty if it cannot be read.
 inline std::string read_proc_file(const char* path) {
   std::string text;
-  if (std::FILE* file = std::fopen(path, "re")) {
-    char buffer[4096];
-    const auto got = std::fread(buffer, 1, sizeof buffer, file);
-    std::fclose(file);
-    text.assign(buffer, got);
+  const int fd = open_proc_file(path);
+  if (fd < 0) return text;
+  char buffer[4096];
+  std::size_t size = 0;
+  while (size < sizeof buffer) {
+    const ssize_t got =
+        retry_on_eintr([&] { return ::read(fd, buffer + size, sizeof buffer - size); });
+    if (got <= 0) break;
+    size += static_cast<std::size_t>(got);
   }
+  ::close(fd);
+  text.assign(buffer, size);
   return text;
+}
+
+//! Process `pid` (as the procfs at /proc numbers it) in its own, innermost pid namespace:
+//! the last number of the NSpid line of /proc/PID/status; nullopt if unknown.
+inline std::optional<pid_t> pid_in_own_namespace(pid_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/status", static_cast<int>(pid));
+  const std::string status = read_proc_file(path);
+  const auto at = status.find("\nNSpid:");
+  if (at == std::string::npos) return std::nullopt;
+  const auto end = std::min(status.find('\n', at + 1), status.size());
+  const auto last = status.find_last_of(" \t", end - 1);
+  if (last == std::string::npos || last < at || last + 1 >= end) return std::nullopt;
+  const std::string number = status.substr(last + 1, end - last - 1);
+  char* stop = nullptr;
+  const long value = std::strtol(number.c_str(), &stop, 10);
+  if (*stop != '\0' || value <= 0) return std::nullopt;
+  return static_cast<pid_t>(value);
 }
 
 //! When process `pid` started, on the wall clock (to the clock tick); nullopt if unknown.

@@ -23,6 +23,16 @@ struct worker_lock_access;
 //! A handle on the advisory lock of one file. Constructing it touches nothing; the file is
 //! opened (and created 0644, never truncated) on the first lock attempt, and stays open so
 //! that re-locking costs only the lock syscall. The destructor releases the lock and closes.
+//! Every acquisition checks that the path still names the open file (it may have been
+//! removed, renamed or replaced meanwhile) and otherwise retries on the file it names now.
+//!
+//! Contents: the holder record is written only into a file that is empty or already holds
+//! a record. Any other file (a configuration file named by mistake, another tool's pidfile)
+//! is locked all the same but never written, truncated or removed; each acquisition of it
+//! logs a warning naming the path through Options::log.
+//!
+//! Descriptors: the lock file never gets descriptor 0, 1 or 2, even when the process starts
+//! with a standard stream closed.
 //!
 //! Fork: a child of fork() never holds or prolongs the parent's lock; its copy of the handle
 //! is closed by a pthread_atfork handler and reports owns_lock() == false.
@@ -65,6 +75,9 @@ class WorkerLock {
   ~WorkerLock() { dispose(); }
 
   //! Blocks until the lock is held. Restarts after signals (EINTR).
+  //! With Mechanism::posix, a wait the kernel refuses as a deadlock (EDEADLK: the holder's
+  //! process itself waits for a POSIX lock this process holds, as with two Coordinators per
+  //! process) is no error: it polls, every millisecond at most, until the lock is free.
   //! Throws: lock_error on any error other than waiting.
   void lock() {
     detail::failure f;
@@ -142,6 +155,8 @@ class WorkerLock {
   //! Removes the lock file, then releases, all while the path still names the locked file,
   //! so processes waiting on the old file retry on a new one and never hold two locks.
   //! Requires: owns_lock(). Closes the file.
+  //! Throws: lock_error (EPERM) after releasing, without removing, when the file is not a
+  //! workerlock lock file (not empty and holding no holder record).
   void unlock_and_remove() {
     detail::failure f;
     remove(f);

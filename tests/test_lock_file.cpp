@@ -562,11 +562,14 @@ TEST_CASE("lock file: try_lock_for ends on time under a 50 microsecond signal st
 
 TEST_CASE("lock file: try_lock_for and try_lock_until with unbounded deadlines wait for the lock",
           "[lock_file]") {
-  const int variant = GENERATE(range(0, 5));
-  const char* const names[] = {"try_lock_for(hours::max())", "try_lock_for(nanoseconds::max())",
+  const int variant = GENERATE(range(0, 7));
+  const char* const names[] = {"try_lock_for(hours::max())",
+                               "try_lock_for(nanoseconds::max())",
                                "try_lock_until(steady_clock::time_point::max())",
                                "try_lock_until(system_clock::time_point::max())",
-                               "try_lock_for(hours::max(), ec)"};
+                               "try_lock_for(hours::max(), ec)",
+                               "try_lock_until(time_point<system_clock, hours>::max())",
+                               "try_lock_until(time_point<steady_clock, hours>::max())"};
   INFO(names[variant]);
   wltest::TempDir dir;
   const auto path = dir / "forever.lock";
@@ -597,8 +600,16 @@ TEST_CASE("lock file: try_lock_for and try_lock_until with unbounded deadlines w
       case 3:
         got = lock.try_lock_until(std::chrono::system_clock::time_point::max());
         break;
-      default:
+      case 4:
         got = lock.try_lock_for(std::chrono::hours::max(), ec) && !ec;
+        break;
+      case 5:
+        got = lock.try_lock_until(
+            std::chrono::time_point<std::chrono::system_clock, std::chrono::hours>::max());
+        break;
+      default:
+        got = lock.try_lock_until(
+            std::chrono::time_point<std::chrono::steady_clock, std::chrono::hours>::max());
         break;
     }
     board->returned_ms.store(now_ms());

@@ -33,6 +33,64 @@ struct Election {
   WorkerLock lock;
 };
 
+namespace detail {
+
+//! Why a $WORKERLOCK_PATH value is refused, or nullptr when it is a usable path: it must be
+//! absolute and hold no control character (a trailing newline from a config template) and
+//! no leading or trailing blank (a stray space).
+inline const char* refuse_lock_path_setting(std::string_view value) noexcept {
+  const bool blank_only = value.find_first_not_of(" \t\n\r\v\f") == std::string_view::npos;
+  if (blank_only)
+    return "WORKERLOCK_PATH holds only white space; unset it or give an absolute path";
+  for (const char c : value) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      return "WORKERLOCK_PATH contains a control character, such as a trailing newline; give a "
+             "plain absolute path";
+  }
+  if (value.front() == ' ' || value.back() == ' ')
+    return "WORKERLOCK_PATH begins or ends with a space; give a plain absolute path";
+  if (value.front() != '/')
+    return "WORKERLOCK_PATH is a relative path, which would name another file after a chdir(); "
+           "give an absolute path";
+  return nullptr;
+}
+
+//! default_lock_path() behind both its forms; `f` names $WORKERLOCK_PATH when it is refused.
+inline std::filesystem::path default_lock_path(failure& f) {
+  const auto from_env = [](const char* name) -> std::string {
+    const char* value = std::getenv(name);
+    return value != nullptr ? std::string(value) : std::string();
+  };
+  if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty()) {
+    if (const char* why = refuse_lock_path_setting(explicit_path)) {
+      f.set(EINVAL, "use the lock path in WORKERLOCK_PATH", why);
+    }
+    return explicit_path;
+  }
+
+  // systemd and the XDG specification set absolute paths only; a relative value is ignored,
+  // as the XDG specification says.
+  const auto absolute_from_env = [&](const char* name) {
+    auto value = from_env(name);
+    return !value.empty() && value.front() == '/' ? value : std::string();
+  };
+  std::string program = program_invocation_short_name;
+  if (program.empty()) program = "workerlock";
+  if (auto runtime = absolute_from_env("RUNTIME_DIRECTORY"); !runtime.empty()) {
+    runtime = runtime.substr(0, runtime.find(':'));  // systemd lists several dirs with ':'
+    return std::filesystem::path(runtime) / (program + ".lock");
+  }
+  if (auto xdg = absolute_from_env("XDG_RUNTIME_DIR"); !xdg.empty())
+    return std::filesystem::path(xdg) / (program + ".lock");
+  const auto name = fmt::format("{}-{}.lock", program, ::geteuid());
+  std::error_code ec;
+  if (std::filesystem::is_directory("/run/lock", ec))
+    return std::filesystem::path("/run/lock") / name;
+  return std::filesystem::path("/tmp") / name;
+}
+
+}  // namespace detail
+
 //! Returns the lock path used when none is given, the first that applies of:
 //!  1. $WORKERLOCK_PATH, when set and not empty;
 //!  2. $RUNTIME_DIRECTORY/<program>.lock (systemd's RuntimeDirectory=, private to the unit);
@@ -40,27 +98,24 @@ struct Election {
 //!  4. /run/lock/<program>-<euid>.lock, or /tmp/<program>-<euid>.lock without /run/lock.
 //! <program> is the executable's short name, so two deployments of the same program on one
 //! host share a lock unless each sets WORKERLOCK_PATH or has its own RuntimeDirectory=.
+//! Relative values of $RUNTIME_DIRECTORY and $XDG_RUNTIME_DIR are ignored.
+//! Throws: lock_error (EINVAL, naming WORKERLOCK_PATH) when $WORKERLOCK_PATH is not a plain
+//! absolute path: relative, white space only, with a leading or trailing space, or with a
+//! control character such as a trailing newline.
 inline std::filesystem::path default_lock_path() {
-  const auto from_env = [](const char* name) -> std::string {
-    const char* value = std::getenv(name);
-    return value != nullptr ? std::string(value) : std::string();
-  };
-  if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty())
-    return explicit_path;
+  detail::failure f;
+  auto path = detail::default_lock_path(f);
+  f.throw_if_failed(path);
+  return path;
+}
 
-  std::string program = program_invocation_short_name;
-  if (program.empty()) program = "workerlock";
-  if (auto runtime = from_env("RUNTIME_DIRECTORY"); !runtime.empty()) {
-    runtime = runtime.substr(0, runtime.find(':'));  // systemd lists several dirs with ':'
-    return std::filesystem::path(runtime) / (program + ".lock");
-  }
-  if (auto xdg = from_env("XDG_RUNTIME_DIR"); !xdg.empty())
-    return std::filesystem::path(xdg) / (program + ".lock");
-  const auto name = fmt::format("{}-{}.lock", program, ::geteuid());
-  std::error_code ec;
-  if (std::filesystem::is_directory("/run/lock", ec))
-    return std::filesystem::path("/run/lock") / name;
-  return std::filesystem::path("/tmp") / name;
+//! As above, but reports a refused $WORKERLOCK_PATH through `ec` and then returns an empty
+//! path (which every lock call refuses with EINVAL).
+inline std::filesystem::path default_lock_path(std::error_code& ec) {
+  detail::failure f;
+  auto path = detail::default_lock_path(f);
+  ec = f.code;
+  return f ? std::filesystem::path() : path;
 }
 
 namespace detail {
@@ -117,9 +172,10 @@ inline pid_t recorded_holder_pid(const WorkerLock& lock) {
   return record ? record->pid : 0;
 }
 
-inline Election elect(const std::filesystem::path& path, const Options& options, failure& f) {
+inline Election elect(const std::filesystem::path& requested, const Options& options, failure& f) {
   const pid_t me = current_pid();
-  Election result{ElectedRole(Role::secondary, me), WorkerLock(path, options)};
+  Election result{ElectedRole(Role::secondary, me), WorkerLock(requested, options)};
+  const auto& path = result.lock.path();  // absolute, as the handle resolved it
 
   if (kept_out_by_operator(options, f)) {
     worker_lock_access::state(result.lock)->kept_out_by_operator = true;

@@ -25,7 +25,8 @@ class lock_error : public std::system_error {
 
   //! The operation that failed, such as "open lock file" or "lock".
   const std::string& operation() const noexcept { return operation_; }
-  //! The lock file's path as given by the caller.
+  //! The lock file's path: absolute when it came through a WorkerLock, which resolves a
+  //! relative path once, at construction; for a refused $WORKERLOCK_PATH, its value.
   const std::filesystem::path& path() const noexcept { return path_; }
 
  private:

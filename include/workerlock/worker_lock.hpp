@@ -2,12 +2,14 @@
 // It is Lockable, so std::unique_lock and std::scoped_lock work with it.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <iterator>
 #include <memory>
 #include <system_error>
-#include <thread>
 
+#include "detail/deadline.hpp"
 #include "detail/lock_file.hpp"
 #include "error.hpp"
 #include "options.hpp"
@@ -21,6 +23,16 @@ struct worker_lock_access;
 //! A handle on the advisory lock of one file. Constructing it touches nothing; the file is
 //! opened (and created 0644, never truncated) on the first lock attempt, and stays open so
 //! that re-locking costs only the lock syscall. The destructor releases the lock and closes.
+//! Every acquisition checks that the path still names the open file (it may have been
+//! removed, renamed or replaced meanwhile) and otherwise retries on the file it names now.
+//!
+//! Contents: the holder record is written only into a file that is empty or already holds
+//! a record. Any other file (a configuration file named by mistake, another tool's pidfile)
+//! is locked all the same but never written, truncated or removed; each acquisition of it
+//! logs a warning naming the path through Options::log.
+//!
+//! Descriptors: the lock file never gets descriptor 0, 1 or 2, even when the process starts
+//! with a standard stream closed.
 //!
 //! Fork: a child of fork() never holds or prolongs the parent's lock; its copy of the handle
 //! is closed by a pthread_atfork handler and reports owns_lock() == false.
@@ -31,21 +43,27 @@ class WorkerLock {
   //! An empty handle; every lock attempt on it fails with EINVAL.
   WorkerLock() noexcept = default;
 
-  //! Effects: remembers `path` and `options`; does not open the file.
+  //! Effects: remembers `path` and `options`; does not open the file. A relative path is
+  //! made absolute here, against the current directory (symbolic links are not resolved),
+  //! so a later chdir() of the process changes nothing: path() returns the absolute path.
+  //! If the current directory cannot be determined (it was removed, say), every lock
+  //! attempt fails with a lock_error that says so.
   explicit WorkerLock(std::filesystem::path path, Options options = {})
       : state_(std::make_unique<detail::lock_state>()) {
-    state_->path = std::move(path);
+    state_->path = make_absolute(std::move(path), unresolved_path_errno_);
     state_->options = std::move(options);
     detail::registry_guard reg;
     reg->link(state_.get());
   }
 
-  WorkerLock(WorkerLock&& other) noexcept = default;
+  WorkerLock(WorkerLock&& other) noexcept
+      : state_(std::move(other.state_)), unresolved_path_errno_(other.unresolved_path_errno_) {}
 
   WorkerLock& operator=(WorkerLock&& other) noexcept {
     if (this != &other) {
       dispose();
       state_ = std::move(other.state_);
+      unresolved_path_errno_ = other.unresolved_path_errno_;
     }
     return *this;
   }
@@ -57,6 +75,9 @@ class WorkerLock {
   ~WorkerLock() { dispose(); }
 
   //! Blocks until the lock is held. Restarts after signals (EINTR).
+  //! With Mechanism::posix, a wait the kernel refuses as a deadlock (EDEADLK: the holder's
+  //! process itself waits for a POSIX lock this process holds, as with two Coordinators per
+  //! process) is no error: it polls, every millisecond at most, until the lock is free.
   //! Throws: lock_error on any error other than waiting.
   void lock() {
     detail::failure f;
@@ -87,20 +108,25 @@ class WorkerLock {
   }
 
   //! Retries try_lock() with backoff (50 µs doubling to 5 ms) until `timeout` has passed.
+  //! The deadline is absolute on the monotonic clock, so signals never stretch the wait, and
+  //! a huge timeout such as hours::max() means "no time limit".
+  //! Returns: as try_lock(); false once the deadline has passed.
   template <typename Rep, typename Period>
   bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
-    return try_lock_until(std::chrono::steady_clock::now() + timeout);
+    return try_lock_until(detail::deadline_after(timeout));
   }
   template <typename Rep, typename Period>
   bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout,
                     std::error_code& ec) noexcept {
-    return try_lock_until(std::chrono::steady_clock::now() + timeout, ec);
+    return try_lock_until(detail::deadline_after(timeout), ec);
   }
 
+  //! As try_lock_for(), until `deadline`. A deadline on another clock than steady_clock
+  //! (system_clock, say) is converted once, on entry; time_point::max() means no limit.
   template <typename Clock, typename Duration>
   bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     detail::failure f;
-    const bool held = acquire_until(deadline, f);
+    const bool held = acquire_before(detail::to_monotonic(deadline), f);
     f.throw_if_failed(path());
     return held;
   }
@@ -108,7 +134,7 @@ class WorkerLock {
   bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
                       std::error_code& ec) noexcept {
     detail::failure f;
-    const bool held = acquire_until(deadline, f);
+    const bool held = acquire_before(detail::to_monotonic(deadline), f);
     ec = f.code;
     return held;
   }
@@ -129,6 +155,8 @@ class WorkerLock {
   //! Removes the lock file, then releases, all while the path still names the locked file,
   //! so processes waiting on the old file retry on a new one and never hold two locks.
   //! Requires: owns_lock(). Closes the file.
+  //! Throws: lock_error (EPERM) after releasing, without removing, when the file is not a
+  //! workerlock lock file (not empty and holding no holder record).
   void unlock_and_remove() {
     detail::failure f;
     remove(f);
@@ -169,21 +197,46 @@ class WorkerLock {
       f.set(EINVAL, "lock", "the handle is empty (default-constructed or moved from)");
       return false;
     }
+    if (unresolved_path_errno_ != 0) {
+      f.set(unresolved_path_errno_, "lock",
+            "the path is relative and the current directory could not be determined when the "
+            "handle was made, so it names no file for sure; use an absolute path");
+      return false;
+    }
     return detail::acquire(*state_, mode, f);
   }
 
-  template <typename Clock, typename Duration>
-  bool acquire_until(const std::chrono::time_point<Clock, Duration>& deadline,
-                     detail::failure& f) noexcept {
-    auto pause = std::chrono::microseconds(50);
+  //! Retries with backoff until `deadline`; every sleep ends at an absolute time, so a
+  //! signal that cuts one short never restarts it.
+  bool acquire_before(detail::monotonic_clock::time_point deadline, detail::failure& f) noexcept {
+    constexpr std::chrono::microseconds longest_pause(5000);
+    std::chrono::microseconds pause(50);
     for (;;) {
       if (acquire(detail::wait_mode::try_once, f) || f) return !f;
-      const auto now = Clock::now();
+      const auto now = detail::monotonic_clock::now();
       if (now >= deadline) return false;
-      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - now);
-      std::this_thread::sleep_for(std::min(pause, left + std::chrono::microseconds(1)));
-      pause = std::min(pause * 2, std::chrono::microseconds(5000));
+      detail::sleep_until(deadline - now > pause ? now + pause : deadline);
+      pause = std::min(pause * 2, longest_pause);
     }
+  }
+
+  //! `path` made absolute against the current directory; unchanged (and `error` set to the
+  //! errno) when the current directory is unknown. An empty path stays empty.
+  static std::filesystem::path make_absolute(std::filesystem::path path, int& error) {
+    error = 0;
+    if (path.empty() || path.is_absolute()) return path;
+    std::error_code ec;
+    auto directory = std::filesystem::current_path(ec);
+    if (ec) {
+      error = ec.value();
+      return path;
+    }
+    // "./a.lock" gives "/cwd/a.lock"; nothing else is normalized (a ".." after a symbolic
+    // link means what the kernel says it means).
+    auto part = path.begin();
+    while (part != path.end() && *part == "." && std::next(part) != path.end()) ++part;
+    for (; part != path.end(); ++part) directory /= *part;
+    return directory;
   }
 
   void remove(detail::failure& f) noexcept {
@@ -212,6 +265,7 @@ class WorkerLock {
   }
 
   std::unique_ptr<detail::lock_state> state_;
+  int unresolved_path_errno_ = 0;  // errno of getcwd() when a relative path stayed relative
 };
 
 namespace detail {

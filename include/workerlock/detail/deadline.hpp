@@ -27,17 +27,24 @@ monotonic_clock::time_point deadline_after(
   return now + std::chrono::ceil<monotonic_clock::duration>(timeout);
 }
 
-//! The same deadline on the monotonic clock, for a deadline given on any clock.
+//! The same deadline on the monotonic clock, for a deadline given on any clock, saturated:
+//! the arithmetic is done in long double seconds, so a coarse Duration (hours) near its
+//! max() never overflows on its way to the clock's nanoseconds.
 template <typename Clock, typename Duration>
 monotonic_clock::time_point to_monotonic(
     const std::chrono::time_point<Clock, Duration>& deadline) noexcept {
+  using exact = std::chrono::duration<long double>;
+  const auto since_epoch = [](const auto& t) {
+    return std::chrono::duration_cast<exact>(t.time_since_epoch());
+  };
   if constexpr (std::is_same_v<Clock, monotonic_clock>) {
-    if (deadline >=
-        std::chrono::time_point_cast<Duration>(std::chrono::time_point<Clock, Duration>::max()))
+    if (since_epoch(deadline) >= since_epoch(monotonic_clock::time_point::max()))
       return monotonic_clock::time_point::max();
+    if (since_epoch(deadline) <= since_epoch(monotonic_clock::time_point::min()))
+      return monotonic_clock::time_point::min();
     return std::chrono::time_point_cast<monotonic_clock::duration>(deadline);
   } else {
-    return deadline_after(deadline - Clock::now());
+    return deadline_after(since_epoch(deadline) - since_epoch(Clock::now()));
   }
 }
 

@@ -13,9 +13,12 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
-#include <thread>
+#include <string_view>
+
+#include <fmt/format.h>
 
 #include "../error.hpp"
+#include "deadline.hpp"
 #include "posix.hpp"
 #include "record.hpp"
 #include "registry.hpp"
@@ -27,7 +30,7 @@ inline const char* explain_open_errno(int e) noexcept {
     case ELOOP:
       return "the path is a symbolic link, and workerlock never follows one (O_NOFOLLOW)";
     case EISDIR:
-      return "the path is a directory";
+      return "the path is a directory; a lock file must be a regular file";
     case ENOENT:
       return "the parent directory does not exist; workerlock does not create directories "
              "(use systemd's RuntimeDirectory= or install -d)";
@@ -55,14 +58,41 @@ inline const char* explain_lock_errno(int e) noexcept {
     case ENOLCK:
       return "no lock could be granted: the kernel's lock table is full, or the file system "
              "cannot lock (on NFS: is the lock manager, lockd/rpc.statd, running?)";
-    case EDEADLK:
-      return "the kernel reports a deadlock between this process's POSIX locks and another's";
     case EINVAL:
     case EOPNOTSUPP:
       return "the file system does not support this lock mechanism";
     default:
       return "";
   }
+}
+
+//! What a file of type `mode` is, worded for an error message: what was found, and that a
+//! lock file must be a regular file.
+inline const char* explain_file_type(mode_t mode) noexcept {
+  if (S_ISDIR(mode)) return "the path is a directory; a lock file must be a regular file";
+  if (S_ISLNK(mode))
+    return "the path is a symbolic link, and workerlock never follows one (O_NOFOLLOW); a lock "
+           "file must be a regular file";
+  if (S_ISSOCK(mode))
+    return "the path is a socket, not a regular file; a lock file must be a regular file";
+  if (S_ISFIFO(mode))
+    return "the path is a FIFO (named pipe), not a regular file; a lock file must be a regular "
+           "file";
+  if (S_ISCHR(mode))
+    return "the path is a character device, not a regular file; a lock file must be a regular "
+           "file";
+  if (S_ISBLK(mode))
+    return "the path is a block device, not a regular file; a lock file must be a regular file";
+  return "the path is not a regular file; a lock file must be a regular file";
+}
+
+//! Why open() of `path` failed with `e`, in words: the kind of file found there when that
+//! is the reason (a socket or a terminal gives a bare ENXIO otherwise).
+inline const char* explain_open_failure(const char* path, int e) noexcept {
+  struct stat found {};
+  if (e != ENOENT && ::lstat(path, &found) == 0 && !S_ISREG(found.st_mode))
+    return explain_file_type(found.st_mode);
+  return explain_open_errno(e);
 }
 
 //! stat() of the directory containing `path`, without allocating. Returns 0 or -1/errno.
@@ -110,6 +140,12 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
     return false;
   }
   const char* path = s.path.c_str();
+  if (s.path.native().back() == '/') {
+    f.set(EISDIR, operation,
+          "the path ends with '/', so it names a directory; a lock file must be a regular file "
+          "(drop the trailing slash)");
+    return false;
+  }
 
   // A POSIX lock dies when the process closes ANY descriptor of the file. So POSIX handles
   // on one file share one descriptor, and a handle of another mechanism may not open a file
@@ -129,7 +165,6 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
       s.fd = same_file->fd;
       s.dev = same_file->dev;
       s.ino = same_file->ino;
-      s.verified_since_open = false;
       return true;
     }
     if (same_file != nullptr) {
@@ -149,9 +184,12 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
     fd = retry_on_eintr([&] { return ::open(path, flags | O_CREAT | O_EXCL, 0644); });
     if (fd >= 0 || errno != EEXIST) break;
   }
+  // Never on 0, 1 or 2: a log write to stderr would land in the file, and freopen(stdin)
+  // would close it and drop the lock.
+  fd = keep_off_standard_streams(fd);
   if (fd < 0) {
     const int e = errno;
-    f.set(e, operation, explain_open_errno(e));
+    f.set(e, operation, explain_open_failure(path, e));
     if (e == ENOENT && parent_directory_exists(path))
       f.explanation = "the file system refuses to create the file here";
     return false;
@@ -169,7 +207,7 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
   }
   if (!S_ISREG(file.stx_mode)) {
     close_keep_errno(fd);
-    f.set(EINVAL, operation, "the path is not a regular file");
+    f.set(EINVAL, operation, explain_file_type(file.stx_mode));
     return false;
   }
   if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(path, file.stx_uid)) {
@@ -182,7 +220,6 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
   s.fd = fd;
   s.dev = makedev(file.stx_dev_major, file.stx_dev_minor);
   s.ino = file.stx_ino;
-  s.verified_since_open = false;
   return true;
 }
 
@@ -195,7 +232,6 @@ inline void close_registered(registry& reg, lock_state& s) noexcept {
       reg.find_if([&](const lock_state& t) { return &t != &s && t.fd == s.fd; }) != nullptr;
   if (!shared) ::close(s.fd);  // never retried: the descriptor is gone even on EINTR
   s.fd = -1;
-  s.verified_since_open = false;
 }
 
 inline void close_file(lock_state& s) noexcept {
@@ -206,37 +242,64 @@ inline void close_file(lock_state& s) noexcept {
 enum class inspection { ours, replaced, failed };
 
 //! After the kernel granted the lock: does the path still name the file we locked? A holder
-//! may have removed it (unlock_and_remove) while we waited on the old inode. The first time
-//! after open() the path is compared with the open file (as FreeBSD's flopen() does); on
-//! re-lock a link count of zero tells the same, one stat cheaper. Sets `size` for
+//! may have removed it (unlock_and_remove) while we waited on the old inode, or someone
+//! renamed it, or linked it elsewhere and removed the name, while our descriptor stayed
+//! open. So every grant compares the path with the open file, as FreeBSD's flopen() does;
+//! a link count would not do, since a renamed file keeps its links. Sets `size` for
 //! write_holder_record().
 inline inspection inspect_locked_file(lock_state& s, off_t& size, failure& f) noexcept {
   constexpr const char* operation = "verify lock file";
-  if (!s.verified_since_open) {
-    // statx of the path without timestamps, as in open_registered(): an lstat() here would
-    // make the pwrite() of the record that follows pay for a fine-grained mtime.
-    struct statx named {};
-    if (::statx(AT_FDCWD, s.path.c_str(), AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT,
-                STATX_INO | STATX_SIZE, &named) != 0) {
-      if (errno == ENOENT) return inspection::replaced;
-      f.set(errno, operation);
-      return inspection::failed;
-    }
-    if (makedev(named.stx_dev_major, named.stx_dev_minor) != s.dev || named.stx_ino != s.ino)
-      return inspection::replaced;
-    s.verified_since_open = true;
-    size = static_cast<off_t>(named.stx_size);
-    return inspection::ours;
-  }
-  struct statx file {};
-  if (::statx(s.fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_NLINK | STATX_SIZE, &file) !=
-      0) {
+  // statx of the path without timestamps, as in open_registered(): an lstat() here would
+  // make the pwrite() of the record that follows pay for a fine-grained mtime.
+  struct statx named {};
+  if (::statx(AT_FDCWD, s.path.c_str(), AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT,
+              STATX_INO | STATX_SIZE, &named) != 0) {
+    if (errno == ENOENT) return inspection::replaced;
     f.set(errno, operation);
     return inspection::failed;
   }
-  if (file.stx_nlink == 0) return inspection::replaced;
-  size = static_cast<off_t>(file.stx_size);
+  if (makedev(named.stx_dev_major, named.stx_dev_minor) != s.dev || named.stx_ino != s.ino)
+    return inspection::replaced;
+  size = static_cast<off_t>(named.stx_size);
   return inspection::ours;
+}
+
+enum class contents { record, foreign, failed };
+
+//! Is the locked file recognisably a workerlock lock file, one that a record may overwrite:
+//! empty, or starting with a holder record? Anything else (a configuration file that
+//! $WORKERLOCK_PATH named by mistake, another tool's pidfile, garbage) is never written.
+//! One pread() of at most a record's size, only when the file is not empty.
+inline contents inspect_contents(const lock_state& s, off_t size, failure& f) noexcept {
+  if (size == 0) return contents::record;
+  char buffer[max_record_size + 1];
+  const auto got = retry_on_eintr([&] { return ::pread(s.fd, buffer, sizeof buffer, 0); });
+  if (got < 0) {
+    f.set(errno, "read lock file");
+    return contents::failed;
+  }
+  if (got == 0) return contents::record;  // emptied since the stat
+  try {
+    const auto text = std::string_view(buffer, static_cast<std::size_t>(got));
+    return parse_record(text) ? contents::record : contents::foreign;
+  } catch (...) {  // parse_record allocates
+    f.set(ENOMEM, "read lock file");
+    return contents::failed;
+  }
+}
+
+//! The warning for a lock file whose bytes are not ours: it is locked and left untouched.
+inline void warn_foreign_contents(const lock_state& s, off_t size) noexcept {
+  if (!s.options.log) return;
+  try {
+    s.options.log(LogLevel::warning,
+                  fmt::format("workerlock: pid={} warning: {} is not a workerlock lock file (its "
+                              "{} bytes are no holder record); it is locked but left untouched "
+                              "and no holder record is written; point the lock path at a file of "
+                              "its own",
+                              ::getpid(), s.path.native(), size));
+  } catch (...) {  // a log sink that throws must not break the election
+  }
 }
 
 //! Writes the holder record in place; shrinks the file only if an older record was longer.
@@ -288,11 +351,29 @@ inline bool release(lock_state& s, failure& f) noexcept {
 
 enum class wait_mode { try_once, block, block_interruptibly };
 
+//! Sleeps `pause` for lock_posix(); false (errno EINTR) when a signal cut it short in
+//! wait_mode::block_interruptibly.
+inline bool pause_posix_wait(std::chrono::microseconds pause, wait_mode mode) noexcept {
+  if (sleep_until(monotonic_clock::now() + pause, mode == wait_mode::block_interruptibly))
+    return true;
+  errno = EINTR;
+  return false;
+}
+
 //! POSIX locks belong to the process, so the kernel cannot tell two handles of one process
 //! apart: ownership is decided under the registry mutex. Returns 0 when this handle holds
 //! the lock, else -1 with errno (EWOULDBLOCK on contention, EINTR when interrupted).
+//!
+//! The kernel fails a blocking wait with EDEADLK when the holder's process itself waits for
+//! a POSIX lock this process holds, as when two processes each hold one lock file and wait
+//! for the other's through a second handle (two Coordinators). Nothing is wrong: each wait
+//! is on another thread or for another purpose. Such a wait polls instead, every
+//! millisecond at most, and blocks in the kernel again once the cycle is gone.
 inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
-  auto pause = std::chrono::microseconds(50);
+  using std::chrono::microseconds;
+  constexpr microseconds sibling_pause_max(2000);
+  constexpr microseconds deadlock_pause_max(1000);
+  auto pause = microseconds(50);
   for (;;) {
     bool sibling_holds = false;
     {
@@ -310,20 +391,16 @@ inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
         return -1;
       }
       // Another handle of this process holds it; the kernel would grant it to us at once.
-      const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(pause);
-      struct timespec nap {};
-      nap.tv_sec = static_cast<time_t>(seconds.count());
-      nap.tv_nsec = static_cast<long>(
-          std::chrono::duration_cast<std::chrono::nanoseconds>(pause - seconds).count());
-      if (::nanosleep(&nap, nullptr) != 0 && errno == EINTR &&
-          mode == wait_mode::block_interruptibly)
-        return -1;
-      pause = std::min(pause * 2, std::chrono::microseconds(2000));
+      if (!pause_posix_wait(pause, mode)) return -1;
+      pause = std::min(pause * 2, sibling_pause_max);
       continue;
     }
     if (acquire_once(s.fd, Mechanism::posix, true) != 0) {
       if (errno == EINTR && mode == wait_mode::block) continue;
-      return -1;
+      if (errno != EDEADLK) return -1;
+      if (!pause_posix_wait(std::min(pause, deadlock_pause_max), mode)) return -1;
+      pause = std::min(pause * 2, deadlock_pause_max);
+      continue;
     }
     registry_guard reg;
     if (!held_by_sibling_handle(*reg.operator->(), s)) {
@@ -383,7 +460,17 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
     if (s.options.mechanism != Mechanism::posix) s.owned = true;
     off_t size = 0;
     if (inspect_locked_file(s, size, f) == inspection::ours) {
-      if (!s.options.write_holder_record || write_holder_record(s, size, f)) return true;
+      if (!s.options.write_holder_record) return true;
+      switch (inspect_contents(s, size, f)) {
+        case contents::record:
+          if (write_holder_record(s, size, f)) return true;
+          break;
+        case contents::foreign:
+          warn_foreign_contents(s, size);
+          return true;
+        case contents::failed:
+          break;
+      }
     }
     // Replaced under our feet, or an error: let go of this inode and, if replaced, retry.
     failure ignored;
@@ -405,7 +492,15 @@ inline bool release_and_remove(lock_state& s, failure& f) noexcept {
   }
   struct stat st {};
   if (::lstat(s.path.c_str(), &st) == 0 && st.st_dev == s.dev && st.st_ino == s.ino) {
-    if (::unlink(s.path.c_str()) != 0 && errno != ENOENT) f.set(errno, "remove lock file");
+    // A file that is not recognisably ours (a configuration file, say) is never removed.
+    const auto found = inspect_contents(s, st.st_size, f);
+    if (found == contents::foreign) {
+      f.set(EPERM, "remove lock file",
+            "the file is not a workerlock lock file (it holds no holder record), so it was left "
+            "in place; the lock was released");
+    } else if (found == contents::record && ::unlink(s.path.c_str()) != 0 && errno != ENOENT) {
+      f.set(errno, "remove lock file");
+    }
   }
   failure release_failure;
   release(s, release_failure);

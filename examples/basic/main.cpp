@@ -42,7 +42,7 @@ int usage(const char* program, int code) {
 
 int main(int argc, char** argv) {
   int workers = 4;
-  std::string lock_path = workerlock::default_lock_path();
+  std::string lock_path;  // empty: workerlock::default_lock_path()
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--workers" && i + 1 < argc) {
@@ -56,6 +56,14 @@ int main(int argc, char** argv) {
     }
   }
   if (workers < 1 || workers > 1024) return usage(argv[0], 2);
+  if (lock_path.empty()) {
+    try {
+      lock_path = workerlock::default_lock_path();  // refuses a bad $WORKERLOCK_PATH
+    } catch (const workerlock::lock_error& error) {
+      fmt::print(stderr, "{}\n", error.what());
+      return 2;
+    }
+  }
 
   fmt::print("master pid={}: forking {} workers, lock file {}\n", ::getpid(), workers, lock_path);
   std::fflush(stdout);

@@ -95,8 +95,11 @@ void print_usage(std::FILE* out, const char* program) {
              "A worker that dies is respawned (see --respawn-delay). Exit status: 0 after a\n"
              "shutdown, 2 for bad options, 1 when the lock file, the report file or the\n"
              "socket cannot be used.\n",
-             program, "", std::strlen(program), max_workers,
-             workerlock::default_lock_path().native());
+             program, "", std::strlen(program), max_workers, [] {
+               std::error_code ec;  // a bad $WORKERLOCK_PATH is reported when it is used
+               const auto path = workerlock::default_lock_path(ec);
+               return ec ? std::string("(WORKERLOCK_PATH is invalid)") : path.native();
+             }());
 }
 
 //! Parses all of `text` as an integer in [low, high].
@@ -563,7 +566,14 @@ class Master {
 int main(int argc, char** argv) {
   Config config;
   if (const auto code = parse_args(argc, argv, config)) return *code;
-  if (config.lock_path.empty()) config.lock_path = workerlock::default_lock_path();
+  if (config.lock_path.empty()) {
+    try {
+      config.lock_path = workerlock::default_lock_path();  // refuses a bad $WORKERLOCK_PATH
+    } catch (const workerlock::lock_error& error) {
+      fmt::print(stderr, "{}\n", error.what());
+      return 2;
+    }
+  }
 
   // Everything that can be checked is checked here, before the first fork().
   if (config.mode == Mode::coordinated && !check_lock_path(config.lock_path)) return 1;

@@ -74,7 +74,10 @@ int wait_or_kill(Children& children, pid_t pid, std::chrono::milliseconds timeou
   }
 }
 
+//! The contents of a regular file; "" for anything else (never blocks on a planted FIFO).
 std::string slurp(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(fs::symlink_status(path, ec))) return "";
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }

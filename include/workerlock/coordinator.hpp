@@ -468,13 +468,12 @@ class Coordinator {
   void step_down_for_unreadable_marker(const detail::failure& f) noexcept {
     const auto pause = startup_backoff_;
     startup_backoff_ = std::min(startup_backoff_ * 2, options_.retry_backoff_max);
-    try {
-      const lock_error error(f.operation, barrier_->marker_path(), f.code, f.explanation);
-      log(LogLevel::error,
-          "workerlock: pid={} {}; on_startup not run, stepping down and retrying in {} ms",
-          ::getpid(), error.what(), pause.count());
-    } catch (...) {
-    }
+    const bool explained = f.explanation != nullptr && *f.explanation != '\0';
+    log(LogLevel::error,
+        "workerlock: pid={} cannot {} '{}'{}{}{}: {}; on_startup not run, stepping down and "
+        "retrying in {} ms",
+        ::getpid(), f.operation, barrier_->marker_path().native(), explained ? " (" : "",
+        explained ? f.explanation : "", explained ? ")" : "", f.code.message(), pause.count());
     backend_->release();
     role_.store(Role::secondary);
     log(LogLevel::info, "workerlock: pid={} role=secondary {} (the startup marker cannot be read)",

@@ -284,9 +284,11 @@ class StartupBarrier {
       });
       if (fd < 0 && errno != EEXIST) break;  // EEXIST: a name taken; draw another
     }
+    const bool created = fd >= 0;
     fd = detail::keep_off_standard_streams(fd);
     if (fd < 0) {
       const int e = errno;
+      if (created) ::unlink(temporary);
       f.set(e, operation, detail::explain_open_errno(e));
       return;
     }

@@ -288,6 +288,35 @@ TEST_CASE(
   check_hostile_marker(WaitMode::background_thread);
 }
 
+TEST_CASE("startup barrier: stop() cuts short the backoff after an unreadable marker",
+          "[startup_barrier][threads]") {
+  wltest::TempDir dir;
+  const fs::path lock = dir / "backoff.lock";
+  plant(Planted::fifo, marker_of(lock), "backoff-test");
+  wltest::Shared<WorkerBoard> board;
+  Children children;
+  const pid_t worker = children.spawn([&] {
+    CoordinatorOptions options = options_for(WaitMode::background_thread, *board, "backoff-test");
+    options.retry_backoff_min = 30s;  // the first step-down pauses for 30 s
+    options.retry_backoff_max = 30s;
+    Coordinator coordinator(lock, options);
+    count_callbacks(coordinator, *board);
+    coordinator.start();
+    if (!wltest::eventually([&] { return board->errors.load() >= 1; })) return 10;
+    std::this_thread::sleep_for(50ms);  // well into the pause
+    board->stop_ms.store(stop_and_time(coordinator));
+    return 0;
+  });
+  const int code = wait_or_kill(children, worker);
+  INFO("exit code " << code << " (-1: hung), first error: " << board->first_error);
+  REQUIRE(code == 0);
+  CHECK(board->errors.load() == 1);
+  CHECK(board->startup_runs.load() == 0);
+  CHECK(board->promotions.load() == 0);
+  CHECK(board->stop_ms.load() >= 0);
+  CHECK(board->stop_ms.load() < 2000);
+}
+
 TEST_CASE(
     "startup barrier: completed() reports a refused or unreadable marker as an error with an "
     "explanation and a missing one as not completed",

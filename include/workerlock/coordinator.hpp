@@ -59,7 +59,9 @@ struct CoordinatorOptions {
   //! The signal stop() sends to interrupt the waiting thread's blocking lock call. 0 picks
   //! SIGRTMIN + 5. Its handler is installed by workerlock, without SA_RESTART.
   int wakeup_signal = 0;
-  //! The generation of the startup barrier; empty: StartupBarrier::master_generation().
+  //! The generation of the startup barrier; empty: StartupBarrier::master_generation(), read
+  //! anew by each start() in the worker (never in the process that built the Coordinator).
+  //! At most StartupBarrier::max_generation_size bytes, without a newline or a NUL.
   std::string startup_generation;
 };
 
@@ -83,13 +85,19 @@ class Coordinator {
                     options) {}
 
   //! Coordinates through any Backend, such as a network lease.
+  //! Throws: lock_error if startup_generation is invalid or the lock file's name leaves no
+  //! room for the startup marker's (see StartupBarrier).
   explicit Coordinator(std::unique_ptr<Backend> backend, CoordinatorOptions options = {})
-      : backend_(std::move(backend)), options_(std::move(options)) {
-    if (auto base = backend_->startup_marker_base(); !base.empty()) {
-      barrier_.emplace(base, options_.startup_generation.empty()
-                                 ? StartupBarrier::master_generation()
-                                 : options_.startup_generation);
-    }
+      : backend_(std::move(backend)),
+        options_(std::move(options)),
+        startup_marker_base_(backend_->startup_marker_base()),
+        startup_backoff_(options_.retry_backoff_min) {
+    if (startup_marker_base_.empty()) return;
+    StartupBarrier::check_lock_path(startup_marker_base_);
+    // The default generation is read by start(), in the worker.
+    if (!options_.startup_generation.empty())
+      barrier_.emplace(startup_marker_base_, options_.startup_generation,
+                       options_.lock.allow_foreign_owner);
   }
 
   Coordinator(const Coordinator&) = delete;
@@ -198,16 +206,42 @@ class Coordinator {
   Role role() const noexcept { return role_.load(); }
   bool running() const noexcept { return running_ && !stop_requested_.load(); }
   const Backend& backend() const noexcept { return *backend_; }
-  //! The startup barrier, or nullptr when the backend offers no place for its marker.
-  const StartupBarrier* startup_barrier() const noexcept { return barrier_ ? &*barrier_ : nullptr; }
+  //! The startup barrier of this start() (before the first one, with the default
+  //! generation: of the calling process's master), or nullopt when the backend offers no
+  //! place for its marker.
+  std::optional<StartupBarrier> startup_barrier() const {
+    {
+      std::lock_guard<std::mutex> guard(barrier_mutex_);
+      if (barrier_) return barrier_;
+    }
+    if (startup_marker_base_.empty()) return std::nullopt;
+    return StartupBarrier(startup_marker_base_, StartupBarrier::master_generation(),
+                          options_.lock.allow_foreign_owner);
+  }
   //! The backend's fencing token of the current hold (0 for lock files).
   std::uint64_t fencing_token() const noexcept { return backend_->fencing_token(); }
 
   //! Waits until a primary completed the on_startup tasks of this generation, or until
   //! `timeout`; returns whether they completed. Workers started after completion return
-  //! at once. Waiters keep waiting across a failover in the middle of the tasks.
+  //! at once. Waiters keep waiting across a failover in the middle of the tasks. The wait
+  //! ends at an absolute deadline, however many signals arrive.
+  //! Throws: lock_error if the marker could not be read until the deadline (see
+  //! StartupBarrier::wait_for()).
   bool wait_for_startup(std::chrono::milliseconds timeout) const {
-    return barrier_ && barrier_->wait_for(timeout);
+    const auto barrier = startup_barrier();
+    return barrier && barrier->wait_for(timeout);
+  }
+  bool wait_for_startup(std::chrono::milliseconds timeout, std::error_code& ec) const noexcept {
+    ec.clear();
+    try {
+      const auto barrier = startup_barrier();
+      return barrier && barrier->wait_for(timeout, ec);
+    } catch (const std::system_error& error) {
+      ec = error.code();
+    } catch (const std::bad_alloc&) {
+      ec = std::make_error_code(std::errc::not_enough_memory);
+    }
+    return false;
   }
 
  private:
@@ -247,6 +281,7 @@ class Coordinator {
     if (thread_.joinable()) thread_.join();
     // Formatted once, while no thread runs, so that log lines need no allocation.
     description_ = backend_->describe();
+    read_default_startup_generation();
     stop_requested_.store(false);
     thread_done_.store(false);
     role_.store(Role::secondary);
@@ -374,7 +409,9 @@ class Coordinator {
   void promote() noexcept {
     role_.store(Role::primary);
     log(LogLevel::info, "workerlock: pid={} role=primary {}", detail::current_pid(), description_);
-    if (startup_ && barrier_ && !barrier_->completed()) {
+    bool completed = false;
+    if (startup_ && barrier_ && !read_startup_marker(completed)) return;  // stepped down
+    if (startup_ && barrier_ && !completed) {
       bool finished = true;
       const auto outer = callback_thread_.exchange(std::this_thread::get_id());
       try {
@@ -400,6 +437,54 @@ class Coordinator {
     invoke(promoted_, "on_promoted");
   }
 
+  //! With the default generation, reads it anew at each start(), in this worker: a
+  //! Coordinator built in the master (a global, say) must not take the master's parent
+  //! (pid 1 under systemd) for the master. Requires control_mutex_ and no running thread.
+  void read_default_startup_generation() {
+    if (startup_marker_base_.empty() || !options_.startup_generation.empty()) return;
+    StartupBarrier fresh(startup_marker_base_, StartupBarrier::master_generation(),
+                         options_.lock.allow_foreign_owner);
+    std::lock_guard<std::mutex> guard(barrier_mutex_);
+    barrier_ = std::move(fresh);
+  }
+
+  //! Whether a primary completed the startup tasks in this generation. An unreadable marker
+  //! is no answer, and running the tasks on it could run them twice: then this worker
+  //! steps down instead, and the result is false.
+  bool read_startup_marker(bool& completed) noexcept {
+    detail::failure f;
+    completed = barrier_->query(f);
+    if (f) {
+      step_down_for_unreadable_marker(f);
+      return false;
+    }
+    startup_backoff_ = options_.retry_backoff_min;
+    return true;
+  }
+
+  //! Releases the lock without callbacks (on_promoted never ran) and lets the standby
+  //! machinery try again after a backoff: another standby, or this one once the marker
+  //! can be read. The pause ends at once on stop().
+  void step_down_for_unreadable_marker(const detail::failure& f) noexcept {
+    const auto pause = startup_backoff_;
+    startup_backoff_ = std::min(startup_backoff_ * 2, options_.retry_backoff_max);
+    const bool explained = f.explanation != nullptr && *f.explanation != '\0';
+    log(LogLevel::error,
+        "workerlock: pid={} cannot {} '{}'{}{}{}: {}; on_startup not run, stepping down and "
+        "retrying in {} ms",
+        ::getpid(), f.operation, barrier_->marker_path().native(), explained ? " (" : "",
+        explained ? f.explanation : "", explained ? ")" : "", f.code.message(), pause.count());
+    backend_->release();
+    role_.store(Role::secondary);
+    log(LogLevel::info, "workerlock: pid={} role=secondary {} (the startup marker cannot be read)",
+        ::getpid(), description_);
+    if (options_.wait == WaitMode::polled) {
+      next_attempt_ = std::chrono::steady_clock::now() + pause;
+    } else {
+      sleep_unless_stopped(pause);
+    }
+  }
+
   //! on_demoted first, then release: the successor never overlaps with us.
   void demote(const char* reason) noexcept {
     invoke(demoted_, "on_demoted");
@@ -419,12 +504,14 @@ class Coordinator {
   std::unique_ptr<Backend> backend_;
   std::string description_;
   CoordinatorOptions options_;
-  std::optional<StartupBarrier> barrier_;
+  std::filesystem::path startup_marker_base_;  // empty: the backend offers no marker
+  std::optional<StartupBarrier> barrier_;      // written by begin() under barrier_mutex_
+  mutable std::mutex barrier_mutex_;
   Callback promoted_;
   Callback demoted_;
   Callback startup_;
 
-  std::mutex control_mutex_;  // serializes start() and stop()
+  std::mutex control_mutex_;          // serializes start() and stop()
   std::atomic<bool> running_{false};  // written under control_mutex_; running() reads it
   bool kept_out_ = false;
   std::atomic<Role> role_{Role::secondary};
@@ -441,6 +528,7 @@ class Coordinator {
   std::chrono::milliseconds backoff_{10};
   std::chrono::steady_clock::time_point next_attempt_{};
   std::chrono::steady_clock::time_point last_verified_{};
+  std::chrono::milliseconds startup_backoff_;  // after an unreadable startup marker
 };
 
 }  // namespace workerlock

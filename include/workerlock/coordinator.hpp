@@ -15,7 +15,6 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <functional>
@@ -253,6 +252,9 @@ class Coordinator {
   //! In WaitMode::polled the next poll(), stop(), start() or the destructor completes it
   //! (runs on_demoted and releases). running() is false from now on; stop() or the
   //! destructor still joins the thread. Before start() it has no effect.
+  //! One wakeup is sent: in the rare case that it reaches a waiting standby just before its
+  //! thread enters the kernel's blocking lock call, that thread (which holds nothing) keeps
+  //! waiting until stop() or the destructor, which repeat the wakeup until it leaves.
   void request_stop() noexcept {
     const int saved = errno;
     if (!inherited_across_fork()) {
@@ -307,7 +309,8 @@ class Coordinator {
   }
   //! True from start() until stop() or request_stop(). Async-signal-safe.
   bool running() const noexcept {
-    return running_.load() && !stop_requested_.load() && !inherited_across_fork();
+    if (!running_.load() || stop_requested_.load()) return false;
+    return !inherited_across_fork();
   }
   const Backend& backend() const noexcept { return *backend_; }
   //! The startup barrier, or nullptr when the backend offers no place for its marker.
@@ -315,7 +318,8 @@ class Coordinator {
   //! The backend's fencing token of the current hold (0 for lock files, and in a child of
   //! fork()).
   std::uint64_t fencing_token() const noexcept {
-    return inherited_across_fork() ? 0 : backend_->fencing_token();
+    const std::uint64_t token = backend_->fencing_token();
+    return token != 0 && !inherited_across_fork() ? token : 0;
   }
 
   //! Waits until a primary completed the on_startup tasks of this generation, or until
@@ -520,9 +524,10 @@ class Coordinator {
       running_ = false;
       backend_->reset();
       role_.store(Role::secondary);
+      const std::error_code code(rc, std::system_category());
       log(LogLevel::error, "workerlock: pid={} role=secondary {} (cannot create a thread: {})",
-          ::getpid(), description_, std::strerror(rc));
-      fail("start the coordinator thread for", std::error_code(rc, std::system_category()),
+          ::getpid(), description_, code.message());
+      fail("start the coordinator thread for", code,
            "pthread_create failed: the process, its user (RLIMIT_NPROC) or its cgroup "
            "(pids.max) may have reached its limit of threads, or memory ran out");
     }

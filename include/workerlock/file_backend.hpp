@@ -96,8 +96,9 @@ class FileBackend final : public Backend {
       throw lock_error(operation, lock_.path(), {errno, std::system_category()},
                        fmt::format("wakeup_signal {} is invalid", wakeup_signal_));
     const bool plain = (current.sa_flags & SA_SIGINFO) == 0;
-    if (plain && current.sa_handler == &ignore_signal) return;
-    if (!plain || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
+    const bool ours = plain && current.sa_handler == &ignore_signal;
+    if (ours && (current.sa_flags & SA_RESTART) == 0) return;
+    if (!ours && (!plain || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN)))
       throw lock_error(
           operation, lock_.path(), std::make_error_code(std::errc::device_or_resource_busy),
           fmt::format(

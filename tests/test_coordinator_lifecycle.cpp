@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -842,6 +843,56 @@ TEST_CASE("coordinator lifecycle: start() rejects bad options with a lock_error 
     CHECK(r.ec_invalid[i].load() == 1);
   }
   CHECK(r.valid_start_role.load() == kPrimary);
+}
+
+struct HugeIntervalReport {
+  std::atomic<int> role{-1};
+  std::atomic<long long> cpu_us{-1};
+  std::atomic<long long> stop_ms{-1};
+  std::atomic<int> demoted{0};
+  LogBook log;
+};
+
+long long process_cpu_us() {
+  struct rusage usage {};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return (static_cast<long long>(usage.ru_utime.tv_sec) + usage.ru_stime.tv_sec) * 1000000 +
+         usage.ru_utime.tv_usec + usage.ru_stime.tv_usec;
+}
+
+TEST_CASE("coordinator lifecycle: a huge health_check_interval is a long sleep, not a busy loop",
+          "[coordinator][coordinator_lifecycle][threads]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<HugeIntervalReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    HugeIntervalReport& r = *report;
+    auto options = options_for(WaitMode::background_thread, r.log);
+    options.health_check_interval = milliseconds::max();
+    options.retry_backoff_min = milliseconds::max();
+    options.retry_backoff_max = milliseconds::max();
+    Coordinator c(path, options);
+    c.on_demoted([&] { r.demoted.fetch_add(1); });
+    c.start();
+    r.role.store(static_cast<int>(c.role()));
+    std::this_thread::sleep_for(50ms);  // the thread runs on_promoted and goes to sleep
+    const long long before = process_cpu_us();
+    std::this_thread::sleep_for(500ms);
+    r.cpu_us.store(process_cpu_us() - before);
+    const auto began = std::chrono::steady_clock::now();
+    c.stop();
+    r.stop_ms.store(static_cast<long long>(ms_since(began)));
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  HugeIntervalReport& r = *report;
+  INFO(r.log.contents());
+  CHECK(r.role.load() == kPrimary);
+  CHECK(r.cpu_us.load() < 100000);  // a busy loop burns most of the 500 ms
+  CHECK(r.stop_ms.load() < 3000);
+  CHECK(r.demoted.load() == 1);
+  CHECK(lock_is_free(path));
 }
 
 struct PathReport {

@@ -264,6 +264,82 @@ TEST_CASE("coordinator lifecycle: a child forked by the primary reads role() sec
   CHECK(r.lock_free_while_held.load() == 0);
 }
 
+struct CopyStartReport {
+  std::atomic<int> running_copy_threw{0};
+  std::atomic<int> running_copy_code{0};
+  std::atomic<int> running_copy_role{-1};
+  std::atomic<int> running_copy_exit{-100};
+  std::atomic<int> stopped_copy_role{-1};
+  std::atomic<int> stopped_copy_promoted_in_child{0};
+  std::atomic<int> stopped_copy_exit{-100};
+  std::atomic<int> worker_role_after{-1};
+  LogBook log;
+};
+
+TEST_CASE(
+    "coordinator lifecycle: start() on a forked copy throws while the parent runs it and starts "
+    "afresh once the parent stopped it",
+    "[coordinator][coordinator_lifecycle][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<CopyStartReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    CopyStartReport& r = *report;
+    const pid_t me = ::getpid();
+    Coordinator c(path, options_for(mode, r.log));
+    c.on_promoted([&] {
+      if (::getpid() != me) r.stopped_copy_promoted_in_child.fetch_add(1);
+    });
+    c.start();
+    // The parent runs it: the copy must not start (it would be a second, hidden member).
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      try {
+        c.start();
+      } catch (const workerlock::lock_error& error) {
+        r.running_copy_threw.store(1);
+        r.running_copy_code.store(error.code().value());
+      }
+      r.running_copy_role.store(static_cast<int>(c.role()));
+      ::_exit(0);
+    }
+    r.running_copy_exit.store(wait_or_kill(pid, 5s));
+    // Stopped before the fork: the copy is an ordinary Coordinator of the child.
+    c.stop();
+    pid = ::fork();
+    if (pid == 0) {
+      c.start();
+      for (int i = 0; i < 5; ++i) {
+        c.poll();
+        std::this_thread::sleep_for(2ms);
+      }
+      if (mode == WaitMode::background_thread)
+        wltest::eventually([&] { return r.stopped_copy_promoted_in_child.load() == 1; }, 5s);
+      r.stopped_copy_role.store(static_cast<int>(c.role()));
+      c.stop();
+      ::_exit(0);
+    }
+    r.stopped_copy_exit.store(wait_or_kill(pid, 10s));
+    r.worker_role_after.store(static_cast<int>(c.role()));
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 20s) == 0);
+  CopyStartReport& r = *report;
+  INFO(r.log.contents());
+  CHECK(r.running_copy_exit.load() == 0);
+  CHECK(r.running_copy_threw.load() == 1);
+  CHECK(r.running_copy_code.load() == EPERM);
+  CHECK(r.running_copy_role.load() == kSecondary);
+  CHECK(r.stopped_copy_exit.load() == 0);
+  CHECK(r.stopped_copy_role.load() == kPrimary);
+  CHECK(r.stopped_copy_promoted_in_child.load() == 1);
+  CHECK(r.worker_role_after.load() == kSecondary);
+  CHECK(lock_is_free(path));
+}
+
 //! How the helper of a worker is made and leaves.
 struct HelperCase {
   const char* name;

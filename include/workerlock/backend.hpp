@@ -26,7 +26,8 @@ class Backend {
   //! Waits until held (true) or until interrupt() is called (false).
   virtual bool wait_acquire() = 0;
 
-  //! Makes a wait_acquire() running on another thread return soon. May be called repeatedly.
+  //! Makes a wait_acquire() running on another thread return soon. May be called repeatedly,
+  //! and must be async-signal-safe: Coordinator::request_stop() calls it from signal handlers.
   virtual void interrupt() noexcept = 0;
 
   //! Clears an earlier interrupt() before the next wait.
@@ -48,6 +49,11 @@ class Backend {
 
   //! For log lines, such as "path=/run/app/primary.lock".
   virtual std::string describe() const = 0;
+
+  //! What lock_error::path() names in the errors the Coordinator reports about this backend:
+  //! the lock file's path for FileBackend; for a network backend the text its own errors
+  //! carry there (by default describe()).
+  virtual std::filesystem::path error_path() const { return describe(); }
 
   //! The base path of the startup barrier's marker (the marker is `<base>.startup`), or
   //! empty when the backend offers none.

@@ -2,13 +2,19 @@
 // primary dies, one standby is promoted at once and on_promoted/on_demoted tell the host.
 #pragma once
 
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
-#include <condition_variable>
+#include <climits>
+#include <cstdint>
 #include <exception>
 #include <filesystem>
 #include <functional>
@@ -22,6 +28,7 @@
 #include <fmt/format.h>
 
 #include "backend.hpp"
+#include "detail/deadline.hpp"
 #include "election.hpp"
 #include "error.hpp"
 #include "file_backend.hpp"
@@ -31,6 +38,63 @@
 #include "worker_lock.hpp"
 
 namespace workerlock {
+
+namespace detail {
+
+//! A 32-bit word that threads sleep on until it changes: a Linux futex. Waking is
+//! async-signal-safe, and there is nothing to destroy, so a copy inherited through fork()
+//! never blocks the child's exit (a std::condition_variable's destructor waits for its
+//! waiters, and in a child those never existed).
+class futex_word {
+ public:
+  std::uint32_t load() const noexcept { return word_.load(); }
+
+  //! Stores `value` and wakes every sleeper. Async-signal-safe.
+  void store_and_wake(std::uint32_t value) noexcept {
+    word_.store(value);
+    wake();
+  }
+  //! Adds one and wakes every sleeper. Async-signal-safe.
+  void bump_and_wake() noexcept {
+    word_.fetch_add(1);
+    wake();
+  }
+
+  //! Sleeps while the word equals `seen`, until `deadline` at the latest (CLOCK_MONOTONIC,
+  //! time_point::max() for never). May return early; callers re-check their condition.
+  void wait_while(std::uint32_t seen, monotonic_clock::time_point deadline) noexcept {
+    const int saved = errno;
+    if (deadline == monotonic_clock::time_point::max()) {
+      ::syscall(SYS_futex, address(), FUTEX_WAIT_BITSET_PRIVATE, seen, nullptr, nullptr,
+                FUTEX_BITSET_MATCH_ANY);
+    } else {
+      const auto since_epoch = deadline.time_since_epoch();
+      const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+      struct timespec at {};
+      at.tv_sec = static_cast<time_t>(seconds.count());
+      at.tv_nsec = static_cast<long>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - seconds).count());
+      ::syscall(SYS_futex, address(), FUTEX_WAIT_BITSET_PRIVATE, seen, &at, nullptr,
+                FUTEX_BITSET_MATCH_ANY);
+    }
+    errno = saved;
+  }
+
+ private:
+  static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t) &&
+                std::atomic<std::uint32_t>::is_always_lock_free);
+
+  void wake() noexcept {
+    const int saved = errno;
+    ::syscall(SYS_futex, address(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+    errno = saved;
+  }
+  std::uint32_t* address() noexcept { return reinterpret_cast<std::uint32_t*>(&word_); }
+
+  std::atomic<std::uint32_t> word_{0};
+};
+
+}  // namespace detail
 
 //! How a standby waits for the lock.
 enum class WaitMode {
@@ -46,18 +110,26 @@ enum class WaitMode {
 //! long (plus the timer's own slack), at the cost of one failed lock syscall per interval.
 inline constexpr std::chrono::milliseconds recommended_poll_interval{50};
 
+//! Coordinator::start() checks these and throws lock_error (invalid_argument) naming the
+//! field of a bad one.
 struct CoordinatorOptions {
   //! Mechanism, log sink and the other lock options.
   Options lock{};
   WaitMode wait = WaitMode::background_thread;
   //! How often the primary checks that the path still names the file it holds (someone may
   //! have deleted or replaced it, which would let a second process lock a new file).
+  //! Must be positive.
   std::chrono::milliseconds health_check_interval{1000};
-  //! Backoff between retries after errors (EIO, ENOLCK, a vanished directory).
+  //! Backoff between retries after errors (EIO, ENOLCK, a vanished directory): it starts at
+  //! retry_backoff_min and doubles up to retry_backoff_max. min must be positive, and max at
+  //! least min.
   std::chrono::milliseconds retry_backoff_min{10};
   std::chrono::milliseconds retry_backoff_max{2000};
   //! The signal stop() sends to interrupt the waiting thread's blocking lock call. 0 picks
-  //! SIGRTMIN + 5. Its handler is installed by workerlock, without SA_RESTART.
+  //! SIGRTMIN + 5. Its handler is installed by workerlock, without SA_RESTART. Otherwise a
+  //! signal number other than SIGKILL, SIGSTOP and the fault signals (SIGSEGV, SIGBUS, SIGFPE,
+  //! SIGILL, SIGTRAP, SIGSYS, SIGABRT); leave it to workerlock after start(): a host that
+  //! replaces its handler gets an error logged, and workerlock's handler back, at stop().
   int wakeup_signal = 0;
   //! The generation of the startup barrier; empty: StartupBarrier::master_generation(), read
   //! anew by each start() in the worker (never in the process that built the Coordinator).
@@ -72,8 +144,18 @@ struct CoordinatorOptions {
 //! WaitMode::background_thread they run on the coordinator's thread; in WaitMode::polled,
 //! on the thread calling start(), poll() or stop(). on_demoted runs BEFORE the lock is
 //! released, so the next primary never overlaps with this one. An exception thrown by a
-//! callback is logged and swallowed. A callback may call stop() (it then takes effect when
-//! the callback returns) but must not destroy the Coordinator.
+//! callback is logged and swallowed. A callback may call every public member but the
+//! destructor: stop() and request_stop() then take effect when the callback returns,
+//! start() does nothing (it is running), poll() returns at once.
+//!
+//! Signal handlers may call request_stop(), role() and running(), and nothing else
+//! (these three are async-signal-safe; stop() is not).
+//!
+//! Fork: a copy of the Coordinator inherited through fork() (also a raw syscall(SYS_fork),
+//! which runs no atfork handler) is inert in the child: role() is secondary, running() is
+//! false, fencing_token() is 0, no callback runs, and stop(), poll(), request_stop() and the
+//! destructor return at once without touching the parent's thread, mutexes or hold.
+//! start() on such a copy throws, unless the parent had stopped it before the fork.
 class Coordinator {
  public:
   using Callback = std::function<void()>;
@@ -103,10 +185,18 @@ class Coordinator {
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;
 
-  //! Stops (running on_demoted if primary) and joins the thread. Never throws.
+  //! Stops (running on_demoted if primary) and joins the thread. Never throws. In a copy
+  //! inherited through fork() it returns at once: the thread it names lives in the parent.
   ~Coordinator() {
+    if (inherited_across_fork()) return;
     stop();
-    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+    if (thread_started_) {  // stop() was asked from the coordinator thread itself
+      if (::pthread_equal(thread_, ::pthread_self()) != 0) {
+        ::pthread_detach(thread_);
+      } else {
+        ::pthread_join(thread_, nullptr);
+      }
+    }
   }
 
   //! Set the callbacks before start().
@@ -128,18 +218,20 @@ class Coordinator {
 
   //! Takes part in the election and returns at once: role() is primary now (on_promoted
   //! has run, or is about to on the coordinator thread), or this worker is a standby.
-  //! Calling start() while running does nothing; after a callback called stop(), start()
-  //! (from any thread but a callback) waits for that stop to finish, then starts afresh.
-  //! Throws: lock_error if the lock file cannot be opened or locked; nothing is started.
-  void start() {
-    detail::failure f;
-    begin(f);
-    if (f) throw lock_error(f.operation, backend_->describe(), f.code, f.explanation);
-  }
+  //! Calling start() while running does nothing, nor from a callback; after stop() was
+  //! called from a callback or request_stop(), start() (from any thread but a callback)
+  //! waits for that stop to finish, then starts afresh.
+  //! Throws: lock_error, with path() the lock file's (see Backend::error_path()), if the
+  //! options are invalid (invalid_argument, naming the field), the lock file cannot be
+  //! opened or locked, or the coordinator thread cannot be created (its errno, such as
+  //! EAGAIN when RLIMIT_NPROC or the cgroup's pids.max is reached), or this object is a copy
+  //! of a running Coordinator inherited through fork() (operation_not_permitted). After a
+  //! failure nothing is started, nothing is held, and role() is secondary.
+  void start() { begin(); }
   void start(std::error_code& ec) {
     ec.clear();
     try {
-      start();
+      begin();
     } catch (const std::system_error& error) {
       ec = error.code();
     }
@@ -147,41 +239,55 @@ class Coordinator {
 
   //! Leaves the election: a primary runs on_demoted, then releases so another standby is
   //! promoted at once; a waiting standby stops waiting. Returns within milliseconds unless
-  //! a callback is still running. Safe to call twice, and from a callback.
+  //! a callback is still running, whatever the host did to the wakeup signal since start().
+  //! Safe to call twice, and from a callback. Not async-signal-safe: a signal handler calls
+  //! request_stop() instead.
   void stop() noexcept {
-    if (on_coordinator_thread()) {
-      stop_requested_.store(true);  // the thread's loop ends once the callback returns
+    if (inherited_across_fork()) return;
+    if (on_coordinator_thread()) {  // the stop completes once the callback returns
+      request_stop();
       return;
     }
-    std::lock_guard<std::mutex> control(control_mutex_);
+    control_guard control(*this);
     if (!running_) return;
-    stop_requested_.store(true);
-    if (options_.wait == WaitMode::polled) {
-      finish();
-    } else {
-      {
-        std::lock_guard<std::mutex> guard(wait_mutex_);
-        wake_.notify_all();
-      }
-      // A signal sent just before the thread enters its blocking call is lost; repeat.
-      while (!thread_done_.load()) {
-        backend_->interrupt();
-        std::unique_lock<std::mutex> guard(wait_mutex_);
-        wake_.wait_for(guard, std::chrono::milliseconds(1), [&] { return thread_done_.load(); });
-      }
-      if (thread_.joinable()) thread_.join();  // kept out of the election: no thread
+    complete_stop();
+  }
+
+  //! Asks the Coordinator to stop, without waiting: async-signal-safe (lock-free atomics, a
+  //! futex wake, and the backend's interrupt()), so a SIGTERM handler may call it.
+  //! In WaitMode::background_thread the coordinator thread then leaves by itself: a primary
+  //! runs on_demoted and releases at once (on that thread), a standby stops waiting.
+  //! In WaitMode::polled the next poll(), stop(), start() or the destructor completes it
+  //! (runs on_demoted and releases). running() is false from now on; stop() or the
+  //! destructor still joins the thread. Before start() it has no effect.
+  //! One wakeup is sent: in the rare case that it reaches a waiting standby just before its
+  //! thread enters the kernel's blocking lock call, that thread (which holds nothing) keeps
+  //! waiting until stop() or the destructor, which repeat the wakeup until it leaves.
+  void request_stop() noexcept {
+    const int saved = errno;
+    if (!inherited_across_fork()) {
+      stop_requested_.store(true);
+      wakeups_.bump_and_wake();
+      if (options_.wait == WaitMode::background_thread && running_.load()) backend_->interrupt();
     }
-    running_ = false;
+    errno = saved;
   }
 
   //! WaitMode::polled only: one step of the standby machinery. Call it every
   //! recommended_poll_interval from the host's event loop. Never throws and never waits for
   //! another thread: while start() or stop() runs elsewhere it returns at once. Callbacks
   //! (on_startup, on_promoted, on_demoted) run inside it, so it takes as long as they do.
+  //! Completes a stop asked by request_stop(). From a callback it returns at once.
   void poll() noexcept {
-    if (options_.wait != WaitMode::polled) return;
-    std::unique_lock<std::mutex> control(control_mutex_, std::try_to_lock);
-    if (!control || !running_ || stop_requested_.load() || kept_out_) return;
+    if (options_.wait != WaitMode::polled || inherited_across_fork() || on_coordinator_thread())
+      return;
+    control_guard control(*this, std::try_to_lock);
+    if (!control.owns_lock() || !running_) return;
+    if (stop_requested_.load()) {
+      complete_stop();
+      return;
+    }
+    if (kept_out_) return;
     const auto now = std::chrono::steady_clock::now();
     if (!backend_->held()) {
       if (now < next_attempt_) return;
@@ -193,8 +299,8 @@ class Coordinator {
       } catch (const std::exception& error) {
         report_retry(error);
         backend_->reset();
-        next_attempt_ = now + backoff_;
-        backoff_ = std::min(backoff_ * 2, options_.retry_backoff_max);
+        next_attempt_ = detail::deadline_after(backoff_);
+        grow_backoff();
       }
     } else if (now - last_verified_ >= backend_->verify_interval()) {
       last_verified_ = now;
@@ -203,8 +309,17 @@ class Coordinator {
     finish_stop_requested_by_callback();
   }
 
-  Role role() const noexcept { return role_.load(); }
-  bool running() const noexcept { return running_ && !stop_requested_.load(); }
+  //! Primary only in the process that started the Coordinator (never in a child of fork()),
+  //! while it holds the lock. Async-signal-safe.
+  Role role() const noexcept {
+    if (role_.load() != Role::primary) return Role::secondary;
+    return inherited_across_fork() ? Role::secondary : Role::primary;
+  }
+  //! True from start() until stop() or request_stop(). Async-signal-safe.
+  bool running() const noexcept {
+    if (!running_.load() || stop_requested_.load()) return false;
+    return !inherited_across_fork();
+  }
   const Backend& backend() const noexcept { return *backend_; }
   //! The startup barrier of this start() (before the first one, with the default
   //! generation: of the calling process's master), or nullopt when the backend offers no
@@ -218,8 +333,12 @@ class Coordinator {
     return StartupBarrier(startup_marker_base_, StartupBarrier::master_generation(),
                           options_.lock.allow_foreign_owner);
   }
-  //! The backend's fencing token of the current hold (0 for lock files).
-  std::uint64_t fencing_token() const noexcept { return backend_->fencing_token(); }
+  //! The backend's fencing token of the current hold (0 for lock files, and in a child of
+  //! fork()).
+  std::uint64_t fencing_token() const noexcept {
+    const std::uint64_t token = backend_->fencing_token();
+    return token != 0 && !inherited_across_fork() ? token : 0;
+  }
 
   //! Waits until a primary completed the on_startup tasks of this generation, or until
   //! `timeout`; returns whether they completed. Workers started after completion return
@@ -245,11 +364,70 @@ class Coordinator {
   }
 
  private:
-  //! True on the coordinator thread (thread mode) and inside a callback (both modes): there
-  //! stop() only asks, and the stop completes once the callback has returned.
+  //! Holds control_mutex_ and notes which thread does, so that a call made on that thread
+  //! while it holds it (from a callback of start() or poll(), or from a signal handler
+  //! that interrupted them) is recognized instead of deadlocking.
+  class control_guard {
+   public:
+    explicit control_guard(Coordinator& c) noexcept : c_(c), lock_(c.control_mutex_) { own(); }
+    control_guard(Coordinator& c, std::try_to_lock_t) noexcept
+        : c_(c), lock_(c.control_mutex_, std::try_to_lock) {
+      if (lock_.owns_lock()) own();
+    }
+    ~control_guard() {
+      if (lock_.owns_lock()) c_.control_owner_.store(std::thread::id());
+    }
+    control_guard(const control_guard&) = delete;
+    control_guard& operator=(const control_guard&) = delete;
+    bool owns_lock() const noexcept { return lock_.owns_lock(); }
+
+   private:
+    void own() noexcept { c_.control_owner_.store(std::this_thread::get_id()); }
+    Coordinator& c_;
+    std::unique_lock<std::mutex> lock_;
+  };
+
+  //! True in a process other than the one that started this Coordinator: a copy made by
+  //! fork() or syscall(SYS_fork). Asks the kernel each time (getpid() is not cached).
+  bool inherited_across_fork() const noexcept {
+    const pid_t started_in = started_in_.load();
+    return started_in != 0 && started_in != ::getpid();
+  }
+
+  //! True on the coordinator thread (thread mode), inside a callback (both modes), and on
+  //! the thread inside start(), stop() or poll(): there stop() only asks, and the stop
+  //! completes once the callback (or that call) returns.
   bool on_coordinator_thread() const noexcept {
     const auto me = std::this_thread::get_id();
-    return coordinator_thread_.load() == me || callback_thread_.load() == me;
+    return coordinator_thread_.load() == me || callback_thread_.load() == me ||
+           control_owner_.load() == me;
+  }
+
+  //! Completes a stop: a polled Coordinator leaves here (on_demoted, release); the thread is
+  //! asked to leave and joined. Requires control_mutex_ and running_.
+  void complete_stop() noexcept {
+    stop_requested_.store(true);
+    if (options_.wait == WaitMode::polled) {
+      finish();
+    } else {
+      end_thread();
+    }
+    running_ = false;
+  }
+
+  //! Wakes the coordinator thread and waits until it has left, interrupting the backend's
+  //! wait every millisecond: a signal sent just before the thread enters its blocking call
+  //! is lost, and FileBackend::interrupt() also undoes a host's change to the signal's
+  //! handler. Requires control_mutex_ and stop_requested_.
+  void end_thread() noexcept {
+    if (!thread_started_) return;
+    wakeups_.bump_and_wake();
+    while (thread_done_.load() == 0) {
+      backend_->interrupt();
+      thread_done_.wait_while(0, detail::deadline_after(std::chrono::milliseconds(1)));
+    }
+    ::pthread_join(thread_, nullptr);
+    thread_started_ = false;
   }
 
   //! Polled mode: completes a stop() that a callback asked for. Requires control_mutex_.
@@ -269,42 +447,99 @@ class Coordinator {
     }
   }
 
-  void begin(detail::failure& f) {
-    std::lock_guard<std::mutex> control(control_mutex_);
-    if (running_) {
-      if (!stop_requested_.load() || on_coordinator_thread()) return;
-      // A callback asked to stop: that thread is ending (it runs on_demoted first); wait
-      // for it, then start afresh.
-      if (thread_.joinable()) thread_.join();
-      running_ = false;
+  [[noreturn]] void fail(const char* operation, std::error_code code,
+                         const std::string& explanation) const {
+    throw lock_error(operation, backend_->error_path(), code, explanation);
+  }
+
+  //! Throws: lock_error (invalid_argument) naming the first bad field.
+  void check_options() const {
+    constexpr const char* operation = "start the coordinator for";
+    const auto invalid = std::make_error_code(std::errc::invalid_argument);
+    const auto& o = options_;
+    if (o.health_check_interval <= std::chrono::milliseconds::zero())
+      fail(operation, invalid,
+           fmt::format("CoordinatorOptions::health_check_interval is {} ms; it must be positive",
+                       o.health_check_interval.count()));
+    if (o.retry_backoff_min <= std::chrono::milliseconds::zero())
+      fail(operation, invalid,
+           fmt::format("CoordinatorOptions::retry_backoff_min is {} ms; it must be positive",
+                       o.retry_backoff_min.count()));
+    if (o.retry_backoff_max < o.retry_backoff_min)
+      fail(operation, invalid,
+           fmt::format("CoordinatorOptions::retry_backoff_max ({} ms) is less than "
+                       "CoordinatorOptions::retry_backoff_min ({} ms)",
+                       o.retry_backoff_max.count(), o.retry_backoff_min.count()));
+    if (o.wakeup_signal != 0 && !detail::usable_wakeup_signal(o.wakeup_signal))
+      fail(operation, invalid,
+           fmt::format("CoordinatorOptions::wakeup_signal {} cannot be used: 0 picks SIGRTMIN+5, "
+                       "or choose a signal from SIGRTMIN to SIGRTMAX that the host does not use",
+                       o.wakeup_signal));
+  }
+
+  void begin() {
+    if (inherited_across_fork() && running_.load())
+      fail("start the coordinator for", std::make_error_code(std::errc::operation_not_permitted),
+           fmt::format("this Coordinator was started in pid {}, and a copy inherited through "
+                       "fork() never takes part in the election: construct a new Coordinator in "
+                       "this process",
+                       started_in_.load()));
+    if (on_coordinator_thread()) return;  // a callback: running, by definition
+    control_guard control(*this);
+    if (inherited_across_fork()) {
+      // A copy of a Coordinator the parent had stopped: nothing of it runs here.
+      thread_started_ = false;
+      coordinator_thread_.store(std::thread::id());
+      callback_thread_.store(std::thread::id());
+    } else if (running_) {
+      if (!stop_requested_.load()) return;
+      // A callback or request_stop() asked to stop: complete that stop (the thread runs
+      // on_demoted first), then start afresh.
+      complete_stop();
     }
-    if (thread_.joinable()) thread_.join();
+    check_options();
     // Formatted once, while no thread runs, so that log lines need no allocation.
     description_ = backend_->describe();
     read_default_startup_generation();
     stop_requested_.store(false);
-    thread_done_.store(false);
+    thread_done_.store_and_wake(0);
     role_.store(Role::secondary);
+    detail::failure f;
     kept_out_ = detail::kept_out_by_operator(options_.lock, f);
-    if (f) return;
+    if (f) fail(f.operation, f.code, f.explanation);
+    started_in_.store(::getpid());
     if (kept_out_) {
       running_ = true;
-      thread_done_.store(true);  // no thread to wait for in stop()
       log(LogLevel::info,
           "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
-          detail::current_pid(), description_);
+          ::getpid(), description_);
       return;
     }
-    backend_->clear_interrupt();
-    backend_->prepare();
-    const bool held = backend_->try_acquire();
+    bool held = false;
+    try {
+      backend_->clear_interrupt();
+      backend_->prepare();
+      held = backend_->try_acquire();
+    } catch (const lock_error&) {
+      backend_->reset();
+      throw;
+    } catch (const std::bad_alloc&) {
+      backend_->reset();
+      throw;
+    } catch (const std::system_error& error) {
+      backend_->reset();
+      fail("start the coordinator for", error.code(), error.what());
+    } catch (const std::exception& error) {
+      backend_->reset();
+      fail("start the coordinator for", std::make_error_code(std::errc::io_error), error.what());
+    }
     if (held) role_.store(Role::primary);  // on_promoted follows, here or on the thread
     running_ = true;
     backoff_ = options_.retry_backoff_min;
     last_verified_ = std::chrono::steady_clock::now();
     next_attempt_ = last_verified_;
     if (!held)
-      log(LogLevel::info, "workerlock: pid={} role=secondary {} (standby)", detail::current_pid(),
+      log(LogLevel::info, "workerlock: pid={} role=secondary {} (standby)", ::getpid(),
           description_);
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
@@ -317,20 +552,31 @@ class Coordinator {
     sigset_t previous;
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &previous);
-    try {
-      thread_ = std::thread([this, held] { run(held); });
-    } catch (...) {
-      ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-      running_ = false;
-      backend_->release();
-      throw;
-    }
+    promote_on_thread_start_ = held;
+    const int rc = ::pthread_create(&thread_, nullptr, &thread_main, this);
     ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    if (rc != 0) {
+      running_ = false;
+      backend_->reset();
+      role_.store(Role::secondary);
+      const std::error_code code(rc, std::system_category());
+      log(LogLevel::error, "workerlock: pid={} role=secondary {} (cannot create a thread: {})",
+          ::getpid(), description_, code.message());
+      fail("start the coordinator thread for", code,
+           "pthread_create failed: the process, its user (RLIMIT_NPROC) or its cgroup "
+           "(pids.max) may have reached its limit of threads, or memory ran out");
+    }
+    thread_started_ = true;
   }
 
-  void run(bool held) noexcept {
+  static void* thread_main(void* self) noexcept {
+    static_cast<Coordinator*>(self)->run();
+    return nullptr;
+  }
+
+  void run() noexcept {
     coordinator_thread_.store(std::this_thread::get_id());
-    if (held) promote();
+    if (promote_on_thread_start_) promote();
     while (!stop_requested_.load()) {
       if (!backend_->held()) {
         bool got = false;
@@ -340,7 +586,7 @@ class Coordinator {
           report_retry(error);
           backend_->reset();
           sleep_unless_stopped(backoff_);
-          backoff_ = std::min(backoff_ * 2, options_.retry_backoff_max);
+          grow_backoff();
           continue;
         }
         if (stop_requested_.load()) break;
@@ -356,9 +602,7 @@ class Coordinator {
     }
     finish();
     coordinator_thread_.store(std::thread::id());
-    std::lock_guard<std::mutex> guard(wait_mutex_);
-    thread_done_.store(true);
-    wake_.notify_all();
+    thread_done_.store_and_wake(1);
   }
 
   //! Leaving: a promoted primary runs on_demoted; a hold won just as stop() came in is
@@ -375,20 +619,33 @@ class Coordinator {
     try {
       return backend_->verify_held();
     } catch (const std::exception& error) {
-      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}",
-          detail::current_pid(), description_, error.what());
+      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}", ::getpid(),
+          description_, error.what());
       return false;
     }
   }
 
-  void sleep_unless_stopped(std::chrono::milliseconds duration) {
-    std::unique_lock<std::mutex> guard(wait_mutex_);
-    wake_.wait_for(guard, duration, [&] { return stop_requested_.load(); });
+  //! Sleeps for `duration` (saturated: milliseconds::max() is forever) or until a stop is
+  //! asked, whichever comes first.
+  void sleep_unless_stopped(std::chrono::milliseconds duration) noexcept {
+    const auto deadline = detail::deadline_after(duration);
+    for (;;) {
+      const auto seen = wakeups_.load();
+      if (stop_requested_.load() || detail::monotonic_clock::now() >= deadline) return;
+      wakeups_.wait_while(seen, deadline);
+    }
+  }
+
+  //! Doubles the retry backoff up to retry_backoff_max, without overflowing.
+  void grow_backoff() noexcept {
+    backoff_ = backoff_ > options_.retry_backoff_max / 2
+                   ? options_.retry_backoff_max
+                   : std::min(backoff_ * 2, options_.retry_backoff_max);
   }
 
   void report_retry(const std::exception& error) const {
-    log(LogLevel::warning, "workerlock: pid={} standby: {}; retrying in {} ms",
-        detail::current_pid(), error.what(), backoff_.count());
+    log(LogLevel::warning, "workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(),
+        error.what(), backoff_.count());
   }
 
   void invoke(const Callback& callback, const char* name) noexcept {
@@ -397,18 +654,17 @@ class Coordinator {
     try {
       callback();
     } catch (const std::exception& error) {
-      log(LogLevel::error, "workerlock: pid={} {} threw: {}", detail::current_pid(), name,
-          error.what());
+      log(LogLevel::error, "workerlock: pid={} {} threw: {}", ::getpid(), name, error.what());
     } catch (...) {
-      log(LogLevel::error, "workerlock: pid={} {} threw a non-standard exception",
-          detail::current_pid(), name);
+      log(LogLevel::error, "workerlock: pid={} {} threw a non-standard exception", ::getpid(),
+          name);
     }
     callback_thread_.store(outer);
   }
 
   void promote() noexcept {
     role_.store(Role::primary);
-    log(LogLevel::info, "workerlock: pid={} role=primary {}", detail::current_pid(), description_);
+    log(LogLevel::info, "workerlock: pid={} role=primary {}", ::getpid(), description_);
     bool completed = false;
     if (startup_ && barrier_ && !read_startup_marker(completed)) return;  // stepped down
     if (startup_ && barrier_ && !completed) {
@@ -418,18 +674,17 @@ class Coordinator {
         startup_();
       } catch (const std::exception& error) {
         finished = false;
-        log(LogLevel::error, "workerlock: pid={} on_startup threw: {}", detail::current_pid(),
-            error.what());
+        log(LogLevel::error, "workerlock: pid={} on_startup threw: {}", ::getpid(), error.what());
       } catch (...) {
         finished = false;
-        log(LogLevel::error, "workerlock: pid={} on_startup threw", detail::current_pid());
+        log(LogLevel::error, "workerlock: pid={} on_startup threw", ::getpid());
       }
       callback_thread_.store(outer);
       std::error_code ec;
       if (finished) barrier_->complete(ec);
       if (ec) {
         log(LogLevel::error, "workerlock: pid={} cannot mark startup complete in {}: {}",
-            detail::current_pid(), barrier_->marker_path().native(), ec.message());
+            ::getpid(), barrier_->marker_path().native(), ec.message());
       }
     } else if (startup_ && !barrier_) {
       invoke(startup_, "on_startup");
@@ -490,13 +745,13 @@ class Coordinator {
     invoke(demoted_, "on_demoted");
     backend_->release();
     role_.store(Role::secondary);
-    log(LogLevel::info, "workerlock: pid={} role=secondary {} ({})", detail::current_pid(),
-        description_, reason);
+    log(LogLevel::info, "workerlock: pid={} role=secondary {} ({})", ::getpid(), description_,
+        reason);
   }
 
   void demote_and_reset(const char* reason) noexcept {
-    log(LogLevel::warning, "workerlock: pid={} {}: {}; stepping down", detail::current_pid(),
-        description_, reason);
+    log(LogLevel::warning, "workerlock: pid={} {}: {}; stepping down", ::getpid(), description_,
+        reason);
     demote(reason);
     backend_->reset();
   }
@@ -511,18 +766,23 @@ class Coordinator {
   Callback demoted_;
   Callback startup_;
 
-  std::mutex control_mutex_;          // serializes start() and stop()
+  std::mutex control_mutex_;                      // serializes start(), stop() and poll()
+  std::atomic<std::thread::id> control_owner_{};  // the thread holding control_mutex_
   std::atomic<bool> running_{false};  // written under control_mutex_; running() reads it
   bool kept_out_ = false;
   std::atomic<Role> role_{Role::secondary};
   std::atomic<bool> stop_requested_{false};
+  std::atomic<pid_t> started_in_{0};  // the process that last started it; 0 before
 
-  std::thread thread_;
+  // The coordinator thread: a plain pthread, so that a copy inherited through fork() is a
+  // handle to forget (a std::thread's would terminate the child when destroyed).
+  pthread_t thread_{};
+  bool thread_started_ = false;           // created and not yet joined; under control_mutex_
+  bool promote_on_thread_start_ = false;  // start() won the lock; set before the thread runs
   std::atomic<std::thread::id> coordinator_thread_{};
   std::atomic<std::thread::id> callback_thread_{};
-  std::atomic<bool> thread_done_{false};
-  std::mutex wait_mutex_;
-  std::condition_variable wake_;
+  detail::futex_word thread_done_;  // 1 once the thread left its loop
+  detail::futex_word wakeups_;      // bumped by every stop request; the thread sleeps on it
 
   // Retry state; touched only by the thread driving the backend.
   std::chrono::milliseconds backoff_{10};

@@ -6,9 +6,12 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <unistd.h>
+
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <string>
 
@@ -22,9 +25,47 @@
 
 namespace workerlock {
 
+namespace detail {
+
+//! Whether `signal` may serve as the coordinator's wakeup signal: a signal number of this
+//! system other than SIGKILL and SIGSTOP (which take no handler) and the signals the kernel
+//! sends for faults (a no-op handler there would turn a crash into an endless loop).
+inline bool usable_wakeup_signal(int signal) noexcept {
+  if (signal <= 0 || signal > SIGRTMAX) return false;
+  switch (signal) {
+    case SIGKILL:
+    case SIGSTOP:
+    case SIGSEGV:
+    case SIGBUS:
+    case SIGFPE:
+    case SIGILL:
+    case SIGTRAP:
+    case SIGSYS:
+    case SIGABRT:
+      return false;
+    default:
+      return true;
+  }
+}
+
+//! "SIGRTMIN+5 (signal 39)", "SIGUSR1 (signal 10)": a signal named for log lines.
+inline std::string signal_name(int signal) {
+  if (signal >= SIGRTMIN && signal <= SIGRTMAX)
+    return fmt::format("SIGRTMIN+{} (signal {})", signal - SIGRTMIN, signal);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+  if (const char* abbreviation = ::sigabbrev_np(signal); abbreviation != nullptr)
+    return fmt::format("SIG{} (signal {})", abbreviation, signal);
+#endif
+  return fmt::format("signal {}", signal);
+}
+
+}  // namespace detail
+
 //! Holds the primary role through a WorkerLock on `path`. A standby sleeps in the kernel's
 //! blocking lock call; interrupt() wakes it with `wakeup_signal`, whose handler (a no-op,
-//! installed without SA_RESTART) prepare() installs.
+//! installed without SA_RESTART) prepare() installs. If the host replaces that handler later
+//! (SIG_IGN, its own handler, SA_RESTART), interrupt() puts workerlock's back, so a stop
+//! still ends the wait, and the waiting thread logs an error naming the signal.
 class FileBackend final : public Backend {
  public:
   //! wakeup_signal 0 picks SIGRTMIN + 5.
@@ -34,18 +75,32 @@ class FileBackend final : public Backend {
         wakeup_signal_(wakeup_signal != 0 ? wakeup_signal : SIGRTMIN + 5),
         health_check_interval_(health_check_interval) {}
 
+  //! Throws: lock_error (invalid_argument) naming the bad argument (a health check interval
+  //! that is not positive, an unusable wakeup signal), or (device_or_resource_busy) when the
+  //! wakeup signal already has a handler that is not workerlock's.
   void prepare() override {
+    constexpr const char* operation = "start the coordinator for";
+    const auto invalid = std::make_error_code(std::errc::invalid_argument);
+    if (health_check_interval_ <= std::chrono::milliseconds::zero())
+      throw lock_error(operation, lock_.path(), invalid,
+                       fmt::format("health_check_interval is {} ms; it must be positive",
+                                   health_check_interval_.count()));
+    if (!detail::usable_wakeup_signal(wakeup_signal_))
+      throw lock_error(operation, lock_.path(), invalid,
+                       fmt::format("wakeup_signal {} cannot be used: choose a signal from SIGRTMIN "
+                                   "to SIGRTMAX that the host does not use",
+                                   wakeup_signal_));
     detail::warm_record_caches();
     struct sigaction current {};
     if (::sigaction(wakeup_signal_, nullptr, &current) != 0)
-      throw lock_error("start the coordinator for", lock_.path(), {errno, std::system_category()},
-                       "the wakeup signal is invalid");
+      throw lock_error(operation, lock_.path(), {errno, std::system_category()},
+                       fmt::format("wakeup_signal {} is invalid", wakeup_signal_));
     const bool plain = (current.sa_flags & SA_SIGINFO) == 0;
-    if (plain && current.sa_handler == &ignore_signal) return;
-    if (!plain || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
+    const bool ours = plain && current.sa_handler == &ignore_signal;
+    if (ours && (current.sa_flags & SA_RESTART) == 0) return;
+    if (!ours && (!plain || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN)))
       throw lock_error(
-          "start the coordinator for", lock_.path(),
-          std::make_error_code(std::errc::device_or_resource_busy),
+          operation, lock_.path(), std::make_error_code(std::errc::device_or_resource_busy),
           fmt::format(
               "signal {} already has a handler; choose another CoordinatorOptions::wakeup_signal",
               wakeup_signal_));
@@ -54,7 +109,7 @@ class FileBackend final : public Backend {
     sigemptyset(&wakeup.sa_mask);
     wakeup.sa_flags = 0;  // no SA_RESTART: the blocking lock call must return EINTR
     if (::sigaction(wakeup_signal_, &wakeup, nullptr) != 0)
-      throw lock_error("start the coordinator for", lock_.path(), {errno, std::system_category()});
+      throw lock_error(operation, lock_.path(), {errno, std::system_category()});
   }
 
   bool try_acquire() override { return lock_.try_lock(); }
@@ -75,15 +130,21 @@ class FileBackend final : public Backend {
     }
     ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
     waiting_.store(false);
+    report_replaced_handler();
     f.throw_if_failed(lock_.path());
     return held;
   }
 
   //! A signal sent just before the waiter enters the kernel is lost; callers repeat it
-  //! until the wait returns (Coordinator::stop() does, every millisecond).
+  //! until the wait returns (Coordinator::stop() does, every millisecond). If the host
+  //! replaced workerlock's handler of the wakeup signal (which would leave the wait
+  //! uninterrupted, or kill the process under SIG_DFL), it is put back first.
+  //! Async-signal-safe: atomics, sigaction() and pthread_kill() only.
   void interrupt() noexcept override {
     interrupted_.store(true);
-    if (waiting_.load()) ::pthread_kill(waiter_.load(), wakeup_signal_);
+    if (!waiting_.load()) return;
+    reinstall_handler_if_replaced();
+    ::pthread_kill(waiter_.load(), wakeup_signal_);
   }
   void clear_interrupt() noexcept override { interrupted_.store(false); }
 
@@ -111,6 +172,8 @@ class FileBackend final : public Backend {
 
   bool held() const noexcept override { return lock_.owns_lock(); }
   std::string describe() const override { return fmt::format("path={}", lock_.path().native()); }
+  //! The lock file's path.
+  std::filesystem::path error_path() const override { return lock_.path(); }
   std::filesystem::path startup_marker_base() const override { return lock_.path(); }
 
   const WorkerLock& lock() const noexcept { return lock_; }
@@ -119,12 +182,68 @@ class FileBackend final : public Backend {
  private:
   static void ignore_signal(int) noexcept {}
 
+  //! How the host had replaced workerlock's handler; 0 while it has not.
+  enum replacement : int { none = 0, ignored, defaulted, restarting, foreign };
+
+  //! Async-signal-safe; records what it found for report_replaced_handler().
+  void reinstall_handler_if_replaced() noexcept {
+    const int saved = errno;
+    struct sigaction current {};
+    if (::sigaction(wakeup_signal_, nullptr, &current) == 0) {
+      const bool plain = (current.sa_flags & SA_SIGINFO) == 0;
+      replacement found = none;
+      if (!plain) {
+        found = foreign;
+      } else if (current.sa_handler == SIG_IGN) {
+        found = ignored;
+      } else if (current.sa_handler == SIG_DFL) {
+        found = defaulted;
+      } else if (current.sa_handler != &ignore_signal) {
+        found = foreign;
+      } else if ((current.sa_flags & SA_RESTART) != 0) {
+        found = restarting;
+      }
+      if (found != none) {
+        struct sigaction wakeup {};
+        wakeup.sa_handler = &ignore_signal;
+        sigemptyset(&wakeup.sa_mask);
+        wakeup.sa_flags = 0;
+        ::sigaction(wakeup_signal_, &wakeup, nullptr);
+        int expected = none;
+        replaced_.compare_exchange_strong(expected, found);
+      }
+    }
+    errno = saved;
+  }
+
+  //! Logs, on the waiting thread, a replacement that interrupt() undid.
+  void report_replaced_handler() const noexcept {
+    const int found = replaced_.exchange(none);
+    if (found == none || !lock_.options().log) return;
+    const char* what = found == ignored      ? "set to SIG_IGN"
+                       : found == defaulted  ? "reset to SIG_DFL"
+                       : found == restarting ? "installed with SA_RESTART"
+                                             : "replaced by another handler";
+    try {
+      lock_.options().log(
+          LogLevel::error,
+          fmt::format("workerlock: pid={} the handler of the coordinator's wakeup signal {} for "
+                      "path={} was {} after start(), so stop() could not interrupt the wait; "
+                      "workerlock reinstalled its own. Leave that signal to workerlock, or choose "
+                      "another with CoordinatorOptions::wakeup_signal",
+                      ::getpid(), detail::signal_name(wakeup_signal_), lock_.path().native(),
+                      what));
+    } catch (...) {
+    }
+  }
+
   WorkerLock lock_;
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> waiting_{false};
   std::atomic<pthread_t> waiter_{};
+  mutable std::atomic<int> replaced_{none};
 };
 
 }  // namespace workerlock

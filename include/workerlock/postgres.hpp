@@ -600,6 +600,8 @@ class PostgresBackend final : public Backend {
     if (options_.key) return fmt::format("postgres={} key={}", redacted_, key_);
     return fmt::format("postgres={} lock={} key={}", redacted_, options_.name, key_);
   }
+  //! The connection string with passwords replaced by ***, as in this backend's own errors.
+  std::filesystem::path error_path() const override { return redacted_; }
 
   //! The transaction id allocated when this hold began (grows with every new holder on the
   //! server), or 0 when not held or fencing is off.

@@ -1063,6 +1063,8 @@ class RedisBackend final : public Backend {
   bool held() const noexcept override { return held_.load() && detail::redis_self_pid() == owner_; }
 
   std::string describe() const override { return "redis=" + where(); }
+  //! `<URL, password ***> key=<key>`, as in this backend's own errors.
+  std::filesystem::path error_path() const override { return where(); }
 
   //! The fencing token of the current hold (0 when not held): larger than every token of an
   //! earlier hold of this key.

@@ -24,7 +24,6 @@ struct lock_state {
   dev_t dev = 0;  // identity of the open file, valid while fd >= 0
   ino_t ino = 0;
   bool owned = false;                 // this handle holds the lock
-  bool verified_since_open = false;   // the path was compared with the open file once
   bool kept_out_by_operator = false;  // WORKERLOCK_ROLE=secondary: never acquire
 
   // Set in a child of fork() by the registry's atfork handler, which closed the inherited fd.
@@ -96,7 +95,6 @@ class registry {
       s->owned = false;
       s->inherited = true;
       s->forked_from = parent;
-      s->verified_since_open = false;
     }
     self.unlock();
   }

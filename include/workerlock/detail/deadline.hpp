@@ -48,16 +48,22 @@ monotonic_clock::time_point to_monotonic(
   }
 }
 
+//! The same instant as a timespec on CLOCK_MONOTONIC, for the kernel's absolute waits.
+inline struct timespec to_timespec(monotonic_clock::time_point at) noexcept {
+  const auto since_epoch = at.time_since_epoch();
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+  struct timespec result {};
+  result.tv_sec = static_cast<time_t>(seconds.count());
+  result.tv_nsec = static_cast<long>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - seconds).count());
+  return result;
+}
+
 //! Sleeps until `until` on CLOCK_MONOTONIC with an absolute deadline, so each EINTR resumes
 //! the same wait instead of restarting it. Returns early only when `interruptible` and a
 //! signal handler ran (then false; true once the deadline is reached).
 inline bool sleep_until(monotonic_clock::time_point until, bool interruptible = false) noexcept {
-  const auto since_epoch = until.time_since_epoch();
-  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
-  struct timespec at {};
-  at.tv_sec = static_cast<time_t>(seconds.count());
-  at.tv_nsec = static_cast<long>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - seconds).count());
+  const struct timespec at = to_timespec(until);
   for (;;) {
     const int rc = ::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, nullptr);
     if (rc == 0) return true;

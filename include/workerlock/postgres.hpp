@@ -494,7 +494,7 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! by syscall(SYS_fork) or clone() without CLONE_VM runs no atfork handler: there the first
 //! member called (the destructor, release(), reset() included) notices it from getpid() and
 //! does the same before anything else, so it never writes (not even libpq's Terminate) on the
-//! parent's sessions. For that,
+//! parent's sessions, nor waits for a mutex copied locked. For that,
 //! every libpq call runs under one process-wide mutex that fork() takes too, including the
 //! host name lookup of a new connection: a slow resolver (not bounded by connect_timeout)
 //! delays fork() and the other PostgresBackends of the process. Give an IP address (hostaddr)

@@ -1288,8 +1288,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "redis: a copy made by syscall(SYS_fork) beside the coordinator thread exits without "
-    "touching the holder's lease",
+    "redis: a copy made by syscall(SYS_fork) beside the coordinator thread frees its copy "
+    "without touching the holder's lease",
     "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
@@ -1312,7 +1312,13 @@ TEST_CASE(
     report->step = 1;
     const pid_t child = raw_fork();
     if (child < 0) return 3;
-    if (child == 0) std::exit(c.role() == Role::primary ? 1 : 0);
+    if (child == 0) {
+      // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
+      // cannot stop the coordinator thread this copy lists but does not have.
+      const int code = c.role() == Role::primary ? 1 : 0;
+      slot.reset();
+      ::_exit(code);
+    }
     report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
     report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
     report->step = 2;

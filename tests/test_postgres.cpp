@@ -32,6 +32,8 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -1218,4 +1220,248 @@ TEST_CASE(
   REQUIRE(WIFEXITED(status));
   const int exit_code = WEXITSTATUS(status);
   CHECK(exit_code == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies of the holder made by syscall(SYS_fork): no pthread_atfork handler runs in them.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+//! A copy of the calling process made by the raw system call, as a library that clones by
+//! hand does: glibc's fork() would run the pthread_atfork handlers, this runs none.
+pid_t raw_fork() {
+  std::fflush(nullptr);
+#ifdef SYS_fork
+  return static_cast<pid_t>(::syscall(SYS_fork));
+#else
+  return static_cast<pid_t>(::syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0));
+#endif
+}
+
+#if defined(__SANITIZE_THREAD__)
+#define WLTEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WLTEST_TSAN 1
+#endif
+#endif
+#ifdef WLTEST_TSAN
+extern "C" void __sanitizer_set_report_fd(void* fd);
+#endif
+
+//! First thing in a copy made by raw_fork() beside other threads. ThreadSanitizer does not
+//! know of such a copy (its fork() interceptor did not run): it takes the parent's threads
+//! for live ones and reports their last accesses and held mutexes as races and double locks,
+//! then changes the exit status. Its reports go to /dev/null here, and copy_exit() bypasses
+//! its exit hook: the copy's behaviour is checked by its exit code and its effect.
+void tsan_ignore_this_copy() {
+#ifdef WLTEST_TSAN
+  const int null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+  if (null >= 0)
+    __sanitizer_set_report_fd(reinterpret_cast<void*>(static_cast<std::intptr_t>(null)));
+#endif
+}
+
+//! Ends a copy made by raw_fork() with `code`, as _exit() does.
+[[noreturn]] void copy_exit(int code) {
+#ifdef WLTEST_TSAN
+  ::syscall(SYS_exit_group, code);
+#endif
+  ::_exit(code);
+}
+
+//! Waits up to `limit` for `pid`: its exit code (128 + signal), or -2 when it had to be killed.
+int wait_or_kill(pid_t pid, std::chrono::milliseconds limit) {
+  int status = 0;
+  if (!wltest::eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit)) {
+    ::kill(pid, SIGKILL);
+    wltest::wait_exit_code(pid);
+    return -2;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+//! Runs `holder` in a child of the test, killed after 60 s so that a hang is a failure;
+//! returns its exit code.
+template <typename F>
+int run_holder(F&& holder) {
+  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
+  const pid_t pid = wltest::fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    return holder();
+  });
+  return wait_or_kill(pid, std::chrono::seconds(60));
+}
+
+PostgresBackend& backend_of(Coordinator& c) {
+  return const_cast<PostgresBackend&>(dynamic_cast<const PostgresBackend&>(c.backend()));
+}
+
+//! What the holder saw after each copy; 1 = as it must be, 2 = not, 0 = not reached.
+struct RawForkCheck {
+  std::atomic<int> child{-1};             // the copy's exit code
+  std::atomic<int> locks_kept{0};         // pg_locks: both locks still granted to the same sessions
+  std::atomic<int> verified{0};           // verify_held(): both sessions alive, same server pids
+  std::atomic<int> contender_refused{0};  // a second backend's try_acquire() is false
+};
+
+struct RawForkReport {
+  std::atomic<int> step{0};
+  RawForkCheck checks[2];
+  std::atomic<int> released_by_parent{0};
+};
+
+//! The holder's view after a copy ended, into `check`.
+void check_after_copy(const wltest::PostgresServer& pg, const PostgresOptions& o,
+                      PostgresBackend& backend, int lock_pid, int fence_pid, RawForkCheck& check) {
+  const auto key = PostgresBackend::key_for(o.name);
+  check.verified = backend.verify_held() ? 1 : 2;
+  check.locks_kept =
+      pg.lock_holder_pid(key, 1) == lock_pid && pg.lock_holder_pid(key, 2) == fence_pid ? 1 : 2;
+  PostgresBackend contender(o);
+  check.contender_refused = contender.try_acquire() ? 2 : 1;
+  contender.reset();
+}
+
+}  // namespace
+
+TEST_CASE(
+    "postgres: a copy of the holder made by syscall(SYS_fork) that frees or uses its backend "
+    "neither ends the holder's sessions nor frees its lock",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = patient(options_for(fresh_name("rawfork")));
+  o.restart_grace = 0ms;
+  wltest::Shared<RawForkReport> report;
+  // Holder exit codes: 0 done, 1 not primary after start(), 2 pg_locks does not show the
+  // holder's sessions, 3 raw fork failed, 4 still primary after stop().
+  const int holder = run_holder([&]() -> int {
+    auto co = quiet_coordinator_options();
+    co.wait = workerlock::WaitMode::polled;
+    std::optional<Coordinator> slot;
+    slot.emplace(std::make_unique<PostgresBackend>(o), co);
+    Coordinator& c = *slot;
+    c.start();
+    if (c.role() != Role::primary) return 1;
+    PostgresBackend& backend = backend_of(c);
+    const int lock_pid = backend.lock_session_pid();
+    const int fence_pid = backend.fence_session_pid();
+    const auto key = PostgresBackend::key_for(o.name);
+    if (lock_pid == 0 || pg.lock_holder_pid(key, 1) != lock_pid ||
+        pg.lock_holder_pid(key, 2) != fence_pid)
+      return 2;
+    report->step = 1;
+
+    // A helper that destroys its copy, as exit() does with a static Coordinator.
+    pid_t child = raw_fork();
+    if (child < 0) return 3;
+    if (child == 0) {
+      slot.reset();
+      copy_exit(0);
+    }
+    report->checks[0].child = wait_or_kill(child, 10s);
+    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[0]);
+    report->step = 2;
+
+    // A copy that calls every member of its backend, then destroys it.
+    child = raw_fork();
+    if (child < 0) return 3;
+    if (child == 0) {
+      int code = 0;
+      if (backend.held() || backend.fencing_token() != 0) code = 1;
+      if (code == 0 && backend.verify_held()) code = 2;
+      backend.interrupt();
+      backend.clear_interrupt();
+      backend.release();
+      backend.reset();
+      slot.reset();
+      copy_exit(code);
+    }
+    report->checks[1].child = wait_or_kill(child, 10s);
+    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[1]);
+    report->step = 3;
+
+    // The holder's own sessions still work: its release frees the lock.
+    c.stop();
+    if (c.role() == Role::primary) return 4;
+    report->released_by_parent = pg.lock_holder_pid(key, 1) == 0 ? 1 : 2;
+    slot.reset();
+    return 0;
+  });
+  INFO("holder reached step " << report->step.load());
+  REQUIRE(holder == 0);
+  for (const auto& check : report->checks) {
+    CHECK(check.child.load() == 0);
+    CHECK(check.verified.load() == 1);
+    CHECK(check.locks_kept.load() == 1);
+    CHECK(check.contender_refused.load() == 1);
+  }
+  CHECK(report->released_by_parent.load() == 1);
+}
+
+TEST_CASE(
+    "postgres: a copy made by syscall(SYS_fork) while another thread held the connection "
+    "mutex frees its backend without hanging or ending the holder's sessions",
+    "[postgres][threads]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = patient(options_for(fresh_name("rawfork-mutex")));
+  o.restart_grace = 0ms;
+  wltest::Shared<RawForkReport> report;
+  // Holder exit codes as in the test above.
+  const int holder = run_holder([&]() -> int {
+    auto co = quiet_coordinator_options();
+    co.wait = workerlock::WaitMode::polled;
+    std::optional<Coordinator> slot;
+    slot.emplace(std::make_unique<PostgresBackend>(o), co);
+    Coordinator& c = *slot;
+    c.start();
+    if (c.role() != Role::primary) return 1;
+    PostgresBackend& backend = backend_of(c);
+    const int lock_pid = backend.lock_session_pid();
+    const int fence_pid = backend.fence_session_pid();
+    const auto key = PostgresBackend::key_for(o.name);
+    if (lock_pid == 0 || pg.lock_holder_pid(key, 1) != lock_pid ||
+        pg.lock_holder_pid(key, 2) != fence_pid)
+      return 2;
+    report->step = 1;
+    // Another thread is inside a libpq call of some backend (it holds the process-wide
+    // connection mutex) when the copy is made: the copy inherits the mutex locked.
+    std::atomic<int> phase{0};  // 1: locked, 2: may unlock
+    std::thread busy([&] {
+      std::lock_guard<std::mutex> guard(workerlock::detail::pg_registry_instance().mutex);
+      phase.store(1);
+      while (phase.load() != 2) std::this_thread::sleep_for(1ms);
+    });
+    while (phase.load() != 1) std::this_thread::sleep_for(1ms);
+    const pid_t child = raw_fork();
+    if (child == 0) {
+      tsan_ignore_this_copy();
+      slot.reset();  // as exit() does with a static Coordinator
+      copy_exit(0);
+    }
+    // The copy ends in milliseconds; one stuck on the inherited mutex is killed after 5 s.
+    const int child_code = child < 0 ? -1 : wait_or_kill(child, 5s);
+    phase.store(2);
+    busy.join();
+    if (child < 0) return 3;
+    report->checks[0].child = child_code;
+    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[0]);
+    report->step = 2;
+    c.stop();
+    if (c.role() == Role::primary) return 4;
+    report->released_by_parent = pg.lock_holder_pid(key, 1) == 0 ? 1 : 2;
+    slot.reset();
+    return 0;
+  });
+  INFO("holder reached step " << report->step.load());
+  REQUIRE(holder == 0);
+  const auto& check = report->checks[0];
+  CHECK(check.child.load() == 0);
+  CHECK(check.verified.load() == 1);
+  CHECK(check.locks_kept.load() == 1);
+  CHECK(check.contender_refused.load() == 1);
+  CHECK(report->released_by_parent.load() == 1);
 }

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -21,6 +22,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1146,4 +1148,223 @@ TEST_CASE(
   REQUIRE(WIFEXITED(status));
   const int exit_code = WEXITSTATUS(status);
   CHECK(exit_code == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies of the holder made by syscall(SYS_fork): no pthread_atfork handler runs in them.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+//! A copy of the calling process made by the raw system call, as a library that clones by
+//! hand does: glibc's fork() would run the pthread_atfork handlers, this runs none.
+pid_t raw_fork() {
+  std::fflush(nullptr);  // the copy's exit() must not write the parent's buffered output again
+#ifdef SYS_fork
+  return static_cast<pid_t>(::syscall(SYS_fork));
+#else
+  return static_cast<pid_t>(::syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0));
+#endif
+}
+
+#if defined(__SANITIZE_THREAD__)
+#define WLTEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WLTEST_TSAN 1
+#endif
+#endif
+#ifdef WLTEST_TSAN
+extern "C" void __sanitizer_set_report_fd(void* fd);
+#endif
+
+//! First thing in a copy made by raw_fork() beside other threads. ThreadSanitizer does not
+//! know of such a copy (its fork() interceptor did not run): it takes the parent's threads
+//! for live ones and reports their last accesses and held mutexes as races and double locks,
+//! then changes the exit status. Its reports go to /dev/null here, and copy_exit() bypasses
+//! its exit hook: the copy's behaviour is checked by its exit code and its effect.
+void tsan_ignore_this_copy() {
+#ifdef WLTEST_TSAN
+  const int null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+  if (null >= 0)
+    __sanitizer_set_report_fd(reinterpret_cast<void*>(static_cast<std::intptr_t>(null)));
+#endif
+}
+
+//! Ends a copy made by raw_fork() with `code`, as _exit() does.
+[[noreturn]] void copy_exit(int code) {
+#ifdef WLTEST_TSAN
+  ::syscall(SYS_exit_group, code);
+#endif
+  ::_exit(code);
+}
+
+//! Waits up to `limit` for `pid`: its exit code (128 + signal), or -2 when it had to be killed.
+int wait_or_kill(pid_t pid, std::chrono::milliseconds limit) {
+  int status = 0;
+  if (!wltest::eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit)) {
+    ::kill(pid, SIGKILL);
+    wltest::wait_exit_code(pid);
+    return -2;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+//! A Coordinator with static storage, as a server keeps it: exit() destroys it, and with it
+//! the backend, in every process that calls exit(), a copy made by fork included.
+std::optional<Coordinator>& static_coordinator() {
+  static std::optional<Coordinator> coordinator;
+  return coordinator;
+}
+
+RedisBackend& backend_of(Coordinator& c) {
+  return const_cast<RedisBackend&>(dynamic_cast<const RedisBackend&>(c.backend()));
+}
+
+//! What the holder saw; 1 = as it must be, 2 = not, 0 = not reached.
+struct RawForkReport {
+  std::atomic<int> step{0};
+  std::atomic<int> exiting_child{-1};  // exit code of the copy that called exit()
+  std::atomic<int> key_after_exit{0};
+  std::atomic<int> renewed_after_exit{0};
+  std::atomic<int> members_child{-1};  // exit code of the copy that called every member
+  std::atomic<int> key_after_members{0};
+  std::atomic<int> renewed_after_members{0};
+  std::atomic<int> released_by_parent{0};
+};
+
+//! Runs `holder` in a child of the test, killed after 30 s so that a hang is a failure;
+//! returns its exit code.
+template <typename F>
+int run_holder(F&& holder) {
+  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
+  const pid_t pid = wltest::fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    return holder();
+  });
+  return wait_or_kill(pid, std::chrono::seconds(30));
+}
+
+}  // namespace
+
+TEST_CASE(
+    "redis: a copy of the holder made by syscall(SYS_fork) that exits or uses its backend "
+    "leaves the holder's lease and connection alone",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("rawfork");
+  seed_fence(server, key);
+  // ttl 2 s: the holder's renewals here are explicit, and must not race the lease's end.
+  const auto o = options_for(server, key, 2000ms);
+  wltest::Shared<RawForkReport> report;
+  // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
+  // token, 3 raw fork failed, 4 still primary after stop().
+  const int holder = run_holder([&]() -> int {
+    auto co = quiet_coordinator_options();
+    co.wait = workerlock::WaitMode::polled;
+    auto& slot = static_coordinator();
+    slot.emplace(std::make_unique<RedisBackend>(o), co);
+    Coordinator& c = *slot;
+    c.start();
+    if (c.role() != Role::primary) return 1;
+    RedisBackend& backend = backend_of(c);
+    const std::string token = backend.token();
+    if (server.command({"GET", key}) != token) return 2;
+    report->step = 1;
+
+    // A helper that calls exit(): the static Coordinator and its backend are destroyed.
+    pid_t child = raw_fork();
+    if (child < 0) return 3;
+    if (child == 0) std::exit(c.role() == Role::primary ? 1 : 0);
+    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
+    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
+    report->renewed_after_exit = backend.verify_held() ? 1 : 2;
+    report->step = 2;
+
+    // A copy that calls every member of its backend, then destroys it.
+    child = raw_fork();
+    if (child < 0) return 3;
+    if (child == 0) {
+      int code = 0;
+      if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
+      if (code == 0 && backend.verify_held()) code = 2;
+      backend.interrupt();
+      backend.clear_interrupt();
+      backend.release();
+      backend.reset();
+      slot.reset();
+      copy_exit(code);
+    }
+    report->members_child = wait_or_kill(child, std::chrono::seconds(10));
+    report->key_after_members = server.command({"GET", key}) == token ? 1 : 2;
+    report->renewed_after_members = backend.verify_held() ? 1 : 2;
+    report->step = 3;
+
+    // The holder's own connection still works: its release deletes the key.
+    c.stop();
+    if (c.role() == Role::primary) return 4;
+    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
+    slot.reset();
+    return 0;
+  });
+  INFO("holder reached step " << report->step.load());
+  REQUIRE(holder == 0);
+  CHECK(report->exiting_child.load() == 0);
+  CHECK(report->key_after_exit.load() == 1);
+  CHECK(report->renewed_after_exit.load() == 1);
+  CHECK(report->members_child.load() == 0);
+  CHECK(report->key_after_members.load() == 1);
+  CHECK(report->renewed_after_members.load() == 1);
+  CHECK(report->released_by_parent.load() == 1);
+}
+
+TEST_CASE(
+    "redis: a copy made by syscall(SYS_fork) beside the coordinator thread frees its copy "
+    "without touching the holder's lease",
+    "[redis][threads]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("rawfork-thread");
+  seed_fence(server, key);
+  // ttl 10 s: the coordinator thread renews every 3.3 s and sleeps in between, so the copy
+  // is made while it sleeps (a copy of a thread inside malloc could not exit).
+  const auto o = options_for(server, key, 10000ms);
+  wltest::Shared<RawForkReport> report;
+  // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
+  // token, 3 raw fork failed, 4 still primary after stop(), 5 demoted after the copy exited.
+  const int holder = run_holder([&]() -> int {
+    auto& slot = static_coordinator();
+    slot.emplace(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
+    Coordinator& c = *slot;
+    c.start();
+    if (c.role() != Role::primary) return 1;
+    const std::string token = backend_of(c).token();
+    if (server.command({"GET", key}) != token) return 2;
+    report->step = 1;
+    const pid_t child = raw_fork();
+    if (child < 0) return 3;
+    if (child == 0) {
+      tsan_ignore_this_copy();
+      // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
+      // cannot stop the coordinator thread this copy lists but does not have.
+      const int code = c.role() == Role::primary ? 1 : 0;
+      slot.reset();
+      copy_exit(code);
+    }
+    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
+    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
+    report->step = 2;
+    if (c.role() != Role::primary) return 5;
+    c.stop();  // releases on the holder's connection, from the coordinator thread
+    if (c.role() == Role::primary) return 4;
+    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
+    slot.reset();
+    return 0;
+  });
+  INFO("holder reached step " << report->step.load());
+  REQUIRE(holder == 0);
+  CHECK(report->exiting_child.load() == 0);
+  CHECK(report->key_after_exit.load() == 1);
+  CHECK(report->released_by_parent.load() == 1);
 }

@@ -10,7 +10,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -343,6 +346,9 @@ struct pg_registry {
   std::mutex mutex;
   std::vector<pg_fork_state*> states;
   int devnull = -1;
+  //! The process whose connections the registered states hold; -pid while a copy made
+  //! without the atfork handlers is adopting them (see pg_adopt_process()).
+  std::atomic<pid_t> owner{0};
 };
 
 //! Every libpq call on a backend's connections runs under this mutex, so fork() never copies
@@ -356,10 +362,8 @@ inline pg_registry& pg_registry_instance() {
 //! In a child of fork(), no connection of the parent may be used, kept open or closed with
 //! a Terminate message: the child would keep the parent's session (and lock) alive, or end it.
 //! Each inherited socket becomes /dev/null; the backend then frees the copies unseen.
-inline void pg_atfork_prepare() noexcept { pg_registry_instance().mutex.lock(); }
-inline void pg_atfork_parent() noexcept { pg_registry_instance().mutex.unlock(); }
-inline void pg_atfork_child() noexcept {
-  auto& reg = pg_registry_instance();
+//! Async-signal-safe (dup3, close, eventfd).
+inline void pg_neutralize_inherited(pg_registry& reg) noexcept {
   for (pg_fork_state* state : reg.states) {
     for (PGconn*& conn : state->conn) {
       if (conn == nullptr) continue;
@@ -379,7 +383,42 @@ inline void pg_atfork_child() noexcept {
     }
     state->inherited.store(true);
   }
+}
+
+inline void pg_atfork_prepare() noexcept { pg_registry_instance().mutex.lock(); }
+inline void pg_atfork_parent() noexcept { pg_registry_instance().mutex.unlock(); }
+inline void pg_atfork_child() noexcept {
+  auto& reg = pg_registry_instance();
+  pg_neutralize_inherited(reg);
+  reg.owner.store(::getpid());
   reg.mutex.unlock();
+}
+
+//! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()
+//! without CLONE_VM) inherits the parent's connections as they are, and the mutex maybe
+//! locked by a thread that does not exist in the copy. Asks the kernel who we are (a cached
+//! pid would still be the parent's there) and, in such a copy, does once what
+//! pg_atfork_child() would have done. Every PostgresBackend member that may touch a
+//! connection, the mutex or the eventfd calls this first; it costs one getpid().
+inline void pg_adopt_process() noexcept {
+  auto& reg = pg_registry_instance();
+  const pid_t me = ::getpid();
+  pid_t owner = reg.owner.load();
+  if (owner == me) return;
+  if (owner != -me && reg.owner.compare_exchange_strong(owner, -me)) {
+    // Nobody in this process holds the mutex: the thread that held it at the copy (if any)
+    // exists only in the parent. A fresh one replaces the copy.
+    new (&reg.mutex) std::mutex();
+    pg_neutralize_inherited(reg);
+    reg.owner.store(me);
+    return;
+  }
+  while (reg.owner.load() != me) ::sched_yield();  // another thread of the copy adopts them
+}
+
+//! True when the registered connections belong to this process (no adoption pending).
+inline bool pg_process_owns_connections() noexcept {
+  return pg_registry_instance().owner.load() == ::getpid();
 }
 
 inline void pg_register(pg_fork_state* state) {
@@ -387,14 +426,17 @@ inline void pg_register(pg_fork_state* state) {
   std::call_once(once, [] {
     auto& reg = pg_registry_instance();
     reg.devnull = keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC));
+    reg.owner.store(::getpid());
     ::pthread_atfork(&pg_atfork_prepare, &pg_atfork_parent, &pg_atfork_child);
   });
+  pg_adopt_process();
   auto& reg = pg_registry_instance();
   std::lock_guard<std::mutex> guard(reg.mutex);
   reg.states.push_back(state);
 }
 
 inline void pg_unregister(pg_fork_state* state) noexcept {
+  pg_adopt_process();
   auto& reg = pg_registry_instance();
   std::lock_guard<std::mutex> guard(reg.mutex);
   reg.states.erase(std::remove(reg.states.begin(), reg.states.end(), state), reg.states.end());
@@ -448,7 +490,11 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! and demotes, but a lock may stay behind in a pooled server session.
 //!
 //! Fork: a child of fork() never uses, keeps or ends the parent's sessions (an atfork handler
-//! points its copies of the sockets at /dev/null); in the child, held() is false. For that,
+//! points its copies of the sockets at /dev/null); in the child, held() is false. A copy made
+//! by syscall(SYS_fork) or clone() without CLONE_VM runs no atfork handler: there the first
+//! member called (the destructor, release(), reset() included) notices it from getpid() and
+//! does the same before anything else, so it never writes (not even libpq's Terminate) on the
+//! parent's sessions, nor waits for a mutex copied locked. For that,
 //! every libpq call runs under one process-wide mutex that fork() takes too, including the
 //! host name lookup of a new connection: a slow resolver (not bounded by connect_timeout)
 //! delays fork() and the other PostgresBackends of the process. Give an IP address (hostaddr)
@@ -522,10 +568,14 @@ class PostgresBackend final : public Backend {
   //! Wakes a wait_acquire() on another thread (an eventfd write). Async-signal-safe.
   void interrupt() noexcept override {
     interrupted_.store(true);
+    // A copy of the process not yet adopted shares the parent's eventfd: the flag is enough
+    // (acquire() checks it after adopting).
+    if (!detail::pg_process_owns_connections()) return;
     const std::uint64_t one = 1;
     [[maybe_unused]] auto ignored = ::write(state_.event_fd, &one, sizeof one);
   }
   void clear_interrupt() noexcept override {
+    detail::pg_adopt_process();  // never drain the parent's eventfd
     interrupted_.store(false);
     std::uint64_t count = 0;
     [[maybe_unused]] auto ignored = ::read(state_.event_fd, &count, sizeof count);
@@ -593,7 +643,9 @@ class PostgresBackend final : public Backend {
     close(1);
   }
 
-  bool held() const noexcept override { return held_ && !state_.inherited.load(); }
+  bool held() const noexcept override {
+    return held_ && !state_.inherited.load() && detail::pg_process_owns_connections();
+  }
 
   //! `postgres=<connection string, password ***> lock=<name> key=<key>`.
   std::string describe() const override {
@@ -886,6 +938,7 @@ class PostgresBackend final : public Backend {
   //! Adopts the state after fork(): the parent's connections were neutralized by the atfork
   //! handler; free them without a word to the server.
   void adopt_after_fork() noexcept {
+    detail::pg_adopt_process();  // also after syscall(SYS_fork), which runs no atfork handler
     if (!state_.inherited.load()) return;
     {
       std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);

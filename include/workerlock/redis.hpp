@@ -115,7 +115,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
@@ -781,29 +780,6 @@ inline const std::string& redis_boot_id() {
   return id;
 }
 
-//! getpid(), cached, and refreshed in the child by a pthread_atfork handler: the hot paths
-//! check for "am I a forked copy?" without a system call.
-inline std::atomic<pid_t>& redis_pid_cache() noexcept {
-  static std::atomic<pid_t> pid{0};
-  return pid;
-}
-
-inline void redis_refresh_pid() noexcept { redis_pid_cache().store(::getpid()); }
-
-inline pid_t redis_self_pid() noexcept {
-  static const bool registered = [] {
-    ::pthread_atfork(nullptr, nullptr, &redis_refresh_pid);
-    return true;
-  }();
-  (void)registered;
-  pid_t pid = redis_pid_cache().load(std::memory_order_relaxed);
-  if (pid == 0) {
-    pid = ::getpid();
-    redis_pid_cache().store(pid);
-  }
-  return pid;
-}
-
 //! A new token: 128 random bits, then who holds it (boot id : pid namespace : pid : host).
 //! The random bits come from getrandom() in batches, per thread, never shared across fork().
 inline std::string redis_make_token() {
@@ -814,7 +790,7 @@ inline std::string redis_make_token() {
     std::string suffix;
   };
   thread_local pool p;
-  const pid_t me = redis_self_pid();
+  const pid_t me = ::getpid();  // never cached: a child of syscall(SYS_fork) runs no atfork handler
   if (p.pid != me) {
     p.pid = me;
     p.used = sizeof p.bytes;  // a forked child must not reuse its parent's bytes
@@ -864,7 +840,7 @@ inline pid_t redis_local_holder(std::string_view token) {
   if (boot.empty() || fields[1] != boot) return 0;
   if (fields[2] != std::to_string(current_identity().pid_namespace)) return 0;
   long pid = 0;
-  if (!parse_decimal(fields[3], 1L << 30, pid) || pid <= 0 || pid == redis_self_pid()) return 0;
+  if (!parse_decimal(fields[3], 1L << 30, pid) || pid <= 0 || pid == ::getpid()) return 0;
   return static_cast<pid_t>(pid);
 }
 
@@ -903,8 +879,10 @@ inline int redis_pidfd_open(pid_t pid) noexcept {
 //!
 //! Threads: driven by one thread at a time (the Coordinator's); interrupt(),
 //! clear_interrupt(), held(), fencing_token(), lease_valid() and valid_until() may be called
-//! from any thread. Fork: a copy inherited through fork() holds nothing and opens its own
-//! connection.
+//! from any thread. Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone()
+//! without CLONE_VM, which run no atfork handler: every check asks the kernel with getpid())
+//! holds nothing, never sends on the parent's connection (its destructor, release() and
+//! reset() only close its own copy of the descriptor), and opens its own connection.
 class RedisBackend final : public Backend {
  public:
   using clock = std::chrono::steady_clock;
@@ -916,7 +894,7 @@ class RedisBackend final : public Backend {
       if (const char* env = std::getenv("WORKERLOCK_REDIS_URL"); env != nullptr) options_.url = env;
     }
     configure();
-    owner_ = detail::redis_self_pid();
+    owner_.store(::getpid());
     wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
   }
@@ -924,7 +902,8 @@ class RedisBackend final : public Backend {
   RedisBackend(const RedisBackend&) = delete;
   RedisBackend& operator=(const RedisBackend&) = delete;
 
-  //! Releases a hold (bounded by command_timeout), closes the connection. Never throws.
+  //! Releases a hold (bounded by command_timeout), closes the connection. Never throws. In a
+  //! forked copy it only closes the copy's descriptors: the parent's lease stays.
   ~RedisBackend() override {
     release();
     connection_.close();
@@ -965,9 +944,11 @@ class RedisBackend final : public Backend {
     }
   }
 
+  //! Async-signal-safe. In a forked copy it only sets the flag: the eventfd is the parent's
+  //! until the copy detaches.
   void interrupt() noexcept override {
     interrupted_.store(true);
-    if (wake_fd_ >= 0) {
+    if (wake_fd_ >= 0 && owner_.load() == ::getpid()) {
       const std::uint64_t one = 1;
       [[maybe_unused]] const auto n = ::write(wake_fd_, &one, sizeof one);
     }
@@ -975,7 +956,7 @@ class RedisBackend final : public Backend {
 
   void clear_interrupt() noexcept override {
     interrupted_.store(false);
-    drain_wake_fd();
+    if (owner_.load() == ::getpid()) drain_wake_fd();  // a forked copy must not eat the parent's
   }
 
   //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
@@ -1027,7 +1008,7 @@ class RedisBackend final : public Backend {
   //! Deletes the key if it still holds our token (bounded by command_timeout); also cleans up
   //! after an attempt whose outcome was unknown. Never throws.
   void release() noexcept override {
-    if (detail::redis_self_pid() != owner_) return;
+    if (owner_.load() != ::getpid()) return;  // a forked copy: the hold is the parent's
     const bool was_held = held_.exchange(false);
     fence_.store(0);
     set_valid_until(clock::time_point{});
@@ -1060,7 +1041,7 @@ class RedisBackend final : public Backend {
     connection_.close();
   }
 
-  bool held() const noexcept override { return held_.load() && detail::redis_self_pid() == owner_; }
+  bool held() const noexcept override { return held_.load() && owner_.load() == ::getpid(); }
 
   std::string describe() const override { return "redis=" + where(); }
   //! `<URL, password ***> key=<key>`, as in this backend's own errors.
@@ -1149,11 +1130,13 @@ class RedisBackend final : public Backend {
 
   std::string where() const { return fmt::format("{} key={}", redacted_, cfg_.key); }
 
-  //! A process forked from the one that built us holds nothing and shares no socket.
+  //! A process forked from the one that built us holds nothing and shares no socket. The
+  //! kernel says who we are: a cached pid would still be the parent's in a child of
+  //! syscall(SYS_fork) or clone() (no atfork handler runs there), and that child would then
+  //! renew or delete the parent's lease on the parent's own socket.
   void detach_if_forked() {
-    const pid_t me = detail::redis_self_pid();
-    if (me == owner_) return;
-    owner_ = me;
+    const pid_t me = ::getpid();
+    if (me == owner_.load()) return;
     connection_.close();  // our copy only: the parent's socket stays open
     held_.store(false);
     fence_.store(0);
@@ -1161,6 +1144,7 @@ class RedisBackend final : public Backend {
     if (wake_fd_ >= 0) ::close(wake_fd_);
     wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
+    owner_.store(me);
   }
 
   void set_valid_until(clock::time_point t) noexcept {
@@ -1422,7 +1406,7 @@ class RedisBackend final : public Backend {
   std::string sha_release_;
   std::string token_;
 
-  pid_t owner_ = 0;
+  std::atomic<pid_t> owner_{0};  // the process whose hold and connection these are
   int wake_fd_ = -1;
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> held_{false};

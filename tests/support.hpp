@@ -185,6 +185,18 @@ struct StartLine {
   }
 };
 
+//! The descriptors 0, 1 and 2 that are open, with what they point at (" 0 -> /dev/null").
+inline std::string open_standard_descriptors() {
+  std::string open;
+  for (int fd = 0; fd <= 2; ++fd) {
+    char target[256] = {};
+    const std::string link = "/proc/self/fd/" + std::to_string(fd);
+    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+    if (n >= 0) open += " " + std::to_string(fd) + " -> " + target;
+  }
+  return open;
+}
+
 //! Whether a test that needs a server may skip when the server's package is missing: not
 //! in CI. $<require_variable>=1 (tests/run-suite.sh sets it) or $CI makes it a failure.
 inline bool server_required(const char* require_variable) {

@@ -593,18 +593,6 @@ bool kill_on_read_of_standard_streams() {
          ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter) == 0;
 }
 
-//! The descriptors 0, 1 and 2 that are open, with what they point at.
-std::string open_standard_descriptors() {
-  std::string open;
-  for (int fd = 0; fd <= 2; ++fd) {
-    char target[256] = {};
-    const auto link = fmt::format("/proc/self/fd/{}", fd);
-    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
-    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
-  }
-  return open;
-}
-
 }  // namespace
 
 TEST_CASE(
@@ -648,7 +636,7 @@ TEST_CASE(
           return 1;
         }
         check("0, 1, 2 closed");
-        const auto left = open_standard_descriptors();
+        const auto left = wltest::open_standard_descriptors();
         report->expect(left.empty(), "descriptors left open at 0, 1, 2:" + left);
         // A daemon reopening its standard streams on /dev/null, then logging to stderr.
         for (int fd = 0; fd <= 2; ++fd) {

@@ -1150,18 +1150,6 @@ TEST_CASE("postgres: a server restart demotes the holder, then exactly one prima
 
 namespace {
 
-//! The descriptors 0, 1 and 2 that are open, with what they point at.
-std::string open_standard_descriptors() {
-  std::string open;
-  for (int fd = 0; fd <= 2; ++fd) {
-    char target[256] = {};
-    const auto link = fmt::format("/proc/self/fd/{}", fd);
-    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
-    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
-  }
-  return open;
-}
-
 struct StreamsReport {
   char error[1024] = {};
   char left_open[512] = {};
@@ -1188,7 +1176,7 @@ TEST_CASE(
     PostgresBackend backend(o);
     try {
       const bool acquired = backend.try_acquire();
-      const auto left = open_standard_descriptors();
+      const auto left = wltest::open_standard_descriptors();
       std::snprintf(report->left_open, sizeof report->left_open, "acquired=%d:%s", acquired ? 1 : 0,
                     left.c_str());
       return 1;
@@ -1202,7 +1190,7 @@ TEST_CASE(
     for (int fd = 0; fd <= 2; ++fd)
       if (null < 0 || ::dup2(null, fd) != fd) return 3;
     if (!backend.try_acquire()) return 3;
-    const auto left = open_standard_descriptors();
+    const auto left = wltest::open_standard_descriptors();
     std::snprintf(report->left_open, sizeof report->left_open, "%s", left.c_str());
     if (left != " 0 -> /dev/null 1 -> /dev/null 2 -> /dev/null") return 4;
     backend.release();

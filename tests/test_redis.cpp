@@ -1068,18 +1068,6 @@ TEST_CASE(
 
 namespace {
 
-//! The descriptors 0, 1 and 2 that are open, with what they point at.
-std::string open_standard_descriptors() {
-  std::string open;
-  for (int fd = 0; fd <= 2; ++fd) {
-    char target[256] = {};
-    const auto link = fmt::format("/proc/self/fd/{}", fd);
-    const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
-    if (n >= 0) open += fmt::format(" {} -> {}", fd, target);
-  }
-  return open;
-}
-
 struct StreamsReport {
   std::atomic<int> step{0};
   char left_open[512] = {};
@@ -1113,7 +1101,7 @@ TEST_CASE(
     report->step = 1;
     c.start();
     if (c.role() != Role::primary) return 1;
-    const auto left = open_standard_descriptors();
+    const auto left = wltest::open_standard_descriptors();
     std::snprintf(report->left_open, sizeof report->left_open, "%s", left.c_str());
     if (!left.empty()) return 2;
     // What a daemon does once it notices: standard streams on /dev/null, then it logs.

@@ -41,7 +41,7 @@ namespace workerlock {
 //! How a standby waits for the lock.
 enum class WaitMode {
   //! A background thread sleeps in the kernel's blocking lock call (F_OFD_SETLKW, flock,
-  //! F_SETLKW): no CPU while idle, promoted tens of microseconds after the holder dies.
+  //! F_SETLKW): no CPU while idle, promoted within about a millisecond of the holder's death.
   background_thread,
   //! No thread: the host calls Coordinator::poll() from its own event-loop timer every
   //! recommended_poll_interval; promotion happens on the first poll() after the holder dies.

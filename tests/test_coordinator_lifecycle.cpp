@@ -971,6 +971,54 @@ TEST_CASE("coordinator lifecycle: a huge health_check_interval is a long sleep, 
   CHECK(lock_is_free(path));
 }
 
+TEST_CASE(
+    "coordinator lifecycle: in polled mode huge intervals and backoffs are long waits, never "
+    "an overflow into a check or retry on every poll()",
+    "[coordinator][coordinator_lifecycle]") {
+  // health_check_interval = milliseconds::max(): a deleted lock file is never looked at, so
+  // the primary stays primary while poll() runs (an overflowed comparison checked it on every
+  // poll() and stepped down). retry_backoff = milliseconds::max() after an unreadable startup
+  // marker: one error line, not one per poll() (an overflowed deadline lay in the past).
+  const int scenario = GENERATE(0, 1);
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  if (scenario == 1) REQUIRE(::mkfifo((path.string() + ".startup").c_str(), 0600) == 0);
+  wltest::Shared<HugeIntervalReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    HugeIntervalReport& r = *report;
+    auto options = options_for(WaitMode::polled, r.log);
+    options.health_check_interval = milliseconds::max();
+    options.retry_backoff_min = milliseconds::max();
+    options.retry_backoff_max = milliseconds::max();
+    options.startup_generation = "generation-1";
+    Coordinator c(path, options);
+    c.on_startup([] {}).on_demoted([&] { r.demoted.fetch_add(1); });
+    c.start();
+    if (scenario == 0) fs::remove(path);
+    const auto until = std::chrono::steady_clock::now() + 300ms;
+    while (std::chrono::steady_clock::now() < until) {
+      c.poll();
+      std::this_thread::sleep_for(2ms);
+    }
+    r.role.store(static_cast<int>(c.role()));
+    c.stop();
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  HugeIntervalReport& r = *report;
+  INFO("scenario " << scenario << "\n" << r.log.contents());
+  if (scenario == 0) {
+    CHECK(r.role.load() == kPrimary);
+    CHECK(r.log.warnings.load() == 0);
+    CHECK(r.demoted.load() == 1);  // by stop()
+  } else {
+    CHECK(r.role.load() == kSecondary);
+    CHECK(r.log.errors.load() == 1);
+    CHECK(r.demoted.load() == 0);
+  }
+}
+
 struct PathReport {
   std::atomic<int> threw{0};
   std::atomic<int> path_is_lock_path{0};

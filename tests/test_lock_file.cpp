@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -558,6 +559,31 @@ TEST_CASE("lock file: try_lock_for ends on time under a 50 microsecond signal st
   CHECK(board->got.load() == 0);
   CHECK(board->took_ms.load() >= 300);
   CHECK(board->took_ms.load() < 5000);
+}
+
+TEST_CASE("lock file: a NaN timeout or deadline is an expired one, never undefined behaviour",
+          "[lock_file]") {
+  wltest::TempDir dir;
+  const auto path = dir / "nan.lock";
+  WorkerLock holder(path, quiet());
+  REQUIRE(holder.try_lock());
+  Children children;
+  const pid_t child = children.spawn([&] {
+    using seconds_double = std::chrono::duration<double>;
+    const seconds_double nan(std::numeric_limits<double>::quiet_NaN());
+    ::alarm(10);  // a wait that never ends is a failure (SIGALRM), not a hung suite
+    WorkerLock lock(path, quiet());
+    const auto began = std::chrono::steady_clock::now();
+    if (lock.try_lock_for(nan)) return 1;
+    if (lock.try_lock_until(
+            std::chrono::time_point<std::chrono::steady_clock, seconds_double>(nan)))
+      return 2;
+    if (lock.try_lock_until(
+            std::chrono::time_point<std::chrono::system_clock, seconds_double>(nan)))
+      return 3;
+    return std::chrono::steady_clock::now() - began < std::chrono::seconds(5) ? 0 : 4;
+  });
+  CHECK(children.wait(child) == 0);
 }
 
 TEST_CASE("lock file: try_lock_for and try_lock_until with unbounded deadlines wait for the lock",

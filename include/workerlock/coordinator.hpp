@@ -242,10 +242,10 @@ class Coordinator {
         report_retry(error);
         backend_->reset();
         next_attempt_ = detail::deadline_after(backoff_);
-        grow_backoff();
+        backoff_ = doubled_backoff(backoff_);
       }
-    } else if (now - last_verified_ >= backend_->verify_interval()) {
-      last_verified_ = now;
+    } else if (now >= next_verify_) {
+      next_verify_ = detail::deadline_after(backend_->verify_interval());
       if (!verify()) demote_and_reset("the lock was lost");
     }
     finish_stop_requested_by_callback();
@@ -478,8 +478,8 @@ class Coordinator {
     if (held) role_.store(Role::primary);  // on_promoted follows, here or on the thread
     running_ = true;
     backoff_ = options_.retry_backoff_min;
-    last_verified_ = std::chrono::steady_clock::now();
-    next_attempt_ = last_verified_;
+    next_attempt_ = std::chrono::steady_clock::now();
+    next_verify_ = detail::deadline_after(backend_->verify_interval());
     if (!held)
       log(LogLevel::info, "workerlock: pid={} role=secondary {} (standby)", ::getpid(),
           description_);
@@ -528,7 +528,7 @@ class Coordinator {
           report_retry(error);
           backend_->reset();
           sleep_unless_stopped(backoff_);
-          grow_backoff();
+          backoff_ = doubled_backoff(backoff_);
           continue;
         }
         if (stop_requested_.load()) break;
@@ -578,11 +578,11 @@ class Coordinator {
     }
   }
 
-  //! Doubles the retry backoff up to retry_backoff_max, without overflowing.
-  void grow_backoff() noexcept {
-    backoff_ = backoff_ > options_.retry_backoff_max / 2
-                   ? options_.retry_backoff_max
-                   : std::min(backoff_ * 2, options_.retry_backoff_max);
+  //! `backoff` doubled, up to retry_backoff_max, without overflowing.
+  std::chrono::milliseconds doubled_backoff(std::chrono::milliseconds backoff) const noexcept {
+    return backoff > options_.retry_backoff_max / 2
+               ? options_.retry_backoff_max
+               : std::min(backoff * 2, options_.retry_backoff_max);
   }
 
   void report_retry(const std::exception& error) const {
@@ -664,7 +664,7 @@ class Coordinator {
   //! can be read. The pause ends at once on stop().
   void step_down_for_unreadable_marker(const detail::failure& f) noexcept {
     const auto pause = startup_backoff_;
-    startup_backoff_ = std::min(startup_backoff_ * 2, options_.retry_backoff_max);
+    startup_backoff_ = doubled_backoff(startup_backoff_);
     const bool explained = f.explanation != nullptr && *f.explanation != '\0';
     log(LogLevel::error,
         "workerlock: pid={} cannot {} '{}'{}{}{}: {}; on_startup not run, stepping down and "
@@ -676,7 +676,7 @@ class Coordinator {
     log(LogLevel::info, "workerlock: pid={} role=secondary {} (the startup marker cannot be read)",
         ::getpid(), description_);
     if (options_.wait == WaitMode::polled) {
-      next_attempt_ = std::chrono::steady_clock::now() + pause;
+      next_attempt_ = detail::deadline_after(pause);
     } else {
       sleep_unless_stopped(pause);
     }
@@ -729,7 +729,7 @@ class Coordinator {
   // Retry state; touched only by the thread driving the backend.
   std::chrono::milliseconds backoff_{10};
   std::chrono::steady_clock::time_point next_attempt_{};
-  std::chrono::steady_clock::time_point last_verified_{};
+  std::chrono::steady_clock::time_point next_verify_{};
   std::chrono::milliseconds startup_backoff_;  // after an unreadable startup marker
 };
 

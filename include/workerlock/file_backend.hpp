@@ -3,6 +3,7 @@
 #pragma once
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 
@@ -130,6 +131,9 @@ class FileBackend final : public Backend {
     }
     ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
     waiting_.store(false);
+    // An interrupt() that saw waiting_ may still be about to signal this thread: stay alive
+    // (and this the waiting thread) until it has, so it never signals a joined thread.
+    while (signalling_.load() != 0) ::sched_yield();
     report_replaced_handler();
     f.throw_if_failed(lock_.path());
     return held;
@@ -142,9 +146,12 @@ class FileBackend final : public Backend {
   //! Async-signal-safe: atomics, sigaction() and pthread_kill() only.
   void interrupt() noexcept override {
     interrupted_.store(true);
-    if (!waiting_.load()) return;
-    reinstall_handler_if_replaced();
-    ::pthread_kill(waiter_.load(), wakeup_signal_);
+    signalling_.fetch_add(1);
+    if (waiting_.load()) {
+      reinstall_handler_if_replaced();
+      ::pthread_kill(waiter_.load(), wakeup_signal_);
+    }
+    signalling_.fetch_sub(1);
   }
   void clear_interrupt() noexcept override { interrupted_.store(false); }
 
@@ -242,6 +249,7 @@ class FileBackend final : public Backend {
   std::chrono::milliseconds health_check_interval_;
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> waiting_{false};
+  std::atomic<int> signalling_{0};  // interrupt() calls between seeing waiting_ and signalling
   std::atomic<pthread_t> waiter_{};
   mutable std::atomic<int> replaced_{none};
 };

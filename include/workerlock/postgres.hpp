@@ -385,7 +385,11 @@ inline void pg_neutralize_inherited(pg_registry& reg) noexcept {
   }
 }
 
-inline void pg_atfork_prepare() noexcept { pg_registry_instance().mutex.lock(); }
+inline void pg_adopt_process() noexcept;
+inline void pg_atfork_prepare() noexcept {
+  pg_adopt_process();  // a copy made by syscall(SYS_fork) may hold the mutex copied locked
+  pg_registry_instance().mutex.lock();
+}
 inline void pg_atfork_parent() noexcept { pg_registry_instance().mutex.unlock(); }
 inline void pg_atfork_child() noexcept {
   auto& reg = pg_registry_instance();

@@ -19,7 +19,7 @@ template <typename Rep, typename Period>
 monotonic_clock::time_point deadline_after(
     const std::chrono::duration<Rep, Period>& timeout) noexcept {
   const auto now = monotonic_clock::now();
-  if (timeout <= std::chrono::duration<Rep, Period>::zero()) return now;
+  if (!(timeout > std::chrono::duration<Rep, Period>::zero())) return now;  // NaN too
   using exact = std::chrono::duration<long double>;
   const auto room = monotonic_clock::time_point::max() - now;
   if (std::chrono::duration_cast<exact>(timeout) >= std::chrono::duration_cast<exact>(room))
@@ -38,6 +38,7 @@ monotonic_clock::time_point to_monotonic(
     return std::chrono::duration_cast<exact>(t.time_since_epoch());
   };
   if constexpr (std::is_same_v<Clock, monotonic_clock>) {
+    if (since_epoch(deadline) != since_epoch(deadline)) return monotonic_clock::now();  // NaN
     if (since_epoch(deadline) >= since_epoch(monotonic_clock::time_point::max()))
       return monotonic_clock::time_point::max();
     if (since_epoch(deadline) <= since_epoch(monotonic_clock::time_point::min()))

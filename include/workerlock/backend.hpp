@@ -62,6 +62,16 @@ class Backend {
   //! A number that grows with every new holder, for fencing downstream writes; 0 if the
   //! backend has none.
   virtual std::uint64_t fencing_token() const noexcept { return 0; }
+
+  //! For a lease: the local CLOCK_MONOTONIC (steady_clock) instant until which this process
+  //! may act as the holder; the Coordinator's role() reads secondary from then on, before
+  //! its own thread notices. time_point::max() for a hold that cannot expire by time alone
+  //! (a lock file), and time_point::min() while nothing is held. Like held() and
+  //! fencing_token(), safe from any thread at any time, and async-signal-safe.
+  virtual std::chrono::steady_clock::time_point valid_until() const noexcept {
+    return held() ? std::chrono::steady_clock::time_point::max()
+                  : std::chrono::steady_clock::time_point::min();
+  }
 };
 
 }  // namespace workerlock

@@ -55,6 +55,11 @@ class Backend {
   //! carry there (by default describe()).
   virtual std::filesystem::path error_path() const { return describe(); }
 
+  //! For a network backend: the server and key its errors name (never a password), which
+  //! the Coordinator's lock_error carries in target() with an empty path(). Empty for a
+  //! backend whose errors are about a file (then error_path() is used).
+  virtual std::string network_target() const { return {}; }
+
   //! The base path of the startup barrier's marker (the marker is `<base>.startup`), or
   //! empty when the backend offers none.
   virtual std::filesystem::path startup_marker_base() const { return {}; }

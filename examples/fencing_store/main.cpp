@@ -90,16 +90,17 @@ int worker(const std::string& host, int port, const std::string& prefix) try {
   coordinator.start();
   FencedStore store(host, port, prefix);
   while (stop_requested == 0) {
-    if (coordinator.role() == workerlock::Role::primary) {      // right before each write:
-      const std::uint64_t token = coordinator.fencing_token();  // the role, then the token
-      // A pause can strike anywhere. Here the first primary stops itself once, and its
-      // lease runs out while it is stopped: a successor takes over with a higher token.
-      if (store.run({"SET", prefix + ":paused", std::to_string(token), "NX"}) == "OK")
-        ::raise(SIGSTOP);
-      if (!store.write(token, std::to_string(::getpid())))
-        fmt::print("worker {}: the store refused my stale token {}\n", ::getpid(), token);
-    }
     std::this_thread::sleep_for(20ms);
+    // Right before each singleton write: the role, then the token (0: the hold just ended).
+    if (coordinator.role() != workerlock::Role::primary) continue;
+    const std::uint64_t token = coordinator.fencing_token();
+    if (token == 0) continue;
+    // A pause can strike anywhere. Here the first primary stops itself once, and its lease
+    // runs out while it is stopped: a successor takes over with a higher token.
+    if (store.run({"SET", prefix + ":paused", std::to_string(token), "NX"}) == "OK")
+      ::raise(SIGSTOP);
+    if (!store.write(token, std::to_string(::getpid())))
+      fmt::print("worker {}: the store refused my stale token {}\n", ::getpid(), token);
   }
   coordinator.stop();
   return 0;

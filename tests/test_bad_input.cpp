@@ -1417,7 +1417,7 @@ TEST_CASE("interop: lock_holder reports flock(1)'s kernel pid, not a stale recor
   REQUIRE(who.has_value());
   CHECK(who->pid == holder.pid());
   CHECK_FALSE(who->recorded);
-  CHECK(who->mechanism == "flock");
+  CHECK(who->mechanism == Mechanism::flock);
   CHECK_FALSE(who->acquired.has_value());
   REQUIRE(holder.wait() == 0);
   CHECK_FALSE(workerlock::lock_holder(path).has_value());
@@ -1471,9 +1471,10 @@ TEST_CASE(
   REQUIRE(write_record(bystander.pid(), system_clock::now() - std::chrono::hours(1)));
   auto who = workerlock::lock_holder(path);
   REQUIRE(who.has_value());
-  CHECK(who->pid == -1);
+  CHECK_FALSE(who->pid.has_value());
+  CHECK(who->pid_unknown == workerlock::Holder::PidUnknown::ofd_lock_without_record);
   CHECK_FALSE(who->recorded);
-  CHECK(who->mechanism == "ofd");
+  CHECK(who->mechanism == Mechanism::ofd);
 
   // Dated after the bystander started, the record could be its own, and is believed: for
   // OFD locks the kernel names no owner to check it against.

@@ -376,8 +376,9 @@ int race_child(RaceBoard& board, Gate& all_forked, Gate& all_voted, const fs::pa
     // While it holds the lock, lock_holder() must name this very process from its record.
     const auto holder = workerlock::lock_holder(path);
     if (!holder || holder->pid != ::getpid() || !holder->recorded) {
-      error = fmt::format("primary, but lock_holder() says pid={} recorded={}",
-                          holder ? holder->pid : -2, holder ? holder->recorded : false);
+      error =
+          fmt::format("primary, but lock_holder() says pid={} recorded={}",
+                      holder ? holder->pid.value_or(-1) : -2, holder ? holder->recorded : false);
     }
   }
   if (primary) {
@@ -453,7 +454,9 @@ std::string check_after_race(const fs::path& path, pid_t winner, Mechanism m) {
   std::error_code ec;
   const auto holder = workerlock::lock_holder(path, ec);
   if (ec) return fmt::format("lock_holder failed after the race: {}", ec.message());
-  if (holder) return fmt::format("lock_holder names pid {} after every child let go", holder->pid);
+  if (holder)
+    return fmt::format("lock_holder names pid {} after every child let go",
+                       holder->pid.value_or(-1));
   const auto text = read_file(path);
   const auto record = parse_exact_record(text);
   if (!record) {
@@ -775,7 +778,7 @@ TEST_CASE(
   REQUIRE(holder->acquired.has_value());
   CHECK(seconds_apart(*holder->acquired, system_clock::now()) < 1.0);
   CHECK(*holder->acquired == record->acquired);
-  CHECK(holder->mechanism == workerlock::to_string(m));
+  CHECK(holder->mechanism == m);
   CHECK(holder->host == host_name());
   CHECK(holder->pid_namespace == pid_namespace_inode());
 
@@ -824,7 +827,8 @@ TEST_CASE("holder record: 20 secondaries leave the primary's record byte-for-byt
       if (lock.try_lock()) return others->diag.fail("try_lock() succeeded while another holds");
       const auto holder = workerlock::lock_holder(path);
       if (!holder || holder->pid != primary || !holder->recorded)
-        return others->diag.fail(fmt::format("lock_holder says {}", holder ? holder->pid : -2));
+        return others->diag.fail(
+            fmt::format("lock_holder says {}", holder ? holder->pid.value_or(-1) : -2));
       others->secondaries.fetch_add(1);
       return 0;
     }));
@@ -944,7 +948,8 @@ TEST_CASE("SIGKILL of the primary: a waiting sibling acquires within 100 ms", "[
     if (!lock.owns_lock()) return takeover->diag.fail("acquired but owns_lock() is false");
     const auto holder = workerlock::lock_holder(path);
     if (!holder || holder->pid != ::getpid() || !holder->recorded)
-      return takeover->diag.fail(fmt::format("lock_holder says {}", holder ? holder->pid : -2));
+      return takeover->diag.fail(
+          fmt::format("lock_holder says {}", holder ? holder->pid.value_or(-1) : -2));
     return 0;
   });
   REQUIRE(wltest::eventually([&] { return takeover->waiting.load() == 1; }, kParentPatience));
@@ -1181,15 +1186,19 @@ TEST_CASE("lock_holder does not attribute a lock to the stale record of a dead h
 
   const auto holder = workerlock::lock_holder(path);
   REQUIRE(holder.has_value());
-  INFO("lock_holder: pid=" << holder->pid << " recorded=" << holder->recorded
-                           << " mechanism=" << holder->mechanism);
+  INFO("lock_holder: pid=" << holder->pid.value_or(-1) << " recorded=" << holder->recorded
+                           << " mechanism=" << workerlock::to_string(holder->mechanism));
   CHECK(holder->pid != old);  // a dead process holds nothing
   CHECK_FALSE(holder->recorded);
   CHECK_FALSE(holder->acquired.has_value());
-  // holder.hpp: "From the kernel otherwise: ... -1 for an OFD lock of a program that wrote
-  // no record."
-  CHECK(holder->pid == (m == Mechanism::ofd ? -1 : current));
-  CHECK(holder->mechanism == workerlock::to_string(m));
+  // holder.hpp: the kernel keeps no pid for an OFD lock of a program that wrote no record.
+  if (m == Mechanism::ofd) {
+    CHECK_FALSE(holder->pid.has_value());
+    CHECK(holder->pid_unknown == workerlock::Holder::PidUnknown::ofd_lock_without_record);
+  } else {
+    CHECK(holder->pid == current);
+  }
+  CHECK(holder->mechanism == m);
 
   second->release.store(true);
   CHECK(children.wait(current) == 0);
@@ -1444,7 +1453,7 @@ TEST_CASE("WorkerLock accessors owns_lock path mechanism and empty or moved-from
   const auto holder = workerlock::lock_holder(path);
   REQUIRE(holder.has_value());
   CHECK(holder->pid == ::getpid());
-  CHECK(holder->mechanism == "flock");
+  CHECK(holder->mechanism == Mechanism::flock);
 
   handle.unlock();
   CHECK_FALSE(handle.owns_lock());

@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
@@ -160,10 +161,22 @@ const char* name_of(Mechanism m) {
   return m == Mechanism::flock ? "flock" : m == Mechanism::posix ? "posix" : "ofd";
 }
 
+using PidUnknown = workerlock::Holder::PidUnknown;
+
 std::string describe(const std::optional<workerlock::Holder>& h) {
   if (!h) return "nullopt";
-  return fmt::format("pid={} mechanism={} recorded={} pidns={}", h->pid, h->mechanism, h->recorded,
-                     h->pid_namespace);
+  return fmt::format(
+      "pid={} pid_unknown={} mechanism={} recorded={} pid_in_own_namespace={} "
+      "pidns={}",
+      h->pid ? std::to_string(*h->pid) : "nullopt", to_string(h->pid_unknown), h->mechanism,
+      h->recorded, h->pid_in_own_namespace ? std::to_string(*h->pid_in_own_namespace) : "nullopt",
+      h->pid_namespace);
+}
+
+//! True when `h` names no pid, for the reason given (and a pid that is there is never a
+//! sentinel: positive, with pid_known).
+bool no_pid_because(const std::optional<workerlock::Holder>& h, PidUnknown reason) {
+  return h && !h->pid && h->pid_unknown == reason;
 }
 
 //! lock_holder() without exceptions, for use in forked labs.
@@ -223,10 +236,19 @@ void check_holders(const fs::path& file, const std::optional<fs::path>& twin, La
         continue;
       }
       const auto h = holder_of(file, report);
-      // Without a record the kernel cannot name an OFD lock's holder: pid -1.
-      const pid_t expected = record || m != Mechanism::ofd ? held.pid() : -1;
-      report.expect(h && h->pid == expected && h->mechanism == name_of(m) && h->recorded == record,
-                    fmt::format("{}: expected pid {}, got {}", what, expected, describe(h)));
+      // Without a record the kernel cannot name an OFD lock's holder: no pid, and why.
+      if (record || m != Mechanism::ofd) {
+        report.expect(
+            h && h->pid == held.pid() && h->pid_unknown == PidUnknown::pid_known &&
+                h->mechanism == m && h->recorded == record &&
+                (record ? h->pid_in_own_namespace == held.pid() : !h->pid_in_own_namespace),
+            fmt::format("{}: expected pid {}, got {}", what, held.pid(), describe(h)));
+      } else {
+        report.expect(no_pid_because(h, PidUnknown::ofd_lock_without_record) && h->mechanism == m &&
+                          !h->recorded,
+                      fmt::format("{}: expected no pid (ofd_lock_without_record), got {}", what,
+                                  describe(h)));
+      }
       if (twin) {
         const auto other = holder_of(*twin, report);
         report.expect(!other, fmt::format("{}: its twin {} (same inode number) is not locked, "
@@ -263,6 +285,43 @@ std::string lab_failure(int code, const LabReport& report) {
 }
 
 }  // namespace
+
+// Holder::pid used to be a pid_t with sentinels (-1: an OFD lock without a record, 0: a
+// holder in another pid namespace), and kill(holder->pid, SIGTERM) with -1 signals every
+// process the caller may signal. Now a caller cannot hand it to kill() without looking.
+static_assert(!std::is_invocable_v<decltype(&::kill), decltype(workerlock::Holder::pid), int>,
+              "kill(holder->pid, SIGTERM) must not compile: Holder::pid may be absent");
+static_assert(std::is_same_v<decltype(workerlock::Holder::pid), std::optional<pid_t>>);
+static_assert(std::is_same_v<decltype(workerlock::Holder::mechanism), Mechanism>);
+
+TEST_CASE("lock_holder: a holder whose pid cannot be told has no pid, and a reason",
+          "[lock_holder]") {
+  wltest::TempDir tmp;
+  for (const Mechanism m : {Mechanism::ofd, Mechanism::posix, Mechanism::flock}) {
+    INFO("mechanism " << name_of(m));
+    const auto path = tmp / fmt::format("{}.lock", name_of(m));
+    HeldLock held(path, m, false);  // a program that writes no holder record
+    REQUIRE(held.locked());
+    const auto h = workerlock::lock_holder(path);
+    INFO(describe(h));
+    REQUIRE(h.has_value());
+    CHECK(h->mechanism == m);
+    CHECK_FALSE(h->recorded);
+    CHECK_FALSE(h->pid_in_own_namespace.has_value());
+    if (m == Mechanism::ofd) {
+      // The kernel keeps no pid for OFD locks (/proc/locks and F_OFD_GETLK say -1).
+      CHECK_FALSE(h->pid.has_value());
+      CHECK(h->pid_unknown == PidUnknown::ofd_lock_without_record);
+      CHECK(to_string(h->pid_unknown) == "ofd_lock_without_record");
+    } else {
+      CHECK(h->pid == held.pid());
+      CHECK(h->pid_unknown == PidUnknown::pid_known);
+    }
+    // The hurried caller's line, written the only way it compiles: it signals the holder
+    // (signal 0: a check that it may) or nobody, never a process group or everybody.
+    if (h->pid) CHECK(::kill(*h->pid, 0) == 0);
+  }
+}
 
 TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume too",
           "[lock_holder]") {
@@ -446,16 +505,38 @@ TEST_CASE(
                     // The kernel hides it from /proc/locks, and F_OFD_GETLK ignores flock.
                     report->expect(!h, what + ": documented as nullopt, got " + got);
                   } else if (record) {
-                    report->expect(h && h->recorded && h->pid == holder_pid &&
-                                       h->pid_namespace == outer_namespace &&
-                                       h->mechanism == name_of(m),
-                                   fmt::format("{}: expected the record's pid {}, got {}", what,
-                                               holder_pid, got));
+                    // The record's pid means another process here (pid 1 is this lab): it
+                    // is reported as the pid in the holder's own namespace, never as pid.
+                    report->expect(no_pid_because(h, PidUnknown::other_pid_namespace) &&
+                                       h->recorded && h->pid_in_own_namespace == holder_pid &&
+                                       h->pid_namespace == outer_namespace && h->mechanism == m,
+                                   fmt::format("{}: expected no pid (other_pid_namespace) and "
+                                               "the record's pid {} there, got {}",
+                                               what, holder_pid, got));
+                    if (m == Mechanism::posix) {
+                      // A record that claims this namespace, naming pid 1 (this lab's init),
+                      // while the kernel says the holder is outside it: not the holder's.
+                      char text[workerlock::detail::max_record_size];
+                      const auto n = workerlock::detail::format_record(
+                          text, 1, std::chrono::system_clock::now(), m);
+                      const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+                      report->expect(fd >= 0 && ::pwrite(fd, text, n, 0) == static_cast<ssize_t>(n),
+                                     what + ": cannot write the record");
+                      if (fd >= 0) ::close(fd);
+                      const auto forged = holder_of(path, *report);
+                      report->expect(no_pid_because(forged, PidUnknown::other_pid_namespace) &&
+                                         !forged->recorded && !forged->pid_in_own_namespace,
+                                     fmt::format("{}: a record claiming this namespace must not "
+                                                 "name pid 1 here, got {}",
+                                                 what, describe(forged)));
+                    }
                   } else {
-                    const pid_t expected = m == Mechanism::ofd ? -1 : 0;
-                    report->expect(
-                        h && !h->recorded && h->pid == expected && h->mechanism == name_of(m),
-                        fmt::format("{}: expected pid {}, got {}", what, expected, got));
+                    const auto reason = m == Mechanism::ofd ? PidUnknown::ofd_lock_without_record
+                                                            : PidUnknown::other_pid_namespace;
+                    report->expect(no_pid_because(h, reason) && !h->recorded &&
+                                       !h->pid_in_own_namespace && h->mechanism == m,
+                                   fmt::format("{}: expected no pid ({}), got {}", what,
+                                               to_string(reason), got));
                   }
                   return 0;
                 },
@@ -531,21 +612,31 @@ TEST_CASE(
           const auto h = holder_of(path, *report);
           const std::string got = describe(h);
           if (record) {
+            // The record's pid (2) is the holder's pid in its own namespace. Here the kernel
+            // names it for POSIX and flock locks; an OFD lock shows no pid, and the record's
+            // means another process here, so there is none.
             const pid_t expected = 2;
-            report->expect(h && h->recorded && h->pid == expected &&
+            const bool pid_ok = m == Mechanism::ofd
+                                    ? no_pid_because(h, PidUnknown::other_pid_namespace)
+                                    : h && h->pid && *h->pid != expected &&
+                                          innermost_pid(*h->pid) == expected &&
+                                          h->pid_unknown == PidUnknown::pid_known;
+            report->expect(pid_ok && h->recorded && h->pid_in_own_namespace == expected &&
                                h->pid_namespace == hs->pid_namespace &&
                                h->pid_namespace != pid_namespace_of("/proc/self/ns/pid") &&
-                               h->mechanism == name_of(m),
+                               h->mechanism == m,
                            fmt::format("{}: expected the record's pid {} in namespace {}, got {}",
                                        kind, expected, hs->pid_namespace.load(), got));
           } else if (m == Mechanism::ofd) {
-            report->expect(h && !h->recorded && h->pid == -1,
-                           fmt::format("{}: expected pid -1, got {}", kind, got));
+            report->expect(
+                no_pid_because(h, PidUnknown::ofd_lock_without_record) && !h->recorded &&
+                    !h->pid_in_own_namespace,
+                fmt::format("{}: expected no pid (ofd_lock_without_record), got {}", kind, got));
           } else {
             // The kernel's pid, as this namespace numbers the holder.
             report->expect(
-                h && !h->recorded && h->pid > 0 && h->mechanism == name_of(m) &&
-                    innermost_pid(h->pid) == (kind == "stale" ? 3 : 2),
+                h && !h->recorded && h->pid && *h->pid > 0 && h->mechanism == m &&
+                    innermost_pid(*h->pid) == (kind == "stale" ? 3 : 2),
                 fmt::format("{}: expected the kernel's pid of the holder, got {}", kind, got));
           }
           hs->release = true;

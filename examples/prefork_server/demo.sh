@@ -39,7 +39,7 @@ die() {
 }
 elapsed_since() { awk -v a="$EPOCHREALTIME" -v b="$1" 'BEGIN { printf "%.3f", a - b }'; }
 
-STATUS_RE='"pid":([0-9]+),"role":"([a-z]+)","holder_pid":(-?[0-9]+|null),"ticks":([0-9]+)'
+STATUS_RE='"pid":([0-9]+),"role":"([a-z]+)","holder_pid":([0-9]+|null),"ticks":([0-9]+)'
 declare -A ROLE HOLDER TICKS
 
 # survey: asks /status (each request on a new connection, so the workers' accept race

@@ -499,9 +499,9 @@ class Master {
       auto old = std::find_if(children_.begin(), children_.end(), is_old);
       if (old != children_.end()) {
         // The primary goes last, so the singleton work moves once, to a new worker.
-        const pid_t primary = current_primary();
+        const std::optional<pid_t> primary = current_primary();
         const auto other = std::find_if(children_.begin(), children_.end(), [&](const Child& c) {
-          return is_old(c) && c.pid != primary;
+          return is_old(c) && (!primary || c.pid != *primary);
         });
         if (other != children_.end()) old = other;
         const pid_t old_pid = old->pid;
@@ -523,13 +523,16 @@ class Master {
     }
   }
 
-  //! The worker holding the election lock, or 0. lock_holder() only reads /proc/locks and
-  //! the holder record; the master never locks.
-  pid_t current_primary() const {
-    if (config_.mode != Mode::coordinated) return 0;
+  //! The worker holding the election lock, if known. lock_holder() only reads /proc/locks
+  //! and the holder record; the master never locks. Holder::pid is empty when the holder's
+  //! pid cannot be told (an OFD lock of a program that wrote no record, another pid
+  //! namespace): never a sentinel to compare or signal.
+  std::optional<pid_t> current_primary() const {
+    if (config_.mode != Mode::coordinated) return std::nullopt;
     std::error_code ec;
     const auto holder = workerlock::lock_holder(config_.lock_path, ec);
-    return holder && !ec ? holder->pid : 0;
+    if (!holder || ec) return std::nullopt;
+    return holder->pid;
   }
 
   //! Until the next deadline: a SIGKILL due, or a respawn held back by the crash backoff.

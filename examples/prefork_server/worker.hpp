@@ -178,7 +178,7 @@ class Worker {
     if (config_.mode != Mode::no_workerlock) {
       std::error_code ec;
       const auto found = workerlock::lock_holder(config_.lock_path, ec);
-      if (found && !ec) holder = std::to_string(found->pid);
+      if (found && found->pid && !ec) holder = std::to_string(*found->pid);
     }
     const auto uptime =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -23,47 +24,71 @@
 #include "detail/record.hpp"
 #include "detail/registry.hpp"
 #include "error.hpp"
+#include "options.hpp"
 
 namespace workerlock {
 
 //! Who holds a lock, as far as can be told.
 struct Holder {
-  //! The holder's pid.
-  //! - From its holder record (recorded is true) when the record agrees with the kernel:
-  //!   then the pid in the holder's own pid namespace, named by pid_namespace and host.
-  //!   Where the kernel shows the holder's pid (POSIX and flock locks of a visible process),
-  //!   the record counts only if it names that process (in its own namespace).
-  //! - Otherwise as the kernel shows it: for POSIX and flock locks the pid as numbered by
-  //!   the procfs mounted at /proc (normally the caller's pid namespace); 0 for a POSIX lock
-  //!   whose owner is not visible in the caller's pid namespace (a parent or sibling
-  //!   namespace: the host, seen from a container); -1 for an OFD lock (the kernel keeps no
-  //!   pid for those).
-  pid_t pid = 0;
-  //! When the holder acquired the lock, if it wrote a holder record.
+  //! Why `pid` is empty.
+  enum class PidUnknown {
+    //! `pid` is set: nothing is unknown.
+    pid_known,
+    //! An OFD lock held by a process that wrote no holder record, or only a stale one (the
+    //! kernel keeps no pid for OFD locks: F_OFD_GETLK and /proc/locks say -1).
+    ofd_lock_without_record,
+    //! The holder lives in another pid namespace, whose pids mean other processes here:
+    //! outside the caller's (the host, seen from a container: the kernel says 0), or, for
+    //! an OFD lock, one named only by its record. `pid_in_own_namespace`, `pid_namespace`
+    //! and `host` say who it is, if it wrote a record.
+    other_pid_namespace,
+  };
+
+  //! The holder's pid as the caller's pid namespace numbers it (precisely: as the procfs
+  //! mounted at /proc does), the number kill(2), waitpid() and /proc/PID take; nullopt
+  //! when the holder cannot be named that way, and then `pid_unknown` says why. Never 0 or
+  //! negative. From the kernel (/proc/locks) for POSIX and flock locks of a visible process;
+  //! from the holder record when it names a process of the caller's namespace that the
+  //! kernel does not contradict.
+  std::optional<pid_t> pid;
+  //! Why `pid` is empty; pid_known when it is not.
+  PidUnknown pid_unknown = PidUnknown::pid_known;
+  //! The kind of lock: the one named in the holder record, or else what the kernel shows
+  //! (on NFS, where flock is emulated with POSIX locks, the kernel shows posix).
+  Mechanism mechanism = default_mechanism;
+  //! True when the fields below come from a holder record written by workerlock.
+  bool recorded = false;
+  //! From the holder record: the holder's pid in its own pid namespace (`pid_namespace` on
+  //! `host`), which equals `pid` when that namespace is the caller's. Meaningless to kill(2)
+  //! in any other namespace.
+  std::optional<pid_t> pid_in_own_namespace;
+  //! From the holder record: when the holder acquired the lock.
   std::optional<std::chrono::system_clock::time_point> acquired;
-  //! Host name and pid-namespace inode of the holder, if it wrote a holder record.
+  //! From the holder record: host name and pid-namespace inode of the holder.
   std::string host;
   std::uint64_t pid_namespace = 0;
-  //! The mechanism named in the record ("ofd", "posix", "flock"), or what the kernel shows.
-  std::string mechanism;
-  //! True when pid and acquired come from a holder record written by workerlock.
-  bool recorded = false;
 };
+
+//! A name for the reason, such as "ofd_lock_without_record".
+constexpr std::string_view to_string(Holder::PidUnknown reason) noexcept {
+  switch (reason) {
+    case Holder::PidUnknown::pid_known:
+      return "pid_known";
+    case Holder::PidUnknown::ofd_lock_without_record:
+      return "ofd_lock_without_record";
+    case Holder::PidUnknown::other_pid_namespace:
+      return "other_pid_namespace";
+  }
+  return "unknown";
+}
 
 namespace detail {
 
-inline std::string_view kernel_kind_name(kernel_lock_kind kind) noexcept {
-  switch (kind) {
-    case kernel_lock_kind::posix:
-      return "posix";
-    case kernel_lock_kind::ofd:
-      return "ofd";
-    case kernel_lock_kind::flock:
-      return "flock";
-    case kernel_lock_kind::none:
-      break;
-  }
-  return "";
+//! The mechanism a holder record names, if it names one.
+inline std::optional<Mechanism> mechanism_named(std::string_view name) noexcept {
+  for (const Mechanism m : {Mechanism::ofd, Mechanism::posix, Mechanism::flock})
+    if (name == to_string(m)) return m;
+  return std::nullopt;
 }
 
 //! What a look at the file through a descriptor showed.
@@ -211,51 +236,66 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   const pid_t self = pid_in_proc();
   bool posix_by_self = self <= 0;
   for (const auto& line : holders)
-    if (line.kind == kernel_lock_kind::posix && line.pid == self) posix_by_self = true;
+    if (line.kind == Mechanism::posix && line.pid == self) posix_by_self = true;
 
   const auto look = look_at_file(path, st.st_dev, st.st_ino, !posix_by_self, !holders.empty());
   if (ambiguous && look.looked && look.conflict.l_type == F_UNLCK && !look.held_through_it) {
     // OFD lines matched by superblock alone: no POSIX or OFD lock is on this very file.
-    holders.erase(std::remove_if(holders.begin(), holders.end(),
-                                 [](const kernel_lock_line& line) {
-                                   return line.kind == kernel_lock_kind::ofd;
-                                 }),
-                  holders.end());
+    holders.erase(
+        std::remove_if(holders.begin(), holders.end(),
+                       [](const kernel_lock_line& line) { return line.kind == Mechanism::ofd; }),
+        holders.end());
   }
   Holder holder;
+  pid_t kernel_pid = 0;  // as the kernel shows it: -1 for OFD, 0 outside our namespace
   if (!holders.empty()) {
-    holder.pid = holders.front().pid;
-    holder.mechanism = std::string(kernel_kind_name(holders.front().kind));
+    kernel_pid = holders.front().pid;
+    holder.mechanism = holders.front().kind;
   } else if (look.conflict.l_type != F_UNLCK) {
     // /proc/locks hides a POSIX lock whose owner is not visible in the pid namespace of
     // the procfs at /proc; F_OFD_GETLK still shows it, with pid 0.
-    holder.pid = look.conflict.l_pid;
-    holder.mechanism = look.conflict.l_pid < 0 ? "ofd" : "posix";
+    kernel_pid = look.conflict.l_pid;
+    holder.mechanism = look.conflict.l_pid < 0 ? Mechanism::ofd : Mechanism::posix;
   } else {
     return std::nullopt;
+  }
+  if (kernel_pid > 0) {
+    holder.pid = kernel_pid;
+  } else {
+    holder.pid_unknown = kernel_pid < 0 ? Holder::PidUnknown::ofd_lock_without_record
+                                        : Holder::PidUnknown::other_pid_namespace;
   }
   const auto& record = look.record;
   if (!record) return holder;
   // The kernel knows the pid for POSIX and flock locks in our namespace; a record naming
   // someone else is a leftover of an earlier holder, for example one that used flock(1).
   const bool same_namespace = record->pid_namespace == current_identity().pid_namespace;
-  if (same_namespace && holder.pid > 0 && holder.pid != record->pid) return holder;
+  // The kernel says 0 for a holder not visible in our namespace: a record claiming ours is
+  // not the holder's.
+  if (same_namespace && kernel_pid >= 0 && kernel_pid != record->pid) return holder;
   // A holder in another pid namespace that we can see: its pid there must be the record's.
-  if (!same_namespace && holder.pid > 0) {
-    const auto own = pid_in_own_namespace(holder.pid);
+  if (!same_namespace && kernel_pid > 0) {
+    const auto own = pid_in_own_namespace(kernel_pid);
     if (own && *own != record->pid) return holder;
   }
   // An OFD lock shows no pid (-1): a record naming a process that no longer exists, or one
   // that started after the record was written (its pid was reused), is a leftover of a dead
   // holder, and the lock belongs to a program that wrote no record.
-  if (same_namespace && holder.pid < 0 &&
+  if (same_namespace && kernel_pid < 0 &&
       (!process_exists(record->pid) || started_after(record->pid, record->acquired)))
     return holder;
-  holder.pid = record->pid;
+  if (same_namespace) {
+    holder.pid = record->pid;
+    holder.pid_unknown = Holder::PidUnknown::pid_known;
+  } else if (!holder.pid) {
+    // The record's pid counts in the holder's namespace only, never in ours.
+    holder.pid_unknown = Holder::PidUnknown::other_pid_namespace;
+  }
+  holder.pid_in_own_namespace = record->pid;
   holder.acquired = record->acquired;
   holder.host = record->host;
   holder.pid_namespace = record->pid_namespace;
-  if (!record->mechanism.empty()) holder.mechanism = record->mechanism;
+  if (const auto named = mechanism_named(record->mechanism)) holder.mechanism = *named;
   holder.recorded = true;
   return holder;
 }
@@ -267,24 +307,29 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
 //! read-only descriptor and reads the holder record; never locks, truncates or writes, and
 //! never closes a descriptor that would drop a POSIX lock of the calling process.
 //! The answer can be stale the moment it returns.
+//! Holder::pid is only ever a pid of the caller's namespace, so `if (holder->pid)
+//! kill(*holder->pid, SIGTERM)` signals the holder and nobody else (unless it exited and its
+//! pid was reused meanwhile, as with any pid).
 //! Across pid namespaces (containers sharing the lock file): a holder in a child namespace
-//! is seen with its pid as the caller numbers it (or its record's, see Holder::pid). An OFD
-//! lock is always seen. A POSIX lock whose owner is not visible in the caller's pid
-//! namespace (the host, seen from a container) is hidden from /proc/locks but seen by
-//! F_OFD_GETLK: the Holder comes from its record, else has pid 0. A flock lock whose owner
+//! is seen with its pid as the caller numbers it (its record's pid there is in
+//! Holder::pid_in_own_namespace). An OFD lock is always seen. A POSIX lock whose owner is
+//! not visible in the caller's pid namespace (the host, seen from a container) is hidden
+//! from /proc/locks but seen by F_OFD_GETLK: pid is nullopt (other_pid_namespace), and the
+//! record, if any, says who it is. A flock lock whose owner
 //! is not visible in the pid namespace of the procfs at /proc cannot be seen at all
 //! (/proc/locks hides it, F_OFD_GETLK ignores flock): lock_holder() then returns nullopt.
 //! On btrfs, whose stat() device differs from the one /proc/locks prints, the file is
 //! matched through its mount's superblock device (/proc/self/mountinfo).
 //! Throws: lock_error if the path cannot be inspected.
-inline std::optional<Holder> lock_holder(const std::filesystem::path& path) {
+[[nodiscard]] inline std::optional<Holder> lock_holder(const std::filesystem::path& path) {
   detail::failure f;
   auto holder = detail::find_holder(path, f);
   f.throw_if_failed(path);
   return holder;
 }
 
-inline std::optional<Holder> lock_holder(const std::filesystem::path& path, std::error_code& ec) {
+[[nodiscard]] inline std::optional<Holder> lock_holder(const std::filesystem::path& path,
+                                                       std::error_code& ec) {
   detail::failure f;
   auto holder = detail::find_holder(path, f);
   ec = f.code;

@@ -148,7 +148,7 @@ status_burst() {
   curl -sS --max-time 5 -H 'Connection: close' "${urls[@]}" 2>/dev/null
 }
 
-STATUS_RE='"pid":([0-9]+),"role":"([a-z]+)","holder_pid":(-?[0-9]+|null),"ticks":([0-9]+)'
+STATUS_RE='"pid":([0-9]+),"role":"([a-z]+)","holder_pid":([0-9]+|null),"ticks":([0-9]+)'
 
 # sample PORT: asks /status until every worker answered (at most 3 bursts of 12). Sets
 # S_PIDS (distinct answering pids), S_HOLDERS (distinct holder_pid values), S_PRIMARIES

@@ -20,6 +20,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../options.hpp"
 #include "posix.hpp"
 #include "proc_stat.hpp"
 
@@ -89,13 +90,11 @@ class proc_line_reader {
   int error_ = 0;
 };
 
-enum class kernel_lock_kind { none, posix, ofd, flock };
-
 //! One holder line of /proc/locks. The device is the superblock's (as the kernel prints it),
 //! which on btrfs is not the st_dev that stat() reports for a file of a subvolume.
 struct kernel_lock_line {
-  kernel_lock_kind kind = kernel_lock_kind::none;
-  pid_t pid = 0;  // as the procfs at /proc sees it: -1 for OFD locks
+  Mechanism kind = Mechanism::posix;  // the kernel's POSIX, OFDLCK or FLOCK
+  pid_t pid = 0;                      // as the procfs at /proc sees it: -1 for OFD locks
   dev_t device = 0;
 };
 
@@ -125,11 +124,11 @@ inline bool read_kernel_lock_lines(ino_t ino, std::vector<kernel_lock_line>& lin
     if (inode != ino) continue;
     kernel_lock_line found;
     if (std::strcmp(kind, "POSIX") == 0) {
-      found.kind = kernel_lock_kind::posix;
+      found.kind = Mechanism::posix;
     } else if (std::strcmp(kind, "OFDLCK") == 0) {
-      found.kind = kernel_lock_kind::ofd;
+      found.kind = Mechanism::ofd;
     } else if (std::strcmp(kind, "FLOCK") == 0) {
-      found.kind = kernel_lock_kind::flock;
+      found.kind = Mechanism::flock;
     } else {
       continue;  // leases and others do not hold our lock
     }

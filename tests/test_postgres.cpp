@@ -1600,7 +1600,7 @@ namespace {
 //! What a holder paused by the test saw, read by a host thread that spins on role() and
 //! on its backend, and notices the pause as a jump of steady_clock.
 struct PauseReport {
-  std::atomic<int> step{0};  // 1 spinning, 2 jump seen, 3 done
+  std::atomic<int> step{0};                       // 1 spinning, 2 jump seen, 3 done
   std::atomic<std::int64_t> jump_ns{0};           // length of the jump
   std::atomic<int> role_after_jump{-1};           // 1 primary, 0 secondary
   std::atomic<int> held_after_jump{-1};           // backend.held() right after the jump

@@ -1463,7 +1463,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
 
   const std::string key = fresh_key("overflow");
   // RPUSH key v1 ... v11: 13 arguments, more than the command holds.
-  const std::string values[11] = {"v1", "v2", "v3", "v4", "v5", "v6",
+  const std::string values[11] = {"v1", "v2", "v3", "v4",  "v5", "v6",
                                   "v7", "v8", "v9", "v10", "v11"};
   workerlock::detail::redis_command command;
   command << "RPUSH" << key;
@@ -1497,8 +1497,9 @@ struct AccessorReads {
 // The rule: role(), fencing_token() and the lease's validity may be read from any thread at
 // any time. ThreadSanitizer (the tsan config runs [threads] tests) reports any unsynchronized
 // access between these reads and the coordinator threads' acquisitions and releases.
-TEST_CASE("redis: role(), fencing_token() and valid_until() read from other threads during failovers",
-          "[redis][threads]") {
+TEST_CASE(
+    "redis: role(), fencing_token() and valid_until() read from other threads during failovers",
+    "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
   const auto key = fresh_key("accessors");
@@ -1571,7 +1572,7 @@ namespace {
 //! What a holder paused by the test saw, read by a host thread that spins on role() and
 //! on its backend, and notices the pause as a jump of steady_clock.
 struct PauseReport {
-  std::atomic<int> step{0};  // 1 spinning, 2 jump seen, 3 done
+  std::atomic<int> step{0};                       // 1 spinning, 2 jump seen, 3 done
   std::atomic<std::int64_t> jump_ns{0};           // length of the jump
   std::atomic<int> role_after_jump{-1};           // 1 primary, 0 secondary
   std::atomic<int> held_after_jump{-1};           // backend.held() right after the jump
@@ -1631,8 +1632,7 @@ template <typename MakeBackend>
 int pause_holder(MakeBackend make_backend, std::chrono::milliseconds jump,
                  std::chrono::milliseconds pause, PauseReport& report) {
   wltest::Children children;
-  const pid_t child =
-      children.spawn([&] { return paused_holder(make_backend(), jump, report); });
+  const pid_t child = children.spawn([&] { return paused_holder(make_backend(), jump, report); });
   if (!wltest::eventually([&] { return report.step.load() >= 1; }, 20s)) return -1;
   std::this_thread::sleep_for(200ms);
   ::kill(child, SIGSTOP);
@@ -1653,8 +1653,8 @@ TEST_CASE(
   seed_fence(server, key);
   const auto o = options_for(server, key);  // ttl 1 s
   wltest::Shared<PauseReport> report;
-  const int code = pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms,
-                                *report);
+  const int code =
+      pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms, *report);
   REQUIRE(code == 0);
   INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
                << report->held_after_jump.load());
@@ -1675,8 +1675,8 @@ TEST_CASE(
   seed_fence(server, key);
   const auto o = options_for(server, key);
   wltest::Shared<PauseReport> report;
-  const int code = pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms,
-                                *report);
+  const int code =
+      pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms, *report);
   REQUIRE(code == 0);
   INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
   CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());

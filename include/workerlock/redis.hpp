@@ -907,10 +907,11 @@ inline int redis_pidfd_open(pid_t pid) noexcept {
 //!
 //! Threads: driven by one thread at a time (the Coordinator's); interrupt(),
 //! clear_interrupt(), held(), fencing_token(), lease_valid(), valid_until(), describe(),
-//! network_target(), options() and redacted_url() may be called from any thread at any time. Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone()
-//! without CLONE_VM, which run no atfork handler: every check asks the kernel with getpid())
-//! holds nothing, never sends on the parent's connection (its destructor, release() and
-//! reset() only close its own copy of the descriptor), and opens its own connection.
+//! network_target(), options() and redacted_url() may be called from any thread at any time.
+//! Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone() without CLONE_VM,
+//! which run no atfork handler: every check asks the kernel with getpid()) holds nothing,
+//! never sends on the parent's connection (its destructor, release() and reset() only close
+//! its own copy of the descriptor), and opens its own connection.
 class RedisBackend final : public Backend {
  public:
   using clock = std::chrono::steady_clock;
@@ -1416,7 +1417,8 @@ class RedisBackend final : public Backend {
     }
     // A renewal that got no answer before the lease ran out: the lease is lost.
     auto code = std::error_code(st.code, std::system_category());
-    if (st.code == ETIMEDOUT && until != clock::time_point{}) code = make_error_code(errc::lease_lost);
+    if (st.code == ETIMEDOUT && until != clock::time_point{})
+      code = make_error_code(errc::lease_lost);
     if (st.bad_configuration) code = make_error_code(errc::bad_configuration);
     return lock_error(operation, target(), code, why);
   }

@@ -1299,6 +1299,8 @@ class RedisBackend final : public Backend {
         break;
     }
     bool by_sha = !sha->empty();
+    // EVALSHA sha numkeys key fence token ttl [steal quarantine]: the longest command sent.
+    static_assert(9 <= detail::redis_command::capacity, "redis_command is too small");
     for (;;) {
       detail::redis_command command;
       if (by_sha) {

@@ -327,7 +327,7 @@ TEST_CASE(
     } catch (const lock_error& e) {
       // The operation, the target (password redacted), the reason, on one line.
       CHECK_THAT(e.what(), Catch::Contains("use the PostgreSQL lock on"));
-      CHECK_THAT(e.what(), Catch::Contains("'" + backend.redacted_conninfo() + "'"));
+      CHECK_THAT(e.what(), Catch::Contains("'" + backend.network_target() + "'"));
       CHECK_THAT(e.what(), Catch::Contains(text));
       CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
       CHECK_THAT(e.what(), !Catch::Contains("\n"));
@@ -1407,4 +1407,306 @@ TEST_CASE(
   CHECK(check.locks_kept.load() == 1);
   CHECK(check.contender_refused.load() == 1);
   CHECK(report->released_by_parent.load() == 1);
+}
+
+// =============================================================================================
+// The public contract: the local deadline, accessors from any thread, errors
+// =============================================================================================
+
+TEST_CASE(
+    "postgres: valid_until() is the last proof + verify_interval + command_timeout, and min() "
+    "while nothing is held",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("valid-until"));
+  o.restart_grace = 0ms;
+  o.verify_interval = 200ms;
+  o.command_timeout = 800ms;
+  const auto window = o.verify_interval + o.command_timeout;
+  PostgresBackend a(o);
+  const workerlock::Backend& as_backend = a;
+  constexpr auto never = std::chrono::steady_clock::time_point::min();
+  CHECK(a.valid_until() == never);
+
+  const auto before = std::chrono::steady_clock::now();
+  REQUIRE(a.try_acquire());
+  const auto after = std::chrono::steady_clock::now();
+  const auto first = a.valid_until();
+  CHECK(first >= before + window);  // s + V + C, s taken between before and after
+  CHECK(first <= after + window);
+  CHECK(as_backend.valid_until() == first);  // the override the Coordinator reads
+  CHECK(a.verify_interval() <= o.verify_interval);
+
+  std::this_thread::sleep_for(100ms);
+  const auto check_start = std::chrono::steady_clock::now();
+  REQUIRE(a.verify_held());
+  CHECK(a.valid_until() >= check_start + window);  // a proof moves it on
+  CHECK(a.valid_until() > first);
+
+  // A forked copy holds nothing, so it has no deadline either.
+  const pid_t child = wltest::fork_child([&]() -> int {
+    if (a.held()) return 1;
+    if (a.valid_until() != never || as_backend.valid_until() != never) return 2;
+    return 0;
+  });
+  CHECK(wltest::wait_exit_code(child) == 0);
+
+  // Not proven for longer than the window: the sessions still hold both locks, but the hold
+  // can no longer be proven in time, and verify_held() says so without a round trip.
+  std::this_thread::sleep_until(a.valid_until() + 50ms);
+  CHECK(a.held());
+  CHECK(a.valid_until() < std::chrono::steady_clock::now());
+  CHECK(pg.lock_holder_pid(a.key(), 1) == a.lock_session_pid());
+  CHECK(a.verify_interval() == 0ms);
+  CHECK_FALSE(a.verify_held());
+  a.release();
+  CHECK(a.valid_until() == never);
+  CHECK(pg.lock_holder_pid(a.key(), 1) == 0);
+  REQUIRE(a.try_acquire());  // and it takes part again
+  CHECK(a.valid_until() > std::chrono::steady_clock::now());
+  a.reset();
+  CHECK(a.valid_until() == never);
+}
+
+TEST_CASE(
+    "postgres: errors name the server in target(), never in path(), with workerlock's code for "
+    "bad configuration",
+    "[postgres]") {
+  PostgresOptions o;
+  o.conninfo = "host=db password=topsecret";
+  o.verify_interval = 5ms;
+  {
+    PostgresBackend backend(o);
+    CHECK(backend.network_target() == "host=db password=*** lock=primary key=9204049115472362304");
+    try {
+      backend.prepare();
+      FAIL("prepare() did not throw");
+    } catch (const lock_error& e) {
+      CHECK(e.path().empty());
+      CHECK(e.target() == backend.network_target());
+      CHECK(e.code() == workerlock::errc::bad_configuration);
+      CHECK(e.code() == std::errc::invalid_argument);
+      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+    }
+  }
+  const int port = closed_port();
+  o = PostgresOptions{};
+  o.conninfo = fmt::format("host=127.0.0.1 port={} user=postgres password=topsecret", port);
+  o.key = 4711;
+  PostgresBackend backend(o);
+  CHECK(backend.network_target() ==
+        fmt::format("host=127.0.0.1 port={} user=postgres password=*** key=4711", port));
+  try {
+    backend.try_acquire();
+    FAIL("try_acquire() did not throw");
+  } catch (const lock_error& e) {
+    CHECK(e.path().empty());
+    CHECK(e.target() == backend.network_target());
+    CHECK(e.code() == std::errc::connection_refused);
+    CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+  }
+}
+
+// The rule: role(), fencing_token() and the hold's validity may be read from any thread at
+// any time. ThreadSanitizer (the tsan config runs [threads] tests) reports any unsynchronized
+// access between these reads and the coordinator threads' acquisitions, checks and releases.
+TEST_CASE(
+    "postgres: role(), fencing_token() and valid_until() read from other threads during "
+    "failovers",
+    "[postgres][threads]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = patient(options_for(fresh_name("accessors")));
+  o.restart_grace = 0ms;
+  o.verify_interval = 200ms;
+  Coordinator c[2] = {
+      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options()),
+      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options())};
+  std::atomic<int> promotions{0};
+  std::atomic<int> fence_violations{0};
+  std::atomic<std::uint64_t> last_token{0};
+  for (int i = 0; i < 2; ++i) {
+    c[i].on_promoted([&, i] {
+      const auto token = c[i].fencing_token();
+      if (token <= last_token.load()) fence_violations.fetch_add(1);
+      last_token.store(token);
+      promotions.fetch_add(1);
+    });
+  }
+  const auto backend_of = [&](int i) -> const PostgresBackend& {
+    return dynamic_cast<const PostgresBackend&>(c[i].backend());
+  };
+  std::atomic<bool> done{false};
+  std::atomic<long> rounds{0};
+  std::atomic<long> primary_reads[2] = {0, 0};
+  std::atomic<long> valid_reads[2] = {0, 0};
+  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.emplace_back([&, r] {
+      while (!done.load()) {
+        for (int i = 0; i < 2; ++i) {
+          const auto& backend = backend_of(i);
+          if (c[i].role() == Role::primary) primary_reads[i].fetch_add(1);
+          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
+          if (token > seen[r].load()) seen[r].store(token);
+          if (backend.valid_until() > std::chrono::steady_clock::now()) valid_reads[i].fetch_add(1);
+          (void)backend.held();
+          (void)backend.lock_session_pid();
+          (void)backend.fence_session_pid();
+          (void)backend.describe();
+          (void)backend.network_target();
+        }
+        rounds.fetch_add(1);
+      }
+    });
+  }
+  c[0].start();
+  c[1].start();
+  constexpr int failovers = 6;
+  for (int n = 0; n < failovers; ++n) {
+    const int before = promotions.load();
+    REQUIRE(wltest::eventually(
+        [&] { return c[0].role() == Role::primary || c[1].role() == Role::primary; }, 20s));
+    const int p = c[0].role() == Role::primary ? 0 : 1;
+    std::this_thread::sleep_for(50ms);
+    if (n % 2 == 0) {
+      c[p].stop();  // its coordinator thread runs on_demoted and releases
+    } else {
+      // The server ends the holder's lock session: its coordinator thread notices at its
+      // next check, demotes and releases, all on that thread.
+      REQUIRE(pg.terminate(backend_of(p).lock_session_pid()));
+    }
+    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 20s));
+    if (n % 2 == 0) c[p].start();
+  }
+  done.store(true);
+  for (auto& t : readers) t.join();
+  c[0].stop();
+  c[1].stop();
+  CHECK(fence_violations.load() == 0);
+  CHECK(promotions.load() >= failovers + 1);
+  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
+  CHECK(rounds.load() > 0);
+  for (int i = 0; i < 2; ++i) {
+    CHECK(primary_reads[i].load() > 0);
+    CHECK(valid_reads[i].load() > 0);
+  }
+}
+
+namespace {
+
+//! What a holder paused by the test saw, read by a host thread that spins on role() and
+//! on its backend, and notices the pause as a jump of steady_clock.
+struct PauseReport {
+  std::atomic<int> step{0};                       // 1 spinning, 2 jump seen, 3 done
+  std::atomic<std::int64_t> jump_ns{0};           // length of the jump
+  std::atomic<int> role_after_jump{-1};           // 1 primary, 0 secondary
+  std::atomic<int> held_after_jump{-1};           // backend.held() right after the jump
+  std::atomic<std::int64_t> expired_by_ns{0};     // (read time) - valid_until() after the jump
+  std::atomic<long> primary_reads_after_jump{0};  // in the 150 ms after it
+};
+
+//! A child: a Coordinator on `options`, whose on_demoted takes 300 ms (so a stale primary
+//! would be seen for that long), and a host thread spinning on role() until a jump of more
+//! than `jump` shows the process was stopped. Exit codes: 0 fine, 1 not primary, 2 no jump.
+int paused_holder(const PostgresOptions& options, std::chrono::milliseconds jump,
+                  PauseReport& report) {
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  Coordinator c(std::make_unique<PostgresBackend>(options), quiet_coordinator_options());
+  c.on_demoted([] { std::this_thread::sleep_for(300ms); });
+  c.start();
+  if (c.role() != Role::primary) return 1;
+  std::thread host([&] {
+    using clock = std::chrono::steady_clock;
+    auto previous = clock::now();
+    const auto give_up = previous + 60s;
+    report.step.store(1);
+    for (;;) {
+      const auto now = clock::now();
+      const Role role = c.role();  // the first reads after `now`
+      const auto until = c.backend().valid_until();
+      const bool held = c.backend().held();
+      if (now - previous > jump) {
+        report.jump_ns.store(std::chrono::nanoseconds(now - previous).count());
+        report.role_after_jump.store(role == Role::primary ? 1 : 0);
+        report.held_after_jump.store(held ? 1 : 0);
+        report.expired_by_ns.store(
+            until == clock::time_point::min()
+                ? std::numeric_limits<std::int64_t>::max()
+                : std::chrono::duration_cast<std::chrono::nanoseconds>(now - until).count());
+        report.step.store(2);
+        break;
+      }
+      if (now > give_up) return;
+      previous = now;
+    }
+    // on_demoted takes 300 ms: a role() that waits for it would read primary all along.
+    const auto stop_counting = clock::now() + 150ms;
+    while (clock::now() < stop_counting) {
+      if (c.role() == Role::primary) report.primary_reads_after_jump.fetch_add(1);
+    }
+    report.step.store(3);
+  });
+  host.join();
+  c.stop();
+  return report.step.load() >= 2 ? 0 : 2;
+}
+
+//! Runs paused_holder() in a child, stops it with SIGSTOP for `pause` once its host thread
+//! spins, then lets it go on; returns the child's exit code.
+int pause_holder(const PostgresOptions& options, std::chrono::milliseconds jump,
+                 std::chrono::milliseconds pause, PauseReport& report) {
+  wltest::Children children;
+  const pid_t child = children.spawn([&] { return paused_holder(options, jump, report); });
+  if (!wltest::eventually([&] { return report.step.load() >= 1; }, 20s)) return -1;
+  std::this_thread::sleep_for(200ms);
+  ::kill(child, SIGSTOP);
+  std::this_thread::sleep_for(pause);
+  ::kill(child, SIGCONT);
+  return children.wait(child);
+}
+
+//! The holder's options for the pause tests: a window (verify_interval + command_timeout)
+//! of 1 s, well below the 3.5 s pause.
+PostgresOptions pausable(const char* what) {
+  auto o = options_for(fresh_name(what));
+  o.restart_grace = 0ms;
+  o.verify_interval = 200ms;
+  o.command_timeout = 800ms;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "postgres: a holder paused past verify_interval + command_timeout: its backend's "
+    "valid_until() has passed when it runs again",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  const auto o = pausable("paused-backend");
+  wltest::Shared<PauseReport> report;
+  REQUIRE(pause_holder(o, 1500ms, 3500ms, *report) == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
+               << report->held_after_jump.load());
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());  // the SIGSTOP
+  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+}
+
+// Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
+// Coordinator's half of "a lease role expires on its own"): before that, the paused holder's
+// role() reads primary until on_demoted has returned.
+TEST_CASE(
+    "postgres: a holder paused past verify_interval + command_timeout reads secondary from "
+    "role() the moment it runs again, before on_demoted",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  const auto o = pausable("paused-role");
+  wltest::Shared<PauseReport> report;
+  REQUIRE(pause_holder(o, 1500ms, 3500ms, *report) == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
+  CHECK(report->role_after_jump.load() == 0);
+  CHECK(report->primary_reads_after_jump.load() == 0);
 }

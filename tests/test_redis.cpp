@@ -1311,3 +1311,359 @@ TEST_CASE(
   CHECK(report->key_after_exit.load() == 1);
   CHECK(report->released_by_parent.load() == 1);
 }
+
+// =============================================================================================
+// The public contract: the local deadline, accessors from any thread, errors
+// =============================================================================================
+
+TEST_CASE("redis: valid_until() is the lease's local deadline, and min() while nothing is held",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("valid-until");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  RedisBackend a(o);
+  const workerlock::Backend& as_backend = a;
+  constexpr auto never = std::chrono::steady_clock::time_point::min();
+
+  CHECK(a.valid_until() == never);  // before the first hold
+  CHECK(as_backend.valid_until() == never);
+  CHECK_FALSE(a.lease_valid());
+
+  const auto before = std::chrono::steady_clock::now();
+  REQUIRE(a.try_acquire());
+  const auto after = std::chrono::steady_clock::now();
+  const auto first = a.valid_until();
+  const auto trusted = a.options().ttl - a.options().drift_margin;
+  CHECK(first >= before + trusted);  // s + ttl - drift, s taken between before and after
+  CHECK(first <= after + trusted);
+  CHECK(as_backend.valid_until() == first);  // the override the Coordinator reads
+  CHECK(a.lease_valid());
+
+  std::this_thread::sleep_for(50ms);
+  REQUIRE(a.verify_held());
+  CHECK(a.valid_until() > first);  // a renewal moves it on
+
+  // A forked copy holds nothing, so it has no deadline either.
+  const pid_t child = wltest::fork_child([&]() -> int {
+    if (a.held()) return 1;
+    if (a.valid_until() != never || as_backend.valid_until() != never) return 2;
+    if (a.lease_valid()) return 3;
+    return 0;
+  });
+  CHECK(wltest::wait_exit_code(child) == 0);
+
+  a.release();
+  CHECK(a.valid_until() == never);
+  CHECK(as_backend.valid_until() == never);
+  CHECK_FALSE(a.lease_valid());
+}
+
+namespace {
+
+//! The code of the lock_error that `call` throws about `backend`'s server, after checking that
+//! it names that server in target(), not in path(), and shows no password.
+template <typename F>
+std::error_code network_error_code(const RedisBackend& backend, F&& call) {
+  try {
+    call();
+  } catch (const lock_error& e) {
+    INFO("what(): " << e.what());
+    CHECK(e.path().empty());
+    CHECK(e.target() == backend.network_target());
+    CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+    return e.code();
+  }
+  FAIL("no lock_error");
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE(
+    "redis: errors name the server and key in target(), never in path(), with workerlock's "
+    "codes for bad configuration and a lost lease",
+    "[redis]") {
+  // Bad configuration: errc::bad_configuration, which still equals std::errc::invalid_argument.
+  RedisOptions bad;
+  bad.url = "redis://:topsecret@127.0.0.1:notaport/0";
+  bad.key = "app:primary";
+  RedisBackend misconfigured(bad);
+  CHECK(misconfigured.network_target() == "redis://:***@127.0.0.1:notaport/0 key=app:primary");
+  auto code = network_error_code(misconfigured, [&] { misconfigured.prepare(); });
+  CHECK(code == workerlock::errc::bad_configuration);
+  CHECK(code == std::errc::invalid_argument);
+
+  // A refused connection: the errno.
+  RedisOptions refused;
+  refused.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", closed_port());
+  RedisBackend unreachable(refused);
+  CHECK_THAT(unreachable.network_target(), Catch::StartsWith("redis://:***@127.0.0.1:"));
+  code = network_error_code(unreachable, [&] { unreachable.try_acquire(); });
+  CHECK(code == std::errc::connection_refused);
+
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("errors");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+
+  // A database the server does not have is bad configuration too.
+  RedisOptions db = o;
+  db.url = fmt::format("redis://127.0.0.1:{}/999", server.port());
+  RedisBackend no_such_db(db);
+  code = network_error_code(no_such_db, [&] { no_such_db.try_acquire(); });
+  CHECK(code == workerlock::errc::bad_configuration);
+  CHECK(code == std::errc::invalid_argument);
+
+  // The lease ran out before the renewal: lease_lost (still equal to timed_out).
+  RedisBackend a(o);
+  REQUIRE(a.try_acquire());
+  std::this_thread::sleep_until(a.valid_until() + 10ms);
+  code = network_error_code(a, [&] { a.verify_held(); });
+  CHECK(code == workerlock::errc::lease_lost);
+  CHECK(code == std::errc::timed_out);
+  a.release();
+
+  // A renewal that gets no answer before the lease runs out: lease_lost as well.
+  REQUIRE(a.try_acquire());
+  server.command({"CLIENT", "PAUSE", "1500"});
+  code = network_error_code(a, [&] { a.verify_held(); });
+  CHECK(code == workerlock::errc::lease_lost);
+  a.release();
+}
+
+TEST_CASE("redis: a command with more arguments than redis_command holds is refused, not sent",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  workerlock::detail::redis_url url;
+  std::string why;
+  REQUIRE(workerlock::detail::parse_redis_url(server.url(), url, why));
+  workerlock::detail::redis_connection connection;
+  const auto deadline = [] { return std::chrono::steady_clock::now() + 5s; };
+  REQUIRE_FALSE(connection.connect(url, deadline(), -1));
+
+  const std::string key = fresh_key("overflow");
+  // RPUSH key v1 ... v11: 13 arguments, more than the command holds.
+  const std::string values[11] = {"v1", "v2", "v3", "v4",  "v5", "v6",
+                                  "v7", "v8", "v9", "v10", "v11"};
+  workerlock::detail::redis_command command;
+  command << "RPUSH" << key;
+  for (const auto& v : values) command << v;
+  workerlock::detail::redis_reply reply;
+  const auto st = connection.exchange(&command, 1, &reply, deadline(), -1);
+  CHECK(st.code == E2BIG);
+  CHECK_FALSE(st.sent);
+  CHECK(server.command({"EXISTS", key}) == "0");  // nothing, not a truncated command
+
+  // The connection is still usable for a command that fits.
+  workerlock::detail::redis_command ping;
+  ping << "PING";
+  const auto ok = connection.exchange(&ping, 1, &reply, deadline(), -1);
+  REQUIRE_FALSE(ok);
+  CHECK(std::string(reply->str, reply->len) == "PONG");
+}
+
+namespace {
+
+//! What the readers of the accessor test saw, per Coordinator.
+struct AccessorReads {
+  std::atomic<long> rounds{0};
+  std::atomic<long> primary_reads{0};
+  std::atomic<long> held_reads{0};
+  std::atomic<long> valid_reads{0};
+};
+
+}  // namespace
+
+// The rule: role(), fencing_token() and the lease's validity may be read from any thread at
+// any time. ThreadSanitizer (the tsan config runs [threads] tests) reports any unsynchronized
+// access between these reads and the coordinator threads' acquisitions and releases.
+TEST_CASE(
+    "redis: role(), fencing_token() and valid_until() read from other threads during failovers",
+    "[redis][threads]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("accessors");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  Coordinator c[2] = {Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options()),
+                      Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options())};
+  std::atomic<int> promotions{0};
+  std::atomic<int> fence_violations{0};
+  std::atomic<std::uint64_t> last_token{0};
+  for (int i = 0; i < 2; ++i) {
+    c[i].on_promoted([&, i] {
+      const auto token = c[i].fencing_token();
+      if (token <= last_token.load()) fence_violations.fetch_add(1);
+      last_token.store(token);
+      promotions.fetch_add(1);
+    });
+  }
+  AccessorReads reads[2];
+  std::atomic<bool> done{false};
+  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.emplace_back([&, r] {
+      auto& max_seen = seen[r];
+      while (!done.load()) {
+        for (int i = 0; i < 2; ++i) {
+          const auto& backend = dynamic_cast<const RedisBackend&>(c[i].backend());
+          if (c[i].role() == Role::primary) reads[i].primary_reads.fetch_add(1);
+          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
+          if (token > max_seen.load()) max_seen.store(token);  // one writer per reader
+          if (backend.valid_until() > std::chrono::steady_clock::now()) reads[i].valid_reads++;
+          if (backend.lease_valid()) reads[i].held_reads++;
+          (void)backend.describe();
+          (void)backend.network_target();
+          reads[i].rounds++;
+        }
+      }
+    });
+  }
+  c[0].start();
+  c[1].start();
+  constexpr int failovers = 6;
+  for (int n = 0; n < failovers; ++n) {
+    const int before = promotions.load();
+    const int p = c[0].role() == Role::primary ? 0 : 1;
+    REQUIRE(c[p].role() == Role::primary);
+    std::this_thread::sleep_for(50ms);
+    c[p].stop();  // the coordinator thread runs on_demoted and releases; the other takes over
+    REQUIRE(wltest::eventually([&] { return c[1 - p].role() == Role::primary; }, 10s));
+    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 10s));
+    c[p].start();
+  }
+  done.store(true);
+  for (auto& t : readers) t.join();
+  c[0].stop();
+  c[1].stop();
+  CHECK(fence_violations.load() == 0);
+  CHECK(promotions.load() >= failovers + 1);
+  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
+  for (const auto& r : reads) {
+    CHECK(r.rounds.load() > 0);
+    CHECK(r.primary_reads.load() > 0);
+    CHECK(r.valid_reads.load() > 0);
+  }
+}
+
+namespace {
+
+//! What a holder paused by the test saw, read by a host thread that spins on role() and
+//! on its backend, and notices the pause as a jump of steady_clock.
+struct PauseReport {
+  std::atomic<int> step{0};                       // 1 spinning, 2 jump seen, 3 done
+  std::atomic<std::int64_t> jump_ns{0};           // length of the jump
+  std::atomic<int> role_after_jump{-1};           // 1 primary, 0 secondary
+  std::atomic<int> held_after_jump{-1};           // backend.held() right after the jump
+  std::atomic<std::int64_t> expired_by_ns{0};     // (read time) - valid_until() after the jump
+  std::atomic<long> primary_reads_after_jump{0};  // in the 150 ms after it
+};
+
+//! A child: a Coordinator on `backend`, whose on_demoted takes 300 ms (so a stale primary
+//! would be seen for that long), and a host thread spinning on role() until a jump of more
+//! than `jump` shows the process was stopped. Exit codes: 0 fine, 1 not primary, 2 no jump.
+int paused_holder(std::unique_ptr<workerlock::Backend> backend, std::chrono::milliseconds jump,
+                  PauseReport& report) {
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  Coordinator c(std::move(backend), quiet_coordinator_options());
+  c.on_demoted([] { std::this_thread::sleep_for(300ms); });
+  c.start();
+  if (c.role() != Role::primary) return 1;
+  std::thread host([&] {
+    using clock = std::chrono::steady_clock;
+    auto previous = clock::now();
+    const auto give_up = previous + 60s;
+    report.step.store(1);
+    for (;;) {
+      const auto now = clock::now();
+      const Role role = c.role();  // the first reads after `now`
+      const auto until = c.backend().valid_until();
+      const bool held = c.backend().held();
+      if (now - previous > jump) {
+        report.jump_ns.store(std::chrono::nanoseconds(now - previous).count());
+        report.role_after_jump.store(role == Role::primary ? 1 : 0);
+        report.held_after_jump.store(held ? 1 : 0);
+        report.expired_by_ns.store(
+            until == clock::time_point::min()
+                ? std::numeric_limits<std::int64_t>::max()
+                : std::chrono::duration_cast<std::chrono::nanoseconds>(now - until).count());
+        report.step.store(2);
+        break;
+      }
+      if (now > give_up) return;
+      previous = now;
+    }
+    // on_demoted takes 300 ms: a role() that waits for it would read primary all along.
+    const auto stop_counting = clock::now() + 150ms;
+    while (clock::now() < stop_counting) {
+      if (c.role() == Role::primary) report.primary_reads_after_jump.fetch_add(1);
+    }
+    report.step.store(3);
+  });
+  host.join();
+  c.stop();
+  return report.step.load() >= 2 ? 0 : 2;
+}
+
+//! Runs paused_holder() in a child, stops it with SIGSTOP for `pause` once its host thread
+//! spins, then lets it go on; returns the child's exit code.
+template <typename MakeBackend>
+int pause_holder(MakeBackend make_backend, std::chrono::milliseconds jump,
+                 std::chrono::milliseconds pause, PauseReport& report) {
+  wltest::Children children;
+  const pid_t child = children.spawn([&] { return paused_holder(make_backend(), jump, report); });
+  if (!wltest::eventually([&] { return report.step.load() >= 1; }, 20s)) return -1;
+  std::this_thread::sleep_for(200ms);
+  ::kill(child, SIGSTOP);
+  std::this_thread::sleep_for(pause);
+  ::kill(child, SIGCONT);
+  return children.wait(child);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "redis: a holder paused past its lease: its backend's valid_until() has passed when it "
+    "runs again",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("paused-backend");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);  // ttl 1 s
+  wltest::Shared<PauseReport> report;
+  const int code =
+      pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms, *report);
+  REQUIRE(code == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
+               << report->held_after_jump.load());
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());  // the SIGSTOP
+  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+}
+
+// Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
+// Coordinator's half of "a lease role expires on its own"): before that, the paused holder's
+// role() reads primary until on_demoted has returned.
+TEST_CASE(
+    "redis: a holder paused past its lease reads secondary from role() the moment it runs "
+    "again, before on_demoted",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("paused-role");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  wltest::Shared<PauseReport> report;
+  const int code =
+      pause_holder([&] { return std::make_unique<RedisBackend>(o); }, o.ttl, 3000ms, *report);
+  REQUIRE(code == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());
+  CHECK(report->role_after_jump.load() == 0);
+  CHECK(report->primary_reads_after_jump.load() == 0);
+}

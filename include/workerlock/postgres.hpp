@@ -55,6 +55,9 @@ namespace workerlock {
 //! - the same, seen by a waiting standby: libpq keepalives / tcp_user_timeout; ~10 s.
 //! - the holder's host dies or is cut off: the server, tcp_keepalives_* / tcp_user_timeout;
 //!   ~10 s, then a standby is promoted (the holder itself gave up after <= 3 s).
+//! - the holder is paused (SIGSTOP, a VM freeze) for longer than verify_interval +
+//!   command_timeout after its last check: its valid_until() has passed when it runs again,
+//!   so its role() reads secondary at once and it is demoted (see PostgresBackend).
 //!
 //! The holder gives up (3 s) well before the server frees its lock (>= 10 s): the options
 //! are refused unless 2 * (verify_interval + command_timeout) <= the server's detection time.
@@ -503,7 +506,31 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! host name lookup of a new connection: a slow resolver (not bounded by connect_timeout)
 //! delays fork() and the other PostgresBackends of the process. Give an IP address (hostaddr)
 //! where that matters.
-//! Threads: as every Backend, driven by one thread at a time; interrupt() from any thread.
+//!
+//! The local deadline, valid_until(). The holder proves its two sessions every
+//! verify_interval (V) with one round trip bounded by command_timeout (C). A proof sent at s
+//! shows the server life and both sessions were there at s or later, and what the holder
+//! cannot see ends its hold no sooner than the protocol's window after s: after a server
+//! restart (which came after s) a successor waits restart_grace, V + C by default; a cut-off
+//! holder's locks are freed after the server's detection time, >= 2 (V + C) from s (the
+//! options refuse less). So the holder trusts its hold until
+//!   valid_until = s + V + C      (3 s after the last proof with the defaults)
+//! where s is the instant just before the last successful proof was sent: the statement that
+//! took the handover lock (or a fresh round trip when that waited for longer than V), then
+//! each verify_held(). verify_interval() shrinks so that the next check starts by s + V, and
+//! that check gives up at valid_until. From valid_until on, verify_held() answers false
+//! without a round trip, even if the sessions are still there: a Coordinator's role() has
+//! read secondary since then, and a later success would bring primary back without
+//! on_promoted. So a process paused past valid_until (SIGSTOP, a VM freeze) reads secondary
+//! the moment it runs again, is demoted (on_demoted, the locks released), and takes part in
+//! the election afresh. The coordinator thread checks nothing while on_startup or
+//! on_promoted runs: a callback that runs past valid_until ends the hold the same way.
+//! Use a restart_grace of at least V + C (the default) on every worker.
+//!
+//! Threads: driven by one thread at a time (the Coordinator's); interrupt() from any thread;
+//! held(), fencing_token(), valid_until(), lock_session_pid(), fence_session_pid(),
+//! describe(), network_target(), key(), options() and redacted_conninfo() from any thread
+//! at any time (atomics; the first three are also async-signal-safe).
 class PostgresBackend final : public Backend {
  public:
   //! The advisory lock key of a lock name: FNV-1a 64 of "workerlock:" + name, two's complement.
@@ -517,7 +544,7 @@ class PostgresBackend final : public Backend {
 
   //! Effects: resolves the connection string ($WORKERLOCK_POSTGRES_URL when empty) and checks
   //! the options; connects nothing. A bad configuration is reported by prepare() and every
-  //! acquisition, as a lock_error with code invalid_argument.
+  //! acquisition, as a lock_error with code errc::bad_configuration.
   explicit PostgresBackend(PostgresOptions options = {}) : options_(std::move(options)) {
     if (options_.conninfo.empty()) {
       if (const char* env = std::getenv("WORKERLOCK_POSTGRES_URL"); env != nullptr)
@@ -552,7 +579,9 @@ class PostgresBackend final : public Backend {
     if (state_.event_fd >= 0) ::close(state_.event_fd);
   }
 
-  //! Throws: lock_error (invalid_argument) for a bad connection string or bad options.
+  //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) for a
+  //! bad connection string or bad options. Every lock_error of this backend has an empty
+  //! path() and target() = network_target() (the connection string with passwords ***).
   void prepare() override { check_configuration(); }
 
   //! One attempt: connects if needed (within connect_timeout), then pg_try_advisory_lock on
@@ -585,38 +614,35 @@ class PostgresBackend final : public Backend {
     [[maybe_unused]] auto ignored = ::read(state_.event_fd, &count, sizeof count);
   }
 
-  //! One `SELECT pg_backend_pid()` round trip on each session, sent together, answered within
-  //! command_timeout, each by the server process that took the lock. Never throws.
+  //! One `SELECT pg_backend_pid()` round trip on each session, sent together, answered by
+  //! the server process that took the lock, within command_timeout and before valid_until()
+  //! (false at once when that has passed: the hold can no longer be proven in time, see the
+  //! top of this header). On success valid_until() moves on. Never throws.
   bool verify_held() override {
     adopt_after_fork();
-    if (!held_) return false;
-    const auto deadline = clock::now() + options_.command_timeout;
-    detail::failure f;
-    bool sent[2] = {false, false};
-    for (int i = 0; i < 2; ++i) sent[i] = send(i, "SELECT pg_backend_pid()", {}, f);
-    bool ok = sent[0] && sent[1];
-    for (int i = 0; i < 2; ++i) {
-      if (!sent[i]) continue;
-      detail::pg_result r;
-      detail::failure g;
-      if (await(i, deadline, false, r, g) != outcome::done || !rows(r, 1) ||
-          std::atoi(PQgetvalue(r.get(), 0, 0)) != pid_[i]) {
-        ok = false;
-        broken_[i] = true;
-      }
-    }
-    return ok;
+    if (!held_.load()) return false;
+    const auto until = stored_valid_until();
+    const auto now = clock::now();
+    if (now >= until) return false;
+    return prove(std::min(now + options_.command_timeout, until));
   }
+
+  //! verify_interval, shortened so that a check starts no later than valid_until() -
+  //! command_timeout: verify_interval after the start of the last proof.
   std::chrono::milliseconds verify_interval() const noexcept override {
-    return options_.verify_interval;
+    if (!held()) return options_.verify_interval;
+    const auto left = stored_valid_until() - clock::now() - options_.command_timeout;
+    return std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(left),
+                      std::chrono::milliseconds(0), options_.verify_interval);
   }
 
   //! pg_advisory_unlock on both sessions (sent together, within command_timeout); a session
   //! that does not answer, or already failed, is closed instead. Never throws.
   void release() noexcept override {
     adopt_after_fork();
-    held_ = false;
-    token_ = 0;
+    held_.store(false);
+    token_.store(0);
+    set_valid_until(clock::time_point::min());
     if (!locked_[0] && !locked_[1]) return;
     const auto deadline = clock::now() + options_.command_timeout;
     bool sent[2] = {false, false};
@@ -641,27 +667,38 @@ class PostgresBackend final : public Backend {
   //! Closes both sessions: the server frees whatever they held. Never throws.
   void reset() noexcept override {
     adopt_after_fork();
-    held_ = false;
-    token_ = 0;
+    held_.store(false);
+    token_.store(0);
+    set_valid_until(clock::time_point::min());
     close(0);
     close(1);
   }
 
   bool held() const noexcept override {
-    return held_ && !state_.inherited.load() && detail::pg_process_owns_connections();
+    return held_.load() && !state_.inherited.load() && detail::pg_process_owns_connections();
+  }
+
+  //! The instant, on this host's steady_clock, until which this process may act as the
+  //! holder: the start of the last successful proof (the acquisition, or verify_held()) +
+  //! verify_interval + command_timeout; time_point::min() while not held. See the top of this
+  //! header for why. A Coordinator's role() reads secondary from then on, even before its
+  //! thread has run verify_held() (a process paused past it). Any thread, async-signal-safe.
+  std::chrono::steady_clock::time_point valid_until() const noexcept override {
+    return held() ? stored_valid_until() : clock::time_point::min();
   }
 
   //! `postgres=<connection string, password ***> lock=<name> key=<key>`.
-  std::string describe() const override {
-    if (options_.key) return fmt::format("postgres={} key={}", redacted_, key_);
-    return fmt::format("postgres={} lock={} key={}", redacted_, options_.name, key_);
+  std::string describe() const override { return "postgres=" + network_target(); }
+  //! `<connection string, password ***> lock=<name> key=<key>`: what lock_error::target()
+  //! names in this backend's errors (and in the Coordinator's about it).
+  std::string network_target() const override {
+    if (options_.key) return fmt::format("{} key={}", redacted_, key_);
+    return fmt::format("{} lock={} key={}", redacted_, options_.name, key_);
   }
-  //! The connection string with passwords replaced by ***, as in this backend's own errors.
-  std::filesystem::path error_path() const override { return redacted_; }
 
   //! The transaction id allocated when this hold began (grows with every new holder on the
   //! server), or 0 when not held or fencing is off.
-  std::uint64_t fencing_token() const noexcept override { return held() ? token_ : 0; }
+  std::uint64_t fencing_token() const noexcept override { return held() ? token_.load() : 0; }
 
   std::int64_t key() const noexcept { return key_; }
   const PostgresOptions& options() const noexcept { return options_; }
@@ -669,8 +706,8 @@ class PostgresBackend final : public Backend {
   const std::string& redacted_conninfo() const noexcept { return redacted_; }
   //! The server process ids of the lock session and the fence session while they hold their
   //! lock (0 otherwise): the `pid` column of pg_locks and pg_stat_activity.
-  int lock_session_pid() const noexcept { return locked_[0] ? pid_[0] : 0; }
-  int fence_session_pid() const noexcept { return locked_[1] ? pid_[1] : 0; }
+  int lock_session_pid() const noexcept { return locked_[0].load() ? pid_[0].load() : 0; }
+  int fence_session_pid() const noexcept { return locked_[1].load() ? pid_[1].load() : 0; }
 
  private:
   using clock = std::chrono::steady_clock;
@@ -764,11 +801,13 @@ class PostgresBackend final : public Backend {
 
   void check_configuration() const {
     if (config_error_.empty()) return;
-    throw lock_error(
-        "use the PostgreSQL lock on", redacted_,
-        std::error_code(config_errno_ != 0 ? config_errno_ : EINVAL, std::system_category()),
-        config_error_);
+    throw lock_error("use the PostgreSQL lock on", target(),
+                     config_errno_ != 0 ? std::error_code(config_errno_, std::system_category())
+                                        : make_error_code(errc::bad_configuration),
+                     config_error_);
   }
+
+  lock_error::network_target target() const { return {network_target()}; }
 
   std::string scrub(std::string_view text) const {
     return detail::pg_scrub(std::string(text), secrets_);
@@ -781,7 +820,7 @@ class PostgresBackend final : public Backend {
   bool acquire(bool wait) {
     adopt_after_fork();
     check_configuration();
-    if (held_) return true;
+    if (held_.load()) return true;
     if (wait && interrupted_.load()) return false;
     detail::failure f;
     std::string why;
@@ -791,7 +830,7 @@ class PostgresBackend final : public Backend {
       // The server ended our session: it may have ended the holder's too (every session of
       // the role killed, a restart), and the holder learns it only at its next check.
       if (f.code.value() == ECONNRESET) grace_floor_ = clock::now() + *options_.restart_grace;
-      throw lock_error(f.operation, redacted_, f.code, why);
+      throw lock_error(f.operation, target(), f.code, why);
     }
     return got;
   }
@@ -837,8 +876,50 @@ class PostgresBackend final : public Backend {
       if (!wait) return false;
       if (wait_io(-1, 0, not_before_, true) == outcome::interrupted) return false;
     }
-    held_ = true;
+    // The statement that took the handover lock proved both sessions from the instant it was
+    // sent. After a long wait (for the handover lock, or the restart grace) that is too old to
+    // trust: one more round trip proves them afresh.
+    if (clock::now() - proof_start_ < options_.verify_interval) {
+      set_valid_until(proof_start_ + options_.verify_interval + options_.command_timeout);
+    } else if (!prove(clock::now() + options_.command_timeout)) {
+      f.set(ECONNRESET, "take the PostgreSQL lock on");
+      why =
+          "a session was lost, or did not answer within command_timeout, when both locks were "
+          "finally held";
+      return false;
+    }
+    held_.store(true);  // after valid_until_: a reader never sees a hold without its deadline
     return true;
+  }
+
+  //! One `SELECT pg_backend_pid()` on each session, sent together and answered by `deadline`
+  //! by the server processes that took the locks. On success, valid_until_ becomes the
+  //! instant just before they were sent + verify_interval + command_timeout.
+  bool prove(clock::time_point deadline) {
+    const auto start = clock::now();
+    detail::failure f;
+    bool sent[2] = {false, false};
+    for (int i = 0; i < 2; ++i) sent[i] = send(i, "SELECT pg_backend_pid()", {}, f);
+    bool ok = sent[0] && sent[1];
+    for (int i = 0; i < 2; ++i) {
+      if (!sent[i]) continue;
+      detail::pg_result r;
+      detail::failure g;
+      if (await(i, deadline, false, r, g) != outcome::done || !rows(r, 1) ||
+          std::atoi(PQgetvalue(r.get(), 0, 0)) != pid_[i].load()) {
+        ok = false;
+        broken_[i] = true;
+      }
+    }
+    if (ok) set_valid_until(start + options_.verify_interval + options_.command_timeout);
+    return ok;
+  }
+
+  clock::time_point stored_valid_until() const noexcept {
+    return clock::time_point(clock::duration(valid_until_.load()));
+  }
+  void set_valid_until(clock::time_point t) noexcept {
+    valid_until_.store(t.time_since_epoch().count());
   }
 
   //! The lock statement of session i: returns whether it is now held, with the row
@@ -846,6 +927,7 @@ class PostgresBackend final : public Backend {
   bool lock_statement(int i, bool wait, clock::time_point deadline, detail::pg_result& r,
                       detail::failure& f, std::string& why) {
     const char* sql = sql_[i][wait ? 1 : 0].c_str();
+    if (i == 1) proof_start_ = clock::now();
     const bool sent =
         i == 0 ? send(i, sql, {key_text_.c_str()}, f)
                : send(i, sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f);
@@ -958,8 +1040,9 @@ class PostgresBackend final : public Backend {
       locked_[i] = false;
       pid_[i] = 0;
     }
-    held_ = false;
-    token_ = 0;
+    held_.store(false);
+    token_.store(0);
+    set_valid_until(clock::time_point::min());
   }
 
   std::string connection_error(int i) const {
@@ -1255,12 +1338,16 @@ class PostgresBackend final : public Backend {
 
   detail::pg_fork_state state_;  // the two connections: 0 = lock session, 1 = fence session
   bool broken_[2] = {false, false};
-  bool locked_[2] = {false, false};
-  int pid_[2] = {0, 0};
+  // Written by the driving thread only; atomic because held(), fencing_token(),
+  // valid_until(), lock_session_pid() and fence_session_pid() are read from any thread.
+  std::atomic<bool> locked_[2] = {false, false};
+  std::atomic<int> pid_[2] = {0, 0};
   std::string life_start_[2];  // per session: when the server's life began (epoch seconds)
   std::string last_error_;
-  bool held_ = false;
-  std::uint64_t token_ = 0;
+  std::atomic<bool> held_{false};
+  std::atomic<std::uint64_t> token_{0};
+  std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};
+  clock::time_point proof_start_{};  // just before the handover lock's statement was sent
   clock::time_point not_before_{};   // promotion waits until then (restart grace)
   clock::time_point grace_floor_{};  // ... and until then (our session was ended by the server)
   std::atomic<bool> interrupted_{false};

@@ -39,6 +39,18 @@
 //   s + 5.33 s, 4.6 s before Redis can hand the key to anybody (s + 10 s); with T = 1 s
 //   (V = 333 ms, C = 200 ms, D = 102 ms): by s + 533 ms, 467 ms before.
 //   ALL PARTICIPANTS OF ONE KEY MUST USE THE SAME TTL.
+//   valid_until() publishes s + T - D (an atomic, readable from any thread and from signal
+//   handlers; time_point::min() while nothing is held), and Coordinator::role() reads
+//   secondary from that instant on: a holder paused past its lease (SIGSTOP, a VM freeze)
+//   answers secondary the moment it runs again, before its coordinator thread has renewed
+//   (and failed) or run on_demoted.
+//
+// ERRORS
+//   lock_error, with an empty path() and target() = "<URL, password ***> key=<key>" (also
+//   network_target()). Codes: errc::bad_configuration (== std::errc::invalid_argument) for a
+//   bad URL, bad timings or a database the server refuses; errc::lease_lost
+//   (== std::errc::timed_out) when a renewal could not be done before valid_until(); else the
+//   errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
 //
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up
@@ -432,6 +444,7 @@ struct redis_status {
   int code = 0;
   std::string why;
   bool sent = false;  // the command left this process (its effect is unknown on failure)
+  bool bad_configuration = false;  // the server refused a setting of ours (the database)
   explicit operator bool() const noexcept { return code != 0; }
 };
 
@@ -460,13 +473,21 @@ inline redis_ready redis_wait_fd(int fd, short events, redis_clock::time_point d
   }
 }
 
-//! One RESP command of up to ten arguments, referring to caller-owned strings.
+//! One RESP command of up to `capacity` arguments, referring to caller-owned strings. One
+//! more argument is not stored: the command is marked `overflowed`, and exchange() refuses to
+//! send it (E2BIG) instead of sending a truncated command.
 struct redis_command {
-  std::string_view args[10];
+  static constexpr int capacity = 10;
+  std::string_view args[capacity];
   int argc = 0;
+  bool overflowed = false;
 
-  redis_command& operator<<(std::string_view arg) {
-    args[argc++] = arg;
+  redis_command& operator<<(std::string_view arg) noexcept {
+    if (argc < capacity) {
+      args[argc++] = arg;
+    } else {
+      overflowed = true;
+    }
     return *this;
   }
 };
@@ -553,6 +574,13 @@ class redis_connection {
   redis_status exchange(const redis_command* commands, std::size_t n, redis_reply* replies,
                         redis_clock::time_point deadline, int wake_fd) {
     redis_status st;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (commands[i].overflowed) {  // a bug of the caller: nothing is sent
+        st.code = E2BIG;
+        st.why = fmt::format("a command with more than {} arguments", redis_command::capacity);
+        return st;
+      }
+    }
     if (fd_ < 0) {
       st.code = ENOTCONN;
       st.why = "not connected";
@@ -878,11 +906,12 @@ inline int redis_pidfd_open(pid_t pid) noexcept {
 //! protocol, the timing arithmetic and the limits.
 //!
 //! Threads: driven by one thread at a time (the Coordinator's); interrupt(),
-//! clear_interrupt(), held(), fencing_token(), lease_valid() and valid_until() may be called
-//! from any thread. Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone()
-//! without CLONE_VM, which run no atfork handler: every check asks the kernel with getpid())
-//! holds nothing, never sends on the parent's connection (its destructor, release() and
-//! reset() only close its own copy of the descriptor), and opens its own connection.
+//! clear_interrupt(), held(), fencing_token(), lease_valid(), valid_until(), describe(),
+//! network_target(), options() and redacted_url() may be called from any thread at any time.
+//! Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone() without CLONE_VM,
+//! which run no atfork handler: every check asks the kernel with getpid()) holds nothing,
+//! never sends on the parent's connection (its destructor, release() and reset() only close
+//! its own copy of the descriptor), and opens its own connection.
 class RedisBackend final : public Backend {
  public:
   using clock = std::chrono::steady_clock;
@@ -910,7 +939,8 @@ class RedisBackend final : public Backend {
     if (wake_fd_ >= 0) ::close(wake_fd_);
   }
 
-  //! Throws: lock_error (EINVAL) for a bad URL or inconsistent timings.
+  //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) for a
+  //! bad URL or inconsistent timings; target() names the URL (password ***) and key.
   void prepare() override { check_config("start the coordinator for"); }
 
   //! One acquisition attempt (one round trip; two when it takes over from a dead holder on
@@ -960,9 +990,10 @@ class RedisBackend final : public Backend {
   }
 
   //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
-  //! Throws: lock_error when the renewal failed or timed out, or the lease ran out before it
-  //! could be renewed; the Coordinator counts that as false. Returns (or throws) by
-  //! valid_until() at the latest.
+  //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the lease
+  //! ran out before it could be renewed or the renewal got no answer before valid_until();
+  //! with the errno (ECONNRESET, EACCES...) when the renewal failed otherwise. The
+  //! Coordinator counts that as false. Returns (or throws) by valid_until() at the latest.
   bool verify_held() override {
     detach_if_forked();
     if (!held_.load()) return false;
@@ -971,7 +1002,7 @@ class RedisBackend final : public Backend {
     if (now >= until) {
       unknown_ = true;
       throw lock_error(
-          "renew the lease on", where(), std::make_error_code(std::errc::timed_out),
+          "renew the lease on", target(), make_error_code(errc::lease_lost),
           fmt::format("the lease ran out {} ms ago before it could be renewed; was "
                       "this process paused?",
                       std::chrono::duration_cast<std::chrono::milliseconds>(now - until).count()));
@@ -999,8 +1030,9 @@ class RedisBackend final : public Backend {
   //! configured verify_interval, shortened so that a renewal starts no later than
   //! valid_until() - command_timeout.
   std::chrono::milliseconds verify_interval() const noexcept override {
-    if (!held_.load()) return cfg_.verify_interval;
-    const auto left = valid_until() - clock::now() - cfg_.command_timeout;
+    const auto until = valid_until();
+    if (until == clock::time_point::min()) return cfg_.verify_interval;  // not held
+    const auto left = until - clock::now() - cfg_.command_timeout;
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(left);
     return std::clamp(ms, std::chrono::milliseconds(0), cfg_.verify_interval);
   }
@@ -1011,7 +1043,7 @@ class RedisBackend final : public Backend {
     if (owner_.load() != ::getpid()) return;  // a forked copy: the hold is the parent's
     const bool was_held = held_.exchange(false);
     fence_.store(0);
-    set_valid_until(clock::time_point{});
+    set_valid_until(clock::time_point::min());
     if ((was_held && !lost_) || unknown_) {
       try {
         detail::redis_reply reply;
@@ -1044,19 +1076,25 @@ class RedisBackend final : public Backend {
   bool held() const noexcept override { return held_.load() && owner_.load() == ::getpid(); }
 
   std::string describe() const override { return "redis=" + where(); }
-  //! `<URL, password ***> key=<key>`, as in this backend's own errors.
-  std::filesystem::path error_path() const override { return where(); }
+  //! `<URL, password ***> key=<key>`: what lock_error::target() names in this backend's errors
+  //! (and in the Coordinator's about it), such as `redis://127.0.0.1:6379/0 key=app:primary`.
+  std::string network_target() const override { return where(); }
 
   //! The fencing token of the current hold (0 when not held): larger than every token of an
   //! earlier hold of this key.
   std::uint64_t fencing_token() const noexcept override { return held() ? fence_.load() : 0; }
 
-  //! True while held and the lease is still trusted (before valid_until()). A primary may
-  //! check it before an action that must not run twice; it does not replace fencing.
-  bool lease_valid() const noexcept { return held() && clock::now() < valid_until(); }
+  //! True while held and the lease is still trusted: clock::now() < valid_until(). A primary
+  //! may check it before an action that must not run twice; it does not replace fencing.
+  bool lease_valid() const noexcept { return clock::now() < valid_until(); }
 
-  //! The end of the trusted lease: start of the last successful acquire/renew + ttl - drift.
-  clock::time_point valid_until() const noexcept {
+  //! The end of the trusted lease, on this host's steady_clock: the instant just before the
+  //! last successful acquire or renew was sent, + ttl - drift_margin (see the top of this
+  //! header). time_point::min() while not held (before the first hold, after release(), in a
+  //! forked copy). A Coordinator's role() reads secondary from then on, even while its thread
+  //! has not yet noticed (a process paused past its lease). Any thread, async-signal-safe.
+  clock::time_point valid_until() const noexcept override {
+    if (!held()) return clock::time_point::min();
     return clock::time_point(clock::duration(valid_until_.load()));
   }
 
@@ -1121,14 +1159,15 @@ class RedisBackend final : public Backend {
 
   void check_config(const char* operation) const {
     if (!config_error_.empty())
-      throw lock_error(operation, where(), std::make_error_code(std::errc::invalid_argument),
+      throw lock_error(operation, target(), make_error_code(errc::bad_configuration),
                        config_error_);
     if (wake_fd_ < 0)
-      throw lock_error(operation, where(), std::make_error_code(std::errc::too_many_files_open),
+      throw lock_error(operation, target(), std::make_error_code(std::errc::too_many_files_open),
                        "cannot create the eventfd that interrupt() signals");
   }
 
   std::string where() const { return fmt::format("{} key={}", redacted_, cfg_.key); }
+  lock_error::network_target target() const { return {where()}; }
 
   //! A process forked from the one that built us holds nothing and shares no socket. The
   //! kernel says who we are: a cached pid would still be the parent's in a child of
@@ -1140,6 +1179,7 @@ class RedisBackend final : public Backend {
     connection_.close();  // our copy only: the parent's socket stays open
     held_.store(false);
     fence_.store(0);
+    set_valid_until(clock::time_point::min());
     lost_ = unknown_ = false;
     if (wake_fd_ >= 0) ::close(wake_fd_);
     wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -1228,7 +1268,7 @@ class RedisBackend final : public Backend {
       return false;
     }
     if (reply->type == REDIS_REPLY_ERROR) throw server_error("acquire the lease on", reply.get());
-    throw lock_error("acquire the lease on", where(),
+    throw lock_error("acquire the lease on", target(),
                      std::make_error_code(std::errc::protocol_error),
                      "unexpected reply to the acquire script");
   }
@@ -1259,6 +1299,8 @@ class RedisBackend final : public Backend {
         break;
     }
     bool by_sha = !sha->empty();
+    // EVALSHA sha numkeys key fence token ttl [steal quarantine]: the longest command sent.
+    static_assert(9 <= detail::redis_command::capacity, "redis_command is too small");
     for (;;) {
       detail::redis_command command;
       if (by_sha) {
@@ -1347,6 +1389,7 @@ class RedisBackend final : public Backend {
             text + ")";
       } else if (static_cast<int>(i) == select_index) {
         failure.code = EINVAL;
+        failure.bad_configuration = true;
         failure.why = "the server refused the database number: " + text;
       } else {
         continue;  // CLIENT SETNAME or SCRIPT LOAD refused (ACL): run by EVAL instead
@@ -1374,7 +1417,12 @@ class RedisBackend final : public Backend {
                 : fmt::format("{}: connect_timeout {} ms, command_timeout {} ms", why,
                               cfg_.connect_timeout.count(), cfg_.command_timeout.count());
     }
-    return lock_error(operation, where(), std::error_code(st.code, std::system_category()), why);
+    // A renewal that got no answer before the lease ran out: the lease is lost.
+    auto code = std::error_code(st.code, std::system_category());
+    if (st.code == ETIMEDOUT && until != clock::time_point{})
+      code = make_error_code(errc::lease_lost);
+    if (st.bad_configuration) code = make_error_code(errc::bad_configuration);
+    return lock_error(operation, target(), code, why);
   }
 
   lock_error server_error(const char* operation, const redisReply* reply) const {
@@ -1389,7 +1437,7 @@ class RedisBackend final : public Backend {
     } else if (text.substr(0, 3) == "OOM") {
       code = ENOMEM;
     }
-    return lock_error(operation, where(), std::error_code(code, std::system_category()), why);
+    return lock_error(operation, target(), std::error_code(code, std::system_category()), why);
   }
 
   RedisOptions options_;  // as given (URL from the environment filled in)
@@ -1411,7 +1459,7 @@ class RedisBackend final : public Backend {
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> held_{false};
   std::atomic<std::uint64_t> fence_{0};
-  std::atomic<clock::rep> valid_until_{0};
+  std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};
   bool lost_ = false;     // the key is known not to hold our token any more
   bool unknown_ = false;  // a command of ours may or may not have run
 

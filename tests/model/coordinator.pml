@@ -186,13 +186,20 @@ end_kill:
   do
   :: atomic {
        kills < MAXKILL ->
-       select(p : 0 .. NPROC - 1);
-       !killed[p];
-       printf("killer: SIGKILL W%d\n", p);
-       release_and_close(p);
-       primary[p] = false;
-       killed[p] = true;
-       kills++;
+       p = 0;
+       do
+       :: p < NPROC - 1 -> p++
+       :: true -> break
+       od;
+       if
+       :: !killed[p] ->
+          printf("killer: SIGKILL W%d\n", p);
+          release_and_close(p);
+          primary[p] = false;
+          killed[p] = true;
+          kills++
+       :: else -> skip
+       fi;
        p = 0
      }
   od

@@ -105,12 +105,14 @@ end_server:
           if
           :: req[c] == ACQUIRE ->              /* SET key token NX PX ttl; INCR fence */
              if
-             :: !key_live || key == c + 1 -> key = c + 1; key_exp = t + TTL; fence++; answer = fence
+             :: !key_live || key == c + 1 -> key = c + 1; key_exp = t + TTL; fence++; answer = fence;
+                printf("redis: C%d's acquire runs at real time %d: key until %d\n", c, t, key_exp)
              :: else -> skip
              fi
           :: req[c] == RENEW ->                /* compare-then-PEXPIRE */
              if
-             :: key_live && key == c + 1 -> key_exp = t + TTL; answer = 1
+             :: key_live && key == c + 1 -> key_exp = t + TTL; answer = 1;
+                printf("redis: C%d's renewal runs at real time %d: key until %d\n", c, t, key_exp)
              :: else -> skip
              fi
           :: req[c] == RELEASE ->              /* compare-then-DEL */
@@ -146,7 +148,8 @@ end_clock:
        :: c < NC ->
           if
           :: lc[c] = lc[c] + 1
-          :: lag[c] < MAXDRIFT -> lag[c]++
+          :: lag[c] < MAXDRIFT -> lag[c]++;
+             printf("clock: real time %d, C%d's clock stays at %d (falls behind)\n", t, c, lc[c])
           fi;
           c++
        :: else -> break
@@ -190,8 +193,8 @@ end_acquiring:
      :: atomic {
           reply[me] > 1 && lc[me] < deadline ->     /* a fencing token: we hold the key */
           held[me] = true; vu[me] = s + TTL - DRIFT_MARGIN;
-          printf("C%d: holds, token %d, valid until local %d (sent at %d)\n", me,
-                 reply[me] - 1, vu[me], s);
+          printf("C%d: holds at real time %d, local %d: token %d, valid until local %d (sent at %d)\n",
+                 me, t, lc[me], reply[me] - 1, vu[me], s);
           assert(reply[me] - 1 > last_fence);        /* fencing tokens strictly increase */
           last_fence = reply[me] - 1;
           lease_became_valid();                      /* then Coordinator::promote() */

@@ -42,6 +42,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/workerlock-model.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 cp "$model" model.pml
+cp "$(dirname "$model")"/*.h . 2>/dev/null || true  # files a model #includes (inodes.h)
 
 echo "model: $(basename "$model") ${defines[*]:-} (${ltl:+ltl $ltl, }expect $expect)"
 "$SPIN" -a "${defines[@]}" model.pml >spin.log 2>&1 || { cat spin.log; echo "FAIL: spin -a"; exit 1; }

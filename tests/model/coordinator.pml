@@ -47,12 +47,9 @@
 #ifndef MAXSTOP
 #define MAXSTOP 1
 #endif
-#define NINO 7
 
-byte path = 0;          /* the inode the path names, 0: no file */
-byte lockowner[NINO];   /* 1 + the worker whose descriptor holds the inode's lock */
-byte refs[NINO];        /* names + open descriptors */
-bool stolen[NINO];      /* its name was removed or replaced by the outsider */
+#include "inodes.h"  /* inodes, the path, the locks, the outsider */
+
 byte fdino[NPROC];      /* the worker's lock_state::fd (its inode), 0: closed */
 bool owned[NPROC];      /* lock_state::owned: backend_->held() */
 bool primary[NPROC];    /* Coordinator::role_ == Role::primary */
@@ -67,23 +64,6 @@ byte stops = 0;
 #endif
 #define stolen0 (primary[0] && stolen[fdino[0]])
 ltl live { ([] <> someprimary) && [] (stolen0 -> <> !stolen0) }
-
-inline alloc(i) {
-  i = 1;
-  do
-  :: i < NINO && refs[i] != 0 -> i++
-  :: else -> break
-  od;
-  assert(i < NINO)
-}
-
-inline drop_ref(i) {
-  refs[i]--;
-  if
-  :: refs[i] == 0 -> assert(lockowner[i] == 0); stolen[i] = false
-  :: else -> skip
-  fi
-}
 
 /* release(): F_UNLCK; reset()/close_file(): close(fd) */
 inline release_and_close(p) {
@@ -203,25 +183,6 @@ end_kill:
        p = 0
      }
   od
-}
-
-active proctype outsider() {
-  byte old, i;
-  if
-  :: atomic { path != 0 -> old = path; path = 0; stolen[old] = true; drop_ref(old);
-              printf("outsider: rm path (inode %d)\n", old) }
-  :: atomic { path != 0 -> old = path; path = 0; stolen[old] = true;
-              printf("outsider: mv path elsewhere (inode %d)\n", old) }
-  :: atomic {
-       old = path; alloc(i); refs[i] = 1; path = i;
-       printf("outsider: mv new path (inode %d replaces %d)\n", i, old);
-       if
-       :: old != 0 -> stolen[old] = true; drop_ref(old)
-       :: else -> skip
-       fi
-     }
-  :: true -> skip
-  fi
 }
 
 init {

@@ -9,9 +9,10 @@
  *                 lost its name meanwhile: the same case as a fresh open() that raced.
  *   outsider    = someone else, once: `rm path`, `mv path elsewhere`, or `mv new path`.
  *
- * Kernel state modelled: inodes (refs = names + open descriptors; an inode with neither is
- * freed and its number reused), the binding of the path to an inode, one OFD/flock lock per
- * inode (lockowner).  Open descriptors keep their inode after unlink or rename.
+ * Kernel state modelled (inodes.h, shared with coordinator.pml): inodes (refs = names + open
+ * descriptors; an inode with neither is freed and its number reused), the binding of the path
+ * to an inode, one OFD/flock lock per inode (lockowner).  Open descriptors keep their inode
+ * after unlink or rename.
  *
  * Property (assert in became_holder): never two processes that both believe they hold the
  * lock on the path, unless the other one's file was taken from under it (`stolen`: its name
@@ -35,31 +36,11 @@
 #ifndef NPROC
 #define NPROC 3
 #endif
-#define NINO 7 /* inode numbers 1..NINO-1; 0 = none */
 
-byte path = 0;          /* the inode the path names, 0: no file */
-byte lockowner[NINO];   /* 1 + the worker holding the inode's lock, 0: unlocked */
-byte refs[NINO];        /* names + open descriptors of each inode; 0: free */
-bool stolen[NINO];      /* its name was removed by someone not holding its lock */
+#include "inodes.h"  /* inodes, the path, the locks, the outsider */
+
 byte fdino[NPROC];      /* lock_state::fd: the inode of the worker's descriptor, 0: closed */
 bool holds[NPROC];      /* the worker believes it holds the lock */
-
-inline alloc(i) {
-  i = 1;
-  do
-  :: i < NINO && refs[i] != 0 -> i++
-  :: else -> break
-  od;
-  assert(i < NINO) /* NINO is large enough for this model */
-}
-
-inline drop_ref(i) {
-  refs[i]--;
-  if
-  :: refs[i] == 0 -> assert(lockowner[i] == 0); stolen[i] = false
-  :: else -> skip
-  fi
-}
 
 /* The other believers must all have lost their file (see the header). */
 inline became_holder() {
@@ -152,27 +133,6 @@ end_wait:
        atomic { lockowner[fdino[me]] = 0; drop_ref(fdino[me]); fdino[me] = 0 }
     fi
   od
-}
-
-/* Someone else, once: rm path | mv path /elsewhere | mv /new path. */
-active proctype outsider() {
-  byte old, i;
-  if
-  :: atomic { path != 0 -> old = path; path = 0; stolen[old] = true; drop_ref(old);  /* rm */
-              printf("outsider: rm path (inode %d)\n", old) }
-  :: atomic { path != 0 -> old = path; path = 0; stolen[old] = true;  /* mv: named elsewhere */
-              printf("outsider: mv path elsewhere (inode %d)\n", old) }
-  :: atomic {                                                    /* mv /new path: replace */
-       old = path; alloc(i); refs[i] = 1;
-       path = i;
-       printf("outsider: mv new path (inode %d replaces %d)\n", i, old);
-       if
-       :: old != 0 -> stolen[old] = true; drop_ref(old)
-       :: else -> skip
-       fi
-     }
-  :: true -> skip                                                /* nothing */
-  fi
 }
 
 init {

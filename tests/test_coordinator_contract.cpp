@@ -433,6 +433,26 @@ int run_worker(WorkerReport& r, const fs::path& path, WaitMode mode, StopScope s
   return 0;
 }
 
+//! Worker 0, which becomes the primary, and worker 1, a standby, on one lock file.
+struct TwoWorkers {
+  wltest::TempDir dir;
+  fs::path path = dir / "primary.lock";
+  wltest::Shared<Board> board;
+  wltest::Children children;
+  WorkerReport& a = board->worker[0];
+  WorkerReport& b = board->worker[1];
+  pid_t pa = 0;
+  pid_t pb = 0;
+
+  TwoWorkers(WaitMode mode, StopScope primary_scope, StopScope standby_scope,
+             std::chrono::milliseconds grace) {
+    pa = children.spawn([&] { return run_worker(a, path, mode, primary_scope, grace); });
+    REQUIRE(wltest::eventually([&] { return a.promoted.load() == 1; }, 10s));
+    pb = children.spawn([&] { return run_worker(b, path, mode, standby_scope, grace); });
+    REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
+  }
+};
+
 }  // namespace
 
 TEST_CASE(
@@ -441,33 +461,25 @@ TEST_CASE(
     "[coordinator][coordinator_contract]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
-  wltest::TempDir dir;
-  const fs::path path = dir / "primary.lock";
-  wltest::Shared<Board> board;
-  wltest::Children children;
-  const auto grace = 20s;  // far longer than the test needs: the standby is stopped in it
-  WorkerReport& a = board->worker[0];
-  WorkerReport& b = board->worker[1];
-  const pid_t pa =
-      children.spawn([&] { return run_worker(a, path, mode, StopScope::whole_server, grace); });
-  REQUIRE(wltest::eventually([&] { return a.promoted.load() == 1; }, 10s));
-  const pid_t pb =
-      children.spawn([&] { return run_worker(b, path, mode, StopScope::whole_server, grace); });
-  REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
+  const std::chrono::milliseconds grace =
+      20s;  // far longer than the test needs: the standby is stopped in it
+  TwoWorkers w(mode, StopScope::whole_server, StopScope::whole_server, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
 
-  ::kill(pa, SIGTERM);
-  CHECK(children.wait(pa) == 0);
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
   CHECK(a.demoted.load() == 1);
   // b takes the lock; without the note it would run on_promoted now.
   REQUIRE(wltest::eventually([&] { return b.deferred.load() + b.promoted.load() > 0; }, 10s));
-  ::kill(pb, SIGTERM);
-  CHECK(children.wait(pb) == 0);
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
   CHECK(b.promoted.load() == 0);
   CHECK(b.demoted.load() == 0);
   CHECK(b.deferred.load() == 1);
 
   // The lock is free again, and nothing outlives the stop.
-  workerlock::WorkerLock probe(path);
+  workerlock::WorkerLock probe(w.path);
   CHECK(probe.try_lock());
 }
 
@@ -475,27 +487,18 @@ TEST_CASE("coordinator contract: a rolling stop hands over at once, whole-server
           "[coordinator][coordinator_contract]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
-  wltest::TempDir dir;
-  const fs::path path = dir / "primary.lock";
-  wltest::Shared<Board> board;
-  wltest::Children children;
-  const auto grace = 20s;
-  WorkerReport& a = board->worker[0];
-  WorkerReport& b = board->worker[1];
-  const pid_t pa =
-      children.spawn([&] { return run_worker(a, path, mode, StopScope::worker, grace); });
-  REQUIRE(wltest::eventually([&] { return a.promoted.load() == 1; }, 10s));
-  const pid_t pb =
-      children.spawn([&] { return run_worker(b, path, mode, StopScope::worker, grace); });
-  REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
+  const std::chrono::milliseconds grace = 20s;
+  TwoWorkers w(mode, StopScope::worker, StopScope::worker, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
 
-  ::kill(pa, SIGTERM);
-  CHECK(children.wait(pa) == 0);
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
   REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 10s));  // not 20 s
   CHECK(b.deferred.load() == 0);
   CHECK(b.promoted_ns.load() - a.demoted_ns.load() < std::chrono::nanoseconds(10s).count());
-  ::kill(pb, SIGTERM);
-  CHECK(children.wait(pb) == 0);
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
   CHECK(b.demoted.load() == 1);
 }
 
@@ -505,27 +508,18 @@ TEST_CASE(
     "[coordinator][coordinator_contract]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
-  wltest::TempDir dir;
-  const fs::path path = dir / "primary.lock";
-  wltest::Shared<Board> board;
-  wltest::Children children;
-  const auto grace = 1s;
-  WorkerReport& a = board->worker[0];
-  WorkerReport& b = board->worker[1];
-  const pid_t pa =
-      children.spawn([&] { return run_worker(a, path, mode, StopScope::whole_server, grace); });
-  REQUIRE(wltest::eventually([&] { return a.promoted.load() == 1; }, 10s));
-  const pid_t pb =
-      children.spawn([&] { return run_worker(b, path, mode, StopScope::worker, grace); });
-  REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
+  const std::chrono::milliseconds grace = 1s;
+  TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
 
-  ::kill(pa, SIGTERM);
-  CHECK(children.wait(pa) == 0);
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
   REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 20s));
   CHECK(b.deferred.load() == 1);
   // The note is written after on_demoted, and the grace counts from the note.
   CHECK(b.promoted_ns.load() - a.demoted_ns.load() >= std::chrono::nanoseconds(grace).count());
-  ::kill(pb, SIGTERM);
-  CHECK(children.wait(pb) == 0);
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
   CHECK(b.demoted.load() == 1);
 }

@@ -205,25 +205,28 @@ class FileBackend final : public Backend {
                         std::chrono::steady_clock::now().time_since_epoch())
                         .count();
     const int size = std::snprintf(line, sizeof line, "%020lld\n", static_cast<long long>(ns));
-    const int fd = ::open(stop_note_.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    const int fd = detail::retry_on_eintr([&] {
+      return ::open(stop_note_.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    });
     if (fd < 0) return;
-    struct stat st {};
     // Written in place at a fixed length: no truncation, and the lock orders it before the
     // next holder's read.
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() && size > 0)
-      (void)!::pwrite(fd, line, static_cast<std::size_t>(size), 0);
+    if (trusted_note(fd) && size > 0)
+      (void)!detail::retry_on_eintr(
+          [&] { return ::pwrite(fd, line, static_cast<std::size_t>(size), 0); });
     ::close(fd);
   }
 
-  //! Reads `<path>.stopped`, ignoring one that is not a regular file owned by this user.
+  //! Reads `<path>.stopped`, ignoring one that is not a regular file owned by this user (or
+  //! by anyone, with Options::allow_foreign_owner).
   std::optional<std::chrono::steady_clock::time_point> server_stop_noted() const noexcept override {
-    const int fd = ::open(stop_note_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    const int fd = detail::retry_on_eintr(
+        [&] { return ::open(stop_note_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC); });
     if (fd < 0) return std::nullopt;
     char line[32] = {};
-    struct stat st {};
     ssize_t n = -1;
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid())
-      n = ::pread(fd, line, sizeof line - 1, 0);
+    if (trusted_note(fd))
+      n = detail::retry_on_eintr([&] { return ::pread(fd, line, sizeof line - 1, 0); });
     ::close(fd);
     if (n <= 0) return std::nullopt;
     long long ns = 0;
@@ -245,6 +248,13 @@ class FileBackend final : public Backend {
 
  private:
   static void ignore_signal(int) noexcept {}
+
+  //! A note is a regular file owned by this user, or by anyone with allow_foreign_owner.
+  bool trusted_note(int fd) const noexcept {
+    struct stat st {};
+    return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+           (st.st_uid == ::geteuid() || lock_.options().allow_foreign_owner);
+  }
 
   bool note_hold(bool held) noexcept {
     if (held) held_in_.store(::getpid());

@@ -558,6 +558,7 @@ TEST_CASE(
   CHECK(r.ec_code.load() == EAGAIN);
   CHECK(r.role_after_ec.load() == kSecondary);
   CHECK(r.free_after_ec.load() == 1);
+  CHECK(r.log.errors.load() == 0);  // reported once: thrown (or set in ec), never also logged
 }
 
 // ----------------------------------------------------------------------------------------

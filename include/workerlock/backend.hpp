@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 namespace workerlock {
@@ -76,6 +77,19 @@ class Backend {
   virtual std::chrono::steady_clock::time_point valid_until() const noexcept {
     return held() ? std::chrono::steady_clock::time_point::max()
                   : std::chrono::steady_clock::time_point::min();
+  }
+
+  //! Coordinator::stop(StopScope::whole_server) calls this while holding, just before
+  //! release(): leave a note, dated now, that the next holder reads through
+  //! server_stop_noted(). The default keeps no note (a whole-server stop is then a plain
+  //! stop). A network backend could keep it beside its lease (a second key that expires
+  //! after the grace, say). Never throws: a note that cannot be written is lost.
+  virtual void note_server_stopping() noexcept {}
+
+  //! Called by a new holder: when the previous holder noted a whole-server stop, the local
+  //! steady_clock instant of that note; nullopt when there is none.
+  virtual std::optional<std::chrono::steady_clock::time_point> server_stop_noted() const noexcept {
+    return std::nullopt;
   }
 };
 

@@ -38,6 +38,59 @@
 
 namespace workerlock {
 
+namespace detail {
+
+//! What went wrong in Coordinator::start() or wait_for_startup(): the throwing call turns
+//! it into a lock_error, the error_code twin keeps only `code`.
+struct start_failure {
+  std::error_code code;
+  std::string operation;
+  std::string explanation;
+  std::filesystem::path marker;  // set when the error is about the startup marker
+  std::exception_ptr thrown;     // a lock_error of the backend, passed on as it is
+
+  //! Returns false, for `return f.set(...)` in a function that reports success.
+  bool set(std::error_code ec, const char* op, std::string why = {}) {
+    code = ec;
+    operation = op;
+    explanation = std::move(why);
+    return false;
+  }
+
+  //! From inside a catch block: the exception being handled, turned into an error. A
+  //! lock_error is kept as it is; a std::system_error keeps its code; anything else is EIO
+  //! (ENOMEM for std::bad_alloc). Never throws, even when out of memory (then the
+  //! explanation is lost).
+  void set_from_current_exception(const char* op) noexcept {
+    const char* why = "";
+    try {
+      throw;
+    } catch (const lock_error& error) {
+      code = error.code();
+      thrown = std::current_exception();
+      return;
+    } catch (const std::system_error& error) {
+      code = error.code();
+      why = error.what();
+    } catch (const std::bad_alloc&) {
+      code = std::make_error_code(std::errc::not_enough_memory);
+    } catch (const std::exception& error) {
+      code = std::make_error_code(std::errc::io_error);
+      why = error.what();
+    } catch (...) {
+      code = std::make_error_code(std::errc::io_error);
+      why = "an exception of an unknown type";
+    }
+    try {
+      operation = op;
+      explanation = why;
+    } catch (...) {
+    }
+  }
+};
+
+}  // namespace detail
+
 //! How a standby waits for the lock.
 enum class WaitMode {
   //! A background thread sleeps in the kernel's blocking lock call (F_OFD_SETLKW, flock,
@@ -52,8 +105,25 @@ enum class WaitMode {
 //! long (plus the timer's own slack), at the cost of one failed lock syscall per interval.
 inline constexpr std::chrono::milliseconds recommended_poll_interval{50};
 
-//! Coordinator::start() checks these and throws lock_error (invalid_argument) naming the
-//! field of a bad one.
+//! What a stop() or request_stop() is part of.
+enum class StopScope {
+  //! This worker alone stops (a rolling restart, a worker recycled after N requests): the
+  //! primary hands over to a standby at once.
+  worker,
+  //! The whole server stops (every worker was, or is about to be, told to stop): the primary
+  //! runs on_demoted and releases as usual, but first leaves a note, so that a standby
+  //! promoted within CoordinatorOptions::server_stop_grace holds the lock without running
+  //! on_startup or on_promoted until the grace has passed. A standby stopped during the grace
+  //! releases without running any callback; one that is not stopped is promoted normally
+  //! once the grace has passed. A mistaken whole_server stop therefore costs at most the
+  //! grace without a primary, never more. Only FileBackend keeps such a note so far (the
+  //! file `<lock path>.stopped`); on a backend that keeps none (Redis, PostgreSQL), it is
+  //! a plain stop.
+  whole_server,
+};
+
+//! Coordinator::start() checks these and throws lock_error (workerlock::errc::bad_configuration,
+//! which compares equal to std::errc::invalid_argument) naming the field of a bad one.
 struct CoordinatorOptions {
   //! Mechanism, log sink and the other lock options.
   Options lock{};
@@ -77,6 +147,10 @@ struct CoordinatorOptions {
   //! anew by each start() in the worker (never in the process that built the Coordinator).
   //! At most StartupBarrier::max_generation_size bytes, without a newline or a NUL.
   std::string startup_generation;
+  //! After a stop(StopScope::whole_server) of the primary, how long a standby that takes
+  //! the lock waits before it runs on_startup and on_promoted (see StopScope). Zero turns the
+  //! note off; must not be negative.
+  std::chrono::milliseconds server_stop_grace{1000};
 };
 
 //! Drives one lock file for the life of a worker: start() takes part in the election, and
@@ -90,8 +164,32 @@ struct CoordinatorOptions {
 //! destructor: stop() and request_stop() then take effect when the callback returns,
 //! start() does nothing (it is running), poll() returns at once.
 //!
-//! Signal handlers may call request_stop(), role() and running(), and nothing else
-//! (these three are async-signal-safe; stop() is not).
+//! Callbacks run with the signal mask the calling thread had at start() (the coordinator
+//! thread itself blocks every signal), so the threads they start inherit the host's mask.
+//!
+//! Threads: role(), valid_until(), fencing_token() and running() may be read from any
+//! thread at any time, also while the coordinator thread changes the role; they read
+//! atomics (and the backend's, which are atomic too). The other members are called by one
+//! thread at a time, or from callbacks as said above.
+//!
+//! Signal handlers may call request_stop(), role(), valid_until() and running(), and nothing
+//! else (these are async-signal-safe; stop() is not).
+//!
+//! A lease (Redis, PostgreSQL) can run out while this process is paused (SIGSTOP, a long GC
+//! pause, a stalled VM): role() and valid_until() compare the lease's local deadline with
+//! the monotonic clock, so a woken holder reads secondary at once, before on_demoted had a
+//! chance to run. The pattern for a singleton write is therefore to check right before each
+//! write, and to pass the fencing token along with it:
+//!
+//!     if (coordinator.valid_until() > std::chrono::steady_clock::now() + expected_write_time)
+//!       store.write(data, coordinator.fencing_token());  // the store rejects older tokens
+//!
+//! Whole-server stop: a plain stop() of the primary hands the lock over at once, which a
+//! rolling restart needs. When the whole server stops, the signals reach the workers one
+//! after another, so the primary's stop() can promote a standby that is itself about to be
+//! stopped, and on_promoted then starts work in a dying process. A host that knows that the
+//! whole server is stopping calls stop(StopScope::whole_server) or
+//! request_stop(StopScope::whole_server) instead (see StopScope).
 //!
 //! Fork: a copy of the Coordinator inherited through fork() (also a raw syscall(SYS_fork),
 //! which runs no atfork handler) is inert in the child: role() is secondary, running() is
@@ -163,20 +261,24 @@ class Coordinator {
   //! Calling start() while running does nothing, nor from a callback; after stop() was
   //! called from a callback or request_stop(), start() (from any thread but a callback)
   //! waits for that stop to finish, then starts afresh.
-  //! Throws: lock_error, with path() the lock file's (see Backend::error_path()), if the
-  //! options are invalid (invalid_argument, naming the field), the lock file cannot be
-  //! opened or locked, or the coordinator thread cannot be created (its errno, such as
+  //! Throws: lock_error, with path() the lock file's (see Backend::error_path()), or for a
+  //! network backend an empty path() and target() its Backend::network_target(), if the
+  //! options are invalid (errc::bad_configuration, naming the field), the lock file cannot
+  //! be opened or locked, or the coordinator thread cannot be created (its errno, such as
   //! EAGAIN when RLIMIT_NPROC or the cgroup's pids.max is reached), or this object is a copy
-  //! of a running Coordinator inherited through fork() (operation_not_permitted). After a
-  //! failure nothing is started, nothing is held, and role() is secondary.
-  void start() { begin(); }
-  void start(std::error_code& ec) {
-    ec.clear();
-    try {
-      begin();
-    } catch (const std::system_error& error) {
-      ec = error.code();
-    }
+  //! of a running Coordinator inherited through fork() (operation_not_permitted). A
+  //! lock_error thrown by the backend itself is passed on as it is. After a failure nothing
+  //! is started, nothing is held, and role() is secondary. The error is reported once:
+  //! thrown (or set in `ec`), never also logged.
+  void start() {
+    detail::start_failure f;
+    if (!begin(f)) raise(f);
+  }
+  //! As start(), with the error in `ec` instead; never throws, even if the log sink does.
+  void start(std::error_code& ec) noexcept {
+    detail::start_failure f;
+    begin(f);
+    ec = f.code;
   }
 
   //! Leaves the election: a primary runs on_demoted, then releases so another standby is
@@ -184,10 +286,13 @@ class Coordinator {
   //! a callback is still running, whatever the host did to the wakeup signal since start().
   //! Safe to call twice, and from a callback. Not async-signal-safe: a signal handler calls
   //! request_stop() instead.
-  void stop() noexcept {
+  void stop() noexcept { stop(StopScope::worker); }
+  //! As stop(); StopScope::whole_server leaves the note described at StopScope.
+  void stop(StopScope scope) noexcept {
     if (inherited_across_fork()) return;
+    if (scope == StopScope::whole_server) whole_server_stop_.store(true);
     if (on_coordinator_thread()) {  // the stop completes once the callback returns
-      request_stop();
+      request_stop(scope);
       return;
     }
     control_guard control(*this);
@@ -205,9 +310,13 @@ class Coordinator {
   //! One wakeup is sent: in the rare case that it reaches a waiting standby just before its
   //! thread enters the kernel's blocking lock call, that thread (which holds nothing) keeps
   //! waiting until stop() or the destructor, which repeat the wakeup until it leaves.
-  void request_stop() noexcept {
+  void request_stop() noexcept { request_stop(StopScope::worker); }
+  //! As request_stop(); StopScope::whole_server leaves the note described at StopScope.
+  //! Async-signal-safe: the note is written later, by the thread that completes the stop.
+  void request_stop(StopScope scope) noexcept {
     const int saved = errno;
     if (!inherited_across_fork()) {
+      if (scope == StopScope::whole_server) whole_server_stop_.store(true);
       stop_requested_.store(true);
       wakeups_.bump_and_wake();
       if (options_.wait == WaitMode::background_thread && running_.load()) backend_->interrupt();
@@ -244,6 +353,11 @@ class Coordinator {
         next_attempt_ = detail::deadline_after(backoff_);
         backoff_ = doubled_backoff(backoff_);
       }
+    } else if (promotion_deferred_) {
+      if (now >= deferred_until_) {
+        promotion_deferred_ = false;
+        take_role();
+      }
     } else if (now >= next_verify_) {
       next_verify_ = detail::deadline_after(backend_->verify_interval());
       if (!verify()) demote_and_reset("the lock was lost");
@@ -252,10 +366,24 @@ class Coordinator {
   }
 
   //! Primary only in the process that started the Coordinator (never in a child of fork()),
-  //! while it holds the lock. Async-signal-safe.
+  //! while it holds the lock and, for a lease, before the lease's local deadline (see
+  //! valid_until()): a lease that ran out reads secondary at once, before on_demoted runs.
+  //! Safe from any thread, and async-signal-safe.
   Role role() const noexcept {
-    if (role_.load() != Role::primary) return Role::secondary;
-    return inherited_across_fork() ? Role::secondary : Role::primary;
+    const auto until = valid_until();
+    if (until == std::chrono::steady_clock::time_point::max()) return Role::primary;
+    return until > std::chrono::steady_clock::now() ? Role::primary : Role::secondary;
+  }
+  //! While primary: the local steady_clock instant until which this process may act as the
+  //! primary (the backend's Backend::valid_until(): time_point::max() for a lock file, the
+  //! lease's deadline for Redis and PostgreSQL). time_point::min() when not primary in this
+  //! process. A host checks "still valid for the next N ms" with
+  //! `valid_until() > std::chrono::steady_clock::now() + N` before a write.
+  //! Safe from any thread, and async-signal-safe.
+  std::chrono::steady_clock::time_point valid_until() const noexcept {
+    if (role_.load() != Role::primary || inherited_across_fork())
+      return std::chrono::steady_clock::time_point::min();
+    return backend_->valid_until();
   }
   //! True from start() until stop() or request_stop(). Async-signal-safe.
   bool running() const noexcept {
@@ -276,7 +404,7 @@ class Coordinator {
                           options_.lock.allow_foreign_owner);
   }
   //! The backend's fencing token of the current hold (0 for lock files, and in a child of
-  //! fork()).
+  //! fork()). Safe from any thread, and async-signal-safe.
   std::uint64_t fencing_token() const noexcept {
     const std::uint64_t token = backend_->fencing_token();
     return token != 0 && !inherited_across_fork() ? token : 0;
@@ -289,20 +417,17 @@ class Coordinator {
   //! Throws: lock_error if the marker could not be read until the deadline (see
   //! StartupBarrier::wait_for()).
   bool wait_for_startup(std::chrono::milliseconds timeout) const {
-    const auto barrier = startup_barrier();
-    return barrier && barrier->wait_for(timeout);
+    detail::start_failure f;
+    const bool done = await_startup(timeout, f);
+    if (f.code) raise(f);
+    return done;
   }
+  //! As above, with the error in `ec` instead; never throws.
   bool wait_for_startup(std::chrono::milliseconds timeout, std::error_code& ec) const noexcept {
-    ec.clear();
-    try {
-      const auto barrier = startup_barrier();
-      return barrier && barrier->wait_for(timeout, ec);
-    } catch (const std::system_error& error) {
-      ec = error.code();
-    } catch (const std::bad_alloc&) {
-      ec = std::make_error_code(std::errc::not_enough_memory);
-    }
-    return false;
+    detail::start_failure f;
+    const bool done = await_startup(timeout, f);
+    ec = f.code;
+    return done && !f.code;
   }
 
  private:
@@ -389,44 +514,91 @@ class Coordinator {
     }
   }
 
-  [[noreturn]] void fail(const char* operation, std::error_code code,
-                         const std::string& explanation) const {
-    throw lock_error(operation, backend_->error_path(), code, explanation);
+  //! Throws the lock_error that `f` describes: the backend's own as it was thrown, else one
+  //! naming the marker, the network target or the lock file's path.
+  [[noreturn]] void raise(const detail::start_failure& f) const {
+    if (f.thrown) std::rethrow_exception(f.thrown);
+    if (!f.marker.empty()) throw lock_error(f.operation, f.marker, f.code, f.explanation);
+    if (auto target = backend_->network_target(); !target.empty())
+      throw lock_error(f.operation, lock_error::network_target{std::move(target)}, f.code,
+                       f.explanation);
+    throw lock_error(f.operation, backend_->error_path(), f.code, f.explanation);
   }
 
-  //! Throws: lock_error (invalid_argument) naming the first bad field.
-  void check_options() const {
+  //! The engine of both wait_for_startup(): `f` set on an error.
+  bool await_startup(std::chrono::milliseconds timeout, detail::start_failure& f) const noexcept {
+    try {
+      const auto barrier = startup_barrier();
+      if (!barrier) return false;
+      detail::failure read;
+      const bool done = barrier->wait(timeout, read);
+      if (read) {
+        f.marker = barrier->marker_path();
+        f.set(read.code, read.operation, read.explanation);
+      }
+      return done;
+    } catch (...) {
+      f.set_from_current_exception("wait for the startup of");
+    }
+    return false;
+  }
+
+  //! Sets `f` to errc::bad_configuration naming the first bad field; false if there is one.
+  bool check_options(detail::start_failure& f) const {
     constexpr const char* operation = "start the coordinator for";
-    const auto invalid = std::make_error_code(std::errc::invalid_argument);
+    const auto invalid = make_error_code(errc::bad_configuration);
     const auto& o = options_;
     if (o.health_check_interval <= std::chrono::milliseconds::zero())
-      fail(operation, invalid,
-           fmt::format("CoordinatorOptions::health_check_interval is {} ms; it must be positive",
-                       o.health_check_interval.count()));
+      return f.set(invalid, operation,
+                   fmt::format("CoordinatorOptions::health_check_interval is {} ms; it must be "
+                               "positive",
+                               o.health_check_interval.count()));
     if (o.retry_backoff_min <= std::chrono::milliseconds::zero())
-      fail(operation, invalid,
-           fmt::format("CoordinatorOptions::retry_backoff_min is {} ms; it must be positive",
-                       o.retry_backoff_min.count()));
+      return f.set(
+          invalid, operation,
+          fmt::format("CoordinatorOptions::retry_backoff_min is {} ms; it must be positive",
+                      o.retry_backoff_min.count()));
     if (o.retry_backoff_max < o.retry_backoff_min)
-      fail(operation, invalid,
-           fmt::format("CoordinatorOptions::retry_backoff_max ({} ms) is less than "
-                       "CoordinatorOptions::retry_backoff_min ({} ms)",
-                       o.retry_backoff_max.count(), o.retry_backoff_min.count()));
+      return f.set(invalid, operation,
+                   fmt::format("CoordinatorOptions::retry_backoff_max ({} ms) is less than "
+                               "CoordinatorOptions::retry_backoff_min ({} ms)",
+                               o.retry_backoff_max.count(), o.retry_backoff_min.count()));
+    if (o.server_stop_grace < std::chrono::milliseconds::zero())
+      return f.set(invalid, operation,
+                   fmt::format("CoordinatorOptions::server_stop_grace is {} ms; it must not be "
+                               "negative",
+                               o.server_stop_grace.count()));
     if (o.wakeup_signal != 0 && !detail::usable_wakeup_signal(o.wakeup_signal))
-      fail(operation, invalid,
-           fmt::format("CoordinatorOptions::wakeup_signal {} cannot be used: 0 picks SIGRTMIN+5, "
-                       "or choose a signal from SIGRTMIN to SIGRTMAX that the host does not use",
-                       o.wakeup_signal));
+      return f.set(invalid, operation,
+                   fmt::format("CoordinatorOptions::wakeup_signal {} cannot be used: 0 picks "
+                               "SIGRTMIN+5, or choose a signal from SIGRTMIN to SIGRTMAX that the "
+                               "host does not use",
+                               o.wakeup_signal));
+    return true;
   }
 
-  void begin() {
+  //! The engine of both start(): returns true once started, or sets `f` and leaves
+  //! nothing started, nothing held and role() secondary.
+  bool begin(detail::start_failure& f) noexcept {
+    try {
+      return begin_or_fail(f);
+    } catch (...) {
+      // Only allocations and the host's log sink throw in begin_or_fail(), before anything
+      // was started; what the backend throws is caught there.
+      f.set_from_current_exception("start the coordinator for");
+    }
+    return false;
+  }
+
+  bool begin_or_fail(detail::start_failure& f) {
+    constexpr const char* operation = "start the coordinator for";
     if (inherited_across_fork() && running_.load())
-      fail("start the coordinator for", std::make_error_code(std::errc::operation_not_permitted),
-           fmt::format("this Coordinator was started in pid {}, and a copy inherited through "
-                       "fork() never takes part in the election: construct a new Coordinator in "
-                       "this process",
-                       started_in_.load()));
-    if (on_coordinator_thread()) return;  // a callback: running, by definition
+      return f.set(std::make_error_code(std::errc::operation_not_permitted), operation,
+                   fmt::format("this Coordinator was started in pid {}, and a copy inherited "
+                               "through fork() never takes part in the election: construct a "
+                               "new Coordinator in this process",
+                               started_in_.load()));
+    if (on_coordinator_thread()) return true;  // a callback: running, by definition
     control_guard control(*this);
     if (inherited_across_fork()) {
       // A copy of a Coordinator the parent had stopped: nothing of it runs here.
@@ -434,48 +606,47 @@ class Coordinator {
       coordinator_thread_.store(std::thread::id());
       callback_thread_.store(std::thread::id());
     } else if (running_) {
-      if (!stop_requested_.load()) return;
+      if (!stop_requested_.load()) return true;
       // A callback or request_stop() asked to stop: complete that stop (the thread runs
       // on_demoted first), then start afresh.
       complete_stop();
     }
-    check_options();
+    if (!check_options(f)) return false;
     // Formatted once, while no thread runs, so that log lines need no allocation.
     description_ = backend_->describe();
     read_default_startup_generation();
     stop_requested_.store(false);
+    whole_server_stop_.store(false);
+    promotion_deferred_ = false;
     thread_done_.store_and_wake(0);
     role_.store(Role::secondary);
-    detail::failure f;
-    kept_out_ = detail::kept_out_by_operator(options_.lock, f);
-    if (f) fail(f.operation, f.code, f.explanation);
+    {
+      detail::failure kept;
+      kept_out_ = detail::kept_out_by_operator(options_.lock, kept);
+      if (kept) return f.set(kept.code, kept.operation, kept.explanation);
+    }
     started_in_.store(::getpid());
     if (kept_out_) {
       running_ = true;
       log(LogLevel::info,
           "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
           ::getpid(), description_);
-      return;
+      return true;
     }
     bool held = false;
     try {
       backend_->clear_interrupt();
       backend_->prepare();
       held = backend_->try_acquire();
-    } catch (const lock_error&) {
+    } catch (...) {
       backend_->reset();
-      throw;
-    } catch (const std::bad_alloc&) {
-      backend_->reset();
-      throw;
-    } catch (const std::system_error& error) {
-      backend_->reset();
-      fail("start the coordinator for", error.code(), error.what());
-    } catch (const std::exception& error) {
-      backend_->reset();
-      fail("start the coordinator for", std::make_error_code(std::errc::io_error), error.what());
+      f.set_from_current_exception(operation);
+      return false;
     }
-    if (held) role_.store(Role::primary);  // on_promoted follows, here or on the thread
+    // The host's signal mask, for the callbacks (the coordinator thread blocks every signal).
+    ::pthread_sigmask(SIG_SETMASK, nullptr, &host_mask_);
+    if (held && server_stop_deferral() <= std::chrono::steady_clock::now())
+      role_.store(Role::primary);  // on_promoted follows, here or on the thread
     running_ = true;
     backoff_ = options_.retry_backoff_min;
     next_attempt_ = std::chrono::steady_clock::now();
@@ -486,29 +657,26 @@ class Coordinator {
     if (options_.wait == WaitMode::polled) {
       if (held) promote();
       finish_stop_requested_by_callback();
-      return;
+      return true;
     }
-    // The thread blocks every signal (the backend unblocks the one it needs), so the
-    // host's signals are delivered to its own threads.
+    // The thread blocks every signal (the backend unblocks the one it needs, and callbacks
+    // run with host_mask_), so the host's signals are delivered to its own threads.
     sigset_t all;
-    sigset_t previous;
     sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &previous);
+    ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
     promote_on_thread_start_ = held;
     const int rc = ::pthread_create(&thread_, nullptr, &thread_main, this);
-    ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    ::pthread_sigmask(SIG_SETMASK, &host_mask_, nullptr);
     if (rc != 0) {
       running_ = false;
       backend_->reset();
       role_.store(Role::secondary);
-      const std::error_code code(rc, std::system_category());
-      log(LogLevel::error, "workerlock: pid={} role=secondary {} (cannot create a thread: {})",
-          ::getpid(), description_, code.message());
-      fail("start the coordinator thread for", code,
-           "pthread_create failed: the process, its user (RLIMIT_NPROC) or its cgroup "
-           "(pids.max) may have reached its limit of threads, or memory ran out");
+      return f.set(std::error_code(rc, std::system_category()), "start the coordinator thread for",
+                   "pthread_create failed: the process, its user (RLIMIT_NPROC) or its cgroup "
+                   "(pids.max) may have reached its limit of threads, or memory ran out");
     }
     thread_started_ = true;
+    return true;
   }
 
   static void* thread_main(void* self) noexcept {
@@ -547,14 +715,19 @@ class Coordinator {
     thread_done_.store_and_wake(1);
   }
 
-  //! Leaving: a promoted primary runs on_demoted; a hold won just as stop() came in is
-  //! released without callbacks, since on_promoted never ran for it.
+  //! Leaving: a promoted primary runs on_demoted; a hold won just as stop() came in, or
+  //! deferred after a whole-server stop, is released without callbacks, since on_promoted
+  //! never ran for it. A whole-server stop leaves its note before the release.
   void finish() noexcept {
+    const bool note =
+        whole_server_stop_.load() && options_.server_stop_grace > std::chrono::milliseconds::zero();
     if (role_.load() == Role::primary) {
-      demote("stopped");
+      demote(note ? "stopped with the whole server" : "stopped", note);
     } else {
+      if (note && backend_->held()) backend_->note_server_stopping();
       backend_->release();
     }
+    promotion_deferred_ = false;
   }
 
   bool verify() noexcept {
@@ -570,7 +743,9 @@ class Coordinator {
   //! Sleeps for `duration` (saturated: milliseconds::max() is forever) or until a stop is
   //! asked, whichever comes first.
   void sleep_unless_stopped(std::chrono::milliseconds duration) noexcept {
-    const auto deadline = detail::deadline_after(duration);
+    sleep_until_unless_stopped(detail::deadline_after(duration));
+  }
+  void sleep_until_unless_stopped(std::chrono::steady_clock::time_point deadline) noexcept {
     for (;;) {
       const auto seen = wakeups_.load();
       if (stop_requested_.load() || detail::monotonic_clock::now() >= deadline) return;
@@ -590,40 +765,77 @@ class Coordinator {
         error.what(), backoff_.count());
   }
 
-  void invoke(const Callback& callback, const char* name) noexcept {
-    if (!callback) return;
+  //! Runs `callback` with the host's signal mask (on the coordinator thread, which
+  //! otherwise blocks every signal), so that the threads it starts inherit that mask. The
+  //! wakeup signal cannot interrupt it: FileBackend sends it only during its wait, and
+  //! drains a late one before returning. An exception is logged and swallowed.
+  //! Returns: whether the callback returned normally.
+  bool invoke(const Callback& callback, const char* name) noexcept {
+    if (!callback) return true;
     const auto outer = callback_thread_.exchange(std::this_thread::get_id());
+    const bool on_thread = options_.wait == WaitMode::background_thread &&
+                           coordinator_thread_.load() == std::this_thread::get_id();
+    sigset_t own;
+    if (on_thread) ::pthread_sigmask(SIG_SETMASK, &host_mask_, &own);
+    bool returned = false;
     try {
       callback();
+      returned = true;
     } catch (const std::exception& error) {
       log(LogLevel::error, "workerlock: pid={} {} threw: {}", ::getpid(), name, error.what());
     } catch (...) {
       log(LogLevel::error, "workerlock: pid={} {} threw a non-standard exception", ::getpid(),
           name);
     }
+    if (on_thread) ::pthread_sigmask(SIG_SETMASK, &own, nullptr);
     callback_thread_.store(outer);
+    return returned;
   }
 
+  //! A new hold. Takes the primary role, unless the previous primary noted a whole-server
+  //! stop less than server_stop_grace ago: then this worker holds the lock without running
+  //! callbacks until the grace has passed (polled: a later poll() takes the role), and a
+  //! stop during the grace releases it without callbacks (see finish()).
   void promote() noexcept {
+    const auto until = server_stop_deferral();
+    const auto now = std::chrono::steady_clock::now();
+    if (until > now) {
+      role_.store(Role::secondary);
+      log(LogLevel::info,
+          "workerlock: pid={} holds {} but defers on_promoted by {} ms: the previous primary "
+          "stopped with the whole server",
+          ::getpid(), description_,
+          std::chrono::ceil<std::chrono::milliseconds>(until - now).count());
+      if (options_.wait == WaitMode::polled) {
+        promotion_deferred_ = true;
+        deferred_until_ = until;
+        return;
+      }
+      sleep_until_unless_stopped(until);
+      if (stop_requested_.load()) return;  // finish() releases without callbacks
+    }
+    take_role();
+  }
+
+  //! Until when a new hold defers its promotion: the note of a whole-server stop plus
+  //! server_stop_grace; time_point::min() when there is no recent note. A note dated in the
+  //! future (another boot's clock) is ignored.
+  std::chrono::steady_clock::time_point server_stop_deferral() const noexcept {
+    const auto none = std::chrono::steady_clock::time_point::min();
+    if (options_.server_stop_grace <= std::chrono::milliseconds::zero()) return none;
+    const auto noted = backend_->server_stop_noted();
+    if (!noted || *noted > std::chrono::steady_clock::now()) return none;
+    return *noted + options_.server_stop_grace;
+  }
+
+  void take_role() noexcept {
     role_.store(Role::primary);
     log(LogLevel::info, "workerlock: pid={} role=primary {}", ::getpid(), description_);
     bool completed = false;
     if (startup_ && barrier_ && !read_startup_marker(completed)) return;  // stepped down
     if (startup_ && barrier_ && !completed) {
-      bool finished = true;
-      const auto outer = callback_thread_.exchange(std::this_thread::get_id());
-      try {
-        startup_();
-      } catch (const std::exception& error) {
-        finished = false;
-        log(LogLevel::error, "workerlock: pid={} on_startup threw: {}", ::getpid(), error.what());
-      } catch (...) {
-        finished = false;
-        log(LogLevel::error, "workerlock: pid={} on_startup threw", ::getpid());
-      }
-      callback_thread_.store(outer);
       std::error_code ec;
-      if (finished) barrier_->complete(ec);
+      if (invoke(startup_, "on_startup")) barrier_->complete(ec);
       if (ec) {
         log(LogLevel::error, "workerlock: pid={} cannot mark startup complete in {}: {}",
             ::getpid(), barrier_->marker_path().native(), ec.message());
@@ -683,8 +895,10 @@ class Coordinator {
   }
 
   //! on_demoted first, then release: the successor never overlaps with us.
-  void demote(const char* reason) noexcept {
+  //! `note`: leave the note of a whole-server stop before releasing.
+  void demote(const char* reason, bool note = false) noexcept {
     invoke(demoted_, "on_demoted");
+    if (note) backend_->note_server_stopping();
     backend_->release();
     role_.store(Role::secondary);
     log(LogLevel::info, "workerlock: pid={} role=secondary {} ({})", ::getpid(), description_,
@@ -714,7 +928,8 @@ class Coordinator {
   bool kept_out_ = false;
   std::atomic<Role> role_{Role::secondary};
   std::atomic<bool> stop_requested_{false};
-  std::atomic<pid_t> started_in_{0};  // the process that last started it; 0 before
+  std::atomic<bool> whole_server_stop_{false};  // the stop asked is StopScope::whole_server
+  std::atomic<pid_t> started_in_{0};            // the process that last started it; 0 before
 
   // The coordinator thread: a plain pthread, so that a copy inherited through fork() is a
   // handle to forget (a std::thread's would terminate the child when destroyed).
@@ -731,6 +946,9 @@ class Coordinator {
   std::chrono::steady_clock::time_point next_attempt_{};
   std::chrono::steady_clock::time_point next_verify_{};
   std::chrono::milliseconds startup_backoff_;  // after an unreadable startup marker
+  bool promotion_deferred_ = false;  // polled: held, waiting for deferred_until_ (see promote())
+  std::chrono::steady_clock::time_point deferred_until_{};
+  sigset_t host_mask_{};  // the signal mask of start()'s caller, for callbacks on the thread
 };
 
 }  // namespace workerlock

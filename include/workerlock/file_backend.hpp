@@ -2,6 +2,7 @@
 // file: a WorkerLock whose blocking wait a signal can interrupt.
 #pragma once
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -12,8 +13,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <fmt/format.h>
@@ -73,15 +77,16 @@ class FileBackend final : public Backend {
   FileBackend(std::filesystem::path path, Options options = {}, int wakeup_signal = 0,
               std::chrono::milliseconds health_check_interval = std::chrono::milliseconds(1000))
       : lock_(std::move(path), std::move(options)),
+        stop_note_(lock_.path().native() + ".stopped"),
         wakeup_signal_(wakeup_signal != 0 ? wakeup_signal : SIGRTMIN + 5),
         health_check_interval_(health_check_interval) {}
 
-  //! Throws: lock_error (invalid_argument) naming the bad argument (a health check interval
+  //! Throws: lock_error (errc::bad_configuration) naming the bad argument (a health check interval
   //! that is not positive, an unusable wakeup signal), or (device_or_resource_busy) when the
   //! wakeup signal already has a handler that is not workerlock's.
   void prepare() override {
     constexpr const char* operation = "start the coordinator for";
-    const auto invalid = std::make_error_code(std::errc::invalid_argument);
+    const auto invalid = make_error_code(errc::bad_configuration);
     if (health_check_interval_ <= std::chrono::milliseconds::zero())
       throw lock_error(operation, lock_.path(), invalid,
                        fmt::format("health_check_interval is {} ms; it must be positive",
@@ -113,7 +118,7 @@ class FileBackend final : public Backend {
       throw lock_error(operation, lock_.path(), {errno, std::system_category()});
   }
 
-  bool try_acquire() override { return lock_.try_lock(); }
+  bool try_acquire() override { return note_hold(lock_.try_lock()); }
 
   //! Unblocks the wakeup signal only for the duration of the blocking call, so that the
   //! signal never interrupts the host's own system calls (in callbacks, say).
@@ -134,9 +139,15 @@ class FileBackend final : public Backend {
     // An interrupt() that saw waiting_ may still be about to signal this thread: stay alive
     // (and this the waiting thread) until it has, so it never signals a joined thread.
     while (signalling_.load() != 0) ::sched_yield();
+    // A wakeup sent just as the wait ended is pending now: drain it, so that it cannot
+    // interrupt a system call of the host's callbacks, which run with the wakeup signal
+    // unblocked (the host's own mask).
+    const struct timespec no_wait {};
+    while (::sigtimedwait(&wakeup, nullptr, &no_wait) == wakeup_signal_) {
+    }
     report_replaced_handler();
     f.throw_if_failed(lock_.path());
-    return held;
+    return note_hold(held);
   }
 
   //! A signal sent just before the waiter enters the kernel is lost; callers repeat it
@@ -169,6 +180,7 @@ class FileBackend final : public Backend {
   }
 
   void release() noexcept override {
+    held_in_.store(0);
     std::error_code ignored;
     lock_.unlock(ignored);
   }
@@ -178,6 +190,54 @@ class FileBackend final : public Backend {
   }
 
   bool held() const noexcept override { return lock_.owns_lock(); }
+  //! time_point::max() while this process holds the lock (a lock file does not expire),
+  //! else time_point::min(). Safe from any thread, and async-signal-safe (one atomic).
+  std::chrono::steady_clock::time_point valid_until() const noexcept override {
+    return held_in_.load() == ::getpid() ? std::chrono::steady_clock::time_point::max()
+                                         : std::chrono::steady_clock::time_point::min();
+  }
+
+  //! Writes the note `<path>.stopped`: the monotonic clock's nanoseconds, which every
+  //! process on this machine (in any container sharing its kernel) reads alike.
+  void note_server_stopping() noexcept override {
+    char line[24];
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch())
+                        .count();
+    const int size = std::snprintf(line, sizeof line, "%020lld\n", static_cast<long long>(ns));
+    const int fd = detail::retry_on_eintr([&] {
+      return ::open(stop_note_.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    });
+    if (fd < 0) return;
+    // Written in place at a fixed length: no truncation, and the lock orders it before the
+    // next holder's read.
+    if (trusted_note(fd) && size > 0)
+      (void)!detail::retry_on_eintr(
+          [&] { return ::pwrite(fd, line, static_cast<std::size_t>(size), 0); });
+    ::close(fd);
+  }
+
+  //! Reads `<path>.stopped`, ignoring one that is not a regular file owned by this user (or
+  //! by anyone, with Options::allow_foreign_owner).
+  std::optional<std::chrono::steady_clock::time_point> server_stop_noted() const noexcept override {
+    const int fd = detail::retry_on_eintr(
+        [&] { return ::open(stop_note_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC); });
+    if (fd < 0) return std::nullopt;
+    char line[32] = {};
+    ssize_t n = -1;
+    if (trusted_note(fd))
+      n = detail::retry_on_eintr([&] { return ::pread(fd, line, sizeof line - 1, 0); });
+    ::close(fd);
+    if (n <= 0) return std::nullopt;
+    long long ns = 0;
+    for (ssize_t i = 0; i < n && line[i] != '\n'; ++i) {
+      if (line[i] < '0' || line[i] > '9' || ns > (LLONG_MAX - 9) / 10) return std::nullopt;
+      ns = ns * 10 + (line[i] - '0');
+    }
+    return std::chrono::steady_clock::time_point(
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::nanoseconds(ns)));
+  }
   std::string describe() const override { return fmt::format("path={}", lock_.path().native()); }
   //! The lock file's path.
   std::filesystem::path error_path() const override { return lock_.path(); }
@@ -188,6 +248,18 @@ class FileBackend final : public Backend {
 
  private:
   static void ignore_signal(int) noexcept {}
+
+  //! A note is a regular file owned by this user, or by anyone with allow_foreign_owner.
+  bool trusted_note(int fd) const noexcept {
+    struct stat st {};
+    return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+           (st.st_uid == ::geteuid() || lock_.options().allow_foreign_owner);
+  }
+
+  bool note_hold(bool held) noexcept {
+    if (held) held_in_.store(::getpid());
+    return held;
+  }
 
   //! How the host had replaced workerlock's handler; 0 while it has not.
   enum replacement : int { none = 0, ignored, defaulted, restarting, foreign };
@@ -245,12 +317,14 @@ class FileBackend final : public Backend {
   }
 
   WorkerLock lock_;
+  std::string stop_note_;  // <path>.stopped: the note of a whole-server stop
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> waiting_{false};
   std::atomic<int> signalling_{0};  // interrupt() calls between seeing waiting_ and signalling
   std::atomic<pthread_t> waiter_{};
+  std::atomic<pid_t> held_in_{0};  // the process holding the lock through this backend
   mutable std::atomic<int> replaced_{none};
 };
 

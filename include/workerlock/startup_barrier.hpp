@@ -103,7 +103,7 @@ class StartupBarrier {
   //! Effects: a barrier on the marker `<lock_path>.startup` for `generation`. Nothing is
   //! read or written yet. `allow_foreign_owner` accepts a marker owned by another user in a
   //! sticky directory, as Options::allow_foreign_owner does for the lock file.
-  //! Throws: lock_error (EINVAL) if the generation is empty, longer than
+  //! Throws: lock_error (errc::bad_configuration) if the generation is empty, longer than
   //! max_generation_size, or holds a newline or a NUL, or if the lock file's name leaves
   //! no room for the marker's name (ENAMETOOLONG).
   StartupBarrier(const std::filesystem::path& lock_path, std::string generation,
@@ -122,7 +122,8 @@ class StartupBarrier {
                        std::make_error_code(std::errc::filename_too_long), problem);
   }
 
-  //! Throws: lock_error (EINVAL) naming `marker` if `generation` is not a valid generation.
+  //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) naming
+  //! `marker` if `generation` is not a valid generation.
   static void check_generation(std::string_view generation, const std::filesystem::path& marker) {
     const char* problem = nullptr;
     if (generation.empty()) {
@@ -137,7 +138,7 @@ class StartupBarrier {
     }
     if (problem != nullptr)
       throw lock_error("set up the startup marker", marker,
-                       std::make_error_code(std::errc::invalid_argument), problem);
+                       make_error_code(errc::bad_configuration), problem);
   }
 
   const std::filesystem::path& marker_path() const noexcept { return marker_; }

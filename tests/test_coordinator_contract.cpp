@@ -1,0 +1,525 @@
+// tests/test_coordinator_contract.cpp: the Coordinator's public contract: accessors from any
+// thread, a lease that runs out, errors reported once, callbacks' signal mask, whole-server stop.
+//
+// Tests about the Coordinator's own logic use small Backend subclasses in this process; tests
+// about processes (the whole-server stop) fork real workers that report through shared memory.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include <workerlock/workerlock.hpp>
+
+#include "support.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using std::chrono::steady_clock;
+using workerlock::Backend;
+using workerlock::Coordinator;
+using workerlock::CoordinatorOptions;
+using workerlock::LogLevel;
+using workerlock::Role;
+using workerlock::StopScope;
+using workerlock::WaitMode;
+
+const char* mode_name(WaitMode mode) {
+  return mode == WaitMode::polled ? "polled" : "background_thread";
+}
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             steady_clock::now().time_since_epoch())
+      .count();
+}
+
+//! A lease in memory: always granted, with a deadline the test moves. The Coordinator
+//! verifies it only once an hour, so only role() and valid_until() can notice the deadline.
+class FakeLease : public Backend {
+ public:
+  std::atomic<std::int64_t> deadline_ns{std::numeric_limits<std::int64_t>::max()};
+
+  bool try_acquire() override {
+    holding_.store(true);
+    return true;
+  }
+  bool wait_acquire() override {
+    while (!interrupted_.load()) std::this_thread::sleep_for(1ms);
+    return false;
+  }
+  void interrupt() noexcept override { interrupted_.store(true); }
+  void clear_interrupt() noexcept override { interrupted_.store(false); }
+  bool verify_held() override { return true; }
+  std::chrono::milliseconds verify_interval() const noexcept override { return 1h; }
+  void release() noexcept override { holding_.store(false); }
+  bool held() const noexcept override { return holding_.load(); }
+  std::string describe() const override { return "fake lease"; }
+  std::uint64_t fencing_token() const noexcept override { return holding_.load() ? 7 : 0; }
+  steady_clock::time_point valid_until() const noexcept override {
+    if (!holding_.load()) return steady_clock::time_point::min();
+    return steady_clock::time_point(std::chrono::nanoseconds(deadline_ns.load()));
+  }
+
+ private:
+  std::atomic<bool> holding_{false};
+  std::atomic<bool> interrupted_{false};
+};
+
+//! A network backend whose server refuses every connection.
+class RefusingServer final : public FakeLease {
+ public:
+  bool try_acquire() override {
+    throw std::system_error(ECONNREFUSED, std::system_category(), "connect");
+  }
+  std::string network_target() const override { return "fake 127.0.0.1:1 key=app:primary"; }
+  std::filesystem::path error_path() const override { return "fake-path-that-must-not-show"; }
+};
+
+//! A backend that runs out of memory describing itself.
+class OutOfMemory final : public FakeLease {
+ public:
+  std::string describe() const override { throw std::bad_alloc(); }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: role() reads secondary as soon as the lease's local deadline passes, "
+    "before on_demoted runs",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  auto backend = std::make_unique<FakeLease>();
+  FakeLease& lease = *backend;
+  CoordinatorOptions options;
+  options.wait = mode;
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> promoted{0};
+  std::atomic<int> demoted{0};
+  c.on_promoted([&] { promoted.fetch_add(1); });
+  c.on_demoted([&] { demoted.fetch_add(1); });
+  CHECK(c.valid_until() == steady_clock::time_point::min());  // before start()
+
+  const auto in_a_minute = steady_clock::now() + 60s;
+  lease.deadline_ns.store(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(in_a_minute.time_since_epoch()).count());
+  c.start();
+  REQUIRE(wltest::eventually([&] { return promoted.load() == 1; }));
+  CHECK(c.role() == Role::primary);
+  CHECK(c.valid_until() == in_a_minute);  // "still valid for the next N ms" is answerable
+  CHECK(c.fencing_token() == 7);
+
+  // The lease runs out (a paused process woke up): no thread of the Coordinator ran since.
+  lease.deadline_ns.store(now_ns() - 1'000'000);
+  CHECK(c.role() == Role::secondary);
+  CHECK(c.valid_until() < steady_clock::now());
+  CHECK(demoted.load() == 0);  // role() did not wait for on_demoted
+
+  c.stop();
+  CHECK(demoted.load() == 1);
+  CHECK(c.role() == Role::secondary);
+  CHECK(c.valid_until() == steady_clock::time_point::min());
+}
+
+TEST_CASE("coordinator contract: the error_code twins never throw, even when the log sink throws",
+          "[coordinator][coordinator_contract]") {
+  std::error_code ec;
+  const std::chrono::milliseconds timeout(0);
+  {
+    Coordinator probe(std::make_unique<FakeLease>());
+    CHECK(noexcept(probe.start(ec)));
+    CHECK(noexcept(probe.wait_for_startup(timeout, ec)));
+  }
+  std::atomic<int> sink_calls{0};
+  CoordinatorOptions options;
+  options.lock.log = [&](LogLevel, std::string_view) {
+    sink_calls.fetch_add(1);
+    throw std::runtime_error("the log sink is broken");
+  };
+
+  SECTION("a bad option") {
+    options.health_check_interval = 0ms;
+    wltest::TempDir dir;
+    Coordinator c(dir / "primary.lock", options);
+    REQUIRE_NOTHROW(c.start(ec));
+    CHECK(ec == workerlock::errc::bad_configuration);
+    CHECK(ec == std::errc::invalid_argument);
+    CHECK(c.role() == Role::secondary);
+    CHECK_FALSE(c.running());
+  }
+  SECTION("an unopenable lock file") {
+    Coordinator c(fs::path("/nonexistent-workerlock-dir") / "sub" / "primary.lock", options);
+    REQUIRE_NOTHROW(c.start(ec));
+    CHECK(ec == std::errc::no_such_file_or_directory);
+    CHECK(c.role() == Role::secondary);
+    CHECK_FALSE(c.running());
+  }
+  SECTION("a backend that runs out of memory") {
+    Coordinator c(std::make_unique<OutOfMemory>(), options);
+    REQUIRE_NOTHROW(c.start(ec));
+    CHECK(ec == std::errc::not_enough_memory);
+    CHECK_FALSE(c.running());
+  }
+  SECTION("a lease that is granted: the sink throws on every line, start(ec) succeeds") {
+    Coordinator c(std::make_unique<FakeLease>(), options);
+    REQUIRE_NOTHROW(c.start(ec));
+    CHECK_FALSE(ec);
+    REQUIRE(wltest::eventually([&] { return c.role() == Role::primary; }));
+    c.stop();
+    CHECK(sink_calls.load() >= 1);
+  }
+}
+
+TEST_CASE(
+    "coordinator contract: a network backend's start() error names its target, with an empty "
+    "path",
+    "[coordinator][coordinator_contract]") {
+  std::vector<std::string> lines;
+  CoordinatorOptions options;
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::error) lines.emplace_back(line);
+  };
+  Coordinator c(std::make_unique<RefusingServer>(), options);
+  bool caught = false;
+  try {
+    c.start();
+  } catch (const workerlock::lock_error& error) {
+    caught = true;
+    INFO(error.what());
+    CHECK(error.code() == std::errc::connection_refused);
+    CHECK(error.path().empty());
+    CHECK(error.target() == "fake 127.0.0.1:1 key=app:primary");
+    CHECK(std::string(error.what()).find("fake-path-that-must-not-show") == std::string::npos);
+  }
+  CHECK(caught);
+  CHECK(lines.empty());  // reported once: thrown, not also logged
+  std::error_code ec;
+  c.start(ec);
+  CHECK(ec == std::errc::connection_refused);
+  CHECK(lines.empty());
+  CHECK(c.role() == Role::secondary);
+}
+
+TEST_CASE(
+    "coordinator contract: invalid CoordinatorOptions are errc::bad_configuration, equal to "
+    "std::errc::invalid_argument",
+    "[coordinator][coordinator_contract]") {
+  const int field = GENERATE(range(0, 5));
+  INFO("field " << field);
+  wltest::TempDir dir;
+  CoordinatorOptions options;
+  const char* name = "";
+  switch (field) {
+    case 0:
+      options.health_check_interval = -1ms, name = "health_check_interval";
+      break;
+    case 1:
+      options.retry_backoff_min = 0ms, name = "retry_backoff_min";
+      break;
+    case 2:
+      options.retry_backoff_max = 1ms, name = "retry_backoff_max";
+      break;
+    case 3:
+      options.wakeup_signal = SIGKILL, name = "wakeup_signal";
+      break;
+    default:
+      options.server_stop_grace = -1ms, name = "server_stop_grace";
+      break;
+  }
+  Coordinator c(dir / "primary.lock", options);
+  bool caught = false;
+  try {
+    c.start();
+  } catch (const workerlock::lock_error& error) {
+    caught = true;
+    INFO(error.what());
+    CHECK(error.code() == workerlock::errc::bad_configuration);
+    CHECK(error.code() == std::errc::invalid_argument);
+    CHECK(std::string(error.what()).find(name) != std::string::npos);
+  }
+  CHECK(caught);
+  std::error_code ec;
+  c.start(ec);
+  CHECK(ec == workerlock::errc::bad_configuration);
+  CHECK(ec == std::errc::invalid_argument);
+
+  // The startup generation is checked when the Coordinator is built.
+  CoordinatorOptions bad_generation;
+  bad_generation.startup_generation = "two\nlines";
+  bool generation_refused = false;
+  try {
+    Coordinator refused(dir / "primary.lock", bad_generation);
+  } catch (const workerlock::lock_error& error) {
+    generation_refused = true;
+    CHECK(error.code() == workerlock::errc::bad_configuration);
+    CHECK(error.code() == std::errc::invalid_argument);
+  }
+  CHECK(generation_refused);
+}
+
+namespace {
+
+//! The signals blocked in `set`, as a string of 0/1 per signal number, for comparisons.
+std::string blocked(const sigset_t& set) {
+  std::string bits;
+  for (int signal = 1; signal <= SIGRTMAX; ++signal)
+    bits += sigismember(&set, signal) == 1 ? '1' : '0';
+  return bits;
+}
+
+std::string current_mask() {
+  sigset_t set;
+  ::pthread_sigmask(SIG_SETMASK, nullptr, &set);
+  return blocked(set);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: callbacks, and the threads they start, run with the host's signal "
+    "mask",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  std::string host, in_promoted, in_thread, in_demoted;
+  // A host thread with a mask of its own: SIGUSR1 blocked, SIGTERM and the rest not.
+  std::thread host_thread([&] {
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGUSR1);
+    ::pthread_sigmask(SIG_SETMASK, &mask, nullptr);
+    host = current_mask();
+    CoordinatorOptions options;
+    options.wait = mode;
+    Coordinator c(dir / "primary.lock", options);
+    c.on_promoted([&] {
+      in_promoted = current_mask();
+      std::thread started([&] { in_thread = current_mask(); });  // like the example's scheduler
+      started.join();
+    });
+    c.on_demoted([&] { in_demoted = current_mask(); });
+    c.start();
+    wltest::eventually([&] { return c.role() == Role::primary; });
+    std::this_thread::sleep_for(20ms);  // on_promoted finished (it runs before nothing else)
+    c.stop();
+  });
+  host_thread.join();
+  REQUIRE(host.size() == static_cast<std::size_t>(SIGRTMAX));
+  CHECK(host[SIGUSR1 - 1] == '1');
+  CHECK(host[SIGTERM - 1] == '0');
+  CHECK(in_promoted == host);
+  CHECK(in_thread == host);
+  CHECK(in_demoted == host);
+}
+
+TEST_CASE(
+    "coordinator contract: role(), fencing_token() and valid_until() may be read from any "
+    "thread during failovers",
+    "[coordinator][coordinator_contract][threads]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  Coordinator a(path);
+  Coordinator b(path);
+  std::atomic<bool> done{false};
+  std::atomic<long> primary_reads{0};
+  std::atomic<long> odd_reads{0};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 2; ++i) {
+    readers.emplace_back([&] {
+      while (!done.load()) {
+        for (Coordinator* c : {&a, &b}) {
+          const auto until = c->valid_until();
+          if (until != steady_clock::time_point::max() && until != steady_clock::time_point::min())
+            odd_reads.fetch_add(1);  // a lock file's hold does not expire by time
+          if (c->fencing_token() != 0) odd_reads.fetch_add(1);
+          if (c->role() == Role::primary) primary_reads.fetch_add(1);
+        }
+      }
+    });
+  }
+  a.start();
+  b.start();
+  for (int round = 0; round < 6; ++round) {
+    Coordinator& holder = round % 2 == 0 ? a : b;
+    Coordinator& standby = round % 2 == 0 ? b : a;
+    REQUIRE(wltest::eventually([&] { return holder.role() == Role::primary; }));
+    holder.stop();  // failover to the standby
+    REQUIRE(wltest::eventually([&] { return standby.role() == Role::primary; }));
+    holder.start();
+  }
+  done.store(true);
+  for (auto& reader : readers) reader.join();
+  a.stop();
+  b.stop();
+  CHECK(odd_reads.load() == 0);
+  CHECK(primary_reads.load() > 0);
+}
+
+// ----------------------------------------------------------------------------------------
+// Whole-server stop: forked workers, each stopped by SIGTERM as a server's master would.
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+struct WorkerReport {
+  std::atomic<int> started{0};
+  std::atomic<int> promoted{0};
+  std::atomic<int> demoted{0};
+  std::atomic<int> deferred{0};  // log lines saying the promotion is deferred
+  std::atomic<std::int64_t> promoted_ns{0};
+  std::atomic<std::int64_t> demoted_ns{0};
+  std::atomic<int> exited{0};
+};
+
+struct Board {
+  WorkerReport worker[2];
+};
+
+Coordinator* g_coordinator = nullptr;
+StopScope g_scope = StopScope::worker;
+
+extern "C" void stop_on_sigterm(int) { g_coordinator->request_stop(g_scope); }
+
+//! A worker: joins the election, stops on SIGTERM with `scope`, exits 0.
+int run_worker(WorkerReport& r, const fs::path& path, WaitMode mode, StopScope scope,
+               std::chrono::milliseconds grace) {
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.server_stop_grace = grace;
+  options.lock.log = [&r](LogLevel, std::string_view line) {
+    if (line.find("defers on_promoted") != std::string_view::npos) r.deferred.fetch_add(1);
+  };
+  Coordinator c(path, options);
+  c.on_promoted([&r] {
+    r.promoted_ns.store(now_ns());
+    r.promoted.fetch_add(1);
+  });
+  c.on_demoted([&r] {
+    r.demoted_ns.store(now_ns());
+    r.demoted.fetch_add(1);
+  });
+  g_coordinator = &c;
+  g_scope = scope;
+  struct sigaction term {};
+  term.sa_handler = &stop_on_sigterm;
+  sigemptyset(&term.sa_mask);
+  if (::sigaction(SIGTERM, &term, nullptr) != 0) return 10;
+  c.start();
+  r.started.store(1);
+  while (c.running()) {
+    c.poll();
+    std::this_thread::sleep_for(2ms);
+  }
+  c.stop();
+  r.exited.store(1);
+  return 0;
+}
+
+//! Worker 0, which becomes the primary, and worker 1, a standby, on one lock file.
+struct TwoWorkers {
+  wltest::TempDir dir;
+  fs::path path = dir / "primary.lock";
+  wltest::Shared<Board> board;
+  wltest::Children children;
+  WorkerReport& a = board->worker[0];
+  WorkerReport& b = board->worker[1];
+  pid_t pa = 0;
+  pid_t pb = 0;
+
+  TwoWorkers(WaitMode mode, StopScope primary_scope, StopScope standby_scope,
+             std::chrono::milliseconds grace) {
+    pa = children.spawn([&] { return run_worker(a, path, mode, primary_scope, grace); });
+    REQUIRE(wltest::eventually([&] { return a.promoted.load() == 1; }, 10s));
+    pb = children.spawn([&] { return run_worker(b, path, mode, standby_scope, grace); });
+    REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
+  }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: a whole-server stop never promotes a standby that is stopped "
+    "during the grace",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  const std::chrono::milliseconds grace =
+      20s;  // far longer than the test needs: the standby is stopped in it
+  TwoWorkers w(mode, StopScope::whole_server, StopScope::whole_server, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
+
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
+  CHECK(a.demoted.load() == 1);
+  // b takes the lock; without the note it would run on_promoted now.
+  REQUIRE(wltest::eventually([&] { return b.deferred.load() + b.promoted.load() > 0; }, 10s));
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(b.promoted.load() == 0);
+  CHECK(b.demoted.load() == 0);
+  CHECK(b.deferred.load() == 1);
+
+  // The lock is free again, and nothing outlives the stop.
+  workerlock::WorkerLock probe(w.path);
+  CHECK(probe.try_lock());
+}
+
+TEST_CASE("coordinator contract: a rolling stop hands over at once, whole-server stops aside",
+          "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  const std::chrono::milliseconds grace = 20s;
+  TwoWorkers w(mode, StopScope::worker, StopScope::worker, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
+
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
+  REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 10s));  // not 20 s
+  CHECK(b.deferred.load() == 0);
+  CHECK(b.promoted_ns.load() - a.demoted_ns.load() < std::chrono::nanoseconds(10s).count());
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(b.demoted.load() == 1);
+}
+
+TEST_CASE(
+    "coordinator contract: after a whole-server stop, a standby that is not stopped is "
+    "promoted once the grace has passed",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  const std::chrono::milliseconds grace = 1s;
+  TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
+  WorkerReport& a = w.a;
+  WorkerReport& b = w.b;
+
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
+  REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 20s));
+  CHECK(b.deferred.load() == 1);
+  // The note is written after on_demoted, and the grace counts from the note.
+  CHECK(b.promoted_ns.load() - a.demoted_ns.load() >= std::chrono::nanoseconds(grace).count());
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(b.demoted.load() == 1);
+}

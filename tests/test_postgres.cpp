@@ -579,8 +579,7 @@ TEST_CASE(
                                                      &PQfinish);
   REQUIRE(PQstatus(blocker.get()) == CONNECTION_OK);
   const auto run = [&](const std::string& sql) {
-    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(blocker.get(), sql.c_str()),
-                                                     &PQclear);
+    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(blocker.get(), sql.c_str()), &PQclear);
     return PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQgetvalue(r.get(), 0, 0)[0] == 't';
   };
   REQUIRE(run(fmt::format("SELECT pg_try_advisory_lock({}, {})", hi, lo)));

@@ -557,6 +557,93 @@ TEST_CASE(
   a.reset();
 }
 
+TEST_CASE(
+    "postgres: a standby whose lock session was ended while it waited for the handover lock is "
+    "never promoted",
+    "[postgres]") {
+  // The trail spin found (tests/model/postgres_holder.pml): W1 takes the election lock and its
+  // lock session is ended; W0 takes both locks and is promoted; W0's fence session is ended;
+  // W1 takes the handover lock. Neither lost both sessions, so W1 must not be promoted while
+  // W0 is still primary (W0 notices its lost fence session only at its next check).
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = patient(options_for(fresh_name("standby-lost-lock-session")));
+  o.restart_grace = 0ms;  // the cluster may be seconds old; the grace has its own test
+  const auto key = PostgresBackend::key_for(o.name);
+  const auto u = static_cast<std::uint64_t>(key);
+  const auto hi = static_cast<std::int32_t>(u >> 32);
+  const auto lo = static_cast<std::int32_t>(u & 0xffffffffu);
+
+  // A third session holds the handover lock, so that W1 stops after the election lock.
+  std::unique_ptr<PGconn, void (*)(PGconn*)> blocker(PQconnectdb(pg.admin_conninfo().c_str()),
+                                                     &PQfinish);
+  REQUIRE(PQstatus(blocker.get()) == CONNECTION_OK);
+  const auto run = [&](const std::string& sql) {
+    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(blocker.get(), sql.c_str()), &PQclear);
+    return PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQgetvalue(r.get(), 0, 0)[0] == 't';
+  };
+  REQUIRE(run(fmt::format("SELECT pg_try_advisory_lock({}, {})", hi, lo)));
+
+  // W1 (this process): takes the election lock, cannot take the handover lock yet.
+  PostgresBackend w1(o);
+  REQUIRE_FALSE(w1.try_acquire());
+  REQUIRE(w1.lock_session_pid() != 0);
+  REQUIRE(pg.lock_holder_pid(key, 1) == w1.lock_session_pid());
+  // W1's lock session is ended; W1 does not notice (it sends nothing on it).
+  REQUIRE(pg.terminate(w1.lock_session_pid()));
+  REQUIRE(wltest::eventually([&] { return pg.lock_holder_pid(key, 1) == 0; }, 10s));
+
+  // W0: a Coordinator in a child, which checks only every 10 s, so that its hold outlives
+  // the rest of the trail by far (the TCP timers grow with it, as the options require).
+  auto o0 = o;
+  o0.verify_interval = 10s;
+  o0.command_timeout = 5s;
+  o0.keepalives_idle = 30s;
+  o0.tcp_user_timeout = 60s;
+  wltest::Shared<Checker> checker;
+  std::vector<pid_t> pids;
+  pids.push_back(wltest::fork_child([&] { return coordinator_child(o0, *checker, 0); }));
+  REQUIRE(wltest::eventually([&] { return pg.lock_holder_pid(key, 1) != 0; }, 20s));
+  REQUIRE(wltest::eventually([&] { return pg.lock_waiters(key, 2) == 1; }, 20s));
+  REQUIRE(run(fmt::format("SELECT pg_advisory_unlock({}, {})", hi, lo)));
+  REQUIRE(wltest::eventually([&] { return checker->promotions.load() == 1; }, 20s));
+  const int w0 = checker->holder.load();
+  REQUIRE(w0 == pids[0]);
+
+  // W0's fence session is ended: the handover lock is free, and W0 is primary until its next
+  // check (up to 15 s from its promotion).
+  const int fence = pg.lock_holder_pid(key, 2);
+  REQUIRE(fence != 0);
+  REQUIRE(pg.terminate(fence));
+  REQUIRE(wltest::eventually([&] { return pg.lock_holder_pid(key, 2) == 0; }, 10s));
+  REQUIRE(checker->demotions.load() == 0);
+
+  // W1 takes the handover lock now. It must find its lock session gone and not be promoted.
+  bool promoted = false;
+  std::string error;
+  try {
+    promoted = w1.try_acquire();
+  } catch (const lock_error& e) {
+    error = e.what();
+  }
+  const bool w1_primary = w1.held() && w1.valid_until() > std::chrono::steady_clock::now();
+  // Read after W1's own state: if W0 had not demoted by then, the two overlapped.
+  const bool w0_primary = checker->holder.load() == w0 && checker->demotions.load() == 0;
+  INFO("W1: try_acquire() = " << promoted << ", error: " << error << "; " << checker->summary());
+  CHECK_FALSE((w1_primary && w0_primary));
+  CHECK_FALSE(promoted);
+  CHECK_FALSE(w1.held());
+  CHECK(w1.lock_session_pid() == 0);
+  CHECK(pg.lock_holder_pid(key, 2) == 0);  // W1 let the handover lock go again
+
+  // W0 notices at its next check, demotes, and the election goes on with one primary.
+  CHECK(wltest::eventually([&] { return checker->demotions.load() == 1; }, 60s));
+  w1.reset();
+  CHECK(stop_and_reap(*checker, pids) == 0);
+  CHECK(checker->overlaps.load() == 0);
+  CHECK(checker->foreign_demotions.load() == 0);
+}
+
 TEST_CASE("postgres: restart grace: a new holder of a young server waits out restart_grace",
           "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();

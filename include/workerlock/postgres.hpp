@@ -469,12 +469,16 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! in release(), which the Coordinator calls after on_demoted. A new holder needs both, in
 //! that order. So when the server ends the old holder's lock session behind its back
 //! (pg_terminate_backend of that one session), the next holder waits until the old one
-//! has noticed (its next verify_held()) and run on_demoted: the two never overlap. When the
-//! old holder process dies, both sessions close and the standby takes over at once. Not
-//! covered: ending BOTH sessions of a live holder at the same moment (two pg_terminate_backend
-//! calls, a script that kills idle sessions) while the standbys' sessions survive; the successor is
-//! then promoted at once and the old holder steps down only at its next verify_held(), up to
-//! verify_interval + command_timeout later. Fence downstream writes with fencing_token().
+//! has noticed (its next verify_held()) and run on_demoted: the two never overlap. Once it
+//! holds the handover lock, a new holder proves both sessions with one more round trip
+//! before it is promoted: a standby whose lock session was ended while it waited (its
+//! election lock gone, perhaps to a holder since) gives the handover lock back and is not
+//! promoted. When the old holder process dies, both sessions close and the standby takes over at
+//! once. Not covered: ending BOTH sessions of a live holder at the same moment (two
+//! pg_terminate_backend calls, a script that kills idle sessions) while the standbys' sessions
+//! survive; the successor is then promoted at once and the old holder steps down only at its next
+//! verify_held(), up to verify_interval + command_timeout later. Fence downstream writes with
+//! fencing_token().
 //!
 //! Who holds it, for operators (hi = key >> 32 and lo = key & 0xffffffff, both unsigned):
 //!   SELECT pid, objsubid FROM pg_locks WHERE locktype = 'advisory' AND granted
@@ -515,9 +519,9 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! holder's locks are freed after the server's detection time, >= 2 (V + C) from s (the
 //! options refuse less). So the holder trusts its hold until
 //!   valid_until = s + V + C      (3 s after the last proof with the defaults)
-//! where s is the instant just before the last successful proof was sent: the statement that
-//! took the handover lock (or a fresh round trip when that waited for longer than V), then
-//! each verify_held(). verify_interval() shrinks so that the next check starts by s + V, and
+//! where s is the instant just before the last successful proof was sent: the round trip on
+//! both sessions that follows the handover lock (before the promotion), then each
+//! verify_held(). verify_interval() shrinks so that the next check starts by s + V, and
 //! that check gives up at valid_until. From valid_until on, verify_held() answers false
 //! without a round trip, even if the sessions are still there: a Coordinator's role() has
 //! read secondary since then, and a later success would bring primary back without
@@ -585,11 +589,13 @@ class PostgresBackend final : public Backend {
   void prepare() override { check_configuration(); }
 
   //! One attempt: connects if needed (within connect_timeout), then pg_try_advisory_lock on
-  //! each session (within command_timeout each). Returns false on contention, and also while
-  //! the election lock is won but the handover lock or the restart grace is still pending
-  //! (the next try_acquire() or wait_acquire() continues from there).
-  //! Throws: lock_error when the server cannot be reached or a statement fails; then
-  //! nothing is held and both sessions are closed.
+  //! each session (within command_timeout each), then one `SELECT pg_backend_pid()` round
+  //! trip on both that proves them before it returns true. Returns false on contention, and
+  //! also while the election lock is won but the handover lock or the restart grace is still
+  //! pending (the next try_acquire() or wait_acquire() continues from there).
+  //! Throws: lock_error when the server cannot be reached or a statement fails, or a session
+  //! was ended by the server (ECONNRESET: also when the lock session was ended while it
+  //! waited for the handover lock); then nothing is held and both sessions are closed.
   bool try_acquire() override { return acquire(false); }
 
   //! Waits in pg_advisory_lock on the lock session, then on the fence session, until both are
@@ -876,16 +882,19 @@ class PostgresBackend final : public Backend {
       if (!wait) return false;
       if (wait_io(-1, 0, not_before_, true) == outcome::interrupted) return false;
     }
-    // The statement that took the handover lock proved both sessions from the instant it was
-    // sent. After a long wait (for the handover lock, or the restart grace) that is too old to
-    // trust: one more round trip proves them afresh.
-    if (clock::now() - proof_start_ < options_.verify_interval) {
-      set_valid_until(proof_start_ + options_.verify_interval + options_.command_timeout);
-    } else if (!prove(clock::now() + options_.command_timeout)) {
+    // The handover lock's statement proves only the fence session. The lock session took the
+    // election lock earlier and has been silent since: the server may have ended it while we
+    // waited, and someone else may have taken the election lock, and both locks, since. One
+    // round trip on both sessions, answered by the same server processes, proves that they
+    // still hold both locks now (a session ended by the server drops its locks and never
+    // comes back); its start is the hold's proof for valid_until. If it fails, acquire()
+    // closes both sessions, which frees the handover lock again: never promoted.
+    if (!prove(clock::now() + options_.command_timeout)) {
       f.set(ECONNRESET, "take the PostgreSQL lock on");
       why =
           "a session was lost, or did not answer within command_timeout, when both locks were "
-          "finally held";
+          "finally held (the lock session may have been ended while it waited for the handover "
+          "lock)";
       return false;
     }
     held_.store(true);  // after valid_until_: a reader never sees a hold without its deadline
@@ -927,7 +936,6 @@ class PostgresBackend final : public Backend {
   bool lock_statement(int i, bool wait, clock::time_point deadline, detail::pg_result& r,
                       detail::failure& f, std::string& why) {
     const char* sql = sql_[i][wait ? 1 : 0].c_str();
-    if (i == 1) proof_start_ = clock::now();
     const bool sent =
         i == 0 ? send(i, sql, {key_text_.c_str()}, f)
                : send(i, sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f);
@@ -1347,7 +1355,6 @@ class PostgresBackend final : public Backend {
   std::atomic<bool> held_{false};
   std::atomic<std::uint64_t> token_{0};
   std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};
-  clock::time_point proof_start_{};  // just before the handover lock's statement was sent
   clock::time_point not_before_{};   // promotion waits until then (restart grace)
   clock::time_point grace_floor_{};  // ... and until then (our session was ended by the server)
   std::atomic<bool> interrupted_{false};

@@ -13,16 +13,19 @@
  *       (standby_fence_session); pg_advisory_lock(key) on session 0 (the election lock L);
  *       pg_advisory_lock(hi, lo) on session 1 (the handover lock F), whose row also gives the
  *       server's uptime; not_before = max(grace_floor, now + G - uptime); wait until then;
- *       held -> promote().  A session ended by the server fails the wait (ECONNRESET):
- *       reset(), grace_floor = now + G, and again.
+ *       then advance()'s re-check: prove(), SELECT pg_backend_pid() on both sessions, which
+ *       succeeds only if both are the sessions that took the locks (so the lock session still
+ *       holds the election lock); held -> promote().  A session ended by the server fails the
+ *       wait or the re-check (ECONNRESET): reset() (the handover lock is freed),
+ *       grace_floor = now + G, and again.
  *     holder: sleep verify_interval (V) after the last check; verify_held(): SELECT
  *       pg_backend_pid() on both sessions, answered by the server at some time within C (or
  *       not: a timeout), the answer telling whether both sessions are the ones that took the
  *       locks; false -> demote(): on_demoted, then release() (pg_advisory_unlock on both;
  *       a dead session is closed).  The holder is never paused here: the window below is a
  *       bound on time, so its checks run on schedule (the clock waits for them).
- *   killer     = pg_terminate_backend of one session of any worker (at most MAXKILL), which
- *                frees that session's lock at once.
+ *   killer     = pg_terminate_backend of one session of any worker, holder or standby (at
+ *                most MAXKILL), which frees that session's lock at once.
  *   restarter  = the server restarts once: every session ends, every lock is freed.
  *   clock      = real time advances one tick, when no holder's check is due.
  *
@@ -39,13 +42,12 @@
  *   -DNO_RESTART_GRACE  mutation: no restart grace; spin finds an overlap after a restart.
  *   -DNO_OVERLAP        the window is real: assert that two primaries never overlap at all;
  *                       spin finds the both-sessions-killed overlap (documented counterexample).
- *   -DKILL_ANY_SESSION  documented finding: the killer may also end a standby's session, not
- *                       only a holder's.  Spin finds an overlap without both of one holder's
- *                       sessions ended: a standby takes the election lock, loses its lock
- *                       session, the holder loses its fence session, and the standby then takes
- *                       the handover lock (advance() does not re-check session 0 after
- *                       locked_[0] was set) and is promoted while the holder still is primary,
- *                       until the holder's next check (<= V + C).
+ *   -DNO_LOCK_SESSION_RECHECK  mutation: no re-check after the handover lock (advance() as it
+ *                       was: the lock session is not asked again after locked_[0] was set).
+ *                       Spin finds an overlap without both of one holder's sessions ended: a
+ *                       standby takes the election lock, loses its lock session, the holder
+ *                       loses its fence session, and the standby then takes the handover lock
+ *                       and is promoted while the holder still is primary.
  */
 
 #define NP 2
@@ -85,11 +87,7 @@ bool bothkilled[NP];        /* both its sessions were ended (not by a restart) w
 byte overlap_since = 0;     /* when the current overlap of two primaries began */
 
 /* pg_terminate_backend of one session; or a server restart (all of them). */
-#ifdef KILL_ANY_SESSION
-#define killable(p) true
-#else
-#define killable(p) (holding[p])  /* the sessions of the holder (from the handover lock on) */
-#endif
+#define killable(p) true          /* any session: a holder's or a standby's */
 active proctype killer() {
   byte p;
 end_kill:
@@ -177,6 +175,14 @@ inline reset() {
   alive0[me] = false; alive1[me] = false; holding[me] = false; bothkilled[me] = false
 }
 
+/* advance()'s re-check after the handover lock, before held_ = true: prove(), one round trip
+   on both sessions, answered only if both are the sessions that took the locks. */
+#ifdef NO_LOCK_SESSION_RECHECK
+#define rechecked(p) true
+#else
+#define rechecked(p) (alive0[p] && alive1[p])
+#endif
+
 /* Coordinator::demote(): on_demoted, then release() (unlock both; a dead session closed). */
 inline demote() {
   primary[me] = false; due[me] = NEVER;
@@ -225,15 +231,25 @@ end_fence:
         if
         :: not_before != NEVER ->
 end_grace:
-           atomic {                                        /* wait out the restart grace */
-             t >= not_before &&
-             /* within one tick, the checks of a primary due now come first: they stand for
-                instants before it (they were scheduled by events before the grace began) */
-             !(primary[1 - me] && (due[1 - me] <= t || reset_seen(1 - me))) ->
-             not_before = 0;
-             promote();                                    /* held_ = true; promote() */
-             due[me] = t + V
-           }
+           if
+           :: atomic {                                     /* wait out the restart grace */
+                t >= not_before &&
+                /* within one tick, the checks of a primary due now come first: they stand for
+                   instants before it (they were scheduled by events before the grace began) */
+                !(primary[1 - me] && (due[1 - me] <= t || reset_seen(1 - me))) &&
+                rechecked(me) ->
+                not_before = 0;
+                promote();                                 /* held_ = true; promote() */
+                due[me] = t + V
+              }
+#ifndef NO_LOCK_SESSION_RECHECK
+           :: atomic {                 /* advance(): prove() fails at once: ECONNRESET */
+                t >= not_before && (!alive0[me] || !alive1[me]) ->
+                printf("W%d: the re-check after the handover lock fails at %d\n", me, t);
+                not_before = 0; reset(); grace_floor = t + G
+              }
+#endif
+           fi
         :: else -> not_before = 0
         fi
      :: atomic {                                           /* the session ended: ECONNRESET */

@@ -1217,7 +1217,9 @@ TEST_CASE("Role and ElectedRole format as primary or secondary and a forked copy
   CHECK(won.elected_in() == ::getpid());
   CHECK_FALSE(won.inherited_across_fork());
   std::ostringstream os2;
-  os2 << won << ' ' << ElectedRole(Role::secondary, ::getpid()) << ' ' << ElectedRole{};
+  const ElectedRole lost(Role::secondary, ::getpid());
+  const ElectedRole unset;
+  os2 << won << ' ' << lost << ' ' << unset;
   CHECK(os2.str() == "primary secondary secondary");
   const Role as_enum = won;
   CHECK(as_enum == Role::primary);

@@ -3,6 +3,7 @@
 // (That reading a temporary Election's role does not compile is proven by tests/compile_fail.)
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -153,46 +154,52 @@ TEST_CASE("contract: a copy made by syscall(SYS_fork) reads secondary and cannot
   REQUIRE(copy >= 0);
   if (copy == 0) {
     wltest::tsan_ignore_this_copy();
+    // The first failure is the exit code, but the operation runs all the same, so that the
+    // parent's checks show what it did to the original's lock.
+    int failed = 0;
+    const auto fail = [&](int code) {
+      if (failed == 0) failed = code;
+    };
     if (::getpid() == parent) wltest::copy_exit(9);
     auto& e = *election;
-    if (e.role != Role::secondary) wltest::copy_exit(10);  // the cached pid read primary here
-    if (e.role.get() != Role::secondary) wltest::copy_exit(11);
-    if (!e.role.inherited_across_fork()) wltest::copy_exit(12);
-    if (e.lock.owns_lock()) wltest::copy_exit(13);
-    if (!e.lock.inherited_across_fork()) wltest::copy_exit(14);
+    if (e.role != Role::secondary) fail(10);  // the cached pid read primary here
+    if (e.role.get() != Role::secondary) fail(11);
+    if (!e.role.inherited_across_fork()) fail(12);
+    if (e.lock.owns_lock()) fail(13);
+    if (!e.lock.inherited_across_fork()) fail(14);
     std::error_code ec;
     if (operation == "unlock") {
       e.lock.unlock();
     } else if (operation == "unlock(ec)") {
       e.lock.unlock(ec);
-      if (ec) wltest::copy_exit(20);
+      if (ec) fail(20);
     } else if (operation == "unlock_and_remove") {
       try {
         e.lock.unlock_and_remove();
-        wltest::copy_exit(21);  // it held nothing here: an error is due
+        fail(21);  // it held nothing here: an error is due
       } catch (const workerlock::lock_error& error) {
-        if (error.code() != workerlock::errc::not_held) wltest::copy_exit(22);
+        if (error.code() != workerlock::errc::not_held) fail(22);
       }
     } else if (operation == "unlock_and_remove(ec)") {
       e.lock.unlock_and_remove(ec);
-      if (ec != workerlock::errc::not_held) wltest::copy_exit(23);
+      if (ec != workerlock::errc::not_held) fail(23);
     } else if (operation == "destroy") {
       election.reset();
     } else if (operation == "move-assign") {
       WorkerLock other(path, quiet(mechanism));
       other = std::move(e.lock);
-      if (other.owns_lock()) wltest::copy_exit(24);
+      if (other.owns_lock()) fail(24);
     } else if (operation == "try_lock") {
       // A fresh attempt from this process: the original holds the lock, so it fails.
-      if (e.lock.try_lock()) wltest::copy_exit(25);
+      if (e.lock.try_lock()) fail(25);
     } else if (operation == "try_lock_for") {
-      if (e.lock.try_lock_for(20ms)) wltest::copy_exit(26);
+      if (e.lock.try_lock_for(20ms)) fail(26);
     } else if (operation == "lock_for ec") {
-      if (e.lock.try_lock_for(20ms, ec) || ec) wltest::copy_exit(27);
+      if (e.lock.try_lock_for(20ms, ec) || ec) fail(27);
     }
-    if (election && election->lock.owns_lock()) wltest::copy_exit(28);
+    if (election && election->lock.owns_lock()) fail(28);
     election.reset();
-    wltest::copy_exit(0);
+    wltest::copy_exit(failed);
   }
   const int code = wltest::wait_or_kill(copy, 60s);
   CHECK(code == 0);
@@ -277,8 +284,7 @@ TEST_CASE("contract: an unlock that fails under std::unique_lock neither termina
     std::atomic<int> warnings{0};
   };
   wltest::Shared<Board> board;
-  Children children;
-  const pid_t child = children.spawn([&] {
+  const pid_t child = wltest::fork_child([&] {
     Options options = quiet(mechanism);
     options.log = [&](LogLevel level, std::string_view line) {
       if (level == LogLevel::warning && line.find("cannot unlock") != std::string_view::npos)
@@ -296,11 +302,24 @@ TEST_CASE("contract: an unlock that fails under std::unique_lock neither termina
     if (!wltest::eventually([&] { return board->stage.load() == 2; }, 60s)) return 4;
     return 0;
   });
-  REQUIRE(wltest::eventually([&] { return board->stage.load() == 1; }, 60s));
+  // Until the child has unlocked, or has died trying (134: SIGABRT from std::terminate).
+  int died = -1;
+  const bool unlocked = wltest::eventually(
+      [&] {
+        int status = 0;
+        if (::waitpid(child, &status, WNOHANG) == child) {
+          died = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          return true;
+        }
+        return board->stage.load() == 1;
+      },
+      60s);
+  if (died >= 0) FAIL("the child ended (" << died << ") before its unique_lock had unlocked");
   // The child is alive and its lock is free.
   CHECK(other_process_try(path, mechanism) == kAcquired);
   board->stage.store(2);
-  CHECK(children.wait(child) == 0);  // 134: std::terminate from the throwing unlock()
+  CHECK(wltest::wait_or_kill(child, 60s) == 0);
+  CHECK(unlocked);
   CHECK(board->warnings.load() == 1);
 }
 

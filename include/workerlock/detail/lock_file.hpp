@@ -212,7 +212,7 @@ inline bool open_registered(registry& reg, lock_state& s, failure& f) noexcept {
   }
   if (!s.options.allow_foreign_owner && foreign_owner_in_sticky_directory(path, file.stx_uid)) {
     close_keep_errno(fd);
-    f.set(errc::foreign_owner, operation,
+    f.set(EPERM, operation,
           "the file belongs to another user in a world-writable sticky directory such as /tmp, "
           "so that user could hold the lock forever; use a private directory such as /run/<app>");
     return false;

@@ -4,7 +4,7 @@
 #   cmake -DCOMPILER=<c++> -DSOURCE=<snippet.cpp> -DINCLUDES=<dir|dir...> -DSTANDARDS=<17|20>
 #         -P check.cmake
 #
-# A snippet whose header has "// EXPECT: <text>" must fail to compile with <text> in the
+# A snippet whose header has "// EXPECT: <text>" (no ";") must fail to compile with <text> in the
 # compiler's output (so a snippet that fails for another reason, a typo, does not count).
 # A snippet with "// EXPECT-SUCCESS" must compile without a warning.
 foreach(_var COMPILER SOURCE INCLUDES STANDARDS)

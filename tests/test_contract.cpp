@@ -29,12 +29,12 @@
 namespace {
 
 using namespace std::chrono_literals;
+using wltest::Children;
 using workerlock::LogLevel;
 using workerlock::Mechanism;
 using workerlock::Options;
 using workerlock::Role;
 using workerlock::WorkerLock;
-using wltest::Children;
 
 Options quiet(Mechanism mechanism) { return Options{}.with(mechanism).silent(); }
 
@@ -111,7 +111,7 @@ TEST_CASE("contract: four forked workers keeping their Election elect exactly on
   CHECK(board->primaries.load() == 1);
 }
 
-TEST_CASE("contract: a moved Election keeps the lock; the moved-from one reads secondary",
+TEST_CASE("contract: a moved Election keeps the lock and the moved-from one reads secondary",
           "[contract]") {
   wltest::TempDir dir;
   const auto path = dir / "moved.lock";
@@ -134,9 +134,10 @@ TEST_CASE("contract: a moved Election keeps the lock; the moved-from one reads s
 // Item 2: no cached pid; a raw copy of the process owns nothing and releases nothing.
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("contract: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
-          "remove the original's lock",
-          "[contract][raw_fork]") {
+TEST_CASE(
+    "contract: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
+    "remove the original's lock",
+    "[contract][raw_fork]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
   const std::string operation = GENERATE(as<std::string>{}, "read", "unlock", "unlock(ec)",
                                          "unlock_and_remove", "unlock_and_remove(ec)", "destroy",
@@ -213,9 +214,10 @@ TEST_CASE("contract: a copy made by syscall(SYS_fork) reads secondary and cannot
   CHECK(other_process_try(path, mechanism) == kAcquired);
 }
 
-TEST_CASE("contract: a raw copy made while another thread holds the registry mutex does not "
-          "hang when it destroys its inherited Election",
-          "[contract][raw_fork]") {
+TEST_CASE(
+    "contract: a raw copy made while another thread holds the registry mutex does not "
+    "hang when it destroys its inherited Election",
+    "[contract][raw_fork]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::posix);
   INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::TempDir dir;
@@ -253,7 +255,7 @@ TEST_CASE("contract: a raw copy made while another thread holds the registry mut
 // Item 3: unlock() is noexcept (BasicLockable); std::unique_lock, scoped_lock, std::lock.
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("contract: WorkerLock::unlock() is noexcept, and the error_code twins too",
+TEST_CASE("contract: WorkerLock::unlock() is noexcept and so are the error_code twins",
           "[contract]") {
   WorkerLock lock;
   std::error_code ec;
@@ -272,9 +274,10 @@ TEST_CASE("contract: WorkerLock::unlock() is noexcept, and the error_code twins 
   CHECK(noexcept(workerlock::default_lock_path(ec)));
 }
 
-TEST_CASE("contract: an unlock that fails under std::unique_lock neither terminates the "
-          "process nor keeps the lock",
-          "[contract][process]") {
+TEST_CASE(
+    "contract: an unlock that fails under std::unique_lock neither terminates the "
+    "process nor keeps the lock",
+    "[contract][process]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
   INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::TempDir dir;
@@ -323,9 +326,10 @@ TEST_CASE("contract: an unlock that fails under std::unique_lock neither termina
   CHECK(board->warnings.load() == 1);
 }
 
-TEST_CASE("contract: std::lock and std::scoped_lock over two WorkerLocks exclude across "
-          "racing forked workers",
-          "[contract][process]") {
+TEST_CASE(
+    "contract: std::lock and std::scoped_lock over two WorkerLocks exclude across "
+    "racing forked workers",
+    "[contract][process]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
   INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::TempDir dir;
@@ -390,9 +394,10 @@ TEST_CASE("contract: std::lock and std::scoped_lock over two WorkerLocks exclude
 // Item 6: an error is reported once; a throwing log sink escapes no error_code twin.
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("contract: a failing is_primary_worker() reports its error once: thrown or through "
-          "the error_code, never also logged",
-          "[contract]") {
+TEST_CASE(
+    "contract: a failing is_primary_worker() reports its error once (thrown or through "
+    "the error_code) and never also logs it",
+    "[contract]") {
   wltest::TempDir dir;
   const auto path = dir / "missing-directory" / "x.lock";
   KeepingSink sink;
@@ -407,7 +412,7 @@ TEST_CASE("contract: a failing is_primary_worker() reports its error once: throw
   CHECK(sink.lines->empty());
 }
 
-TEST_CASE("contract: a log sink that throws escapes no error_code twin, and changes no outcome",
+TEST_CASE("contract: a log sink that throws escapes no error_code twin and changes no outcome",
           "[contract][process]") {
   wltest::TempDir dir;
   const auto path = dir / "sink.lock";
@@ -487,9 +492,10 @@ TEST_CASE("contract: a log sink that throws escapes no error_code twin, and chan
 // Item 7: library conditions carry workerlock::errc (and still compare with std::errc).
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("contract: WORKERLOCK_ROLE refusals carry errc::role_override_refused, a kept-out "
-          "worker's lock() errc::kept_out_by_operator",
-          "[contract][process]") {
+TEST_CASE(
+    "contract: WORKERLOCK_ROLE refusals carry errc::role_override_refused and a kept-out "
+    "worker's lock() errc::kept_out_by_operator",
+    "[contract][process]") {
   wltest::TempDir dir;
   const auto path = dir / "role.lock";
   Children children;

@@ -253,8 +253,8 @@ inline Election elect(const std::filesystem::path& requested, const Options& opt
 //! Options::log receives the election's info and warning lines; an exception thrown by it
 //! is dropped (see LogSink), so logging never changes the outcome.
 //! Keep the result: `auto election = workerlock::is_primary_worker();` (see Election).
-[[nodiscard]] inline Election is_primary_worker(const std::filesystem::path& path = default_lock_path(),
-                                  const Options& options = {}) {
+[[nodiscard]] inline Election is_primary_worker(
+    const std::filesystem::path& path = default_lock_path(), const Options& options = {}) {
   detail::failure f;
   auto election = detail::elect(path, options, f);
   f.throw_if_failed(path);

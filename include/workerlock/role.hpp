@@ -14,8 +14,8 @@
 
 // The message of every refused read of a temporary Election's role (static_assert needs a
 // string literal).
-#define WORKERLOCK_DETAIL_TEMPORARY_ROLE_MESSAGE                                               \
-  "this reads the role of a temporary Election, whose lock is released at the end of the "    \
+#define WORKERLOCK_DETAIL_TEMPORARY_ROLE_MESSAGE                                             \
+  "this reads the role of a temporary Election, whose lock is released at the end of the "   \
   "statement, so every worker would read primary; keep the election alive: auto election = " \
   "workerlock::is_primary_worker(...); then read election.role"
 

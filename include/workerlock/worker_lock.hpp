@@ -16,6 +16,13 @@
 #include "error.hpp"
 #include "options.hpp"
 
+// The message of every refused question to a temporary WorkerLock (static_assert needs a
+// string literal).
+#define WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE                                           \
+  "this asks a temporary WorkerLock (such as is_primary_worker(...).lock), whose lock is " \
+  "released at the end of the statement; keep it alive: auto election = "                  \
+  "workerlock::is_primary_worker(...);"
+
 namespace workerlock {
 
 namespace detail {
@@ -123,7 +130,7 @@ class WorkerLock {
   }
   template <typename Rep, typename Period>
   [[nodiscard]] bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout,
-                    std::error_code& ec) noexcept {
+                                  std::error_code& ec) noexcept {
     return try_lock_until(detail::deadline_after(timeout), ec);
   }
 
@@ -138,7 +145,7 @@ class WorkerLock {
   }
   template <typename Clock, typename Duration>
   [[nodiscard]] bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
-                      std::error_code& ec) noexcept {
+                                    std::error_code& ec) noexcept {
     detail::failure f;
     const bool held = acquire_before(detail::to_monotonic(deadline), f);
     ec = f.code;
@@ -196,19 +203,13 @@ class WorkerLock {
   }
   template <typename T = void>
   bool owns_lock() const&& noexcept {
-    static_assert(detail::dependent_false<T>,
-                  "this asks a temporary WorkerLock (such as is_primary_worker(...).lock), whose "
-                  "lock is released at the end of the statement; keep it alive: auto election = "
-                  "workerlock::is_primary_worker(...);");
+    static_assert(detail::dependent_false<T>, WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE);
     return false;
   }
   explicit operator bool() const& noexcept { return owns_lock(); }
   template <typename T = void>
   explicit operator bool() const&& noexcept {
-    static_assert(detail::dependent_false<T>,
-                  "this asks a temporary WorkerLock (such as is_primary_worker(...).lock), whose "
-                  "lock is released at the end of the statement; keep it alive: auto election = "
-                  "workerlock::is_primary_worker(...);");
+    static_assert(detail::dependent_false<T>, WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE);
     return false;
   }
 

@@ -1,4 +1,4 @@
-// tests/compile_fail/discard_election.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/discard_election.cpp: must NOT compile (run by check.cmake).
 // Dropping the Election: its lock is released at once ([[nodiscard]], -Werror).
 // EXPECT: nodiscard
 #include <workerlock/workerlock.hpp>

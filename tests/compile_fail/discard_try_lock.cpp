@@ -1,4 +1,4 @@
-// tests/compile_fail/discard_try_lock.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/discard_try_lock.cpp: must NOT compile (run by check.cmake).
 // Dropping the result of try_lock(): whether the lock is held is lost ([[nodiscard]], -Werror).
 // EXPECT: nodiscard
 #include <workerlock/workerlock.hpp>

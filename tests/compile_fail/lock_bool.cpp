@@ -1,6 +1,6 @@
-// tests/compile_fail/lock_bool.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/lock_bool.cpp: must NOT compile (run by check.cmake).
 // Testing a temporary Election's lock as a bool.
-// EXPECT: this asks a temporary WorkerLock (such as is_primary_worker(...).lock), whose lock is released
+// EXPECT: this asks a temporary WorkerLock
 #include <workerlock/workerlock.hpp>
 
 bool elected(const char* path) {

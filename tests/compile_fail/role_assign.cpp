@@ -1,4 +1,4 @@
-// tests/compile_fail/role_assign.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_assign.cpp: must NOT compile (run by check.cmake).
 // Assigning the role of a temporary Election to a kept ElectedRole.
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

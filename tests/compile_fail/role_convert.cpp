@@ -1,4 +1,4 @@
-// tests/compile_fail/role_convert.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_convert.cpp: must NOT compile (run by check.cmake).
 // Converting the role of a temporary Election to Role.
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

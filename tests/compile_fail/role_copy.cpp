@@ -1,4 +1,4 @@
-// tests/compile_fail/role_copy.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_copy.cpp: must NOT compile (run by check.cmake).
 // Copying the role out of a temporary Election (the lock is gone, the copy says primary).
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

@@ -1,4 +1,4 @@
-// tests/compile_fail/role_equals.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_equals.cpp: must NOT compile (run by check.cmake).
 // Comparing the role of a temporary Election: every worker would read primary.
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

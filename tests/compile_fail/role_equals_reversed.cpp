@@ -1,4 +1,4 @@
-// tests/compile_fail/role_equals_reversed.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_equals_reversed.cpp: must NOT compile (run by check.cmake).
 // The same comparison, written the other way round.
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

@@ -1,4 +1,4 @@
-// tests/compile_fail/role_not_equals.cpp: must NOT compile; tests/compile_fail/check.cmake runs it.
+// tests/compile_fail/role_not_equals.cpp: must NOT compile (run by check.cmake).
 // != on the role of a temporary Election.
 // EXPECT: keep the election alive
 #include <workerlock/workerlock.hpp>

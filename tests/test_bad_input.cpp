@@ -1045,7 +1045,8 @@ TEST_CASE(
       attempt_into(r->refusal, shared_rw, quiet(m));
       auto options = quiet(m);
       options.allow_foreign_owner = true;
-      r->allowed_primary = workerlock::is_primary_worker(shared_rw, options).role == Role::primary;
+      const auto election = workerlock::is_primary_worker(shared_rw, options);
+      r->allowed_primary = election.role == Role::primary;
       return 0;
     });
     REQUIRE(code == 0);
@@ -1200,7 +1201,10 @@ TEST_CASE("interop: Mechanism::flock and util-linux flock(1) exclude each other"
   REQUIRE(holder.read_line() == "ready");
   WorkerLock lock(path, quiet(Mechanism::flock));
   CHECK_FALSE(lock.try_lock());
-  CHECK(workerlock::is_primary_worker(path, quiet(Mechanism::flock)).role == Role::secondary);
+  {
+    const auto election = workerlock::is_primary_worker(path, quiet(Mechanism::flock));
+    CHECK(election.role == Role::secondary);
+  }
   CHECK_FALSE(lock.try_lock_for(std::chrono::milliseconds(20)));
   REQUIRE(holder.wait() == 0);  // closes its stdin: cat ends, then flock(1)
   CHECK(lock.try_lock());
@@ -1245,7 +1249,10 @@ TEST_CASE(
     REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
     WorkerLock lock(path, quiet(m));
     CHECK_FALSE(lock.try_lock());
-    CHECK(workerlock::is_primary_worker(path, quiet(m)).role == Role::secondary);
+    {
+      const auto election = workerlock::is_primary_worker(path, quiet(m));
+      CHECK(election.role == Role::secondary);
+    }
     const auto who = workerlock::lock_holder(path);
     REQUIRE(who.has_value());
     CHECK(who->pid == holder.pid());  // boost's POSIX lock: /proc/locks names the process
@@ -1317,7 +1324,10 @@ TEST_CASE("interop: Mechanism::flock and Python filelock exclude each other", "[
   REQUIRE(holder.read_line() == "ready");
   WorkerLock lock(path, quiet(Mechanism::flock));
   CHECK_FALSE(lock.try_lock());
-  CHECK(workerlock::is_primary_worker(path, quiet(Mechanism::flock)).role == Role::secondary);
+  {
+    const auto election = workerlock::is_primary_worker(path, quiet(Mechanism::flock));
+    CHECK(election.role == Role::secondary);
+  }
   REQUIRE(holder.wait() == 0);
   CHECK(lock.try_lock());
 }

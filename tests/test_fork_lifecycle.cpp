@@ -747,7 +747,7 @@ TEST_CASE("Lifecycle - move construction and move assignment transfer ownership"
   CHECK(moved_from.native_handle() == -1);
   CHECK_THROWS_AS(moved_from.try_lock(), workerlock::lock_error);
   try {
-    moved_from.try_lock();
+    (void)moved_from.try_lock();
     FAIL("try_lock() on a moved-from handle did not throw");
   } catch (const workerlock::lock_error& e) {
     CHECK(e.code().value() == EINVAL);

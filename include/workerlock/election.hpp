@@ -26,11 +26,41 @@
 namespace workerlock {
 
 //! The result of is_primary_worker(): `auto [role, lock] = workerlock::is_primary_worker();`
+//! or `auto election = workerlock::is_primary_worker();`, then `election.role`.
 //! Keep `lock` alive for as long as the worker should stay primary: destroying it releases.
 //! A secondary's lock holds nothing, and lock.try_lock() retries the election.
-struct Election {
+//! Reading the role of a temporary (`is_primary_worker().role == Role::primary`) does not
+//! compile: the temporary's lock is released at the end of that statement.
+struct [[nodiscard]] Election {
   ElectedRole role;
   WorkerLock lock;
+
+  //! Secondary, holding nothing.
+  Election() noexcept = default;
+  Election(const ElectedRole& elected, WorkerLock held) noexcept
+      : role(elected), lock(std::move(held)) {}
+
+  //! Moves the lock; the moved-from Election reads secondary and holds nothing.
+  Election(Election&& other) noexcept : role(other.role), lock(std::move(other.lock)) {
+    other.role = secondary();
+  }
+  Election& operator=(Election&& other) noexcept {
+    if (this != &other) {
+      lock = std::move(other.lock);
+      role = other.role;
+      other.role = secondary();
+    }
+    return *this;
+  }
+  Election(const Election&) = delete;
+  Election& operator=(const Election&) = delete;
+  ~Election() = default;
+
+ private:
+  static const ElectedRole& secondary() noexcept {
+    static const ElectedRole none;
+    return none;
+  }
 };
 
 namespace detail {
@@ -63,7 +93,7 @@ inline std::filesystem::path default_lock_path(failure& f) {
   };
   if (auto explicit_path = from_env("WORKERLOCK_PATH"); !explicit_path.empty()) {
     if (const char* why = refuse_lock_path_setting(explicit_path)) {
-      f.set(EINVAL, "use the lock path in WORKERLOCK_PATH", why);
+      f.set(errc::bad_configuration, "use the lock path in WORKERLOCK_PATH", why);
     }
     return explicit_path;
   }
@@ -99,7 +129,8 @@ inline std::filesystem::path default_lock_path(failure& f) {
 //! <program> is the executable's short name, so two deployments of the same program on one
 //! host share a lock unless each sets WORKERLOCK_PATH or has its own RuntimeDirectory=.
 //! Relative values of $RUNTIME_DIRECTORY and $XDG_RUNTIME_DIR are ignored.
-//! Throws: lock_error (EINVAL, naming WORKERLOCK_PATH) when $WORKERLOCK_PATH is not a plain
+//! Throws: lock_error (errc::bad_configuration, which compares equal to
+//! std::errc::invalid_argument; what() names WORKERLOCK_PATH) when $WORKERLOCK_PATH is not a plain
 //! absolute path: relative, white space only, with a leading or trailing space, or with a
 //! control character such as a trailing newline.
 inline std::filesystem::path default_lock_path() {
@@ -109,20 +140,22 @@ inline std::filesystem::path default_lock_path() {
   return path;
 }
 
-//! As above, but reports a refused $WORKERLOCK_PATH through `ec` and then returns an empty
-//! path (which every lock call refuses with EINVAL).
-inline std::filesystem::path default_lock_path(std::error_code& ec) {
-  detail::failure f;
-  auto path = detail::default_lock_path(f);
-  ec = f.code;
-  return f ? std::filesystem::path() : path;
+//! As above, but reports a refused $WORKERLOCK_PATH through `ec` (and a failed allocation
+//! as std::errc::not_enough_memory) and then returns an empty path (which every lock call
+//! refuses with EINVAL). Never throws.
+inline std::filesystem::path default_lock_path(std::error_code& ec) noexcept {
+  try {
+    detail::failure f;
+    auto path = detail::default_lock_path(f);
+    ec = f.code;
+    return f ? std::filesystem::path() : path;
+  } catch (...) {  // only allocation throws in there
+    ec = std::make_error_code(std::errc::not_enough_memory);
+    return std::filesystem::path();
+  }
 }
 
 namespace detail {
-
-inline void log_line(const Options& options, LogLevel level, std::string_view line) {
-  if (options.log) options.log(level, line);
-}
 
 //! Warns when this process inherited, through fork(), a handle on `path` whose lock the
 //! parent held: the master ran the election before forking its workers.
@@ -141,7 +174,7 @@ inline void warn_if_elected_before_fork(const std::filesystem::path& path, const
           "workerlock: pid={} warning: its parent pid={} won the election on {} before fork(); a "
           "forked child is never primary, and while the parent holds the lock no worker can be. "
           "Call is_primary_worker() in each worker after fork(), not in the master",
-          current_pid(), parent, path.native()));
+          ::getpid(), parent, path.native()));
 }
 
 //! The operator override: WORKERLOCK_ROLE=secondary keeps this worker out of the election.
@@ -151,12 +184,13 @@ inline bool kept_out_by_operator(const Options& options, failure& f) noexcept {
   const std::string_view value = forced != nullptr ? forced : "";
   if (value == "secondary") return true;
   if (value == "primary") {
-    f.set(EPERM, "elect a primary on",
+    f.set(errc::role_override_refused, "elect a primary on",
           "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run "
           "twice; "
           "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
   } else if (!value.empty() && value != "auto") {
-    f.set(EINVAL, "elect a primary on", "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
+    f.set(errc::role_override_refused, "elect a primary on",
+          "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
   }
   return false;
 }
@@ -172,9 +206,11 @@ inline pid_t recorded_holder_pid(const WorkerLock& lock) {
   return record ? record->pid : 0;
 }
 
+//! The election behind both forms of is_primary_worker(). An error lands in `f` only: it is
+//! reported once, by the caller (thrown, or through an error_code), never also logged.
 inline Election elect(const std::filesystem::path& requested, const Options& options, failure& f) {
-  const pid_t me = current_pid();
-  Election result{ElectedRole(Role::secondary, me), WorkerLock(requested, options)};
+  const pid_t me = ::getpid();
+  Election result(ElectedRole(Role::secondary, me), WorkerLock(requested, options));
   const auto& path = result.lock.path();  // absolute, as the handle resolved it
 
   if (kept_out_by_operator(options, f)) {
@@ -184,24 +220,13 @@ inline Election elect(const std::filesystem::path& requested, const Options& opt
                          me, path.native()));
     return result;
   }
-  if (f) {
-    if (options.log)
-      log_line(options, LogLevel::error,
-               lock_error(f.operation, path, f.code, f.explanation).what());
-    return result;
-  }
+  if (f) return result;
 
   warn_if_elected_before_fork(path, options);
   const bool won = worker_lock_access::acquire(result.lock, wait_mode::try_once, f);
-  if (f) {
-    if (options.log) {
-      log_line(options, LogLevel::error,
-               fmt::format("workerlock: pid={} role=secondary path={} error: {}", me, path.native(),
-                           lock_error(f.operation, path, f.code, f.explanation).what()));
-    }
-    return result;
-  }
-  result.role = ElectedRole(won ? Role::primary : Role::secondary, me);
+  if (f) return result;
+  const ElectedRole elected(won ? Role::primary : Role::secondary, me);
+  result.role = elected;
   if (options.log) {
     if (won) {
       log_line(options, LogLevel::info,
@@ -223,22 +248,34 @@ inline Election elect(const std::filesystem::path& requested, const Options& opt
 //! Returns: {role, lock}. role == Role::primary in the one winner; everywhere else, and in
 //! any process forked from the winner, it reads Role::secondary.
 //! Throws: lock_error when the file cannot be opened, created or locked, or when
-//! WORKERLOCK_ROLE asks for something other than "secondary". An error never yields primary.
-inline Election is_primary_worker(const std::filesystem::path& path = default_lock_path(),
-                                  const Options& options = {}) {
+//! WORKERLOCK_ROLE asks for something other than "secondary" (errc::role_override_refused).
+//! An error never yields primary, and is reported once: thrown, not also logged.
+//! Options::log receives the election's info and warning lines; an exception thrown by it
+//! is dropped (see LogSink), so logging never changes the outcome.
+//! Keep the result: `auto election = workerlock::is_primary_worker();` (see Election).
+[[nodiscard]] inline Election is_primary_worker(
+    const std::filesystem::path& path = default_lock_path(), const Options& options = {}) {
   detail::failure f;
   auto election = detail::elect(path, options, f);
   f.throw_if_failed(path);
   return election;
 }
 
-//! As above, but reports errors through `ec` and then returns Role::secondary.
-inline Election is_primary_worker(const std::filesystem::path& path, const Options& options,
-                                  std::error_code& ec) {
-  detail::failure f;
-  auto election = detail::elect(path, options, f);
-  ec = f.code;
-  return election;
+//! As above, but reports errors through `ec` (a failed allocation as
+//! std::errc::not_enough_memory) and then returns Role::secondary. Never throws, whatever
+//! Options::log does.
+[[nodiscard]] inline Election is_primary_worker(const std::filesystem::path& path,
+                                                const Options& options,
+                                                std::error_code& ec) noexcept {
+  try {
+    detail::failure f;
+    auto election = detail::elect(path, options, f);
+    ec = f.code;
+    return election;
+  } catch (...) {  // only allocation throws in there
+    ec = std::make_error_code(std::errc::not_enough_memory);
+    return Election();
+  }
 }
 
 }  // namespace workerlock

@@ -59,7 +59,9 @@ constexpr std::string_view to_string(LogLevel level) noexcept {
   return "unknown";
 }
 
-//! Receives one complete line (without the trailing newline) per event.
+//! Receives one complete line (without the trailing newline) per event. A sink should not
+//! throw; if it does, the line is lost and the exception dropped: logging never changes the
+//! outcome of a workerlock call, nor escapes one (every std::error_code& twin is noexcept).
 using LogSink = std::function<void(LogLevel, std::string_view line)>;
 
 //! The default sink: each line goes to standard error in ONE write(2), so lines from many
@@ -105,6 +107,24 @@ struct Options {
     return copy;
   }
 };
+
+namespace detail {
+
+//! False, but only once T is known: a static_assert on it fires only where the template
+//! around it is used (the rvalue overloads that refuse to read a temporary Election).
+template <typename T>
+inline constexpr bool dependent_false = false;
+
+//! Passes one line to the sink of `options`; an exception from the sink loses the line only.
+inline void log_line(const Options& options, LogLevel level, std::string_view line) noexcept {
+  if (!options.log) return;
+  try {
+    options.log(level, line);
+  } catch (...) {  // NOLINT(bugprone-empty-catch): documented at LogSink
+  }
+}
+
+}  // namespace detail
 
 }  // namespace workerlock
 

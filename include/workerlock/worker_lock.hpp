@@ -9,10 +9,19 @@
 #include <memory>
 #include <system_error>
 
+#include <fmt/format.h>
+
 #include "detail/deadline.hpp"
 #include "detail/lock_file.hpp"
 #include "error.hpp"
 #include "options.hpp"
+
+// The message of every refused question to a temporary WorkerLock (static_assert needs a
+// string literal).
+#define WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE                                           \
+  "this asks a temporary WorkerLock (such as is_primary_worker(...).lock), whose lock is " \
+  "released at the end of the statement; keep it alive: auto election = "                  \
+  "workerlock::is_primary_worker(...);"
 
 namespace workerlock {
 
@@ -35,7 +44,11 @@ struct worker_lock_access;
 //! with a standard stream closed.
 //!
 //! Fork: a child of fork() never holds or prolongs the parent's lock; its copy of the handle
-//! is closed by a pthread_atfork handler and reports owns_lock() == false.
+//! is closed by a pthread_atfork handler and reports owns_lock() == false. A copy made
+//! without atfork handlers (syscall(SYS_fork), clone() without CLONE_VM) is recognised by
+//! its pid: there the handle owns nothing either, and unlock(), unlock_and_remove(), the
+//! destructor and every lock attempt only close its inherited descriptor, never release
+//! the original's lock nor remove the file.
 //! Threads: one handle must not be used by two threads at once (like std::unique_lock);
 //! distinct handles on the same file exclude each other, even with Mechanism::posix.
 class WorkerLock {
@@ -94,13 +107,13 @@ class WorkerLock {
   //! false if another handle or process holds it. Contention is not an error.
   //! Throws: lock_error when the file cannot be opened, locked or recorded; then the
   //! handle holds nothing.
-  bool try_lock() {
+  [[nodiscard]] bool try_lock() {
     detail::failure f;
     const bool held = acquire(detail::wait_mode::try_once, f);
     f.throw_if_failed(path());
     return held;
   }
-  bool try_lock(std::error_code& ec) noexcept {
+  [[nodiscard]] bool try_lock(std::error_code& ec) noexcept {
     detail::failure f;
     const bool held = acquire(detail::wait_mode::try_once, f);
     ec = f.code;
@@ -112,27 +125,27 @@ class WorkerLock {
   //! a huge timeout such as hours::max() means "no time limit".
   //! Returns: as try_lock(); false once the deadline has passed.
   template <typename Rep, typename Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
+  [[nodiscard]] bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
     return try_lock_until(detail::deadline_after(timeout));
   }
   template <typename Rep, typename Period>
-  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout,
-                    std::error_code& ec) noexcept {
+  [[nodiscard]] bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout,
+                                  std::error_code& ec) noexcept {
     return try_lock_until(detail::deadline_after(timeout), ec);
   }
 
   //! As try_lock_for(), until `deadline`. A deadline on another clock than steady_clock
   //! (system_clock, say) is converted once, on entry; time_point::max() means no limit.
   template <typename Clock, typename Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  [[nodiscard]] bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     detail::failure f;
     const bool held = acquire_before(detail::to_monotonic(deadline), f);
     f.throw_if_failed(path());
     return held;
   }
   template <typename Clock, typename Duration>
-  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
-                      std::error_code& ec) noexcept {
+  [[nodiscard]] bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
+                                    std::error_code& ec) noexcept {
     detail::failure f;
     const bool held = acquire_before(detail::to_monotonic(deadline), f);
     ec = f.code;
@@ -141,10 +154,22 @@ class WorkerLock {
 
   //! Releases the lock if this handle holds it; otherwise does nothing, so a second
   //! unlock() is harmless. The file stays open for the next lock().
-  void unlock() {
+  //! Never throws (BasicLockable; std::unique_lock calls it from its destructor): should
+  //! the kernel refuse to unlock (the descriptor was closed or replaced behind the handle's
+  //! back), the descriptor is closed, which frees the lock, and a warning goes to
+  //! Options::log. unlock(ec) reports that failure instead, and logs nothing.
+  void unlock() noexcept {
     detail::failure f;
     if (state_) detail::release(*state_, f);
-    f.throw_if_failed(path());
+    if (f) {
+      try {
+        detail::log_line(state_->options, LogLevel::warning,
+                         fmt::format("workerlock: pid={} warning: {}; the descriptor was closed, "
+                                     "which frees the lock",
+                                     ::getpid(), lock_error(f.operation, path(), f.code).what()));
+      } catch (...) {  // NOLINT(bugprone-empty-catch): formatting allocates; the line is lost
+      }
+    }
   }
   void unlock(std::error_code& ec) noexcept {
     detail::failure f;
@@ -155,8 +180,10 @@ class WorkerLock {
   //! Removes the lock file, then releases, all while the path still names the locked file,
   //! so processes waiting on the old file retry on a new one and never hold two locks.
   //! Requires: owns_lock(). Closes the file.
-  //! Throws: lock_error (EPERM) after releasing, without removing, when the file is not a
-  //! workerlock lock file (not empty and holding no holder record).
+  //! Throws: lock_error with errc::not_held when this handle does not hold the lock, and
+  //! with errc::foreign_owner after releasing, without removing, when the file is not a
+  //! workerlock lock file (not empty and holding no holder record). Both compare equal to
+  //! std::errc::operation_not_permitted.
   void unlock_and_remove() {
     detail::failure f;
     remove(f);
@@ -168,9 +195,23 @@ class WorkerLock {
     ec = f.code;
   }
 
-  //! True while this handle, in this process, holds the lock.
-  bool owns_lock() const noexcept { return state_ && state_->owned; }
-  explicit operator bool() const noexcept { return owns_lock(); }
+  //! True while this handle, in this process, holds the lock. Asking a temporary handle
+  //! (is_primary_worker(...).lock.owns_lock()) does not compile: its lock is released at
+  //! the end of the statement.
+  bool owns_lock() const& noexcept {
+    return state_ && state_->owned && !state_->copied_from_another_process();
+  }
+  template <typename T = void>
+  bool owns_lock() const&& noexcept {
+    static_assert(detail::dependent_false<T>, WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE);
+    return false;
+  }
+  explicit operator bool() const& noexcept { return owns_lock(); }
+  template <typename T = void>
+  explicit operator bool() const&& noexcept {
+    static_assert(detail::dependent_false<T>, WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE);
+    return false;
+  }
 
   const std::filesystem::path& path() const noexcept {
     static const std::filesystem::path empty;
@@ -184,10 +225,16 @@ class WorkerLock {
 
   //! The open descriptor, or -1 before the first attempt. Closing it breaks the handle, and
   //! a dup() of it would keep an OFD or flock lock alive after the handle is destroyed.
-  int native_handle() const noexcept { return state_ ? state_->fd : -1; }
+  //! In a copy of the process that inherited the handle, -1.
+  int native_handle() const noexcept {
+    return state_ && !state_->copied_from_another_process() ? state_->fd : -1;
+  }
 
-  //! True if this handle was copied into this process by fork() (its descriptor closed).
-  bool inherited_across_fork() const noexcept { return state_ && state_->inherited; }
+  //! True if this handle was copied into this process by fork() or a raw clone (there it
+  //! owns nothing, and its inherited descriptor is closed or will be on its next use).
+  bool inherited_across_fork() const noexcept {
+    return state_ && (state_->inherited || state_->copied_from_another_process());
+  }
 
  private:
   friend struct detail::worker_lock_access;

@@ -306,7 +306,7 @@ inline void warn_foreign_contents(const lock_state& s, off_t size) noexcept {
 inline bool write_holder_record(lock_state& s, off_t size, failure& f) noexcept {
   char buffer[max_record_size];
   const auto length =
-      format_record(buffer, current_pid(), std::chrono::system_clock::now(), s.options.mechanism);
+      format_record(buffer, ::getpid(), std::chrono::system_clock::now(), s.options.mechanism);
   const auto written = retry_on_eintr([&] { return ::pwrite(s.fd, buffer, length, 0); });
   if (written != static_cast<ssize_t>(length)) {
     f.set(written < 0 ? errno : EIO, "write holder record to");
@@ -328,9 +328,20 @@ inline bool held_by_sibling_handle(registry& reg, const lock_state& s) noexcept 
   }) != nullptr;
 }
 
+//! In a copy of the process made without the atfork handlers (syscall(SYS_fork), clone()),
+//! disowns the states inherited from the original before `s` is used: their descriptors are
+//! closed, never unlocked, so the original keeps its lock (see registry::adopt()).
+inline void adopt_if_copied(const lock_state& s) noexcept {
+  if (s.copied_from_another_process()) {
+    registry_guard adopting;
+  }
+}
+
 //! Drops the kernel lock; if even that fails, closes the descriptor, which always releases.
 //! POSIX handles update `owned` under the registry mutex, where sibling handles look.
+//! In a copy of the process that inherited `s`, releases nothing (see adopt_if_copied()).
 inline bool release(lock_state& s, failure& f) noexcept {
+  adopt_if_copied(s);
   if (!s.owned) return true;
   if (s.options.mechanism == Mechanism::posix) {
     registry_guard reg;
@@ -424,9 +435,11 @@ inline int lock_posix(lock_state& s, wait_mode mode) noexcept {
 //! wait goes on, since each replacement means another holder came and went.
 inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
   constexpr int max_replacements = 64;
+  adopt_if_copied(s);
   if (s.kept_out_by_operator) {
     if (mode != wait_mode::try_once)
-      f.set(EPERM, "lock", "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
+      f.set(errc::kept_out_by_operator, "lock",
+            "this worker is kept out of the election by WORKERLOCK_ROLE=secondary");
     return false;
   }
   for (int attempt = 0; attempt < max_replacements;) {
@@ -486,8 +499,9 @@ inline bool acquire(lock_state& s, wait_mode mode, failure& f) noexcept {
 //! Removes the file while still holding the lock, and only if the path still names it;
 //! waiters on the old inode then notice (inspect_locked_file) and retry on a fresh file.
 inline bool release_and_remove(lock_state& s, failure& f) noexcept {
+  adopt_if_copied(s);
   if (!s.owned) {
-    f.set(EPERM, "remove lock file", "this handle does not hold the lock");
+    f.set(errc::not_held, "remove lock file", "this handle does not hold the lock");
     return false;
   }
   struct stat st {};
@@ -495,7 +509,7 @@ inline bool release_and_remove(lock_state& s, failure& f) noexcept {
     // A file that is not recognisably ours (a configuration file, say) is never removed.
     const auto found = inspect_contents(s, st.st_size, f);
     if (found == contents::foreign) {
-      f.set(EPERM, "remove lock file",
+      f.set(errc::foreign_owner, "remove lock file",
             "the file is not a workerlock lock file (it holds no holder record), so it was left "
             "in place; the lock was released");
     } else if (found == contents::record && ::unlink(s.path.c_str()) != 0 && errno != ENOENT) {

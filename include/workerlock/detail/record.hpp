@@ -52,7 +52,7 @@ inline process_identity current_identity() noexcept {
   static std::mutex mutex;
   static pid_t cached_for = 0;
   static process_identity cached;
-  const pid_t me = current_pid();
+  const pid_t me = ::getpid();
   std::lock_guard<std::mutex> guard(mutex);
   if (cached_for != me) {
     process_identity fresh;

@@ -20,23 +20,35 @@ struct lock_state {
   std::filesystem::path path;
   Options options;
 
+  // The process this state belongs to: the one that made it, or the copy of fork() whose
+  // atfork handler or whose first registry_guard adopted it. In any other process (a copy
+  // made by syscall(SYS_fork) or clone(), which run no atfork handler) the state is a copy
+  // that owns nothing, whatever `owned` says, and `fd` is a duplicate it may only close.
+  pid_t process = 0;
+
   int fd = -1;    // -1 while closed
   dev_t dev = 0;  // identity of the open file, valid while fd >= 0
   ino_t ino = 0;
   bool owned = false;                 // this handle holds the lock
   bool kept_out_by_operator = false;  // WORKERLOCK_ROLE=secondary: never acquire
 
-  // Set in a child of fork() by the registry's atfork handler, which closed the inherited fd.
+  // Set in a copy of the process (made by fork() or a raw clone), whose inherited fd was
+  // closed there.
   bool inherited = false;
   bool held_when_forked = false;
   pid_t forked_from = 0;
 
   lock_state* prev = nullptr;  // intrusive registry list, guarded by registry::mutex
   lock_state* next = nullptr;
+
+  //! True when this state was copied into the calling process from another one.
+  bool copied_from_another_process() const noexcept { return process != ::getpid(); }
 };
 
 //! Guards every lock_state's fd, link and registration. fork() takes it (pthread_atfork
 //! prepare handler), so no child is ever forked between an open() and its registration.
+//! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()) is
+//! noticed by pid: its first registry_guard disowns every inherited state (see adopt()).
 class registry {
  public:
   static registry& instance() noexcept {
@@ -47,11 +59,36 @@ class registry {
   registry(const registry&) = delete;
   registry& operator=(const registry&) = delete;
 
-  void lock() noexcept { ::pthread_mutex_lock(&mutex_); }
-  void unlock() noexcept { ::pthread_mutex_unlock(&mutex_); }
+  //! Takes the mutex. A raw copy of the process may have copied it locked by a thread that
+  //! does not exist in the copy; such a mutex is re-initialized rather than waited for ever.
+  void lock() noexcept {
+    const pid_t me = ::getpid();
+    if (::pthread_mutex_trylock(&mutex_) != 0) {
+      const pid_t holder = locked_in_.load(std::memory_order_acquire);
+      if (holder != 0 && holder != me) {
+        // Locked in the process this one was copied from: nobody here can unlock it.
+        const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+        mutex_ = fresh;
+      }
+      ::pthread_mutex_lock(&mutex_);
+    }
+    locked_in_.store(me, std::memory_order_release);
+  }
+  void unlock() noexcept {
+    locked_in_.store(0, std::memory_order_release);
+    ::pthread_mutex_unlock(&mutex_);
+  }
+
+  //! Requires the mutex. In a copy of the process made without the atfork handlers, closes
+  //! every descriptor inherited from the original and marks its states as owning nothing.
+  void adopt() noexcept {
+    const pid_t me = locked_in_.load(std::memory_order_relaxed);  // set by lock()
+    if (process_ != me) disown_copies(me);
+  }
 
   // Both require the mutex.
   void link(lock_state* state) noexcept {
+    state->process = process_;
     state->prev = nullptr;
     state->next = head_;
     if (head_ != nullptr) head_->prev = state;
@@ -73,7 +110,7 @@ class registry {
   }
 
  private:
-  registry() noexcept {
+  registry() noexcept : process_(::getpid()) {
     ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
   }
 
@@ -81,30 +118,33 @@ class registry {
   static void after_fork_in_parent() noexcept { instance().unlock(); }
 
   // A child of fork() must not keep the parent's lock alive (OFD and flock locks belong to
-  // the open file, which the child shares) nor believe it holds it. Close every inherited
-  // descriptor; a POSIX lock is never inherited, and closing the child's copy leaves the
-  // parent's intact. Only async-signal-safe work happens here.
+  // the open file, which the child shares) nor believe it holds it.
   static void after_fork_in_child() noexcept {
     auto& self = instance();
-    forget_cached_pid();
+    self.disown_copies(::getpid());
+    self.unlock();
+  }
+
+  // Closes every inherited descriptor, each once (POSIX handles share one). A POSIX lock is
+  // never inherited, and closing the copy's duplicate of an OFD or flock descriptor leaves
+  // the original's lock intact: nothing here releases a lock. Async-signal-safe.
+  void disown_copies(pid_t me) noexcept {
     const pid_t parent = ::getppid();
-    for (auto* s = self.head_; s != nullptr; s = s->next) {
-      if (s->fd >= 0 && !fd_shared_with_earlier(self.head_, s)) close_keep_errno(s->fd);
+    for (auto* s = head_; s != nullptr; s = s->next) {
+      if (s->process == me) continue;
+      if (s->fd >= 0) {
+        close_keep_errno(s->fd);
+        for (auto* t = s->next; t != nullptr; t = t->next)
+          if (t->process != me && t->fd == s->fd) t->fd = -1;  // the same descriptor
+      }
       s->fd = -1;
       s->held_when_forked = s->owned;
       s->owned = false;
       s->inherited = true;
       s->forked_from = parent;
+      s->process = me;
     }
-    self.unlock();
-  }
-
-  static void forget_cached_pid() noexcept;
-
-  static bool fd_shared_with_earlier(lock_state* head, lock_state* s) noexcept {
-    for (auto* t = head; t != s; t = t->next)
-      if (t->fd == s->fd) return true;
-    return false;
+    process_ = me;
   }
 
   static void close_keep_errno(int fd) noexcept {
@@ -114,33 +154,19 @@ class registry {
   }
 
   pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
+  std::atomic<pid_t> locked_in_{0};  // the process whose thread holds mutex_, or 0
+  pid_t process_ = 0;                // the process whose states the list holds
   lock_state* head_ = nullptr;
 };
-
-//! This process's pid, cached: getpid() is a real system call, and a costly one on kernels
-//! with page-table isolation. The atfork child handler clears the cache, so a child of
-//! fork() sees its own pid. (A child made by a raw clone() that skips atfork handlers would
-//! see its parent's pid; workerlock does not support such children.)
-inline std::atomic<pid_t> cached_process_id{0};
-
-inline void registry::forget_cached_pid() noexcept {
-  cached_process_id.store(0, std::memory_order_relaxed);
-}
-
-inline pid_t current_pid() noexcept {
-  pid_t pid = cached_process_id.load(std::memory_order_relaxed);
-  if (pid == 0) {
-    registry::instance();  // installs the atfork handlers before anything is cached
-    pid = ::getpid();
-    cached_process_id.store(pid, std::memory_order_relaxed);
-  }
-  return pid;
-}
 
 //! RAII holder of the registry mutex.
 class registry_guard {
  public:
-  registry_guard() noexcept : registry_(registry::instance()) { registry_.lock(); }
+  //! Takes the mutex; in a raw copy of the process, first disowns the inherited states.
+  registry_guard() noexcept : registry_(registry::instance()) {
+    registry_.lock();
+    registry_.adopt();
+  }
   ~registry_guard() { registry_.unlock(); }
   registry_guard(const registry_guard&) = delete;
   registry_guard& operator=(const registry_guard&) = delete;

@@ -493,26 +493,34 @@ TEST_CASE("contract: a log sink that throws escapes no error_code twin and chang
 // ---------------------------------------------------------------------------------------
 
 TEST_CASE(
-    "contract: WORKERLOCK_ROLE refusals carry errc::role_override_refused and a kept-out "
-    "worker's lock() errc::kept_out_by_operator",
+    "contract: WORKERLOCK_ROLE=primary carries errc::role_override_refused and a bad value "
+    "errc::bad_configuration and a kept-out worker's lock() errc::kept_out_by_operator",
     "[contract][process]") {
   wltest::TempDir dir;
   const auto path = dir / "role.lock";
   Children children;
-  for (const char* value : {"primary", "banana"}) {
-    INFO("WORKERLOCK_ROLE=" << value);
+  struct Refusal {
+    const char* value;
+    workerlock::errc code;
+    std::errc standard;
+  };
+  for (const Refusal refusal :
+       {Refusal{"primary", workerlock::errc::role_override_refused,
+                std::errc::operation_not_permitted},
+        Refusal{"banana", workerlock::errc::bad_configuration, std::errc::invalid_argument}}) {
+    INFO("WORKERLOCK_ROLE=" << refusal.value);
     const pid_t child = children.spawn([&] {
-      ::setenv("WORKERLOCK_ROLE", value, 1);
+      ::setenv("WORKERLOCK_ROLE", refusal.value, 1);
       std::error_code ec;
       auto election = workerlock::is_primary_worker(path, quiet(Mechanism::ofd), ec);
-      if (ec != workerlock::errc::role_override_refused) return 2;
-      if (ec != std::errc::operation_not_permitted) return 3;
+      if (ec != refusal.code) return 2;
+      if (ec != refusal.standard) return 3;
       if (election.role != Role::secondary) return 4;
       try {
         auto thrown = workerlock::is_primary_worker(path, quiet(Mechanism::ofd));
         return 5;
       } catch (const workerlock::lock_error& error) {
-        if (error.code() != workerlock::errc::role_override_refused) return 6;
+        if (error.code() != refusal.code) return 6;
       }
       return 0;
     });

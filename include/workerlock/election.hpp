@@ -189,7 +189,7 @@ inline bool kept_out_by_operator(const Options& options, failure& f) noexcept {
           "twice; "
           "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
   } else if (!value.empty() && value != "auto") {
-    f.set(errc::role_override_refused, "elect a primary on",
+    f.set(errc::bad_configuration, "elect a primary on",
           "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
   }
   return false;
@@ -248,7 +248,8 @@ inline Election elect(const std::filesystem::path& requested, const Options& opt
 //! Returns: {role, lock}. role == Role::primary in the one winner; everywhere else, and in
 //! any process forked from the winner, it reads Role::secondary.
 //! Throws: lock_error when the file cannot be opened, created or locked, or when
-//! WORKERLOCK_ROLE asks for something other than "secondary" (errc::role_override_refused).
+//! WORKERLOCK_ROLE is "primary" (errc::role_override_refused) or another value than unset,
+//! "auto" or "secondary" (errc::bad_configuration).
 //! An error never yields primary, and is reported once: thrown, not also logged.
 //! Options::log receives the election's info and warning lines; an exception thrown by it
 //! is dropped (see LogSink), so logging never changes the outcome.

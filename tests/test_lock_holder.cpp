@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <thread>
@@ -323,6 +324,32 @@ TEST_CASE("lock_holder: a holder whose pid cannot be told has no pid, and a reas
   }
 }
 
+TEST_CASE(
+    "lock_holder: a record whose pid does not fit a pid_t never yields pid 0 or a negative pid",
+    "[lock_holder]") {
+  wltest::TempDir tmp;
+  struct ::stat ns {};
+  REQUIRE(::stat("/proc/self/ns/pid", &ns) == 0);
+  // 4294967296 narrows to 0 and 4294967295 to -1: kill(0) signals the caller's own process
+  // group, kill(-1) everybody. A corrupt or crafted record must not get there.
+  for (const char* pid_text : {"4294967296", "4294967295", "99999999999"}) {
+    INFO("record pid " << pid_text);
+    const auto path = tmp / fmt::format("wrap-{}.lock", pid_text);
+    HeldLock held(path, Mechanism::ofd, false);  // the kernel shows no pid for an OFD lock
+    REQUIRE(held.locked());
+    {
+      std::ofstream record(path, std::ios::trunc);
+      record << pid_text << "\nacquired=2026-01-01T00:00:00.000000Z\nhost=h\npidns=" << ns.st_ino
+             << "\nmechanism=ofd\n";
+    }
+    const auto h = workerlock::lock_holder(path);
+    INFO(describe(h));
+    REQUIRE(h.has_value());
+    CHECK_FALSE(h->recorded);
+    CHECK(no_pid_because(h, PidUnknown::ofd_lock_without_record));
+  }
+}
+
 TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume too",
           "[lock_holder]") {
   REQUIRE(::geteuid() == 0);  // the lab mounts a loop device in its own mount namespace
@@ -514,21 +541,28 @@ TEST_CASE(
                                                "the record's pid {} there, got {}",
                                                what, holder_pid, got));
                     if (m == Mechanism::posix) {
-                      // A record that claims this namespace, naming pid 1 (this lab's init),
-                      // while the kernel says the holder is outside it: not the holder's.
+                      // A record that claims this namespace while the kernel says the holder
+                      // is outside it is not the holder's: naming pid 1 (this lab's init), or
+                      // 4294967296, which narrows to 0 (what the kernel shows here), and
+                      // kill(0) would signal the caller's own process group.
                       char text[workerlock::detail::max_record_size];
                       const auto n = workerlock::detail::format_record(
                           text, 1, std::chrono::system_clock::now(), m);
-                      const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-                      report->expect(fd >= 0 && ::pwrite(fd, text, n, 0) == static_cast<ssize_t>(n),
-                                     what + ": cannot write the record");
-                      if (fd >= 0) ::close(fd);
-                      const auto forged = holder_of(path, *report);
-                      report->expect(no_pid_because(forged, PidUnknown::other_pid_namespace) &&
-                                         !forged->recorded && !forged->pid_in_own_namespace,
-                                     fmt::format("{}: a record claiming this namespace must not "
-                                                 "name pid 1 here, got {}",
-                                                 what, describe(forged)));
+                      for (const std::string forged_pid : {"1", "4294967296"}) {
+                        const std::string forged_record = forged_pid + std::string(text + 1, n - 1);
+                        const int fd = ::open(path.c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC);
+                        report->expect(
+                            fd >= 0 && ::write(fd, forged_record.data(), forged_record.size()) ==
+                                           static_cast<ssize_t>(forged_record.size()),
+                            what + ": cannot write the record");
+                        if (fd >= 0) ::close(fd);
+                        const auto forged = holder_of(path, *report);
+                        report->expect(no_pid_because(forged, PidUnknown::other_pid_namespace) &&
+                                           !forged->recorded && !forged->pid_in_own_namespace,
+                                       fmt::format("{}: a record claiming this namespace must "
+                                                   "not name pid {} here, got {}",
+                                                   what, forged_pid, describe(forged)));
+                      }
                     }
                   } else {
                     const auto reason = m == Mechanism::ofd ? PidUnknown::ofd_lock_without_record

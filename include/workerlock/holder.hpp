@@ -271,8 +271,9 @@ inline std::optional<Holder> find_holder(const std::filesystem::path& path, fail
   // someone else is a leftover of an earlier holder, for example one that used flock(1).
   const bool same_namespace = record->pid_namespace == current_identity().pid_namespace;
   // The kernel says 0 for a holder not visible in our namespace: a record claiming ours is
-  // not the holder's.
-  if (same_namespace && kernel_pid >= 0 && kernel_pid != record->pid) return holder;
+  // not the holder's (a record's pid is never 0, so it cannot match that 0).
+  if (same_namespace && (kernel_pid == 0 || (kernel_pid > 0 && kernel_pid != record->pid)))
+    return holder;
   // A holder in another pid namespace that we can see: its pid there must be the record's.
   if (!same_namespace && kernel_pid > 0) {
     const auto own = pid_in_own_namespace(kernel_pid);

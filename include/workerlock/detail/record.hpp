@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -147,7 +148,9 @@ inline std::optional<record_fields> parse_record(std::string_view text) {
       long value = 0;
       const std::string copy(line);
       char trailing = 0;
-      if (std::sscanf(copy.c_str(), "%ld%c", &value, &trailing) != 1 || value <= 0)
+      // A pid is a positive int: a larger number would wrap (4294967296 to 0) when narrowed.
+      if (std::sscanf(copy.c_str(), "%ld%c", &value, &trailing) != 1 || value <= 0 ||
+          value > std::numeric_limits<pid_t>::max())
         return std::nullopt;
       fields.pid = static_cast<pid_t>(value);
       have_pid = true;

@@ -5,7 +5,9 @@
 // about processes (the whole-server stop) fork real workers that report through shared memory.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -13,7 +15,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <new>
@@ -383,14 +387,15 @@ struct WorkerReport {
   std::atomic<int> started{0};
   std::atomic<int> promoted{0};
   std::atomic<int> demoted{0};
-  std::atomic<int> deferred{0};  // log lines saying the promotion is deferred
+  std::atomic<int> deferred{0};          // log lines saying the promotion is deferred
+  std::atomic<int> stale_promotions{0};  // on_promoted while the path names another file
   std::atomic<std::int64_t> promoted_ns{0};
   std::atomic<std::int64_t> demoted_ns{0};
   std::atomic<int> exited{0};
 };
 
 struct Board {
-  WorkerReport worker[2];
+  WorkerReport worker[3];
 };
 
 Coordinator* g_coordinator = nullptr;
@@ -408,7 +413,14 @@ int run_worker(WorkerReport& r, const fs::path& path, WaitMode mode, StopScope s
     if (line.find("defers on_promoted") != std::string_view::npos) r.deferred.fetch_add(1);
   };
   Coordinator c(path, options);
-  c.on_promoted([&r] {
+  c.on_promoted([&r, &c, &path] {
+    // The file held must be the one the path names (not a file replaced meanwhile).
+    const auto& backend = static_cast<const workerlock::FileBackend&>(c.backend());
+    struct stat held {};
+    struct stat named {};
+    if (::fstat(backend.lock().native_handle(), &held) != 0 || ::stat(path.c_str(), &named) != 0 ||
+        held.st_ino != named.st_ino || held.st_dev != named.st_dev)
+      r.stale_promotions.fetch_add(1);
     r.promoted_ns.store(now_ns());
     r.promoted.fetch_add(1);
   });
@@ -522,4 +534,219 @@ TEST_CASE(
   ::kill(w.pb, SIGTERM);
   CHECK(w.children.wait(w.pb) == 0);
   CHECK(b.demoted.load() == 1);
+}
+
+TEST_CASE(
+    "coordinator contract: a deferred standby stopped with whole_server keeps the original "
+    "note, so the time without a primary is bounded by one grace",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  const std::chrono::milliseconds grace = 6s;
+  const auto grace_ns = std::chrono::nanoseconds(grace).count();
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<Board> board;
+  wltest::Children children;
+  WorkerReport& p = board->worker[0];
+  WorkerReport& a = board->worker[1];
+  WorkerReport& b = board->worker[2];
+  const pid_t pp =
+      children.spawn([&] { return run_worker(p, path, mode, StopScope::whole_server, grace); });
+  REQUIRE(wltest::eventually([&] { return p.promoted.load() == 1; }, 10s));
+  const pid_t pa =
+      children.spawn([&] { return run_worker(a, path, mode, StopScope::whole_server, grace); });
+  REQUIRE(wltest::eventually([&] { return a.started.load() == 1; }, 10s));
+
+  ::kill(pp, SIGTERM);
+  CHECK(children.wait(pp) == 0);
+  REQUIRE(wltest::eventually([&] { return a.deferred.load() == 1; }, 10s));
+  // A is stopped (whole_server, as every SIGTERM of this host) late in the grace: rewriting
+  // the note would push B's promotion to A's stop + grace, 4.5 s later than the original.
+  const auto a_stop_ns = p.demoted_ns.load() + std::chrono::nanoseconds(4500ms).count();
+  while (now_ns() < a_stop_ns) std::this_thread::sleep_for(10ms);
+  ::kill(pa, SIGTERM);
+  CHECK(children.wait(pa) == 0);
+  CHECK(a.promoted.load() == 0);
+  CHECK(a.demoted.load() == 0);
+
+  const pid_t pb =
+      children.spawn([&] { return run_worker(b, path, mode, StopScope::worker, grace); });
+  REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 30s));
+  CHECK(b.deferred.load() == 1);
+  const auto without_primary = b.promoted_ns.load() - p.demoted_ns.load();
+  CHECK(without_primary >= grace_ns);
+  // The original note + grace, with 4 s of slack; A's note would give at least 10.5 s.
+  CHECK(without_primary < grace_ns + std::chrono::nanoseconds(4s).count());
+  ::kill(pb, SIGTERM);
+  CHECK(children.wait(pb) == 0);
+}
+
+TEST_CASE(
+    "coordinator contract: a deferred standby whose lock file was replaced during the grace "
+    "never runs on_promoted on the stale file",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  const std::chrono::milliseconds grace = 2s;
+  TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
+  WorkerReport& b = w.b;
+
+  ::kill(w.pa, SIGTERM);
+  CHECK(w.children.wait(w.pa) == 0);
+  REQUIRE(wltest::eventually([&] { return b.deferred.load() == 1; }, 10s));
+  // Someone replaces the lock file while b holds the old one, deferred.
+  const fs::path replacement = w.dir / "replacement.lock";
+  { std::ofstream(replacement.native()) << ""; }
+  REQUIRE(::rename(replacement.c_str(), w.path.c_str()) == 0);
+  // b notices at the end of the deferral, takes the new file and is promoted on it.
+  REQUIRE(wltest::eventually([&] { return b.promoted.load() >= 1; }, 30s));
+  CHECK(b.stale_promotions.load() == 0);
+  CHECK(b.demoted.load() == 0);  // on_promoted never ran on the old file: no on_demoted
+  ::kill(w.pb, SIGTERM);
+  CHECK(w.children.wait(w.pb) == 0);
+}
+
+namespace {
+
+constexpr int kHung = 128 + SIGALRM;  // the watchdog's alarm killed the child
+
+//! A worker (primary on a free lock) whose whole-server note is a FIFO: every open() of it
+//! must return at once. 0 when all went as it should, kHung when a call hung.
+int run_with_fifo_note(const fs::path& path, WaitMode mode, bool fifo_before_start) {
+  ::alarm(20);  // a call that blocks forever is a failure (SIGALRM), not a hung suite
+  const std::string note = path.native() + ".stopped";
+  if (fifo_before_start && ::mkfifo(note.c_str(), 0600) != 0) return 10;
+  std::atomic<int> lost_note_warnings{0};
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.server_stop_grace = 20s;
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning && line.find(note) != std::string_view::npos)
+      lost_note_warnings.fetch_add(1);
+  };
+  Coordinator c(path, options);
+  c.start();  // reads the note: a FIFO is no note
+  if (c.role() != Role::primary) return 11;
+  if (!fifo_before_start && ::mkfifo(note.c_str(), 0600) != 0) return 12;
+  c.stop(StopScope::whole_server);  // writes the note: a FIFO without reader fails ENXIO
+  if (c.role() != Role::secondary) return 13;
+  if (lost_note_warnings.load() != 1) return 14;
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: a FIFO at the whole-server note's path hangs neither start() nor "
+    "stop(whole_server)",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  const bool fifo_before_start = GENERATE(true, false);
+  INFO("mode " << mode_name(mode)
+               << (fifo_before_start ? ", FIFO before start()"
+                                     : ", FIFO before stop(whole_server)"));
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Children children;
+  const pid_t pid =
+      children.spawn([&] { return run_with_fifo_note(path, mode, fifo_before_start); });
+  const int code = children.wait(pid);
+  CHECK(code != kHung);
+  CHECK(code == 0);
+}
+
+TEST_CASE("coordinator contract: a whole-server note that cannot be written is logged",
+          "[coordinator][coordinator_contract]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  const std::string note = path.native() + ".stopped";
+  fs::create_directory(note);  // open(O_WRONLY) fails with EISDIR, even for root
+  std::vector<std::string> warnings;
+  CoordinatorOptions options;
+  options.wait = WaitMode::polled;
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning) warnings.emplace_back(line);
+  };
+  Coordinator c(path, options);
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  c.stop(StopScope::whole_server);
+  CHECK(c.role() == Role::secondary);
+  REQUIRE(warnings.size() == 1);
+  CHECK(warnings[0].find(note) != std::string::npos);
+  CHECK(warnings[0].find(std::generic_category().message(EISDIR)) != std::string::npos);
+}
+
+TEST_CASE("coordinator contract: a whole-server note from another boot is ignored",
+          "[coordinator][coordinator_contract]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  std::string boot_id;
+  {
+    std::ifstream in("/proc/sys/kernel/random/boot_id");
+    std::getline(in, boot_id);
+  }
+  if (boot_id.size() != 36) boot_id = std::string(36, '-');  // no /proc: what FileBackend uses
+  const bool same_boot = GENERATE(true, false);
+  INFO((same_boot ? "this boot's id" : "another boot's id"));
+  {
+    // A note dated now: within a 20 s grace, it defers the promotion in this boot only.
+    std::ofstream note(path.native() + ".stopped");
+    char date[32];
+    std::snprintf(date, sizeof date, "%020lld", static_cast<long long>(now_ns()));
+    note << date << '\n'
+         << (same_boot ? boot_id : std::string("00000000-0000-4000-8000-000000000000")) << '\n';
+  }
+  int deferred = 0;
+  CoordinatorOptions options;
+  options.wait = WaitMode::polled;
+  options.server_stop_grace = 20s;
+  options.lock.log = [&](LogLevel, std::string_view line) {
+    if (line.find("defers on_promoted") != std::string_view::npos) ++deferred;
+  };
+  Coordinator c(path, options);
+  c.start();
+  CHECK(deferred == (same_boot ? 1 : 0));
+  CHECK(c.role() == (same_boot ? Role::secondary : Role::primary));
+  c.stop();
+}
+
+TEST_CASE(
+    "coordinator contract: remaining_validity() saturates: zero when not primary, max for a "
+    "lock file, the lease's time left",
+    "[coordinator][coordinator_contract]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  CoordinatorOptions options;
+  options.wait = WaitMode::polled;
+  {
+    Coordinator holder(path, options);
+    Coordinator standby(path, options);
+    CHECK(holder.remaining_validity() == std::chrono::nanoseconds::zero());  // not started
+    holder.start();
+    standby.start();
+    REQUIRE(holder.role() == Role::primary);
+    REQUIRE(standby.role() == Role::secondary);
+    CHECK(holder.remaining_validity() == std::chrono::nanoseconds::max());
+    // valid_until() - now() here is min() - now(): an overflow that reads as a long time.
+    CHECK(standby.remaining_validity() == std::chrono::nanoseconds::zero());
+    holder.stop();
+    CHECK(holder.remaining_validity() == std::chrono::nanoseconds::zero());
+    standby.stop();
+  }
+  auto lease = std::make_unique<FakeLease>();
+  FakeLease& fake = *lease;
+  Coordinator c(std::move(lease), options);
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  CHECK(c.remaining_validity() == std::chrono::nanoseconds::max());  // deadline max(): no expiry
+  fake.deadline_ns.store(now_ns() + std::chrono::nanoseconds(1h).count());
+  const auto left = c.remaining_validity();
+  CHECK(left > std::chrono::nanoseconds(50min));
+  CHECK(left <= std::chrono::nanoseconds(1h));
+  fake.deadline_ns.store(now_ns() - std::chrono::nanoseconds(1s).count());  // ran out
+  CHECK(c.remaining_validity() == std::chrono::nanoseconds::zero());
+  CHECK(c.role() == Role::secondary);
+  c.stop();
 }

@@ -864,6 +864,13 @@ TEST_CASE("coordinator lifecycle: start() rejects bad options with a lock_error 
       {"wakeup_signal", with([](auto& o) { o.wakeup_signal = 1000; })},
       {"wakeup_signal", with([](auto& o) { o.wakeup_signal = SIGKILL; })},
       {"wakeup_signal", with([](auto& o) { o.wakeup_signal = SIGSEGV; })},
+      {"server_stop_grace", with([](auto& o) { o.server_stop_grace = -1ms; })},
+      // Longer than max_server_stop_grace: milliseconds::max() used to overflow the note's
+      // date plus the grace and silently turn the deferral off.
+      {"server_stop_grace",
+       with([](auto& o) { o.server_stop_grace = std::chrono::milliseconds::max(); })},
+      {"server_stop_grace",
+       with([](auto& o) { o.server_stop_grace = workerlock::max_server_stop_grace + 1ms; })},
   };
   constexpr int n = static_cast<int>(sizeof cases / sizeof cases[0]);
   static_assert(n + 1 <= ValidationReport::kCases);
@@ -900,8 +907,9 @@ TEST_CASE("coordinator lifecycle: start() rejects bad options with a lock_error 
       check(n, c, "health_check_interval");
     }
     r.cases.store(n + 1);
-    // Nothing was held: a valid configuration wins the free lock.
-    Coordinator valid(path, with([](auto&) {}));
+    // Nothing was held: a valid configuration (the longest grace) wins the free lock.
+    Coordinator valid(
+        path, with([](auto& o) { o.server_stop_grace = workerlock::max_server_stop_grace; }));
     valid.start();
     r.valid_start_role.store(static_cast<int>(valid.role()));
     valid.stop();

@@ -83,7 +83,8 @@ class Backend {
   //! release(): leave a note, dated now, that the next holder reads through
   //! server_stop_noted(). The default keeps no note (a whole-server stop is then a plain
   //! stop). A network backend could keep it beside its lease (a second key that expires
-  //! after the grace, say). Never throws: a note that cannot be written is lost.
+  //! after the grace, say). Never throws: a note that cannot be written is lost, and
+  //! should be reported through the log sink (FileBackend logs a warning naming the path).
   virtual void note_server_stopping() noexcept {}
 
   //! Called by a new holder: when the previous holder noted a whole-server stop, the local

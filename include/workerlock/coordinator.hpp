@@ -105,6 +105,10 @@ enum class WaitMode {
 //! long (plus the timer's own slack), at the cost of one failed lock syscall per interval.
 inline constexpr std::chrono::milliseconds recommended_poll_interval{50};
 
+//! The longest CoordinatorOptions::server_stop_grace start() accepts: longer would leave a
+//! server without a primary for longer than any stop takes.
+inline constexpr std::chrono::milliseconds max_server_stop_grace = std::chrono::hours(1);
+
 //! What a stop() or request_stop() is part of.
 enum class StopScope {
   //! This worker alone stops (a rolling restart, a worker recycled after N requests): the
@@ -115,10 +119,15 @@ enum class StopScope {
   //! promoted within CoordinatorOptions::server_stop_grace holds the lock without running
   //! on_startup or on_promoted until the grace has passed. A standby stopped during the grace
   //! releases without running any callback; one that is not stopped is promoted normally
-  //! once the grace has passed. A mistaken whole_server stop therefore costs at most the
-  //! grace without a primary, never more. Only FileBackend keeps such a note so far (the
-  //! file `<lock path>.stopped`); on a backend that keeps none (Redis, PostgreSQL), it is
-  //! a plain stop.
+  //! once the grace has passed, after checking that it still holds the lock. A mistaken
+  //! whole_server stop therefore costs at most the grace without a primary, never more: a
+  //! deferred standby that is itself stopped with whole_server keeps the original note (it
+  //! never was the primary), so stopping every worker with whole_server, even in a rolling
+  //! restart, does not extend it. During the deferral the worker holds the lock but reads
+  //! secondary (role(), valid_until()), while lock_holder() and /proc/locks name it as the
+  //! holder. Only FileBackend keeps such a note so far (the file `<lock path>.stopped`,
+  //! dated on the monotonic clock and ignored after a reboot); on a backend that keeps none
+  //! (Redis, PostgreSQL), it is a plain stop.
   whole_server,
 };
 
@@ -149,7 +158,7 @@ struct CoordinatorOptions {
   std::string startup_generation;
   //! After a stop(StopScope::whole_server) of the primary, how long a standby that takes
   //! the lock waits before it runs on_startup and on_promoted (see StopScope). Zero turns the
-  //! note off; must not be negative.
+  //! note off; must not be negative nor longer than max_server_stop_grace.
   std::chrono::milliseconds server_stop_grace{1000};
 };
 
@@ -167,13 +176,14 @@ struct CoordinatorOptions {
 //! Callbacks run with the signal mask the calling thread had at start() (the coordinator
 //! thread itself blocks every signal), so the threads they start inherit the host's mask.
 //!
-//! Threads: role(), valid_until(), fencing_token() and running() may be read from any
-//! thread at any time, also while the coordinator thread changes the role; they read
+//! Threads: role(), valid_until(), remaining_validity(), fencing_token() and running() may be read
+//! from any thread at any time, also while the coordinator thread changes the role; they read
 //! atomics (and the backend's, which are atomic too). The other members are called by one
 //! thread at a time, or from callbacks as said above.
 //!
-//! Signal handlers may call request_stop(), role(), valid_until() and running(), and nothing
-//! else (these are async-signal-safe; stop() is not).
+//! Signal handlers may call request_stop(), role(), valid_until(), remaining_validity(),
+//! fencing_token() and running(), and nothing else (these are async-signal-safe; stop() is
+//! not).
 //!
 //! A lease (Redis, PostgreSQL) can run out while this process is paused (SIGSTOP, a long GC
 //! pause, a stalled VM): role() and valid_until() compare the lease's local deadline with
@@ -181,8 +191,12 @@ struct CoordinatorOptions {
 //! chance to run. The pattern for a singleton write is therefore to check right before each
 //! write, and to pass the fencing token along with it:
 //!
-//!     if (coordinator.valid_until() > std::chrono::steady_clock::now() + expected_write_time)
+//!     if (coordinator.remaining_validity() > expected_write_time)
 //!       store.write(data, coordinator.fencing_token());  // the store rejects older tokens
+//!
+//! Never compute `valid_until() - steady_clock::now()`: valid_until() is time_point::min()
+//! when not primary (the subtraction overflows into "lots of time left") and max() for a
+//! lock file. remaining_validity() saturates.
 //!
 //! Whole-server stop: a plain stop() of the primary hands the lock over at once, which a
 //! rolling restart needs. When the whole server stops, the signals reach the workers one
@@ -215,6 +229,9 @@ class Coordinator {
         startup_marker_base_(backend_->startup_marker_base()),
         startup_backoff_(options_.retry_backoff_min) {
     if (startup_marker_base_.empty()) return;
+    // Also the room for FileBackend's whole-server note `<path>.stopped`, no longer.
+    static_assert(std::string_view(".stopped").size() <= detail::startup_marker_suffix.size(),
+                  "the startup marker's name check covers the whole-server note's");
     StartupBarrier::check_lock_path(startup_marker_base_);
     // The default generation is read by start(), in the worker.
     if (!options_.startup_generation.empty())
@@ -356,7 +373,7 @@ class Coordinator {
     } else if (promotion_deferred_) {
       if (now >= deferred_until_) {
         promotion_deferred_ = false;
-        take_role();
+        if (still_held_after_deferral()) take_role();
       }
     } else if (now >= next_verify_) {
       next_verify_ = detail::deadline_after(backend_->verify_interval());
@@ -378,12 +395,23 @@ class Coordinator {
   //! primary (the backend's Backend::valid_until(): time_point::max() for a lock file, the
   //! lease's deadline for Redis and PostgreSQL). time_point::min() when not primary in this
   //! process. A host checks "still valid for the next N ms" with
-  //! `valid_until() > std::chrono::steady_clock::now() + N` before a write.
-  //! Safe from any thread, and async-signal-safe.
+  //! `remaining_validity() > N` before a write; never compute `valid_until() - now`, which
+  //! overflows while not primary. Safe from any thread, and async-signal-safe.
   std::chrono::steady_clock::time_point valid_until() const noexcept {
     if (role_.load() != Role::primary || inherited_across_fork())
       return std::chrono::steady_clock::time_point::min();
     return backend_->valid_until();
+  }
+  //! How long this process may still act as the primary, saturated: zero when not primary
+  //! (or once a lease ran out), nanoseconds::max() for a lock file's hold, else the time
+  //! left on the lease. Safe from any thread, and async-signal-safe.
+  std::chrono::nanoseconds remaining_validity() const noexcept {
+    const auto until = valid_until();
+    if (until == std::chrono::steady_clock::time_point::max())
+      return std::chrono::nanoseconds::max();
+    const auto now = std::chrono::steady_clock::now();
+    if (until <= now) return std::chrono::nanoseconds::zero();
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(until - now);
   }
   //! True from start() until stop() or request_stop(). Async-signal-safe.
   bool running() const noexcept {
@@ -568,6 +596,11 @@ class Coordinator {
                    fmt::format("CoordinatorOptions::server_stop_grace is {} ms; it must not be "
                                "negative",
                                o.server_stop_grace.count()));
+    if (o.server_stop_grace > max_server_stop_grace)
+      return f.set(invalid, operation,
+                   fmt::format("CoordinatorOptions::server_stop_grace is {} ms; it must not be "
+                               "longer than {} ms (max_server_stop_grace)",
+                               o.server_stop_grace.count(), max_server_stop_grace.count()));
     if (o.wakeup_signal != 0 && !detail::usable_wakeup_signal(o.wakeup_signal))
       return f.set(invalid, operation,
                    fmt::format("CoordinatorOptions::wakeup_signal {} cannot be used: 0 picks "
@@ -615,8 +648,10 @@ class Coordinator {
     // Formatted once, while no thread runs, so that log lines need no allocation.
     description_ = backend_->describe();
     read_default_startup_generation();
-    stop_requested_.store(false);
+    // The scope first: a request_stop(whole_server) from a signal handler racing this start()
+    // sets it before stop_requested_, so it keeps its scope.
     whole_server_stop_.store(false);
+    stop_requested_.store(false);
     promotion_deferred_ = false;
     thread_done_.store_and_wake(0);
     role_.store(Role::secondary);
@@ -724,7 +759,11 @@ class Coordinator {
     if (role_.load() == Role::primary) {
       demote(note ? "stopped with the whole server" : "stopped", note);
     } else {
-      if (note && backend_->held()) backend_->note_server_stopping();
+      // A hold never promoted: a deferred one keeps the note it deferred on (rewriting it
+      // would extend the time without a primary at each stop); a hold won just as the stop
+      // came, with no current note, leaves one.
+      if (note && backend_->held() && server_stop_deferral() <= std::chrono::steady_clock::now())
+        backend_->note_server_stopping();
       backend_->release();
     }
     promotion_deferred_ = false;
@@ -813,8 +852,23 @@ class Coordinator {
       }
       sleep_until_unless_stopped(until);
       if (stop_requested_.load()) return;  // finish() releases without callbacks
+      if (!still_held_after_deferral()) return;
     }
     take_role();
+  }
+
+  //! After a deferral: whether this worker still holds the lock (the file may have been
+  //! replaced or deleted meanwhile). If not, releases it without callbacks (on_promoted
+  //! never ran) so that the standby machinery takes the lock anew.
+  bool still_held_after_deferral() noexcept {
+    if (verify()) return true;
+    log(LogLevel::warning,
+        "workerlock: pid={} {}: the lock was lost during the deferral after a whole-server "
+        "stop; releasing without callbacks",
+        ::getpid(), description_);
+    backend_->release();
+    backend_->reset();
+    return false;
   }
 
   //! Until when a new hold defers its promotion: the note of a whole-server stop plus
@@ -825,6 +879,10 @@ class Coordinator {
     if (options_.server_stop_grace <= std::chrono::milliseconds::zero()) return none;
     const auto noted = backend_->server_stop_noted();
     if (!noted || *noted > std::chrono::steady_clock::now()) return none;
+    // Saturated: check_options() bounds the grace, but the note's date is anyone's.
+    const auto room = std::chrono::steady_clock::time_point::max() - *noted;
+    if (std::chrono::duration_cast<std::chrono::nanoseconds>(options_.server_stop_grace) >= room)
+      return std::chrono::steady_clock::time_point::max();
     return *noted + options_.server_stop_grace;
   }
 

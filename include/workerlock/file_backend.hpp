@@ -197,40 +197,62 @@ class FileBackend final : public Backend {
                                          : std::chrono::steady_clock::time_point::min();
   }
 
-  //! Writes the note `<path>.stopped`: the monotonic clock's nanoseconds, which every
-  //! process on this machine (in any container sharing its kernel) reads alike.
+  //! Writes the note `<path>.stopped`: the monotonic clock's nanoseconds and this boot's id
+  //! (/proc/sys/kernel/random/boot_id). CLOCK_MONOTONIC counts from the boot, so a note
+  //! means something only to a reader in the same boot; a reader in another time namespace
+  //! (a container with a CLOCK_MONOTONIC offset) reads a shifted date, which the
+  //! Coordinator's `noted <= now` check and the grace keep bounded. A note that cannot be
+  //! written (a read-only directory, a name too long, a file of another owner, a FIFO with
+  //! no reader) is lost: then a warning naming the path and the reason goes to the log sink.
   void note_server_stopping() noexcept override {
-    char line[24];
+    char line[note_size + 1];
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now().time_since_epoch())
                         .count();
-    const int size = std::snprintf(line, sizeof line, "%020lld\n", static_cast<long long>(ns));
+    char boot[boot_id_size + 1];
+    read_boot_id(boot);
+    const int size =
+        std::snprintf(line, sizeof line, "%020lld\n%s\n", static_cast<long long>(ns), boot);
+    // O_NONBLOCK: a FIFO planted at the path fails with ENXIO instead of blocking forever.
     const int fd = detail::retry_on_eintr([&] {
-      return ::open(stop_note_.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+      return ::open(stop_note_.c_str(),
+                    O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0644);
     });
-    if (fd < 0) return;
+    if (fd < 0) return report_lost_note(errno, nullptr);
     // Written in place at a fixed length: no truncation, and the lock orders it before the
     // next holder's read.
-    if (trusted_note(fd) && size > 0)
-      (void)!detail::retry_on_eintr(
+    if (!trusted_note(fd)) {
+      report_lost_note(0, "it is not a regular file with one link owned by this user");
+    } else if (size != note_size) {
+      report_lost_note(0, "the note does not fit its fixed size");
+    } else {
+      const ssize_t written = detail::retry_on_eintr(
           [&] { return ::pwrite(fd, line, static_cast<std::size_t>(size), 0); });
+      if (written != static_cast<ssize_t>(size))
+        report_lost_note(written < 0 ? errno : 0, "the write failed");
+    }
     ::close(fd);
   }
 
-  //! Reads `<path>.stopped`, ignoring one that is not a regular file owned by this user (or
-  //! by anyone, with Options::allow_foreign_owner).
+  //! Reads `<path>.stopped`, ignoring one that is not a regular file with one link owned by
+  //! this user (or by anyone, with Options::allow_foreign_owner), and one written in another
+  //! boot.
   std::optional<std::chrono::steady_clock::time_point> server_stop_noted() const noexcept override {
-    const int fd = detail::retry_on_eintr(
-        [&] { return ::open(stop_note_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC); });
+    const int fd = detail::retry_on_eintr([&] {
+      return ::open(stop_note_.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    });
     if (fd < 0) return std::nullopt;
-    char line[32] = {};
+    char line[note_size + 1] = {};
     ssize_t n = -1;
     if (trusted_note(fd))
-      n = detail::retry_on_eintr([&] { return ::pread(fd, line, sizeof line - 1, 0); });
+      n = detail::retry_on_eintr([&] { return ::pread(fd, line, note_size, 0); });
     ::close(fd);
-    if (n <= 0) return std::nullopt;
+    if (n != note_size || line[20] != '\n' || line[note_size - 1] != '\n') return std::nullopt;
+    char boot[boot_id_size + 1];
+    read_boot_id(boot);
+    if (std::memcmp(line + 21, boot, boot_id_size) != 0) return std::nullopt;  // another boot
     long long ns = 0;
-    for (ssize_t i = 0; i < n && line[i] != '\n'; ++i) {
+    for (int i = 0; i < 20; ++i) {
       if (line[i] < '0' || line[i] > '9' || ns > (LLONG_MAX - 9) / 10) return std::nullopt;
       ns = ns * 10 + (line[i] - '0');
     }
@@ -249,11 +271,49 @@ class FileBackend final : public Backend {
  private:
   static void ignore_signal(int) noexcept {}
 
-  //! A note is a regular file owned by this user, or by anyone with allow_foreign_owner.
+  //! The note: 20 digits of nanoseconds, a newline, the 36 characters of the boot id, a
+  //! newline.
+  static constexpr int boot_id_size = 36;
+  static constexpr int note_size = 20 + 1 + boot_id_size + 1;
+
+  //! A note is a regular file with one link, owned by this user (or by anyone with
+  //! allow_foreign_owner).
   bool trusted_note(int fd) const noexcept {
     struct stat st {};
-    return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+    return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 &&
            (st.st_uid == ::geteuid() || lock_.options().allow_foreign_owner);
+  }
+
+  //! This boot's id into `boot` (boot_id_size characters and a NUL); all '-' where it
+  //! cannot be read (no /proc), so such readers only trust each other's notes.
+  static void read_boot_id(char (&boot)[boot_id_size + 1]) noexcept {
+    std::memset(boot, '-', boot_id_size);
+    boot[boot_id_size] = '\0';
+    const int fd = detail::retry_on_eintr(
+        [] { return ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC); });
+    if (fd < 0) return;
+    char read_id[boot_id_size] = {};
+    if (detail::retry_on_eintr([&] { return ::read(fd, read_id, boot_id_size); }) == boot_id_size)
+      std::memcpy(boot, read_id, boot_id_size);
+    ::close(fd);
+  }
+
+  //! Logs a whole-server note that could not be written: `error` (an errno, or 0) and `why`.
+  void report_lost_note(int error, const char* why) const noexcept {
+    if (!lock_.options().log) return;
+    try {
+      const std::string reason =
+          why != nullptr && error != 0
+              ? fmt::format("{}: {}", why, std::generic_category().message(error))
+          : why != nullptr ? std::string(why)
+                           : std::generic_category().message(error);
+      lock_.options().log(
+          LogLevel::warning,
+          fmt::format("workerlock: pid={} cannot write the whole-server stop note {} ({}); the "
+                      "next holder will be promoted at once",
+                      ::getpid(), stop_note_, reason));
+    } catch (...) {
+    }
   }
 
   bool note_hold(bool held) noexcept {

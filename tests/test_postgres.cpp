@@ -315,6 +315,67 @@ TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
 }
 
 TEST_CASE(
+    "postgres: sslpassword and every password-like option libpq has are redacted, and all of a "
+    "password with '@'",
+    "[postgres]") {
+  using workerlock::detail::pg_redact_conninfo;
+  const auto check = [](const std::string& in, const std::string& out,
+                        std::vector<std::string> secrets) {
+    INFO("conninfo: " << in);
+    const auto r = pg_redact_conninfo(in);
+    CHECK(r.text == out);
+    for (const auto& s : secrets) {
+      INFO("secret: " << s);
+      CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
+    }
+    PostgresOptions o;
+    o.conninfo = in;
+    PostgresBackend backend(o);
+    for (const auto& s : secrets) {
+      CHECK_THAT(backend.describe(), !Catch::Contains(s));
+      CHECK_THAT(backend.network_target(), !Catch::Contains(s));
+    }
+  };
+  check("host=db sslpassword=secret7", "host=db sslpassword=***", {"secret7"});
+  check("postgresql://db/app?sslpassword=secret8&sslmode=require",
+        "postgresql://db/app?sslpassword=***&sslmode=require", {"secret8"});
+  check("dbname='host=db sslpassword=secret9'", "dbname='host=db sslpassword=***'", {"secret9"});
+  // An unencoded '@' in the password: libpq takes "ret12@h" for the host.
+  check("postgresql://u:sec@ret12@h/db", "postgresql://u:***@h/db", {"sec", "ret12", "sec@ret12"});
+  check("postgresql://u:aa1@bb2@cc3@h:5432/db?sslmode=disable",
+        "postgresql://u:***@h:5432/db?sslmode=disable", {"aa1", "bb2", "cc3", "aa1@bb2@cc3"});
+
+  // Every option libpq displays as a password (dispchar "*"), in both forms.
+  PQconninfoOption* options = PQconndefaults();
+  REQUIRE(options != nullptr);
+  int secret_options = 0;
+  for (const PQconninfoOption* opt = options; opt->keyword != nullptr; ++opt) {
+    if (opt->dispchar == nullptr || std::string(opt->dispchar) != "*") continue;
+    ++secret_options;
+    const std::string kw = opt->keyword;
+    check("host=db " + kw + "=secret10", "host=db " + kw + "=***", {"secret10"});
+    check("postgresql://db/app?" + kw + "=secret11", "postgresql://db/app?" + kw + "=***",
+          {"secret11"});
+  }
+  PQconninfoFree(options);
+  CHECK(secret_options >= 2);  // password and sslpassword
+
+  // libpq's own message names the host "ret12@nonexistent.invalid": scrubbed.
+  PostgresOptions o;
+  o.conninfo = "postgresql://postgres:sec@ret12@nonexistent.invalid/postgres";
+  PostgresBackend backend(o);
+  CHECK(backend.redacted_conninfo() == "postgresql://postgres:***@nonexistent.invalid/postgres");
+  try {
+    backend.try_acquire();
+    FAIL("try_acquire() did not throw");
+  } catch (const lock_error& e) {
+    INFO("what(): " << e.what());
+    CHECK_THAT(e.what(), !Catch::Contains("ret12"));
+    CHECK_THAT(e.target(), !Catch::Contains("ret12"));
+  }
+}
+
+TEST_CASE(
     "postgres: bad configuration is a lock_error from prepare(), every acquisition and "
     "Coordinator::start()",
     "[postgres]") {
@@ -665,6 +726,80 @@ TEST_CASE("postgres: restart grace: a new holder of a young server waits out res
   CHECK(waited < 10s);
   CHECK(a.held());
   a.release();
+}
+
+TEST_CASE(
+    "postgres: a final proof answered late is ETIMEDOUT (the restart grace still applies), a "
+    "lost session ECONNRESET",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  const auto uptime = [&] {
+    return std::chrono::milliseconds(
+        std::atoll(pg.query("SELECT (extract(epoch FROM clock_timestamp() "
+                            "- pg_postmaster_start_time()) * 1000)::int8")
+                       .c_str()));
+  };
+  auto o = options_for(fresh_name("late-proof"));
+  o.command_timeout = 500ms;
+  // The promotion waits 1 s of grace after both locks are won: time to stop a session.
+  o.restart_grace = uptime() + 1000ms;
+
+  {
+    // The lock session's server process stopped (SIGSTOP): alive, not lost, but silent.
+    PostgresBackend a(o);
+    REQUIRE_FALSE(a.try_acquire());  // both locks won, the promotion pending
+    const int lock_pid = a.lock_session_pid();
+    REQUIRE(lock_pid > 0);
+    REQUIRE(pg.lock_holder_pid(a.key(), 2) == a.fence_session_pid());
+    REQUIRE(::kill(lock_pid, SIGSTOP) == 0);
+    struct Resume {
+      int pid;
+      ~Resume() { ::kill(pid, SIGCONT); }
+    } resume{lock_pid};
+    std::error_code code;
+    std::string what;
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      a.wait_acquire();  // waits out the grace, then the proof gets no answer
+      FAIL("wait_acquire() did not throw");
+    } catch (const lock_error& e) {
+      code = e.code();
+      what = e.what();
+    }
+    INFO("what(): " << what);
+    CHECK(std::chrono::steady_clock::now() - t0 < 30s);
+    CHECK(code == std::errc::timed_out);
+    CHECK(code == std::error_code(ETIMEDOUT, std::system_category()));
+    CHECK_THAT(what, Catch::Contains("did not answer within command_timeout (500 ms)"));
+    CHECK_FALSE(a.held());
+    ::kill(lock_pid, SIGCONT);
+    // The sessions are closed: nothing is left locked.
+    CHECK(wltest::eventually([&] { return pg.lock_holder_pid(a.key(), 1) == 0; }, 10s));
+    CHECK(wltest::eventually([&] { return pg.lock_holder_pid(a.key(), 2) == 0; }, 10s));
+    // The restart grace applies to the next attempt, as after a lost session.
+    CHECK_FALSE(a.try_acquire());
+    CHECK_FALSE(a.held());
+    a.release();
+  }
+  {
+    // The lock session ended by the server while the promotion was pending: lost.
+    o.restart_grace = uptime() + 1000ms;
+    PostgresBackend a(o);
+    REQUIRE_FALSE(a.try_acquire());
+    REQUIRE(pg.terminate(a.lock_session_pid()));
+    std::error_code code;
+    try {
+      a.wait_acquire();
+      FAIL("wait_acquire() did not throw");
+    } catch (const lock_error& e) {
+      code = e.code();
+      INFO("what(): " << e.what());
+      CHECK_THAT(e.what(), Catch::Contains("a session was lost"));
+    }
+    CHECK(code == std::errc::connection_reset);
+    CHECK_FALSE(a.held());
+  }
 }
 
 TEST_CASE(

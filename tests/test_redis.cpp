@@ -351,6 +351,64 @@ TEST_CASE("redis: URL parsing", "[redis]") {
   CHECK(redact_raw_url("redis://u:topsecret@h:x") == "redis://u:***@h:x");
   CHECK(redact_raw_url("redis://:top/secret@h:x") == "redis://:***@h:x");
   CHECK(redact_raw_url("redis://h:1") == "redis://h:1");
+  // An unencoded '@' in the password: masked up to the last '@' of the authority.
+  CHECK(redact_raw_url("redis://u:sec@ret@h:6379") == "redis://u:***@h:6379");
+  // Query values: only db=N is shown; a value not understood never is.
+  CHECK(redact_raw_url("redis://h:6379/0?password=secret1") == "redis://h:6379/0?password=***");
+  CHECK(redact_raw_url("redis://h:6379?db=1&password=secret1") ==
+        "redis://h:6379?db=1&password=***");
+  CHECK(redact_raw_url("redis://h?db=secret1") == "redis://h?db=***");
+  CHECK(redact_raw_url("redis://h?secret1") == "redis://h?***");
+  CHECK(redact_raw_url("redis://h?pass%20word=secret1#secret2") == "redis://h?***#***");
+  CHECK(redact_raw_url("unix:///tmp/r.sock?db=2&auth=secret1") ==
+        "unix:///tmp/r.sock?db=2&auth=***");
+  CHECK(redact_raw_url("redis://:pw@h/0?password=secret1") == "redis://:***@h/0?password=***");
+  // An '@' after '?' or '#': a password with those characters, or an '@' in a query value.
+  CHECK(redact_raw_url("redis://:sec?ret@h") == "redis://***");
+  CHECK(redact_raw_url("redis://h/0?password=sec@ret1") == "redis://***");
+}
+
+TEST_CASE("redis: a refused URL's password never shows in what(), target() or describe()",
+          "[redis]") {
+  struct Case {
+    const char* url;
+    const char* secret;
+    const char* shown;
+  };
+  const Case cases[] = {
+      {"redis://127.0.0.1:6379/0?password=secret1", "secret1",
+       "redis://127.0.0.1:6379/0?password=*** key="},
+      {"redis://127.0.0.1:6379?db=1&password=secret2", "secret2",
+       "redis://127.0.0.1:6379?db=1&password=*** key="},
+      {"redis://127.0.0.1:6379?auth=secret3", "secret3", "redis://127.0.0.1:6379?auth=*** key="},
+      {"redis://u:sec@ret4@127.0.0.1:notaport", "ret4", "redis://u:***@127.0.0.1:notaport key="},
+      {"redis://127.0.0.1/0?password=sec@ret5", "ret5", "redis://*** key="},
+      {"redis://127.0.0.1:6379/0#secret6", "secret6", "redis://127.0.0.1:6379/0#*** key="},
+  };
+  for (const auto& c : cases) {
+    INFO("URL: " << c.url);
+    RedisOptions o;
+    o.url = c.url;
+    RedisBackend backend(o);
+    CHECK_THAT(backend.network_target(), Catch::StartsWith(c.shown));
+    CHECK_THAT(backend.network_target(), !Catch::Contains(c.secret));
+    CHECK_THAT(backend.describe(), !Catch::Contains(c.secret));
+    CHECK_THAT(backend.redacted_url(), !Catch::Contains(c.secret));
+    try {
+      backend.prepare();
+      FAIL("prepare() did not throw");
+    } catch (const lock_error& e) {
+      CHECK(e.code() == workerlock::errc::bad_configuration);
+      CHECK_THAT(e.what(), !Catch::Contains(c.secret));
+      CHECK_THAT(e.target(), !Catch::Contains(c.secret));
+    }
+  }
+  // A URL that parses, with an unencoded '@' in the password.
+  RedisOptions o;
+  o.url = "redis://u:sec@ret7@127.0.0.1:6379/0";
+  RedisBackend backend(o);
+  CHECK(backend.redacted_url() == "redis://u:***@127.0.0.1:6379/0");
+  CHECK_THAT(backend.describe(), !Catch::Contains("ret7"));
 }
 
 TEST_CASE(
@@ -1426,11 +1484,46 @@ TEST_CASE(
   CHECK(code == std::errc::timed_out);
   a.release();
 
-  // A renewal that gets no answer before the lease runs out: lease_lost as well.
+  // A renewal that gets no answer before the lease runs out: lease_lost as well. Started 300 ms
+  // before valid_until(), so its deadline is valid_until(), not now + command_timeout (500 ms).
   REQUIRE(a.try_acquire());
+  std::this_thread::sleep_until(a.valid_until() - 300ms);
   server.command({"CLIENT", "PAUSE", "1500"});
   code = network_error_code(a, [&] { a.verify_held(); });
   CHECK(code == workerlock::errc::lease_lost);
+  a.release();
+  std::this_thread::sleep_for(1600ms);  // the pause is over
+}
+
+TEST_CASE(
+    "redis: a renewal that times out while the lease is still valid is ETIMEDOUT, not "
+    "lease_lost",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("renewal-timeout");
+  seed_fence(server, key);
+  // command_timeout 500 ms, the lease valid for 10 s - D: the renewal gives up ~9 s before
+  // the lease runs out.
+  auto o = options_for(server, key, 10000ms);
+  o.command_timeout = 500ms;
+  RedisBackend a(o);
+  REQUIRE(a.try_acquire());
+  server.command({"CLIENT", "PAUSE", "3000"});
+  std::error_code code;
+  try {
+    a.verify_held();
+    FAIL("verify_held() did not throw");
+  } catch (const lock_error& e) {
+    code = e.code();
+    INFO(e.what());
+    CHECK_THAT(e.what(), Catch::Contains("command_timeout (500 ms)"));
+  }
+  CHECK(a.lease_valid());
+  CHECK(code == std::errc::timed_out);
+  CHECK(code == std::error_code(ETIMEDOUT, std::system_category()));
+  CHECK_FALSE(code == workerlock::errc::lease_lost);
+  std::this_thread::sleep_for(3100ms);  // the pause is over
   a.release();
 }
 

@@ -171,28 +171,69 @@ struct pg_redacted {
 
 inline pg_redacted pg_redact_conninfo(std::string_view s);
 
+//! Whether a conninfo keyword holds a secret: every option libpq displays as a password
+//! (PQconndefaults() dispchar "*": password, sslpassword, and whatever later libpq adds),
+//! and password and sslpassword always.
+inline bool pg_secret_keyword(std::string_view name) {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v{"password", "sslpassword"};
+    if (PQconninfoOption* options = PQconndefaults()) {
+      for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
+        if (o->dispchar != nullptr && std::strcmp(o->dispchar, "*") == 0 &&
+            std::find(v.begin(), v.end(), o->keyword) == v.end())
+          v.emplace_back(o->keyword);
+      }
+      PQconninfoFree(options);
+    }
+    return v;
+  }();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
 //! postgresql://user:secret@host/db?password=secret -> postgresql://user:***@host/db?password=***
 inline pg_redacted pg_redact_url(std::string_view s) {
   pg_redacted r;
   const auto scheme_end = s.find("://") + 3;
   r.text = std::string(s.substr(0, scheme_end));
   auto rest = s.substr(scheme_end);
-  // libpq reads user info up to an '@' that comes before any '/'.
+  // libpq reads user info up to an '@' that comes before any '/'. A password with an
+  // unencoded '@' (u:sec@ret@h) leaves the rest of it in libpq's host name: mask up to the
+  // last '@' before the path, and scrub every piece of the password from libpq's messages.
   const auto stop = rest.find_first_of("/@");
   if (stop != std::string_view::npos && rest[stop] == '@') {
-    const auto userinfo = rest.substr(0, stop);
+    const auto authority = rest.substr(0, rest.find_first_of("/?"));
+    const auto at = authority.rfind('@');
+    const auto userinfo = rest.substr(0, at);
     const auto colon = userinfo.find(':');
-    if (colon != std::string_view::npos) {
-      r.text += userinfo.substr(0, colon);
+    const auto user = userinfo.substr(0, colon);
+    if (colon != std::string_view::npos && user.find('@') == std::string_view::npos) {
+      r.text += user;
       r.text += ":***";
       const auto secret = userinfo.substr(colon + 1);
+      for (std::size_t from = 0;;) {  // the pieces between '@'s, and the whole
+        const auto end = secret.find('@', from);
+        const auto piece = secret.substr(from, end == std::string_view::npos ? end : end - from);
+        r.secrets.emplace_back(piece);
+        r.secrets.push_back(pg_percent_decode(piece));
+        if (end == std::string_view::npos) break;
+        from = end + 1;
+      }
       r.secrets.emplace_back(secret);
       r.secrets.push_back(pg_percent_decode(secret));
-    } else {
+    } else if (at == stop) {
       r.text += userinfo;
+    } else {
+      r.text += "***";  // a user name with '@' and more '@'s: which part is a password is unclear
+      for (std::size_t from = 0;;) {
+        const auto end = userinfo.find('@', from);
+        r.secrets.emplace_back(
+            userinfo.substr(from, end == std::string_view::npos ? end : end - from));
+        if (end == std::string_view::npos) break;
+        from = end + 1;
+      }
     }
     r.text += '@';
-    rest = rest.substr(stop + 1);
+    rest = rest.substr(at + 1);
   }
   const auto query = rest.find('?');
   r.text += rest.substr(0, query);
@@ -207,7 +248,7 @@ inline pg_redacted pg_redact_url(std::string_view s) {
     const auto name = pg_percent_decode(param.substr(0, eq));
     if (!first) r.text += '&';
     first = false;
-    if (eq != std::string_view::npos && name == "password") {
+    if (eq != std::string_view::npos && pg_secret_keyword(name)) {
       r.text += param.substr(0, eq);
       r.text += "=***";
       const auto secret = param.substr(eq + 1);
@@ -226,7 +267,8 @@ inline pg_redacted pg_redact_url(std::string_view s) {
   return r;
 }
 
-//! host=db password='se cret' -> host=db password=***, following libpq's quoting rules.
+//! host=db password='se cret' -> host=db password=***, following libpq's quoting rules (also
+//! sslpassword and every other keyword pg_secret_keyword() names).
 inline pg_redacted pg_redact_keywords(std::string_view s) {
   pg_redacted r;
   std::size_t i = 0;
@@ -278,7 +320,7 @@ inline pg_redacted pg_redact_keywords(std::string_view s) {
     r.text += r.text.empty() ? "" : " ";
     r.text += name;
     r.text += '=';
-    if (name == "password") {
+    if (pg_secret_keyword(name)) {
       r.text += "***";
       r.secrets.push_back(value);
       r.secrets.emplace_back(s.substr(value_start, i - value_start));
@@ -595,7 +637,9 @@ class PostgresBackend final : public Backend {
   //! pending (the next try_acquire() or wait_acquire() continues from there).
   //! Throws: lock_error when the server cannot be reached or a statement fails, or a session
   //! was ended by the server (ECONNRESET: also when the lock session was ended while it
-  //! waited for the handover lock); then nothing is held and both sessions are closed.
+  //! waited for the handover lock), or did not answer the final proof within command_timeout
+  //! (ETIMEDOUT; the restart grace applies to the next attempt as after ECONNRESET); then
+  //! nothing is held and both sessions are closed.
   bool try_acquire() override { return acquire(false); }
 
   //! Waits in pg_advisory_lock on the lock session, then on the fence session, until both are
@@ -630,7 +674,7 @@ class PostgresBackend final : public Backend {
     const auto until = stored_valid_until();
     const auto now = clock::now();
     if (now >= until) return false;
-    return prove(std::min(now + options_.command_timeout, until));
+    return prove(std::min(now + options_.command_timeout, until)) == proof::held;
   }
 
   //! verify_interval, shortened so that a check starts no later than valid_until() -
@@ -889,13 +933,28 @@ class PostgresBackend final : public Backend {
     // still hold both locks now (a session ended by the server drops its locks and never
     // comes back); its start is the hold's proof for valid_until. If it fails, acquire()
     // closes both sessions, which frees the handover lock again: never promoted.
-    if (!prove(clock::now() + options_.command_timeout)) {
-      f.set(ECONNRESET, "take the PostgreSQL lock on");
-      why =
-          "a session was lost, or did not answer within command_timeout, when both locks were "
-          "finally held (the lock session may have been ended while it waited for the handover "
-          "lock)";
-      return false;
+    switch (prove(clock::now() + options_.command_timeout)) {
+      case proof::held:
+        break;
+      case proof::lost:
+        f.set(ECONNRESET, "take the PostgreSQL lock on");
+        why =
+            "a session was lost when both locks were finally held (the lock session may have "
+            "been ended while it waited for the handover lock)";
+        return false;
+      case proof::late:
+        // Not known to be lost, but not known to be alive either: a session the server ended
+        // behind a network fault looks the same until the fault heals, and whatever ended
+        // ours may have ended the holder's sessions too (which it learns only at its next
+        // check). So the restart grace applies as after a lost session; only the code
+        // differs. acquire() sets grace_floor_ for ECONNRESET; here it is set directly.
+        f.set(ETIMEDOUT, "take the PostgreSQL lock on");
+        why = fmt::format(
+            "a session did not answer within command_timeout ({} ms) when both locks were "
+            "finally held",
+            options_.command_timeout.count());
+        grace_floor_ = clock::now() + *options_.restart_grace;
+        return false;
     }
     held_.store(true);  // after valid_until_: a reader never sees a hold without its deadline
     return true;
@@ -903,25 +962,35 @@ class PostgresBackend final : public Backend {
 
   //! One `SELECT pg_backend_pid()` on each session, sent together and answered by `deadline`
   //! by the server processes that took the locks. On success, valid_until_ becomes the
-  //! instant just before they were sent + verify_interval + command_timeout.
-  bool prove(clock::time_point deadline) {
+  //! instant just before they were sent + verify_interval + command_timeout. `late` when a
+  //! session did not answer by `deadline` and none was seen lost (closed, an error, another
+  //! server process); `lost` when one was.
+  enum class proof { held, late, lost };
+  proof prove(clock::time_point deadline) {
     const auto start = clock::now();
     detail::failure f;
     bool sent[2] = {false, false};
     for (int i = 0; i < 2; ++i) sent[i] = send(i, "SELECT pg_backend_pid()", {}, f);
-    bool ok = sent[0] && sent[1];
+    bool lost = !sent[0] || !sent[1];
+    bool late = false;
     for (int i = 0; i < 2; ++i) {
       if (!sent[i]) continue;
       detail::pg_result r;
       detail::failure g;
-      if (await(i, deadline, false, r, g) != outcome::done || !rows(r, 1) ||
-          std::atoi(PQgetvalue(r.get(), 0, 0)) != pid_[i].load()) {
-        ok = false;
+      const auto answer = await(i, deadline, false, r, g);
+      if (answer == outcome::timed_out) {
+        late = true;
+        broken_[i] = true;
+      } else if (answer != outcome::done || !rows(r, 1) ||
+                 std::atoi(PQgetvalue(r.get(), 0, 0)) != pid_[i].load()) {
+        lost = true;
         broken_[i] = true;
       }
     }
-    if (ok) set_valid_until(start + options_.verify_interval + options_.command_timeout);
-    return ok;
+    if (lost) return proof::lost;
+    if (late) return proof::late;
+    set_valid_until(start + options_.verify_interval + options_.command_timeout);
+    return proof::held;
   }
 
   clock::time_point stored_valid_until() const noexcept {

@@ -49,8 +49,11 @@
 //   lock_error, with an empty path() and target() = "<URL, password ***> key=<key>" (also
 //   network_target()). Codes: errc::bad_configuration (== std::errc::invalid_argument) for a
 //   bad URL, bad timings or a database the server refuses; errc::lease_lost
-//   (== std::errc::timed_out) when a renewal could not be done before valid_until(); else the
-//   errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
+//   (== std::errc::timed_out) when a renewal could not be done before valid_until();
+//   ETIMEDOUT when a renewal got no answer within command_timeout while the lease was still
+//   valid; else the errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
+//   Messages never show a password or any query value but db=N, even of a URL that does not
+//   parse.
 //
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up
@@ -221,24 +224,65 @@ struct redis_url {
   }
 };
 
-//! A URL that may not parse, with everything between "://" and the last '@' of the authority
-//! masked except a user name: safe to print.
+//! A query string for messages: `db=N` (N digits) as is, every other value (and anything not
+//! `name=value` with a plain name) masked: a value not understood is never printed.
+inline std::string redact_query(std::string_view query) {
+  std::string out;
+  while (true) {
+    const auto amp = query.find('&');
+    const auto item = query.substr(0, amp);
+    const auto eq = item.find('=');
+    const auto name = item.substr(0, eq);
+    const bool plain_name = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-';
+    });
+    const auto value = eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1);
+    const bool digits = !value.empty() && std::all_of(value.begin(), value.end(),
+                                                      [](char c) { return c >= '0' && c <= '9'; });
+    if (!plain_name || eq == std::string_view::npos) {
+      out += "***";
+    } else if (name == "db" && digits) {
+      out += std::string(item);
+    } else {
+      out += std::string(name) + "=***";
+    }
+    if (amp == std::string_view::npos) return out;
+    out += '&';
+    query = query.substr(amp + 1);
+  }
+}
+
+//! A URL that may not parse, safe to print: the user info up to the last '@' of the authority
+//! masked except a user name, every query value except db=N masked, a fragment masked. When an
+//! '@' follows a '?' or '#' (a password with those characters, or an '@' in a query value),
+//! everything after "://" is masked.
 inline std::string redact_raw_url(std::string_view text) {
   const auto scheme_end = text.find("://");
   const std::size_t start = scheme_end == std::string_view::npos ? 0 : scheme_end + 3;
-  // The user info may contain '/' when not percent-encoded, so use the last '@' overall.
-  const auto at = text.rfind('@');
-  if (at == std::string_view::npos || at < start) return std::string(text);
-  const auto userinfo = text.substr(start, at - start);
-  const auto colon = userinfo.find(':');
   std::string out(text.substr(0, start));
-  if (colon == std::string_view::npos) {
-    out += "***";
-  } else {
-    out += std::string(userinfo.substr(0, colon)) + ":***";
+  std::string_view rest = text.substr(start);
+  const auto at = rest.rfind('@');
+  const auto query_start = rest.find_first_of("?#");
+  if (at != std::string_view::npos) {
+    if (query_start != std::string_view::npos && query_start < at) return out + "***";
+    // The user info may contain '/' when not percent-encoded, so use the last '@'.
+    const auto userinfo = rest.substr(0, at);
+    const auto colon = userinfo.find(':');
+    out += colon == std::string_view::npos ? std::string("***")
+                                           : std::string(userinfo.substr(0, colon)) + ":***";
+    out += '@';
+    rest = rest.substr(at + 1);
   }
-  out += std::string(text.substr(at));
-  return out;
+  const auto q = rest.find_first_of("?#");
+  out += std::string(rest.substr(0, q));
+  if (q == std::string_view::npos) return out;
+  rest = rest.substr(q);
+  if (rest.front() == '?') {
+    const auto hash = rest.find('#');
+    out += '?' + redact_query(rest.substr(1, hash == std::string_view::npos ? hash : hash - 1));
+    if (hash == std::string_view::npos) return out;
+  }
+  return out + "#***";
 }
 
 inline bool percent_decode(std::string_view in, std::string& out, std::string& why) {
@@ -992,6 +1036,7 @@ class RedisBackend final : public Backend {
   //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
   //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the lease
   //! ran out before it could be renewed or the renewal got no answer before valid_until();
+  //! ETIMEDOUT when it got no answer within command_timeout, the lease still valid then;
   //! with the errno (ECONNRESET, EACCES...) when the renewal failed otherwise. The
   //! Coordinator counts that as false. Returns (or throws) by valid_until() at the latest.
   bool verify_held() override {
@@ -1417,9 +1462,10 @@ class RedisBackend final : public Backend {
                 : fmt::format("{}: connect_timeout {} ms, command_timeout {} ms", why,
                               cfg_.connect_timeout.count(), cfg_.command_timeout.count());
     }
-    // A renewal that got no answer before the lease ran out: the lease is lost.
+    // A renewal that got no answer before the lease ran out: the lease is lost. One that timed
+    // out after command_timeout while the lease is still valid is only a timeout (ETIMEDOUT).
     auto code = std::error_code(st.code, std::system_category());
-    if (st.code == ETIMEDOUT && until != clock::time_point{})
+    if (st.code == ETIMEDOUT && until != clock::time_point{} && clock::now() >= until)
       code = make_error_code(errc::lease_lost);
     if (st.bad_configuration) code = make_error_code(errc::bad_configuration);
     return lock_error(operation, target(), code, why);

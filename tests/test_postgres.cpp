@@ -48,6 +48,7 @@
 #include <workerlock/postgres.hpp>
 
 #include "partition_lab.hpp"
+#include "paused_holder.hpp"
 #include "postgres_server.hpp"
 #include "raw_fork.hpp"
 #include "support.hpp"
@@ -1819,77 +1820,6 @@ TEST_CASE(
 
 namespace {
 
-//! What a holder paused by the test saw, read by a host thread that spins on role() and
-//! on its backend, and notices the pause as a jump of steady_clock.
-struct PauseReport {
-  std::atomic<int> step{0};                       // 1 spinning, 2 jump seen, 3 done
-  std::atomic<std::int64_t> jump_ns{0};           // length of the jump
-  std::atomic<int> role_after_jump{-1};           // 1 primary, 0 secondary
-  std::atomic<int> held_after_jump{-1};           // backend.held() right after the jump
-  std::atomic<std::int64_t> expired_by_ns{0};     // (read time) - valid_until() after the jump
-  std::atomic<long> primary_reads_after_jump{0};  // in the 150 ms after it
-};
-
-//! A child: a Coordinator on `options`, whose on_demoted takes 300 ms (so a stale primary
-//! would be seen for that long), and a host thread spinning on role() until a jump of more
-//! than `jump` shows the process was stopped. Exit codes: 0 fine, 1 not primary, 2 no jump.
-int paused_holder(const PostgresOptions& options, std::chrono::milliseconds jump,
-                  PauseReport& report) {
-  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-  Coordinator c(std::make_unique<PostgresBackend>(options), quiet_coordinator_options());
-  c.on_demoted([] { std::this_thread::sleep_for(300ms); });
-  c.start();
-  if (c.role() != Role::primary) return 1;
-  std::thread host([&] {
-    using clock = std::chrono::steady_clock;
-    auto previous = clock::now();
-    const auto give_up = previous + 60s;
-    report.step.store(1);
-    for (;;) {
-      const auto now = clock::now();
-      const Role role = c.role();  // the first reads after `now`
-      const auto until = c.backend().valid_until();
-      const bool held = c.backend().held();
-      if (now - previous > jump) {
-        report.jump_ns.store(std::chrono::nanoseconds(now - previous).count());
-        report.role_after_jump.store(role == Role::primary ? 1 : 0);
-        report.held_after_jump.store(held ? 1 : 0);
-        report.expired_by_ns.store(
-            until == clock::time_point::min()
-                ? std::numeric_limits<std::int64_t>::max()
-                : std::chrono::duration_cast<std::chrono::nanoseconds>(now - until).count());
-        report.step.store(2);
-        break;
-      }
-      if (now > give_up) return;
-      previous = now;
-    }
-    // on_demoted takes 300 ms: a role() that waits for it would read primary all along.
-    const auto stop_counting = clock::now() + 150ms;
-    while (clock::now() < stop_counting) {
-      if (c.role() == Role::primary) report.primary_reads_after_jump.fetch_add(1);
-    }
-    report.step.store(3);
-  });
-  host.join();
-  c.stop();
-  return report.step.load() >= 2 ? 0 : 2;
-}
-
-//! Runs paused_holder() in a child, stops it with SIGSTOP for `pause` once its host thread
-//! spins, then lets it go on; returns the child's exit code.
-int pause_holder(const PostgresOptions& options, std::chrono::milliseconds jump,
-                 std::chrono::milliseconds pause, PauseReport& report) {
-  wltest::Children children;
-  const pid_t child = children.spawn([&] { return paused_holder(options, jump, report); });
-  if (!wltest::eventually([&] { return report.step.load() >= 1; }, 20s)) return -1;
-  std::this_thread::sleep_for(200ms);
-  ::kill(child, SIGSTOP);
-  std::this_thread::sleep_for(pause);
-  ::kill(child, SIGCONT);
-  return children.wait(child);
-}
-
 //! The holder's options for the pause tests: a window (verify_interval + command_timeout)
 //! of 1 s, well below the 3.5 s pause.
 PostgresOptions pausable(const char* what) {
@@ -1908,8 +1838,9 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-backend");
-  wltest::Shared<PauseReport> report;
-  REQUIRE(pause_holder(o, 1500ms, 3500ms, *report) == 0);
+  wltest::Shared<wltest::PauseReport> report;
+  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
+                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
   INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
                << report->held_after_jump.load());
   CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());  // the SIGSTOP
@@ -1925,8 +1856,9 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-role");
-  wltest::Shared<PauseReport> report;
-  REQUIRE(pause_holder(o, 1500ms, 3500ms, *report) == 0);
+  wltest::Shared<wltest::PauseReport> report;
+  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
+                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
   INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
   CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
   CHECK(report->role_after_jump.load() == 0);

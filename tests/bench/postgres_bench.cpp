@@ -359,18 +359,22 @@ int main(int argc, char** argv) {
       one.exec("SELECT pg_try_advisory_lock($1::int8)", {key_text.c_str()});
       one.exec("SELECT pg_advisory_unlock($1::int8)", {key_text.c_str()});
     });
-    add("bare libpq: the backend's 4 statements, one after the other, on 2 connections", "4", [&] {
-      one.exec("SELECT pg_try_advisory_lock($1::int8), pg_backend_pid()", {key_text.c_str()});
-      two.exec(fence, {hi.c_str(), lo.c_str(), life.c_str()});
-      one.exec("SELECT pg_advisory_unlock($1::int8)", {key_text.c_str()});
-      two.exec("SELECT pg_advisory_unlock($1::int4, $2::int4)", {hi.c_str(), lo.c_str()});
-    });
+    add("bare libpq: the backend's 6 statements (lock, fence, the proof on each session, two "
+        "unlocks), one after the other, on 2 connections",
+        "6", [&] {
+          one.exec("SELECT pg_try_advisory_lock($1::int8), pg_backend_pid()", {key_text.c_str()});
+          two.exec(fence, {hi.c_str(), lo.c_str(), life.c_str()});
+          one.exec("SELECT pg_backend_pid()", {});
+          two.exec("SELECT pg_backend_pid()", {});
+          one.exec("SELECT pg_advisory_unlock($1::int8)", {key_text.c_str()});
+          two.exec("SELECT pg_advisory_unlock($1::int4, $2::int4)", {hi.c_str(), lo.c_str()});
+        });
     add(
-        "PostgresBackend: `try_acquire()` + `release()`, fencing on", "3 (unlocks pipelined)",
-        [&] { cycle(fenced); }, 0, 1);
+        "PostgresBackend: `try_acquire()` + `release()`, fencing on",
+        "4 (the proof and the unlocks pipelined)", [&] { cycle(fenced); }, 0, 1);
     add(
-        "PostgresBackend: `try_acquire()` + `release()`, fencing off", "3 (unlocks pipelined)",
-        [&] { cycle(unfenced); }, 0);
+        "PostgresBackend: `try_acquire()` + `release()`, fencing off",
+        "4 (the proof and the unlocks pipelined)", [&] { cycle(unfenced); }, 0);
     add("bare libpq: `SELECT pg_backend_pid()`", "1",
         [&] { one.exec("SELECT pg_backend_pid()", {}); });
     add(

@@ -12,8 +12,23 @@
  *     While held: sleep_unless_stopped(verify_interval), verify() -> FileBackend::verify_held()
  *       (lstat(path) against s->dev/s->ino); on false demote_and_reset(): demote() runs
  *       on_demoted (role_ = secondary) THEN backend_->release(), then reset() closes the fd.
- *     Or stop() -> finish() -> demote("stopped"): on_demoted, then release; the worker starts
- *       a new Coordinator later (at most MAXSTOP stops in all).
+ *     Or stop(scope) -> finish() -> demote(reason, note): on_demoted, then (scope
+ *       StopScope::whole_server only) FileBackend::note_server_stopping() writes the note
+ *       <path>.stopped, then release; the worker starts a new Coordinator later (at most
+ *       MAXSTOP stops in all, each of either scope).
+ *     The whole-server deferral, in promote() after a hold is won:
+ *       server_stop_deferral() (FileBackend::server_stop_noted() + server_stop_grace) is
+ *         still ahead: role_ stays secondary, no callback, and the thread waits in
+ *         sleep_until_unless_stopped(until) (`deferring`, `until`);
+ *       the grace passes (the `grace` process): still_held_after_deferral() -> verify() ->
+ *         FileBackend::verify_held(); true: take_role() (= promoted()); false: release(),
+ *         reset(), no callback, and the loop acquires anew;
+ *       or stop() during the wait: promote() returns and finish() takes its branch for a
+ *         hold never promoted: no callback; a whole_server stop writes the note only if
+ *         server_stop_deferral() has passed (no current note: no chaining); release.
+ *   grace      = time, abstracted: the notes are numbered (note = the newest, 0: none) and
+ *                the grace of each passes once, in order, at any moment (passed = the newest
+ *                note whose grace has passed); a note is current while passed < note.
  *   killer     = SIGKILL of any worker at any step (at most MAXKILL): the kernel drops its
  *                lock and descriptor, and the master respawns it (a new start()).
  *   outsider   = once: rm path, mv path elsewhere, or mv new path (replace).
@@ -22,13 +37,17 @@
  *   safety (assert in promoted): never two primaries by their own state (role_), except
  *     while the other's file was taken from under it by the outsider (`stolen`), the window
  *     the README states ("until its next health check").
+ *   safety (assert in promoted): a worker that deferred never takes the role (on_promoted)
+ *     on a file that the path no longer named when its grace passed (`stale`).
  *   ltl live: ([] <> some worker is primary)  -- after the holder dies or stops, a standby is
  *             promoted --  and  [] (stolen0 -> <> !stolen0)  -- a primary whose file was
  *             deleted or replaced steps down (stated for worker 0; the workers are symmetric);
  *             under weak fairness (pan -a -f).
  * Bounds: NPROC workers (2: a primary and a standby; a killed worker is respawned as a new
- *   standby, so the standby changes), MAXKILL SIGKILLs (2), MAXSTOP stops (1), one
- *   outsider action; inode numbers are reused once free.
+ *   standby, so the standby changes), MAXKILL SIGKILLs (2), MAXSTOP stops (2, each
+ *   worker or whole_server scope, so a whole-server stop and a stop during the deferral
+ *   it causes), one outsider action (also during a deferral); inode numbers are reused
+ *   once free; at most MAXSTOP notes.
  *
  * Switches:
  *   -DRELEASE_BEFORE_DEMOTED  mutation: demote() releases the lock before on_demoted (and the
@@ -36,6 +55,10 @@
  *   -DNO_HEALTH_CHECK         mutation (liveness): verify_held() always answers "held"; spin
  *                             must find a run where a primary whose file was deleted or
  *                             replaced never steps down (an acceptance cycle of ltl live).
+ *   -DNO_VERIFY_AFTER_DEFERRAL mutation: promote() takes the role right after the grace,
+ *                             without still_held_after_deferral(); spin must find a
+ *                             deferred worker promoted on a file the outsider replaced or
+ *                             removed during the grace (the `stale` assertion).
  */
 
 #ifndef NPROC
@@ -45,7 +68,7 @@
 #define MAXKILL 2
 #endif
 #ifndef MAXSTOP
-#define MAXSTOP 1
+#define MAXSTOP 2
 #endif
 
 #include "inodes.h"  /* inodes, the path, the locks, the outsider */
@@ -56,6 +79,11 @@ bool primary[NPROC];    /* Coordinator::role_ == Role::primary */
 bool killed[NPROC];
 byte kills = 0;
 byte stops = 0;
+byte note = 0;          /* <path>.stopped: the number of the newest note, 0: none */
+byte passed = 0;        /* the newest note whose server_stop_grace has passed */
+bool deferring[NPROC];  /* holds the lock, in promote()'s wait for the grace to pass */
+byte until[NPROC];      /* the note the deferral waits on (server_stop_deferral()) */
+bool stale[NPROC];      /* ghost: the path no longer named its file when its grace passed */
 
 #if NPROC == 2
 #define someprimary (primary[0] || primary[1])
@@ -96,10 +124,34 @@ inline promoted() {
   }
 }
 
-/* Coordinator::demote(): on_demoted (role_ = secondary), then backend_->release() */
-inline demote() {
+/* stop(scope): StopScope::worker or StopScope::whole_server (whole_server_stop_) */
+inline stop_scope(ws) {
+  if
+  :: ws = true; printf("W%d: stop(whole_server)\n", me)
+  :: ws = false; printf("W%d: stop(worker)\n", me)
+  fi
+}
+
+/* take_role() after a deferral: role_ = primary, on_promoted */
+inline promoted_after_deferral() {
+  atomic { assert(!stale[me]); stale[me] = false }
+  promoted()
+}
+
+/* FileBackend::note_server_stopping(): writes <path>.stopped, dated now */
+inline write_note() {
+  atomic { note++; printf("W%d: note (whole-server stop %d)\n", me, note) }
+}
+
+/* Coordinator::demote(reason, note): on_demoted (role_ = secondary), with a whole-server
+ * stop note_server_stopping(), then backend_->release() */
+inline demote(ws) {
 #ifndef RELEASE_BEFORE_DEMOTED
   atomic { primary[me] = false; printf("W%d: on_demoted\n", me) }
+  if
+  :: ws -> write_note()
+  :: else -> skip
+  fi;
   atomic { lockowner[fdino[me]] = 0; owned[me] = false; printf("W%d: release\n", me) }
 #else
   atomic { lockowner[fdino[me]] = 0; owned[me] = false; printf("W%d: release\n", me) }
@@ -109,6 +161,7 @@ inline demote() {
 
 proctype worker(byte me) {
   byte i, j;
+  bool ws;  /* the stop asked is StopScope::whole_server */
 end_life:
   do
   :: {
@@ -130,7 +183,41 @@ end_wait:
           atomic { lockowner[fdino[me]] == 0 -> lockowner[fdino[me]] = me + 1; owned[me] = true }
           if
           :: atomic { path == fdino[me] -> skip }        /* inspect_locked_file(): ours */
-             promoted()                                  /* (record written) promote() */
+             /* (record written) promote(): server_stop_deferral() */
+             if
+             :: atomic { passed == note -> skip }        /* no current note */
+                promoted()                               /* take_role() */
+             :: atomic { passed != note -> deferring[me] = true; until[me] = note;
+                         printf("W%d: holds inode %d, defers (note %d)\n", me, fdino[me], note) }
+                /* sleep_until_unless_stopped(until) */
+                if
+                :: atomic { passed >= until[me] -> stale[me] = (path != fdino[me]);
+                            deferring[me] = false; until[me] = 0;
+                            printf("W%d: grace passed\n", me) }
+#ifndef NO_VERIFY_AFTER_DEFERRAL
+                   /* still_held_after_deferral(): verify() -> verify_held() */
+                   if
+                   :: atomic { path == fdino[me] -> skip }
+                      promoted_after_deferral()          /* take_role() */
+                   :: atomic { path != fdino[me] -> stale[me] = false;
+                               printf("W%d: lost during the deferral\n", me);
+                               release_and_close(me) }   /* release(), reset(): no callback */
+                   fi
+#else
+                   promoted_after_deferral()             /* mutation: take_role() at once */
+#endif
+                :: atomic { stops < MAXSTOP -> stops++; stop_scope(ws);
+                            printf("W%d: (during the deferral)\n", me) }
+                   /* finish(), a hold never promoted: no callback */
+                   if
+                   :: atomic { ws && passed == note -> note++;   /* no current note */
+                               printf("W%d: note (whole-server stop %d)\n", me, note) }
+                   :: else -> skip                       /* keeps the current note */
+                   fi;
+                   atomic { deferring[me] = false; until[me] = 0; ws = false;
+                            release_and_close(me) }      /* release; ~Coordinator */
+                fi
+             fi
           :: atomic { path != fdino[me] -> release_and_close(me) }  /* replaced: again */
           fi
        :: owned[me] ->
@@ -144,16 +231,16 @@ end_wait:
              :: atomic { path != fdino[me] -> skip }     /* mutation: verify_held() says yes */
              :: false ->
 #endif
-                demote();                                /* demote_and_reset() */
+                demote(false);                           /* demote_and_reset() */
                 atomic { release_and_close(me) }         /*   backend_->reset() */
              fi
-          :: atomic { stops < MAXSTOP -> stops++; printf("W%d: stop()\n", me) }
-             demote();                                   /* finish() -> demote("stopped") */
-             atomic { release_and_close(me) }            /* ~Coordinator: the fd closes */
+          :: atomic { stops < MAXSTOP -> stops++; stop_scope(ws) }
+             demote(ws);                                 /* finish() -> demote(.., note) */
+             atomic { ws = false; release_and_close(me) }  /* ~Coordinator: the fd closes */
           fi
        od
      } unless {
-       atomic { killed[me] -> killed[me] = false; i = 0; j = 0;
+       atomic { killed[me] -> killed[me] = false; i = 0; j = 0; ws = false;
                 printf("W%d: respawned\n", me) }
      }
   od
@@ -176,12 +263,21 @@ end_kill:
           printf("killer: SIGKILL W%d\n", p);
           release_and_close(p);
           primary[p] = false;
+          deferring[p] = false; until[p] = 0; stale[p] = false;
           killed[p] = true;
           kills++
        :: else -> skip
        fi;
        p = 0
      }
+  od
+}
+
+/* Time: the server_stop_grace of each note passes, in order, at some moment. */
+active proctype grace() {
+end_grace:
+  do
+  :: atomic { passed < note -> passed++; printf("grace of note %d passed\n", passed) }
   od
 }
 

@@ -154,6 +154,10 @@ inline demote(ws) {
   fi;
   atomic { lockowner[fdino[me]] = 0; owned[me] = false; printf("W%d: release\n", me) }
 #else
+  if
+  :: ws -> write_note()
+  :: else -> skip
+  fi;
   atomic { lockowner[fdino[me]] = 0; owned[me] = false; printf("W%d: release\n", me) }
   atomic { primary[me] = false; printf("W%d: on_demoted\n", me) }
 #endif
@@ -206,8 +210,11 @@ end_wait:
 #else
                    promoted_after_deferral()             /* mutation: take_role() at once */
 #endif
-                :: atomic { stops < MAXSTOP -> stops++; stop_scope(ws);
-                            printf("W%d: (during the deferral)\n", me) }
+                :: atomic { stops < MAXSTOP -> stops++;        /* stop(scope) */
+                            if
+                            :: ws = true; printf("W%d: stop(whole_server) during the deferral\n", me)
+                            :: ws = false; printf("W%d: stop(worker) during the deferral\n", me)
+                            fi }
                    /* finish(), a hold never promoted: no callback */
                    if
                    :: atomic { ws && passed == note -> note++;   /* no current note */

@@ -24,8 +24,10 @@
  *         FileBackend::verify_held(); true: take_role() (= promoted()); false: release(),
  *         reset(), no callback, and the loop acquires anew;
  *       or stop() during the wait: promote() returns and finish() takes its branch for a
- *         hold never promoted: no callback; a whole_server stop writes the note only if
- *         server_stop_deferral() has passed (no current note: no chaining); release.
+ *         hold never promoted (finish_unpromoted): no callback; a whole_server stop writes
+ *         the note only if server_stop_deferral() has passed (no current note: no
+ *         chaining); release.  The same branch runs for a stop that came just as
+ *         wait_acquire() won the hold (run(): stop_requested_ after wait_acquire()).
  *   grace      = time, abstracted: the notes are numbered (note = the newest, 0: none) and
  *                the grace of each passes once, in order, at any moment (passed = the newest
  *                note whose grace has passed); a note is current while passed < note.
@@ -132,6 +134,19 @@ inline stop_scope(ws) {
   fi
 }
 
+/* finish() for a hold never promoted (deferred, or won just as the stop came): no
+ * callback; a whole_server stop writes the note only when server_stop_deferral() has passed
+ * (there is no current note: a deferred worker keeps the note it deferred on); release. */
+inline finish_unpromoted() {
+  if
+  :: atomic { ws && passed == note -> note++;
+              printf("W%d: note (whole-server stop %d)\n", me, note) }
+  :: else -> skip
+  fi;
+  atomic { deferring[me] = false; until[me] = 0; ws = false;
+           release_and_close(me) }               /* release; ~Coordinator: the fd closes */
+}
+
 /* take_role() after a deferral: role_ = primary, on_promoted */
 inline promoted_after_deferral() {
   atomic { assert(!stale[me]); stale[me] = false }
@@ -215,15 +230,14 @@ end_wait:
                             :: ws = true; printf("W%d: stop(whole_server) during the deferral\n", me)
                             :: ws = false; printf("W%d: stop(worker) during the deferral\n", me)
                             fi }
-                   /* finish(), a hold never promoted: no callback */
-                   if
-                   :: atomic { ws && passed == note -> note++;   /* no current note */
-                               printf("W%d: note (whole-server stop %d)\n", me, note) }
-                   :: else -> skip                       /* keeps the current note */
-                   fi;
-                   atomic { deferring[me] = false; until[me] = 0; ws = false;
-                            release_and_close(me) }      /* release; ~Coordinator */
+                   finish_unpromoted()
                 fi
+             :: atomic { stops < MAXSTOP -> stops++;           /* stop(scope) */
+                         if
+                         :: ws = true; printf("W%d: stop(whole_server) as the hold was won\n", me)
+                         :: ws = false; printf("W%d: stop(worker) as the hold was won\n", me)
+                         fi }
+                finish_unpromoted()                      /* run(): stop_requested_: finish() */
              fi
           :: atomic { path != fdino[me] -> release_and_close(me) }  /* replaced: again */
           fi

@@ -1,5 +1,6 @@
 /* tests/model/coordinator.pml: the Coordinator's standby and health check over a lock file
- * (FileBackend), with SIGKILL at any step and a file deleted or replaced under them.
+ * (FileBackend), with SIGKILL at any step and a file deleted or replaced under them, and
+ * the whole-server stop (StopScope::whole_server: the note, the deferral, the check after it).
  * Written from include/workerlock/coordinator.hpp and file_backend.hpp as they are; see
  * tests/model/README.md.
  *
@@ -39,7 +40,7 @@
  *   safety (assert in promoted): never two primaries by their own state (role_), except
  *     while the other's file was taken from under it by the outsider (`stolen`), the window
  *     the README states ("until its next health check").
- *   safety (assert in promoted): a worker that deferred never takes the role (on_promoted)
+ *   safety (assert in promoted_after_deferral): a worker that deferred never takes the role (on_promoted)
  *     on a file that the path no longer named when its grace passed (`stale`).
  *   ltl live: ([] <> some worker is primary)  -- after the holder dies or stops, a standby is
  *             promoted --  and  [] (stolen0 -> <> !stolen0)  -- a primary whose file was
@@ -60,7 +61,8 @@
  *   -DNO_VERIFY_AFTER_DEFERRAL mutation: promote() takes the role right after the grace,
  *                             without still_held_after_deferral(); spin must find a
  *                             deferred worker promoted on a file the outsider replaced or
- *                             removed during the grace (the `stale` assertion).
+ *                             removed before its grace passed (the `stale` assertion;
+ *                             checked as a breadth-first safety search, for a short trail).
  */
 
 #ifndef NPROC

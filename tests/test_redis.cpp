@@ -497,10 +497,10 @@ TEST_CASE(
 
   RedisOptions o;
   o.url = "redis://:topsecret@127.0.0.1:notaport/0";
-  expect_error(o, "bad port 'notaport'");
+  expect_error(o, "bad port: the port after ':' must be a number");
   {
     RedisBackend backend(o);
-    CHECK(backend.describe() == "redis=redis://:***@127.0.0.1:notaport/0 key=workerlock:primary");
+    CHECK(backend.describe() == "redis=redis://:***@127.0.0.1:***/0 key=workerlock:primary");
   }
 
   o.url = "rediss://:topsecret@127.0.0.1:6379";
@@ -1508,7 +1508,7 @@ TEST_CASE(
   bad.url = "redis://:topsecret@127.0.0.1:notaport/0";
   bad.key = "app:primary";
   RedisBackend misconfigured(bad);
-  CHECK(misconfigured.network_target() == "redis://:***@127.0.0.1:notaport/0 key=app:primary");
+  CHECK(misconfigured.network_target() == "redis://:***@127.0.0.1:***/0 key=app:primary");
   auto code = network_error_code(misconfigured, [&] { misconfigured.prepare(); });
   CHECK(code == workerlock::errc::bad_configuration);
   CHECK(code == std::errc::invalid_argument);

@@ -224,34 +224,6 @@ struct redis_url {
   }
 };
 
-//! A query string for messages: `db=N` (N digits) as is, every other value (and anything not
-//! `name=value` with a plain name) masked: a value not understood is never printed.
-inline std::string redact_query(std::string_view query) {
-  std::string out;
-  while (true) {
-    const auto amp = query.find('&');
-    const auto item = query.substr(0, amp);
-    const auto eq = item.find('=');
-    const auto name = item.substr(0, eq);
-    const bool plain_name = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
-      return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-';
-    });
-    const auto value = eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1);
-    const bool digits = !value.empty() && std::all_of(value.begin(), value.end(),
-                                                      [](char c) { return c >= '0' && c <= '9'; });
-    if (!plain_name || eq == std::string_view::npos) {
-      out += "***";
-    } else if (name == "db" && digits) {
-      out += std::string(item);
-    } else {
-      out += std::string(name) + "=***";
-    }
-    if (amp == std::string_view::npos) return out;
-    out += '&';
-    query = query.substr(amp + 1);
-  }
-}
-
 //! True when `text` is not empty and made of the characters `allowed` accepts.
 template <typename Allowed>
 bool made_of(std::string_view text, Allowed allowed) {
@@ -266,9 +238,36 @@ inline bool is_scheme_char(unsigned char c) {
 inline bool is_host_char(unsigned char c) {
   return std::isalnum(c) != 0 || c == '.' || c == '-' || c == '_' || c == '%';
 }
+inline bool is_bracketed_host_char(unsigned char c) { return is_host_char(c) || c == ':'; }
 inline bool is_path_char(unsigned char c) {
   return std::isalnum(c) != 0 || c == '/' || c == '.' || c == '-' || c == '_' || c == '~' ||
          c == '+';
+}
+
+//! A query string for messages: `db=N` (N digits) as is, every other value (and anything not
+//! `name=value` with a plain name) masked: a value not understood is never printed.
+inline std::string redact_query(std::string_view query) {
+  std::string out;
+  while (true) {
+    const auto amp = query.find('&');
+    const auto item = query.substr(0, amp);
+    const auto eq = item.find('=');
+    const auto name = item.substr(0, eq);
+    const bool plain_name =
+        made_of(name, [](unsigned char c) { return std::isalnum(c) != 0 || c == '_' || c == '-'; });
+    const auto value = eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1);
+    const bool digits = made_of(value, is_digit_char);
+    if (!plain_name || eq == std::string_view::npos) {
+      out += "***";
+    } else if (name == "db" && digits) {
+      out += std::string(item);
+    } else {
+      out += std::string(name) + "=***";
+    }
+    if (amp == std::string_view::npos) return out;
+    out += '&';
+    query = query.substr(amp + 1);
+  }
 }
 
 //! host[:port][/db] or a socket path of a URL that may not parse, safe to print: each part is
@@ -289,9 +288,7 @@ inline std::string redact_raw_location(std::string_view location, bool unix_sock
     const auto close = authority.find(']');
     if (close == std::string_view::npos) return "***";
     const auto host = authority.substr(1, close - 1);
-    out = '[' +
-          shown(host, made_of(host, [](unsigned char c) { return is_host_char(c) || c == ':'; })) +
-          ']';
+    out = '[' + shown(host, made_of(host, is_bracketed_host_char)) + ']';
     const auto after = authority.substr(close + 1);
     if (!after.empty() && after.front() != ':') return out + "***";
     has_port = !after.empty();
@@ -501,16 +498,12 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
       why = "the host is empty";
       return false;
     }
-    for (const char c : url.host) {
-      const bool ok = std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '.' || c == '-' ||
-                      c == '_' || c == ':' || c == '%';
-      if (!ok) {
-        // The character is not quoted: a host that is not a host may be part of a password.
-        why =
-            "bad character in the host name: expected letters, digits, '.', '-' and '_' (an "
-            "IPv6 address in brackets)";
-        return false;
-      }
+    if (!made_of(url.host, is_bracketed_host_char)) {
+      // The character is not quoted: a host that is not a host may be part of a password.
+      why =
+          "bad character in the host name: expected letters, digits, '.', '-' and '_' (an IPv6 "
+          "address in brackets)";
+      return false;
     }
     if (!port_text.empty()) {
       long port = 0;

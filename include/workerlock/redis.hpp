@@ -53,7 +53,8 @@
 //   ETIMEDOUT when a renewal got no answer within command_timeout while the lease was still
 //   valid; else the errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
 //   Messages never show a password or any query value but db=N, even of a URL that does not
-//   parse.
+//   parse: of such a URL they show a part only when it is what it should be (a host name, a
+//   port or database of digits, a plain socket path), since anything else may hold a password.
 //
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up

@@ -349,8 +349,8 @@ TEST_CASE("redis: URL parsing", "[redis]") {
 
   // Messages never show a password, even from a URL that does not parse.
   using workerlock::detail::redact_raw_url;
-  CHECK(redact_raw_url("redis://u:topsecret@h:x") == "redis://u:***@h:x");
-  CHECK(redact_raw_url("redis://:top/secret@h:x") == "redis://:***@h:x");
+  CHECK(redact_raw_url("redis://u:topsecret@h:x") == "redis://u:***@h:***");
+  CHECK(redact_raw_url("redis://:top/secret@h:x") == "redis://:***@h:***");
   CHECK(redact_raw_url("redis://h:1") == "redis://h:1");
   // An unencoded '@' in the password: masked up to the last '@' of the authority.
   CHECK(redact_raw_url("redis://u:sec@ret@h:6379") == "redis://u:***@h:6379");
@@ -367,6 +367,43 @@ TEST_CASE("redis: URL parsing", "[redis]") {
   // An '@' after '?' or '#': a password with those characters, or an '@' in a query value.
   CHECK(redact_raw_url("redis://:sec?ret@h") == "redis://***");
   CHECK(redact_raw_url("redis://h/0?password=sec@ret1") == "redis://***");
+  // A part that is not what it should be may hold a password: only a host name, a port or
+  // database of digits, a plain socket path and a scheme-shaped scheme are shown.
+  CHECK(redact_raw_url("redis://[::1]:6380/2") == "redis://[::1]:6380/2");
+  CHECK(redact_raw_url("redis://h:1/") == "redis://h:1/");
+  CHECK(redact_raw_url("redis://h/0&password=secret9") == "redis://h/***");
+  CHECK(redact_raw_url("redis://h:63x79?password=secret10") == "redis://h:***?password=***");
+  CHECK(redact_raw_url("redis://h/db0secret11") == "redis://h/***");
+  CHECK(redact_raw_url("redis://h&password=secret12") == "redis://***");
+  CHECK(redact_raw_url("redis://[::1]secret13") == "redis://[::1]***");
+  CHECK(redact_raw_url("redis://[::1;secret14]:1") == "redis://[***]:1");
+  CHECK(redact_raw_url("unix:///tmp/r.sock&password=secret15") == "unix://***");
+  CHECK(redact_raw_url("secret16") == "***");
+  CHECK(redact_raw_url("redis:secret17@h://x") == "***://x");
+
+  // `why` quotes no part of the URL that is not what it should be; digits it does quote.
+  const char* leaky[][3] = {
+      {"redis://h/0&password=secret9", "secret9", "bad database: the database after '/'"},
+      {"redis://h:63x79?password=secret10", "63x79", "bad port: the port after ':'"},
+      {"redis://h/db0secret11", "secret11", "bad database: the database after '/'"},
+      {"redis://u:secret13?x@h", "secret13", "bad port: the port after ':'"},
+      {"redis://h?db=secret15", "secret15", "bad database: the value of ?db="},
+      {"redis://h&password=secret18", "secret18", "bad character in the host name"},
+      {"redis:secret17@h://x", "secret17", "unknown scheme before '://'"},
+  };
+  for (const auto& [text, secret, expected] : leaky) {
+    INFO("URL: '" << text << "'");
+    why.clear();
+    CHECK_FALSE(parse_redis_url(text, url, why));
+    CHECK_THAT(why, Catch::StartsWith(expected));
+    CHECK_THAT(why, !Catch::Contains(secret));
+  }
+  CHECK_FALSE(parse_redis_url("redis://h:65536", url, why));
+  CHECK_THAT(why, Catch::Contains("bad port 65536"));
+  CHECK_FALSE(parse_redis_url("redis://h/10000000", url, why));
+  CHECK_THAT(why, Catch::Contains("bad database 10000000"));
+  CHECK_FALSE(parse_redis_url("http://h", url, why));
+  CHECK_THAT(why, Catch::Contains("unknown scheme 'http'"));
 }
 
 TEST_CASE("redis: a refused URL's password never shows in what(), target() or describe()",
@@ -374,17 +411,38 @@ TEST_CASE("redis: a refused URL's password never shows in what(), target() or de
   struct Case {
     const char* url;
     const char* secret;
-    const char* shown;
+    const char* shown;  // the start of target()
+    const char* wrong;  // what what() says is wrong
   };
   const Case cases[] = {
       {"redis://127.0.0.1:6379/0?password=secret1", "secret1",
-       "redis://127.0.0.1:6379/0?password=*** key="},
+       "redis://127.0.0.1:6379/0?password=*** key=", "query parameter"},
       {"redis://127.0.0.1:6379?db=1&password=secret2", "secret2",
-       "redis://127.0.0.1:6379?db=1&password=*** key="},
-      {"redis://127.0.0.1:6379?auth=secret3", "secret3", "redis://127.0.0.1:6379?auth=*** key="},
-      {"redis://u:sec@ret4@127.0.0.1:notaport", "ret4", "redis://u:***@127.0.0.1:notaport key="},
-      {"redis://127.0.0.1/0?password=sec@ret5", "ret5", "redis://*** key="},
-      {"redis://127.0.0.1:6379/0#secret6", "secret6", "redis://127.0.0.1:6379/0#*** key="},
+       "redis://127.0.0.1:6379?db=1&password=*** key=", "query parameter"},
+      {"redis://127.0.0.1:6379?auth=secret3", "secret3",
+       "redis://127.0.0.1:6379?auth=*** key=", "query parameter"},
+      {"redis://u:sec@ret4@127.0.0.1:notaport", "ret4",
+       "redis://u:***@127.0.0.1:*** key=", "bad port"},
+      {"redis://127.0.0.1/0?password=sec@ret5", "ret5", "redis://*** key=", "query parameter"},
+      {"redis://127.0.0.1:6379/0#secret6", "secret6",
+       "redis://127.0.0.1:6379/0#*** key=", "fragment"},
+      // A part that is not what it should be (a port or database not all digits) may hold a
+      // password: neither the reason nor target() quotes it.
+      {"redis://127.0.0.1/0&password=secret9", "secret9",
+       "redis://127.0.0.1/*** key=", "the database after '/' must be a number"},
+      {"redis://127.0.0.1:63x79?password=secret10", "secret10",
+       "redis://127.0.0.1:***?password=*** key=", "the port after ':' must be a number"},
+      {"redis://127.0.0.1:63x79?password=secret10", "63x79",
+       "redis://127.0.0.1:***?password=*** key=", "the port after ':' must be a number"},
+      {"redis://127.0.0.1/db0secret11", "secret11",
+       "redis://127.0.0.1/*** key=", "the database after '/' must be a number"},
+      {"redis://127.0.0.1&password=secret12", "secret12",
+       "redis://*** key=", "bad character in the host name"},
+      {"redis://u:secret13?x@127.0.0.1", "secret13",
+       "redis://*** key=", "the port after ':' must be a number"},
+      {"redis://127.0.0.1?db=secret15", "secret15",
+       "redis://127.0.0.1?db=*** key=", "the value of ?db= must be a number"},
+      {"secret16", "secret16", "*** key=", "no scheme"},
   };
   for (const auto& c : cases) {
     INFO("URL: " << c.url);
@@ -401,6 +459,7 @@ TEST_CASE("redis: a refused URL's password never shows in what(), target() or de
     } catch (const lock_error& e) {
       CHECK(e.code() == workerlock::errc::bad_configuration);
       CHECK_THAT(e.what(), !Catch::Contains(c.secret));
+      CHECK_THAT(e.what(), Catch::Contains(c.wrong));
       CHECK_THAT(e.target(), !Catch::Contains(c.secret));
     }
   }
@@ -438,10 +497,10 @@ TEST_CASE(
 
   RedisOptions o;
   o.url = "redis://:topsecret@127.0.0.1:notaport/0";
-  expect_error(o, "bad port 'notaport'");
+  expect_error(o, "bad port: the port after ':' must be a number");
   {
     RedisBackend backend(o);
-    CHECK(backend.describe() == "redis=redis://:***@127.0.0.1:notaport/0 key=workerlock:primary");
+    CHECK(backend.describe() == "redis=redis://:***@127.0.0.1:***/0 key=workerlock:primary");
   }
 
   o.url = "rediss://:topsecret@127.0.0.1:6379";
@@ -1449,7 +1508,7 @@ TEST_CASE(
   bad.url = "redis://:topsecret@127.0.0.1:notaport/0";
   bad.key = "app:primary";
   RedisBackend misconfigured(bad);
-  CHECK(misconfigured.network_target() == "redis://:***@127.0.0.1:notaport/0 key=app:primary");
+  CHECK(misconfigured.network_target() == "redis://:***@127.0.0.1:***/0 key=app:primary");
   auto code = network_error_code(misconfigured, [&] { misconfigured.prepare(); });
   CHECK(code == workerlock::errc::bad_configuration);
   CHECK(code == std::errc::invalid_argument);

@@ -53,7 +53,8 @@
 //   ETIMEDOUT when a renewal got no answer within command_timeout while the lease was still
 //   valid; else the errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
 //   Messages never show a password or any query value but db=N, even of a URL that does not
-//   parse.
+//   parse: of such a URL they show a part only when it is what it should be (a host name, a
+//   port or database of digits, a plain socket path), since anything else may hold a password.
 //
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up
@@ -224,6 +225,26 @@ struct redis_url {
   }
 };
 
+//! True when `text` is not empty and made of the characters `allowed` accepts.
+template <typename Allowed>
+bool made_of(std::string_view text, Allowed allowed) {
+  return !text.empty() && std::all_of(text.begin(), text.end(), [&](char c) {
+    return allowed(static_cast<unsigned char>(c));
+  });
+}
+inline bool is_digit_char(unsigned char c) { return c >= '0' && c <= '9'; }
+inline bool is_scheme_char(unsigned char c) {
+  return std::isalnum(c) != 0 || c == '+' || c == '-' || c == '.';
+}
+inline bool is_host_char(unsigned char c) {
+  return std::isalnum(c) != 0 || c == '.' || c == '-' || c == '_' || c == '%';
+}
+inline bool is_bracketed_host_char(unsigned char c) { return is_host_char(c) || c == ':'; }
+inline bool is_path_char(unsigned char c) {
+  return std::isalnum(c) != 0 || c == '/' || c == '.' || c == '-' || c == '_' || c == '~' ||
+         c == '+';
+}
+
 //! A query string for messages: `db=N` (N digits) as is, every other value (and anything not
 //! `name=value` with a plain name) masked: a value not understood is never printed.
 inline std::string redact_query(std::string_view query) {
@@ -233,12 +254,10 @@ inline std::string redact_query(std::string_view query) {
     const auto item = query.substr(0, amp);
     const auto eq = item.find('=');
     const auto name = item.substr(0, eq);
-    const bool plain_name = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
-      return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-';
-    });
+    const bool plain_name =
+        made_of(name, [](unsigned char c) { return std::isalnum(c) != 0 || c == '_' || c == '-'; });
     const auto value = eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1);
-    const bool digits = !value.empty() && std::all_of(value.begin(), value.end(),
-                                                      [](char c) { return c >= '0' && c <= '9'; });
+    const bool digits = made_of(value, is_digit_char);
     if (!plain_name || eq == std::string_view::npos) {
       out += "***";
     } else if (name == "db" && digits) {
@@ -252,15 +271,57 @@ inline std::string redact_query(std::string_view query) {
   }
 }
 
+//! host[:port][/db] or a socket path of a URL that may not parse, safe to print: each part is
+//! shown only when it looks like what it should be (a host name, digits, a plain path), else
+//! it is masked, since a part that is not what it should be may hold a password.
+inline std::string redact_raw_location(std::string_view location, bool unix_socket) {
+  if (unix_socket)
+    return location.empty() || made_of(location, is_path_char) ? std::string(location) : "***";
+  const auto shown = [](std::string_view part, bool ok) {
+    return part.empty() || ok ? std::string(part) : std::string("***");
+  };
+  const auto slash = location.find('/');
+  const auto authority = location.substr(0, slash);
+  std::string out;
+  std::string_view port;
+  bool has_port = false;
+  if (!authority.empty() && authority.front() == '[') {
+    const auto close = authority.find(']');
+    if (close == std::string_view::npos) return "***";
+    const auto host = authority.substr(1, close - 1);
+    out = '[' + shown(host, made_of(host, is_bracketed_host_char)) + ']';
+    const auto after = authority.substr(close + 1);
+    if (!after.empty() && after.front() != ':') return out + "***";
+    has_port = !after.empty();
+    if (has_port) port = after.substr(1);
+  } else {
+    const auto colon = authority.find(':');
+    out = shown(authority.substr(0, colon), made_of(authority.substr(0, colon), is_host_char));
+    has_port = colon != std::string_view::npos;
+    if (has_port) port = authority.substr(colon + 1);
+  }
+  if (has_port) out += ':' + shown(port, made_of(port, is_digit_char));
+  if (slash == std::string_view::npos) return out;
+  const auto db = location.substr(slash + 1);
+  return out + '/' + shown(db, made_of(db, is_digit_char));
+}
+
 //! A URL that may not parse, safe to print: the user info up to the last '@' of the authority
-//! masked except a user name, every query value except db=N masked, a fragment masked. When an
-//! '@' follows a '?' or '#' (a password with those characters, or an '@' in a query value),
-//! everything after "://" is masked.
+//! masked except a user name, every query value except db=N masked, a fragment masked, and
+//! the scheme, host, port, database or socket path masked when not what they should be (a
+//! port or database that is not all digits, ...). When an '@' follows a '?' or '#' (a
+//! password with those characters, or an '@' in a query value), everything after "://" is
+//! masked; a text without "://" is masked whole.
 inline std::string redact_raw_url(std::string_view text) {
   const auto scheme_end = text.find("://");
-  const std::size_t start = scheme_end == std::string_view::npos ? 0 : scheme_end + 3;
-  std::string out(text.substr(0, start));
-  std::string_view rest = text.substr(start);
+  if (scheme_end == std::string_view::npos) return "***";
+  const auto scheme = text.substr(0, scheme_end);
+  std::string out = made_of(scheme, is_scheme_char) ? std::string(scheme) : std::string("***");
+  out += "://";
+  std::string lower(scheme);
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  std::string_view rest = text.substr(scheme_end + 3);
   const auto at = rest.rfind('@');
   const auto query_start = rest.find_first_of("?#");
   if (at != std::string_view::npos) {
@@ -274,7 +335,7 @@ inline std::string redact_raw_url(std::string_view text) {
     rest = rest.substr(at + 1);
   }
   const auto q = rest.find_first_of("?#");
-  out += std::string(rest.substr(0, q));
+  out += redact_raw_location(rest.substr(0, q), lower == "unix" || lower == "redis+unix");
   if (q == std::string_view::npos) return out;
   rest = rest.substr(q);
   if (rest.front() == '?') {
@@ -326,7 +387,9 @@ inline bool parse_decimal(std::string_view text, long max, long& value) {
   return true;
 }
 
-//! Parses `text`; on failure returns false with `why` set (never quoting the password).
+//! Parses `text`; on failure returns false with `why` set. `why` quotes no part of `text` that
+//! is not what it should be (a port or database that is not all digits, ...): such a part
+//! may hold a password.
 inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& why) {
   url = redis_url{};
   if (text.empty()) {
@@ -346,7 +409,10 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
     return false;
   }
   if (scheme != "redis" && scheme != "unix" && scheme != "redis+unix") {
-    why = fmt::format("unknown scheme '{}': expected redis, unix or redis+unix", scheme);
+    // A scheme that is not scheme-shaped may be part of a password (a URL without "//").
+    why = made_of(scheme, is_scheme_char)
+              ? fmt::format("unknown scheme '{}': expected redis, unix or redis+unix", scheme)
+              : std::string("unknown scheme before '://': expected redis, unix or redis+unix");
     return false;
   }
   url.unix_socket = scheme != "redis";
@@ -433,25 +499,29 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
       why = "the host is empty";
       return false;
     }
-    for (const char c : url.host) {
-      const bool ok = std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '.' || c == '-' ||
-                      c == '_' || c == ':' || c == '%';
-      if (!ok) {
-        why = fmt::format("bad character '{}' in the host name", c);
-        return false;
-      }
+    if (!made_of(url.host, is_bracketed_host_char)) {
+      // The character is not quoted: a host that is not a host may be part of a password.
+      why =
+          "bad character in the host name: expected letters, digits, '.', '-' and '_' (an IPv6 "
+          "address in brackets)";
+      return false;
     }
     if (!port_text.empty()) {
       long port = 0;
       if (!parse_decimal(port_text, 65535, port) || port == 0) {
-        why = fmt::format("bad port '{}': expected a number from 1 to 65535", port_text);
+        // Only digits are quoted: a port that is not a number may be part of a password.
+        why = made_of(port_text, is_digit_char)
+                  ? fmt::format("bad port {}: expected a number from 1 to 65535", port_text)
+                  : std::string("bad port: the port after ':' must be a number from 1 to 65535");
         return false;
       }
       url.port = static_cast<int>(port);
     }
     if (path.size() > 1) {
       if (!parse_decimal(path.substr(1), 1000000, url.db)) {
-        why = fmt::format("bad database '{}': expected /N with N a number", path.substr(1));
+        why = made_of(path.substr(1), is_digit_char)
+                  ? fmt::format("bad database {}: expected a number up to 1000000", path.substr(1))
+                  : std::string("bad database: the database after '/' must be a number");
         return false;
       }
       db_from_path = true;
@@ -467,7 +537,9 @@ inline bool parse_redis_url(std::string_view text, redis_url& url, std::string& 
       return false;
     }
     if (!parse_decimal(query.substr(3), 1000000, url.db)) {
-      why = fmt::format("bad database '{}': expected a number", query.substr(3));
+      why = made_of(query.substr(3), is_digit_char)
+                ? fmt::format("bad database {}: expected a number up to 1000000", query.substr(3))
+                : std::string("bad database: the value of ?db= must be a number");
       return false;
     }
   }

@@ -788,7 +788,7 @@ TEST_CASE(
       r.phase.store(1);
       while (sigterm_handled.load() == 0 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(1ms);  // idle: the handler interrupts this sleep
-      if (!wltest::eventually([&] { return r.demoted.load() == 1; }, 5s)) return 5;
+      if (!wltest::eventually([&] { return r.demoted.load() == 1; }, 30s)) return 5;
     } else {
       while (c.running() && std::chrono::steady_clock::now() < deadline) {
         c.poll();

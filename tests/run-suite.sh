@@ -63,7 +63,7 @@ log() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 # 1. Dependencies (Debian/Ubuntu): install exactly what is missing.
 # ---------------------------------------------------------------------------
 PKGS=(cmake make pkg-config spin libboost-dev libfmt-dev catch2 libcpp-httplib-dev wrk curl python3-filelock util-linux procps
-  libhiredis-dev redis-server python3-redis postgresql libpq-dev iproute2 btrfs-progs mount)
+  libhiredis-dev liburiparser-dev redis-server python3-redis postgresql libpq-dev libseccomp-dev iproute2 btrfs-progs mount)
 for c in "${CONFIGS[@]}"; do
   case "$c" in
     gcc | asan) PKGS+=(g++) ;;

@@ -197,23 +197,56 @@ inline std::string open_standard_descriptors() {
   return open;
 }
 
+//! Whether this run is CI ($CI set and not empty): there nothing may skip.
+inline bool in_ci() {
+  const char* ci = std::getenv("CI");
+  return ci != nullptr && *ci != 0;
+}
+
 //! Whether a test that needs a server may skip when the server's package is missing: not
 //! in CI. $<require_variable>=1 (tests/run-suite.sh sets it) or $CI makes it a failure.
 inline bool server_required(const char* require_variable) {
   const char* require = std::getenv(require_variable);
-  const char* ci = std::getenv("CI");
-  return (require != nullptr && std::string(require) == "1") || (ci != nullptr && *ci != 0);
+  return (require != nullptr && std::string(require) == "1") || in_ci();
+}
+
+//! The exit code ctest reports as "Skipped" (tests/CMakeLists.txt sets SKIP_RETURN_CODE on
+//! every test it registers, together with $WORKERLOCK_CTEST=1).
+inline constexpr int skip_exit_code = 77;
+
+//! Ends the running test as skipped, saying why. Under ctest (one test case per process)
+//! the process exits with skip_exit_code, which ctest counts and prints as skipped; in a
+//! direct run of the test binary, where other test cases follow, it prints the reason and
+//! returns, and the caller must return too (the WLTEST_SKIP macros below do).
+inline void skip_test(const std::string& why) {
+  std::printf("SKIPPED: %s\n", why.c_str());
+  std::fflush(stdout);
+  if (std::getenv("WORKERLOCK_CTEST") != nullptr) std::_Exit(skip_exit_code);
 }
 
 }  // namespace wltest
 
+//! Skips the test with `why` unless `condition` holds; in CI ($CI) fails it instead.
+#define WLTEST_SKIP_UNLESS(condition, why)       \
+  do {                                           \
+    if (!(condition)) {                          \
+      if (wltest::in_ci()) FAIL(why);            \
+      wltest::skip_test(why);                    \
+      return;                                    \
+    }                                            \
+  } while (false)
+
+//! First statement of a test that needs root (mounts, namespaces, other uids).
+#define WLTEST_REQUIRE_ROOT(what_for) \
+  WLTEST_SKIP_UNLESS(::geteuid() == 0, std::string("needs root: ") + (what_for))
+
 //! First statement of a test that needs `Server` (wltest::RedisServer, PostgresServer):
-//! skips with a warning, or fails where the server is required (see server_required).
+//! skips, or fails where the server is required (see server_required).
 #define WLTEST_REQUIRE_SERVER(Server, require_variable)                              \
   do {                                                                               \
     if (!Server::available()) {                                                      \
       if (wltest::server_required(require_variable)) FAIL(Server::missing_reason()); \
-      WARN(Server::missing_reason());                                                \
+      wltest::skip_test(Server::missing_reason());                                   \
       return;                                                                        \
     }                                                                                \
   } while (false)

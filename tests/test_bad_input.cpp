@@ -470,7 +470,7 @@ TEST_CASE("bad input: a missing parent directory is refused with ENOENT and neve
 
 TEST_CASE("bad input: an unprivileged worker gets EACCES, root-owned files stay untouched",
           "[bad-input]") {
-  REQUIRE(::geteuid() == 0);  // creates root-owned files, then switches a child to uid 65534
+  WLTEST_REQUIRE_ROOT("creates root-owned files, then switches a child to uid 65534");
   wltest::TempDir tmp;
   REQUIRE(::chmod(tmp.path().c_str(), 0755) == 0);
 
@@ -557,7 +557,7 @@ TEST_CASE("bad input: paths longer than PATH_MAX or NAME_MAX are refused with EN
 
 TEST_CASE("bad input: a read-only file system is refused with EROFS, new or existing file",
           "[bad-input]") {
-  REQUIRE(::geteuid() == 0);  // the child mounts a tmpfs in its own mount namespace
+  WLTEST_REQUIRE_ROOT("the child mounts a tmpfs in its own mount namespace");
   wltest::TempDir tmp;
   const auto mountpoint = tmp / "read-only";
   REQUIRE(fs::create_directory(mountpoint));
@@ -980,7 +980,7 @@ TEST_CASE(
     "security: a lock file of another user in a sticky world-writable directory is "
     "refused with EPERM",
     "[security]") {
-  REQUIRE(::geteuid() == 0);  // chowns files to other users and switches uid in children
+  WLTEST_REQUIRE_ROOT("chowns files to other users and switches uid in children");
   wltest::TempDir tmp;
   REQUIRE(::chmod(tmp.path().c_str(), 0755) == 0);
   const auto sticky = tmp / "sticky";  // a /tmp look-alike, owned by root
@@ -1062,7 +1062,7 @@ TEST_CASE(
   // The denial of service the check exists for: uid 65534 created the lock file in a /tmp
   // look-alike and holds it. Workers must get the EPERM explanation, not a silent
   // Role::secondary for as long as that user pleases.
-  REQUIRE(::geteuid() == 0);  // switches a child to uid 65534
+  WLTEST_REQUIRE_ROOT("switches a child to uid 65534");
   wltest::TempDir tmp;
   REQUIRE(::chmod(tmp.path().c_str(), 0755) == 0);
   const auto sticky = tmp / "sticky";
@@ -1110,7 +1110,7 @@ TEST_CASE(
     "security: the sticky-directory check accepts root's files, the directory owner's "
     "files and files outside sticky directories",
     "[security]") {
-  REQUIRE(::geteuid() == 0);  // chowns files and switches uid in children
+  WLTEST_REQUIRE_ROOT("chowns files and switches uid in children");
   wltest::TempDir tmp;
   REQUIRE(::chmod(tmp.path().c_str(), 0755) == 0);
   const auto make_dir = [](const fs::path& dir, mode_t mode, uid_t owner) {

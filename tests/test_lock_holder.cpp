@@ -352,7 +352,7 @@ TEST_CASE(
 
 TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume too",
           "[lock_holder]") {
-  REQUIRE(::geteuid() == 0);  // the lab mounts a loop device in its own mount namespace
+  WLTEST_REQUIRE_ROOT("the lab mounts a loop device in its own mount namespace");
   wltest::TempDir tmp;
   wltest::Shared<LabReport> report;
   const int code = run_lab(
@@ -404,7 +404,7 @@ TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume
 }
 
 TEST_CASE("lock_holder: names the holder of a lock file on overlayfs", "[lock_holder]") {
-  REQUIRE(::geteuid() == 0);  // the lab mounts in its own mount namespace
+  WLTEST_REQUIRE_ROOT("the lab mounts in its own mount namespace");
   wltest::TempDir tmp;        // on the root file system (ext4 here)
   wltest::Shared<LabReport> report;
   const int code = run_lab(
@@ -507,7 +507,7 @@ TEST_CASE(
     "lock_holder: a holder outside the caller's pid namespace is reported as the header "
     "says for each mechanism",
     "[lock_holder]") {
-  REQUIRE(::geteuid() == 0);  // unshare(CLONE_NEWPID) and mounting /proc
+  WLTEST_REQUIRE_ROOT("unshare(CLONE_NEWPID) and mounting /proc");
   wltest::TempDir tmp;
   wltest::Shared<LabReport> report;
   const int code = run_lab(
@@ -591,7 +591,7 @@ TEST_CASE(
     "lock_holder: a holder inside a child pid namespace is named by its record there and by "
     "the kernel's pid here",
     "[lock_holder]") {
-  REQUIRE(::geteuid() == 0);  // unshare(CLONE_NEWPID) and mounting /proc
+  WLTEST_REQUIRE_ROOT("unshare(CLONE_NEWPID) and mounting /proc");
   wltest::TempDir tmp;
   wltest::Shared<LabReport> report;
   struct Handshake {

@@ -383,7 +383,7 @@ TEST_CASE(
     "startup barrier: a marker that another user planted in a sticky directory is refused, "
     "even when it names the right generation",
     "[startup_barrier][security]") {
-  REQUIRE(::geteuid() == 0);  // switches a child to uid 65534
+  WLTEST_REQUIRE_ROOT("switches a child to uid 65534");
   wltest::TempDir tmp;
   REQUIRE(::chmod(tmp.path().c_str(), 0755) == 0);
   const fs::path sticky = tmp / "sticky";  // a /run/lock look-alike, owned by root

@@ -227,13 +227,13 @@ inline void skip_test(const std::string& why) {
 }  // namespace wltest
 
 //! Skips the test with `why` unless `condition` holds; in CI ($CI) fails it instead.
-#define WLTEST_SKIP_UNLESS(condition, why)       \
-  do {                                           \
-    if (!(condition)) {                          \
-      if (wltest::in_ci()) FAIL(why);            \
-      wltest::skip_test(why);                    \
-      return;                                    \
-    }                                            \
+#define WLTEST_SKIP_UNLESS(condition, why) \
+  do {                                     \
+    if (!(condition)) {                    \
+      if (wltest::in_ci()) FAIL(why);      \
+      wltest::skip_test(why);              \
+      return;                              \
+    }                                      \
   } while (false)
 
 //! First statement of a test that needs root (mounts, namespaces, other uids).

@@ -27,7 +27,9 @@ int main(int argc, char** argv) try {
   coordinator.on_promoted([] { fmt::print("pid {}: promoted\n", ::getpid()); }).on_demoted([] {
     fmt::print("pid {}: demoted\n", ::getpid());
   });
-  coordinator.start();  // throws if the options are bad; an unreachable server is retried
+  // start() throws if the options are bad; an unreachable server is retried. A brand-new key
+  // (or a server that lost its data) promotes nobody for one ttl: a standby at first.
+  coordinator.start();
 
   // Six writes over 3 s, longer than the ttl: the lease is renewed behind our back.
   for (int write = 1; write <= 6; std::this_thread::sleep_for(500ms)) {

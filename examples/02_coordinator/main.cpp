@@ -42,7 +42,8 @@ int worker(const std::string& lock_path, int promotions) {
   while (coordinator.running()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a real worker serves here
   }
-  coordinator.stop();  // joins the thread
+  coordinator.stop();          // joins the thread
+  ::signal(SIGTERM, SIG_DFL);  // the handler must not outlive `coordinator`
   return 0;
 }
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <exception>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -55,10 +56,15 @@ int main(int argc, char** argv) {
   const pid_t worker = ::fork();
   if (worker == 0) {
     ::close(stay[1]);
-    auto [role, lock] = workerlock::is_primary_worker(lock_path);
-    fmt::print("worker {} is {}\n", ::getpid(), role);
-    char byte = 0;
-    ::_exit(::read(stay[0], &byte, 1) == 0 && role == workerlock::Role::primary ? 0 : 1);
+    try {
+      auto [role, lock] = workerlock::is_primary_worker(lock_path);
+      fmt::print("worker {} is {}\n", ::getpid(), role);
+      char byte = 0;
+      ::_exit(::read(stay[0], &byte, 1) == 0 && role == workerlock::Role::primary ? 0 : 1);
+    } catch (const std::exception& error) {  // such as a lock file that cannot be opened
+      fmt::print(stderr, "worker {}: {}\n", ::getpid(), error.what());
+      ::_exit(1);
+    }
   }
   ::close(stay[0]);
 

@@ -8,7 +8,7 @@
 set -euo pipefail
 
 # The demo: the pre-fork HTTP server (examples/prefork_server) with 4 workers, driven by
-# examples/prefork_server/demo.sh. `--basic` runs the minimal example (examples/basic) instead.
+# examples/prefork_server/demo.sh. `--basic` runs the minimal example (examples/01_is_primary_worker) instead.
 MODE=prefork
 [[ "${1:-}" == "--basic" ]] && MODE=basic
 
@@ -51,10 +51,10 @@ cmake -S "$ROOT" -B "$BUILD_DIR" \
   -DWORKERLOCK_BUILD_EXAMPLES=ON \
   -DWORKERLOCK_INSTALL=OFF
 if [[ $MODE == basic ]]; then
-  cmake --build "$BUILD_DIR" --target workerlock_basic --parallel "$(nproc 2>/dev/null || echo 2)"
+  cmake --build "$BUILD_DIR" --target workerlock_01_is_primary_worker --parallel "$(nproc 2>/dev/null || echo 2)"
   tmpdir="$(mktemp -d "${TMPDIR:-/tmp}/workerlock-demo.XXXXXX")"
   trap 'rm -rf "$tmpdir"' EXIT
-  "$BUILD_DIR/examples/basic/workerlock_basic" --workers 4 --lock "$tmpdir/demo.lock"
+  "$BUILD_DIR/examples/01_is_primary_worker/workerlock_01_is_primary_worker" --workers 4 --lock "$tmpdir/demo.lock"
   exit
 fi
 cmake --build "$BUILD_DIR" --target workerlock_prefork_server --parallel "$(nproc 2>/dev/null || echo 2)"

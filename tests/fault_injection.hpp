@@ -2,27 +2,58 @@
 // chosen errno (a seccomp filter), so error paths are tested with no mock layer in the library.
 #pragma once
 
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include <seccomp.h>
 
-#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <vector>
 
 namespace wltest {
 
-#if defined(__x86_64__)
-inline constexpr std::uint32_t seccomp_arch = AUDIT_ARCH_X86_64;
-#elif defined(__aarch64__)
-inline constexpr std::uint32_t seccomp_arch = AUDIT_ARCH_AARCH64;
-#else
-inline constexpr std::uint32_t seccomp_arch = 0;  // fail_syscall() reports false
-#endif
+//! A seccomp filter built with libseccomp, on every architecture it supports: a system call
+//! that no rule names runs as usual (so do calls of another ABI, such as i386 calls on
+//! x86_64). Install it in a forked child: installing is irreversible, and children inherit it.
+class SyscallFilter {
+ public:
+  SyscallFilter() noexcept : filter_(::seccomp_init(SCMP_ACT_ALLOW)) {
+    ok_ = filter_ != nullptr &&
+          ::seccomp_attr_set(filter_, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_ALLOW) == 0;
+  }
+  ~SyscallFilter() { ::seccomp_release(filter_); }
+  SyscallFilter(const SyscallFilter&) = delete;
+  SyscallFilter& operator=(const SyscallFilter&) = delete;
+
+  //! System call `nr` (SCMP_SYS(name), or a SYS_name of this architecture) takes `action`
+  //! (SCMP_ACT_ERRNO(e), SCMP_ACT_KILL_PROCESS) when every condition holds, always when
+  //! there is none. Rules for one call are alternatives. A pseudo number SCMP_SYS() gives
+  //! for a call this architecture lacks (fcntl64 on x86_64) adds nothing.
+  SyscallFilter& on(int nr, std::uint32_t action,
+                    std::initializer_list<scmp_arg_cmp> conditions = {}) noexcept {
+    ok_ = ok_ &&
+          ::seccomp_rule_add_array(filter_, action, nr, static_cast<unsigned>(conditions.size()),
+                                   conditions.begin()) == 0;
+    return *this;
+  }
+
+  //! Loads the filter (setting no_new_privs first): from now on it applies to this thread,
+  //! or to every thread of the process when `all_threads`. A call already blocked in the
+  //! kernel completes. Returns false if a rule was refused or the kernel refused the filter.
+  [[nodiscard]] bool install(bool all_threads) noexcept {
+    return ok_ && ::seccomp_attr_set(filter_, SCMP_FLTATR_CTL_TSYNC, all_threads ? 1 : 0) == 0 &&
+           ::seccomp_load(filter_) == 0;
+  }
+
+ private:
+  scmp_filter_ctx filter_;
+  bool ok_ = false;
+};
+
+//! The condition "the low 32 bits of argument `index`, masked with `mask`, equal `value`":
+//! for an int argument (a descriptor, an fcntl command, open flags), whatever the upper half
+//! of the register holds.
+inline scmp_arg_cmp low_bits_equal(unsigned index, std::uint32_t value,
+                                   std::uint32_t mask = 0xffffffffU) noexcept {
+  return scmp_arg_cmp{index, SCMP_CMP_MASKED_EQ, mask, value};
+}
 
 //! From now on, in every thread of this process, system call `nr` fails with `error` without
 //! running: every call, or, when `second_arguments` is not empty, only those whose second
@@ -31,36 +62,12 @@ inline constexpr std::uint32_t seccomp_arch = 0;  // fail_syscall() reports fals
 //! false if the filter could not be installed.
 inline bool fail_syscall(long nr, int error,
                          std::initializer_list<std::uint32_t> second_arguments = {}) {
-  if (seccomp_arch == 0) return false;
-  // Layout: 0 load arch, 1 arch?, 2 load nr, 3 nr?, [4 load arg 1, 5.. arg?], fail, allow.
-  const auto k = static_cast<int>(second_arguments.size());
-  const int fail_at = k == 0 ? 4 : 5 + k;
-  const int allow_at = fail_at + 1;
-  const auto to = [](int target, int from) { return static_cast<std::uint8_t>(target - from - 1); };
-  std::vector<sock_filter> program = {
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, seccomp_arch, 0, to(allow_at, 1)),
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<std::uint32_t>(nr), 0, to(allow_at, 3)),
-  };
-  if (k > 0) {
-    // The low 32 bits of args[1] (both supported architectures are little-endian).
-    program.push_back(
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args) + sizeof(std::uint64_t)));
-    int at = 5;
-    for (const auto value : second_arguments) {
-      const bool last = at == 5 + k - 1;
-      program.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, value, to(fail_at, at),
-                                 last ? to(allow_at, at) : std::uint8_t{0}));
-      ++at;
-    }
-  }
-  program.push_back(BPF_STMT(
-      BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<std::uint32_t>(error) & SECCOMP_RET_DATA)));
-  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
-  const sock_fprog filter{static_cast<unsigned short>(program.size()), program.data()};
-  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-         ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &filter) == 0;
+  SyscallFilter filter;
+  const auto call = static_cast<int>(nr);
+  if (second_arguments.size() == 0) filter.on(call, SCMP_ACT_ERRNO(error));
+  for (const auto value : second_arguments)
+    filter.on(call, SCMP_ACT_ERRNO(error), {low_bits_equal(1, value)});
+  return filter.install(true);
 }
 
 }  // namespace wltest

@@ -24,6 +24,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -676,17 +677,28 @@ namespace {
 //! What the file holds before the test: the record of a holder long gone.
 constexpr const char* earlier_holders_record = "4242\nacquired=2026-01-01T00:00:00.000000Z\n";
 
-//! In this (child) process, makes the lock call of mechanism `m` fail with `error`.
+//! In this (child) process, makes the lock call of mechanism `m` fail with `error`. fcntl64
+//! is fcntl() on 32-bit architectures (with the *64 commands); elsewhere its rules add nothing.
 bool fail_lock_calls(Mechanism m, int error) {
+  wltest::SyscallFilter filter;
+  const auto fail_fcntl = [&](std::initializer_list<std::uint32_t> commands) {
+    for (const int call : {SCMP_SYS(fcntl), SCMP_SYS(fcntl64)}) {
+      for (const auto command : commands)
+        filter.on(call, SCMP_ACT_ERRNO(error), {wltest::low_bits_equal(1, command)});
+    }
+  };
   switch (m) {
     case Mechanism::ofd:
-      return wltest::fail_syscall(SYS_fcntl, error, {F_OFD_SETLK, F_OFD_SETLKW});
+      fail_fcntl({F_OFD_SETLK, F_OFD_SETLKW});
+      break;
     case Mechanism::posix:
-      return wltest::fail_syscall(SYS_fcntl, error, {F_SETLK, F_SETLKW});
+      fail_fcntl({F_SETLK, F_SETLKW, F_SETLK64, F_SETLKW64});
+      break;
     case Mechanism::flock:
-      return wltest::fail_syscall(SYS_flock, error);
+      filter.on(SCMP_SYS(flock), SCMP_ACT_ERRNO(error));
+      break;
   }
-  return false;
+  return filter.install(true);
 }
 
 }  // namespace
@@ -734,7 +746,7 @@ TEST_CASE(
     REQUIRE(write_file(path, before));  // the previous round's `other` wrote its record
     wltest::Shared<Result> r;
     Child child([&] {
-      if (!wltest::fail_syscall(SYS_pwrite64, EIO)) return 20;
+      if (!wltest::fail_syscall(SCMP_SYS(pwrite64), EIO)) return 20;
       attempt_into(r->refusal, path, quiet(m));
       r->hs.state = 1;
       wait_for_release(r->hs);  // alive: a lock it kept would still be held

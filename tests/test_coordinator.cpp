@@ -1379,7 +1379,7 @@ TEST_CASE(
   const auto options = quick_retry_options(mode);
   const pid_t faulty = children.spawn([&] {
     return trouble_worker(*board, path, options,
-                          [] { return wltest::fail_syscall(SYS_pwrite64, EIO); });
+                          [] { return wltest::fail_syscall(SCMP_SYS(pwrite64), EIO); });
   });
   REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
   board->holder_release.store(true);

@@ -3,9 +3,6 @@
 // file-system tests mount a loop btrfs image and overlayfs in a private mount namespace (root,
 // btrfs-progs); the namespace tests unshare a pid namespace and mount a fresh /proc.
 #include <fcntl.h>
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -692,30 +689,13 @@ namespace {
 //! with those closed, only a descriptor the library opened there could be read. Returns
 //! false if the filter could not be installed.
 bool kill_on_read_of_standard_streams() {
-  if (wltest::seccomp_arch == 0) return false;
-  const long reads[] = {SYS_read, SYS_pread64, SYS_readv, SYS_preadv, SYS_getdents64};
-  constexpr int n = static_cast<int>(sizeof reads / sizeof reads[0]);
-  // 0 load arch, 1 arch?, 2 load nr, 3..3+n-1 nr?, 3+n allow, 4+n load arg 0, 5+n > 2?,
-  // 6+n kill, 7+n allow.
-  const auto to = [](int target, int from) { return static_cast<std::uint8_t>(target - from - 1); };
-  const int allow = 3 + n;
-  const int check = 4 + n;
-  std::vector<sock_filter> program = {
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, wltest::seccomp_arch, 0, to(allow, 1)),
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-  };
-  for (int i = 0; i < n; ++i)
-    program.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<std::uint32_t>(reads[i]),
-                               to(check, 3 + i), 0));
-  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
-  program.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args)));
-  program.push_back(BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K, 2, to(7 + n, 5 + n), 0));
-  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
-  program.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
-  const sock_fprog filter{static_cast<unsigned short>(program.size()), program.data()};
-  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-         ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter) == 0;
+  wltest::SyscallFilter filter;
+  for (const int call : {SCMP_SYS(read), SCMP_SYS(pread64), SCMP_SYS(readv), SCMP_SYS(preadv),
+                         SCMP_SYS(getdents64)}) {
+    for (const std::uint32_t fd : {0U, 1U, 2U})
+      filter.on(call, SCMP_ACT_KILL_PROCESS, {wltest::low_bits_equal(0, fd)});
+  }
+  return filter.install(false);
 }
 
 }  // namespace

@@ -156,26 +156,10 @@ long stop_and_time(Coordinator& coordinator) {
 //! temporary file's write-only one and fopen() do not). A seccomp filter: irreversible, so
 //! call it in a forked child. Returns false if it could not be installed.
 bool fail_read_only_nofollow_opens(int error) {
-  if (wltest::seccomp_arch == 0) return false;
-  constexpr std::uint32_t mask = O_ACCMODE | O_NOFOLLOW;
-  constexpr std::uint32_t match = O_RDONLY | O_NOFOLLOW;
-  sock_filter program[] = {
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, wltest::seccomp_arch, 0, 6),
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_openat, 0, 4),
-      // The low 32 bits of args[2], the flags (both supported architectures are
-      // little-endian).
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args) + 2 * sizeof(std::uint64_t)),
-      BPF_STMT(BPF_ALU | BPF_AND | BPF_K, mask),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, match, 0, 1),
-      BPF_STMT(BPF_RET | BPF_K,
-               SECCOMP_RET_ERRNO | (static_cast<std::uint32_t>(error) & SECCOMP_RET_DATA)),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-  };
-  const sock_fprog filter{static_cast<unsigned short>(std::size(program)), program};
-  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-         ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &filter) == 0;
+  return wltest::SyscallFilter()
+      .on(SCMP_SYS(openat), SCMP_ACT_ERRNO(error),
+          {wltest::low_bits_equal(2, O_RDONLY | O_NOFOLLOW, O_ACCMODE | O_NOFOLLOW)})
+      .install(true);
 }
 
 enum class Planted { fifo, symlink, directory, oversized };

@@ -43,11 +43,12 @@ STATUS_RE='"pid":([0-9]+),"role":"([a-z]+)","holder_pid":([0-9]+|null),"ticks":(
 declare -A ROLE HOLDER TICKS
 
 # survey: asks /status (each request on a new connection, so the workers' accept race
-# spreads them) until every worker answered or 60 requests went out; fills ROLE/HOLDER/TICKS.
+# spreads them) until every worker answered or 500 requests went out (on a loaded machine the
+# race can pass one worker over many times in a row); fills ROLE/HOLDER/TICKS.
 survey() {
   local i line
   ROLE=() HOLDER=() TICKS=()
-  for ((i = 0; i < 60 && ${#ROLE[@]} < WORKERS; i++)); do
+  for ((i = 0; i < 500 && ${#ROLE[@]} < WORKERS; i++)); do
     line="$(curl -sS --max-time 2 -H 'Connection: close' "http://127.0.0.1:$port/status" 2>/dev/null)" || continue
     [[ "$line" =~ $STATUS_RE ]] || continue
     ROLE[${BASH_REMATCH[1]}]="${BASH_REMATCH[2]}"
@@ -58,7 +59,7 @@ survey() {
   for pid in $(printf '%s\n' "${!ROLE[@]}" | sort -n); do
     printf '    %-8s %-10s %-11s %s\n' "$pid" "${ROLE[$pid]}" "${HOLDER[$pid]}" "${TICKS[$pid]}"
   done
-  ((${#ROLE[@]} == WORKERS)) || echo "    (only ${#ROLE[@]} of $WORKERS workers answered in 60 requests)"
+  ((${#ROLE[@]} == WORKERS)) || echo "    (only ${#ROLE[@]} of $WORKERS workers answered in 500 requests)"
 }
 
 # the_primary: prints the one primary of the last survey; fails on none, two, or disagreement.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# tests/e2e/basic_example.sh: runs examples/basic (a master forking N workers) several times
+# tests/e2e/basic_example.sh: runs examples/01_is_primary_worker (a master forking N workers) several times
 # and checks that exactly one worker prints PRIMARY and the other N-1 print SECONDARY.
 #
-#   bash tests/e2e/basic_example.sh path/to/workerlock_basic
+#   bash tests/e2e/basic_example.sh path/to/workerlock_01_is_primary_worker
 set -euo pipefail
 BASIC="$1"
 TMP="$(mktemp -d)"

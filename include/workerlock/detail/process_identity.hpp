@@ -11,13 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -158,22 +158,26 @@ struct process_identity {
 
 //! This process's host name and pid namespace, looked up once per process: the cache is
 //! keyed by getpid(), so a copy of the process (fork or raw clone) looks them up again.
+//! Lock-free, so that a fork() in the middle of a lookup leaves nothing locked in the child:
+//! one thread fills the cache (claiming it with -pid), and a thread that finds it being
+//! filled looks them up itself.
 inline process_identity current_identity() noexcept {
-  static std::mutex mutex;
-  static pid_t cached_for = 0;
-  static process_identity cached;
+  static std::atomic<pid_t> cached_for{0};
+  static process_identity cached;  // written once per process, before cached_for says so
   const pid_t me = ::getpid();
-  std::lock_guard<std::mutex> guard(mutex);
-  if (cached_for != me) {
-    process_identity fresh;
-    struct utsname names {};
-    if (::uname(&names) == 0) std::snprintf(fresh.host, sizeof fresh.host, "%s", names.nodename);
-    struct stat ns {};
-    if (::stat("/proc/self/ns/pid", &ns) == 0) fresh.pid_namespace = ns.st_ino;
+  if (cached_for.load(std::memory_order_acquire) == me) return cached;
+  process_identity fresh;
+  struct utsname names {};
+  if (::uname(&names) == 0) std::snprintf(fresh.host, sizeof fresh.host, "%s", names.nodename);
+  struct stat ns {};
+  if (::stat("/proc/self/ns/pid", &ns) == 0) fresh.pid_namespace = ns.st_ino;
+  pid_t seen = cached_for.load(std::memory_order_acquire);
+  if (seen != me && seen != -me &&
+      cached_for.compare_exchange_strong(seen, -me, std::memory_order_acq_rel)) {
     cached = fresh;
-    cached_for = me;
+    cached_for.store(me, std::memory_order_release);
   }
-  return cached;
+  return fresh;
 }
 
 //! A close-on-exec pidfd for process `pid`, at 3 or above (glibc's pidfd_open()); -1 with

@@ -315,6 +315,31 @@ TEST_CASE("redis: URL parsing", "[redis]") {
   CHECK(url.socket_path == "/tmp/r.sock");
   CHECK(url.password == "pw");
 
+  // What liburiparser reads (RFC 3986): percent-encoding anywhere, IPv6 literals and zones.
+  REQUIRE(parse_redis_url("redis://us%3Aer:p%40ss%3Fw%23rd%25:x@h", url, why));
+  CHECK(url.username == "us:er");
+  CHECK(url.password == "p@ss?w#rd%:x");
+  CHECK(url.redacted() == "redis://us:er:***@h:6379/0");
+  // Unencoded '@', '/' and '[' in the password: the user info runs to the last '@' before
+  // '?' (as redis-cli reads it).
+  REQUIRE(parse_redis_url("redis://:p@ss/w[1]@h:1/2", url, why));
+  CHECK(url.password == "p@ss/w[1]");
+  CHECK(url.host == "h");
+  CHECK(url.db == 2);
+  REQUIRE(parse_redis_url("redis://[::ffff:192.0.2.1]:7000", url, why));
+  CHECK(url.host == "::ffff:192.0.2.1");
+  CHECK(url.redacted() == "redis://[::ffff:192.0.2.1]:7000/0");
+  REQUIRE(parse_redis_url("redis://[fe80::1%25eth0]:6379/2", url, why));  // RFC 6874
+  CHECK(url.host == "fe80::1%eth0");                                      // for getaddrinfo()
+  CHECK(url.redacted() == "redis://[fe80::1%eth0]:6379/2");
+  REQUIRE(parse_redis_url("redis://[fe80::1%eth0]", url, why));  // the zone unencoded
+  CHECK(url.host == "fe80::1%eth0");
+  REQUIRE(parse_redis_url("unix:///tmp/my%20redis.sock?db=%31", url, why));
+  CHECK(url.socket_path == "/tmp/my redis.sock");
+  CHECK(url.db == 1);
+  REQUIRE(parse_redis_url("redis://h?", url, why));  // an empty query
+  CHECK(url.db == 0);
+
   const char* bad[][2] = {
       {"", "empty"},
       {"localhost:6379", "no scheme"},
@@ -339,6 +364,19 @@ TEST_CASE("redis: URL parsing", "[redis]") {
       {"redis://:ab%4@h", "percent-encoding"},
       {"redis://h#x", "fragment"},
       {"redis://bad host", "bad character"},
+      {"redis://[zzz]", "bad IPv6 address"},
+      {"redis://[::1;x]:1", "bad character in the host name"},
+      {"redis://[v1.x]", "IPvFuture"},
+      {"redis://[fe80::1%]:1", "bad IPv6 zone"},
+      {"redis://[fe80::1%e;t]", "bad IPv6 zone"},
+      {"redis://[::1]:x", "bad port"},
+      {"redis://[::1]x", "expected ':port' after ']'"},
+      {"redis://h:1:2", "brackets"},
+      {"unix:///tmp/a b", "socket path: percent-encode"},
+      {"unix:///tmp/a%00b", "NUL byte"},
+      {"unix://:pw@relative.sock", "absolute"},
+      {"redis://h?db", "query parameter"},
+      {"redis://h?db=", "the value of ?db= must be a number"},
   };
   for (const auto& [text, expected] : bad) {
     INFO("URL: '" << text << "'");
@@ -629,6 +667,25 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
     RedisBackend b(o);
     CHECK(b.try_acquire());
     CHECK(b.describe().find("s3cret") == std::string::npos);
+  }
+
+  SECTION("a password with special characters, percent-encoded or as redis-cli reads it") {
+    WL_REQUIRE_REDIS_SERVER();
+    const std::string password = "p@ss/w?rd#50%:x";
+    wltest::RedisServer server({password, {}});
+    RedisOptions o;
+    o.key = fresh_key("special-pw");
+    o.quarantine_after_data_loss = false;
+    for (const char* written : {"p%40ss%2Fw%3Frd%2350%25%3Ax", "p@ss/w%3Frd%2350%25:x"}) {
+      INFO("password as written: " << written);
+      o.url = fmt::format("redis://:{}@127.0.0.1:{}/0", written, server.port());
+      RedisBackend backend(o);
+      CHECK(backend.redacted_url() == fmt::format("redis://:***@127.0.0.1:{}/0", server.port()));
+      CHECK(backend.try_acquire());
+      backend.release();
+    }
+    o.url = fmt::format("redis://:p@ss/w%3Frd%2350%25:y@127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied, {"WRONGPASS"}, "rd%2350");
   }
 
   SECTION("a password the server does not have, a database it does not have") {

@@ -159,7 +159,7 @@ struct Checker {
   void promoted(int pid, std::uint64_t fence) {
     int expected = 0;
     while (!holder.compare_exchange_strong(expected, pid)) {
-      if (expected != 0 && workerlock::detail::redis_process_gone(expected)) continue;
+      if (expected != 0 && workerlock::detail::process_is_gone(expected)) continue;
       overlaps.fetch_add(1);
       holder.store(pid);
       break;
@@ -1485,6 +1485,43 @@ TEST_CASE(
   CHECK(report->exiting_child.load() == 0);
   CHECK(report->key_after_exit.load() == 1);
   CHECK(report->released_by_parent.load() == 1);
+}
+
+TEST_CASE(
+    "redis: a child of fork() closes its copy of the connection at once: the holder's close "
+    "ends the connection on the server while the child lives on",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("fork-closes");
+  seed_fence(server, key);
+  RedisBackend holder(options_for(server, key));
+  REQUIRE(holder.try_acquire());
+  const std::string name = fmt::format("name=workerlock:{}", ::getpid());
+  const auto connected = [&] {
+    return server.command({"CLIENT", "LIST"}).find(name) != std::string::npos;
+  };
+  REQUIRE(connected());
+  int go[2];
+  REQUIRE(::pipe(go) == 0);
+  // The child never touches the backend: only the fork layer's hook can close its copy.
+  const pid_t child = wltest::fork_child([&] {
+    ::close(go[1]);
+    char byte = 0;
+    return ::read(go[0], &byte, 1) == 1 ? 0 : 1;
+  });
+  ::close(go[0]);
+  holder.reset();  // releases, then closes the holder's connection
+  bool closed = false;
+  for (int i = 0; i < 1000 && !closed; ++i) {  // 10 s; it takes a millisecond
+    closed = !connected();
+    if (!closed) std::this_thread::sleep_for(10ms);
+  }
+  CHECK(closed);
+  CHECK(::kill(child, 0) == 0);  // still alive: its copy of the socket is closed, not exited
+  CHECK(::write(go[1], "x", 1) == 1);
+  ::close(go[1]);
+  CHECK(wltest::wait_exit_code(child) == 0);
 }
 
 // =============================================================================================

@@ -196,7 +196,6 @@ class RedisBackend final : public Backend {
       if (const char* env = std::getenv("WORKERLOCK_REDIS_URL"); env != nullptr) options_.url = env;
     }
     configure();
-    owner_.store(::getpid());
     wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
   }
@@ -241,7 +240,7 @@ class RedisBackend final : public Backend {
       if (last_pttl_ >= 0) pause = std::min(pause, std::chrono::milliseconds(last_pttl_ + 1));
       int pidfd = -1;
       if (options_.fast_local_failover && last_holder_pid_ > 0)
-        pidfd = detail::redis_pidfd_open(last_holder_pid_);
+        pidfd = detail::open_pidfd(last_holder_pid_);
       sleep_until(clock::now() + pause, pidfd);
       if (pidfd >= 0) ::close(pidfd);
     }
@@ -251,7 +250,7 @@ class RedisBackend final : public Backend {
   //! until the copy detaches.
   void interrupt() noexcept override {
     interrupted_.store(true);
-    if (wake_fd_ >= 0 && owner_.load() == ::getpid()) {
+    if (wake_fd_ >= 0 && stamp_.is_current()) {
       const std::uint64_t one = 1;
       [[maybe_unused]] const auto n = ::write(wake_fd_, &one, sizeof one);
     }
@@ -259,7 +258,7 @@ class RedisBackend final : public Backend {
 
   void clear_interrupt() noexcept override {
     interrupted_.store(false);
-    if (owner_.load() == ::getpid()) drain_wake_fd();  // a forked copy must not eat the parent's
+    if (stamp_.is_current()) drain_wake_fd();  // a forked copy must not eat the parent's
   }
 
   //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
@@ -314,7 +313,7 @@ class RedisBackend final : public Backend {
   //! Deletes the key if it still holds our token (bounded by command_timeout); also cleans up
   //! after an attempt whose outcome was unknown. Never throws.
   void release() noexcept override {
-    if (owner_.load() != ::getpid()) return;  // a forked copy: the hold is the parent's
+    if (!stamp_.is_current()) return;  // a forked copy: the hold is the parent's
     const bool was_held = held_.exchange(false);
     fence_.store(0);
     set_valid_until(clock::time_point::min());
@@ -347,7 +346,7 @@ class RedisBackend final : public Backend {
     connection_.close();
   }
 
-  bool held() const noexcept override { return held_.load() && owner_.load() == ::getpid(); }
+  bool held() const noexcept override { return held_.load() && stamp_.is_current(); }
 
   std::string describe() const override { return "redis=" + where(); }
   //! `<URL, password ***> key=<key>`: what lock_error::target() names in this backend's errors
@@ -443,22 +442,21 @@ class RedisBackend final : public Backend {
   std::string where() const { return fmt::format("{} key={}", redacted_, cfg_.key); }
   lock_error::network_target target() const { return {where()}; }
 
-  //! A process forked from the one that built us holds nothing and shares no socket. The
-  //! kernel says who we are: a cached pid would still be the parent's in a child of
-  //! syscall(SYS_fork) or clone() (no atfork handler runs there), and that child would then
-  //! renew or delete the parent's lease on the parent's own socket.
+  //! A copy of the process that built us (fork(), or a raw syscall(SYS_fork) or clone() that
+  //! runs no atfork handler) holds nothing; the fork layer's hook closed its copy of the socket
+  //! (detail/redis_connection.hpp). The stamp asks the kernel who we are, never a cached pid.
   void detach_if_forked() {
-    const pid_t me = ::getpid();
-    if (me == owner_.load()) return;
-    connection_.close();  // our copy only: the parent's socket stays open
-    held_.store(false);
-    fence_.store(0);
-    set_valid_until(clock::time_point::min());
-    lost_ = unknown_ = false;
-    if (wake_fd_ >= 0) ::close(wake_fd_);
-    wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    token_ = detail::redis_make_token();
-    owner_.store(me);
+    detail::fork_layer::adopt_raw_copy();
+    const bool adopted = stamp_.adopt([&] {
+      connection_.close();
+      held_.store(false);
+      fence_.store(0);
+      set_valid_until(clock::time_point::min());
+      lost_ = unknown_ = false;
+      if (wake_fd_ >= 0) ::close(wake_fd_);
+      wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    });
+    if (adopted) token_ = detail::redis_make_token();
   }
 
   void set_valid_until(clock::time_point t) noexcept {
@@ -499,7 +497,7 @@ class RedisBackend final : public Backend {
     if (try_once(wake_fd, {})) return true;
     if (interrupted_.load()) return false;
     if (last_holder_pid_ > 0 && options_.fast_local_failover &&
-        detail::redis_process_gone(last_holder_pid_)) {
+        detail::process_is_gone(last_holder_pid_)) {
       const std::string dead = last_holder_;
       return try_once(wake_fd, dead);
     }
@@ -729,7 +727,7 @@ class RedisBackend final : public Backend {
   std::string sha_release_;
   std::string token_;
 
-  std::atomic<pid_t> owner_{0};  // the process whose hold and connection these are
+  detail::process_stamp stamp_;  // the process whose hold and connection these are
   int wake_fd_ = -1;
   std::atomic<bool> interrupted_{false};
   std::atomic<bool> held_{false};

@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/un.h>
@@ -34,6 +35,7 @@
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
 
+#include "fork_layer.hpp"
 #include "posix.hpp"
 #include "redis_url.hpp"
 
@@ -101,19 +103,78 @@ struct redis_command {
   }
 };
 
+class redis_connection;
+
+//! The fork layer's hook for Redis sockets: a copy of the process (fork(), or a raw copy the
+//! fork layer adopts) closes its copy of every inherited socket at once, so that it never
+//! sends on the parent's connection and does not keep it open after the parent closed it.
+//! Its mutex guards every change of a connection's descriptor (never held across I/O).
+class redis_sockets final : public fork_hook {
+ public:
+  static redis_sockets& instance() noexcept {
+    static redis_sockets* the_hook = new redis_sockets();  // never destroyed: fork() may come late
+    return *the_hook;
+  }
+
+  //! Takes the mutex; in a raw copy of the process, first lets the fork layer adopt it.
+  class guard {
+   public:
+    guard() noexcept : hook_(instance()) {
+      fork_layer::adopt_raw_copy();
+      ::pthread_mutex_lock(&hook_.mutex_);
+    }
+    ~guard() { ::pthread_mutex_unlock(&hook_.mutex_); }
+    guard(const guard&) = delete;
+    guard& operator=(const guard&) = delete;
+
+   private:
+    redis_sockets& hook_;
+  };
+
+  inline void link(redis_connection& connection) noexcept;    // requires the mutex
+  inline void unlink(redis_connection& connection) noexcept;  // requires the mutex
+
+  void before_fork() noexcept override { ::pthread_mutex_lock(&mutex_); }
+  void after_fork_in_parent() noexcept override { ::pthread_mutex_unlock(&mutex_); }
+  void after_fork_in_child() noexcept override {
+    close_inherited();
+    ::pthread_mutex_unlock(&mutex_);
+  }
+  void adopt_raw_copy() noexcept override {
+    const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    mutex_ = fresh;  // maybe copied locked by a thread that does not exist here
+    close_inherited();
+  }
+
+ private:
+  redis_sockets() noexcept : fork_hook(fork_order::network_sessions) { fork_layer::add(*this); }
+  inline void close_inherited() noexcept;  // async-signal-safe
+
+  pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
+  redis_connection* head_ = nullptr;
+};
+
 //! A connection to Redis: our own non-blocking socket, hiredis's reply parser.
 class redis_connection {
  public:
-  redis_connection() = default;
+  redis_connection() noexcept {
+    redis_sockets::guard guard;
+    redis_sockets::instance().link(*this);
+  }
   redis_connection(const redis_connection&) = delete;
   redis_connection& operator=(const redis_connection&) = delete;
-  ~redis_connection() { close(); }
+  ~redis_connection() {
+    close();
+    redis_sockets::guard guard;
+    redis_sockets::instance().unlink(*this);
+  }
 
   bool is_open() const noexcept { return fd_ >= 0; }
 
+  //! Closes the socket (in a copy of the process, the copy's only: the fork hook closed it
+  //! already) and frees the reply parser.
   void close() noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
+    set_socket(-1);
     if (reader_ != nullptr) redisReaderFree(reader_);
     reader_ = nullptr;
   }
@@ -263,9 +324,7 @@ class redis_connection {
   redis_status connect_to(int family, const sockaddr* address, socklen_t length,
                           redis_clock::time_point deadline, int wake_fd) {
     redis_status st;
-    if (fd_ >= 0) ::close(fd_);
-    fd_ =
-        keep_off_standard_streams(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    set_socket(family);
     if (fd_ < 0) {
       st.code = errno;
       st.why = "cannot create a socket";
@@ -362,10 +421,43 @@ class redis_connection {
     }
   }
 
+  //! Closes the socket, and opens a new one of `family` unless it is -1; under the fork
+  //! hook's mutex, so that a copy of the process always finds fd_ naming its socket.
+  void set_socket(int family) noexcept {
+    redis_sockets::guard guard;
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = family < 0 ? -1
+                     : keep_off_standard_streams(
+                           ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  }
+
+  friend class redis_sockets;
+  redis_connection* prev_ = nullptr;  // redis_sockets' list, guarded by its mutex
+  redis_connection* next_ = nullptr;
   int fd_ = -1;
   redisReader* reader_ = nullptr;
   std::string out_;
   long long receive_timeout_us_ = 0;  // SO_RCVTIMEO now set; 0: none (blocks forever)
 };
+
+void redis_sockets::link(redis_connection& connection) noexcept {
+  connection.next_ = head_;
+  if (head_ != nullptr) head_->prev_ = &connection;
+  head_ = &connection;
+}
+
+void redis_sockets::unlink(redis_connection& connection) noexcept {
+  if (connection.prev_ != nullptr) connection.prev_->next_ = connection.next_;
+  if (connection.next_ != nullptr) connection.next_->prev_ = connection.prev_;
+  if (head_ == &connection) head_ = connection.next_;
+  connection.prev_ = connection.next_ = nullptr;
+}
+
+void redis_sockets::close_inherited() noexcept {
+  for (redis_connection* c = head_; c != nullptr; c = c->next_) {
+    close_keep_errno(c->fd_);
+    c->fd_ = -1;
+  }
+}
 
 }  // namespace workerlock::detail

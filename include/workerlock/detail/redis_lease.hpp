@@ -1,27 +1,23 @@
 // workerlock/detail/redis_lease.hpp: the Lua scripts of a Redis lease and its tokens: who
-// holds the key, and whether that holder is a dead process on this host.
+// holds the key, and whether that holder is a process on this host (process_identity.hpp
+// then tells whether it is gone).
 #pragma once
 
-#include <fcntl.h>
-#include <signal.h>
 #include <sys/random.h>
-#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
+#include <charconv>
 #include <cstring>
 #include <random>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include <fmt/format.h>
 
-#include "posix.hpp"
-#include "proc_stat.hpp"
-#include "record.hpp"
-#include "redis_url.hpp"
+#include "process_identity.hpp"
 
 namespace workerlock::detail {
 
@@ -64,16 +60,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 )LUA";
 
-//! This kernel's boot id (empty if unreadable), read once.
-inline const std::string& redis_boot_id() {
-  static const std::string id = [] {
-    std::string text = read_proc_file("/proc/sys/kernel/random/boot_id");
-    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
-    return text.find(':') == std::string::npos ? text : std::string();
-  }();
-  return id;
-}
-
 //! A new token: 128 random bits, then who holds it (boot id : pid namespace : pid : host).
 //! The random bits come from getrandom() in batches, per thread, never shared across fork().
 inline std::string redis_make_token() {
@@ -89,8 +75,7 @@ inline std::string redis_make_token() {
     p.pid = me;
     p.used = sizeof p.bytes;  // a forked child must not reuse its parent's bytes
     const auto identity = current_identity();
-    p.suffix =
-        fmt::format(":{}:{}:{}:{}", redis_boot_id(), identity.pid_namespace, me, identity.host);
+    p.suffix = fmt::format(":{}:{}:{}:{}", boot_id(), identity.pid_namespace, me, identity.host);
   }
   if (p.used + 16 > sizeof p.bytes) {
     std::size_t got = 0;
@@ -130,40 +115,14 @@ inline pid_t redis_local_holder(std::string_view token) {
     field = token.substr(0, colon);
     token.remove_prefix(colon + 1);
   }
-  const auto& boot = redis_boot_id();
+  const auto& boot = boot_id();
   if (boot.empty() || fields[1] != boot) return 0;
   if (fields[2] != std::to_string(current_identity().pid_namespace)) return 0;
-  long pid = 0;
-  if (!parse_decimal(fields[3], 1L << 30, pid) || pid <= 0 || pid == ::getpid()) return 0;
-  return static_cast<pid_t>(pid);
-}
-
-//! True only when `pid` provably runs no code any more: no such process, or a zombie.
-inline bool redis_process_gone(pid_t pid) {
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
-  // It exists (or is another user's, EPERM): gone only if it is a zombie. Anything we
-  // cannot read counts as alive.
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const std::string text = read_proc_file(path);
-  if (text.empty()) return false;
-  const auto close = text.rfind(')');  // the command name may contain ')'
-  if (close == std::string::npos || close + 2 >= text.size()) return false;
-  const char state = text[close + 2];
-  return state == 'Z' || state == 'X' || state == 'x';
-}
-
-inline int redis_pidfd_open(pid_t pid) noexcept {
-#ifdef SYS_pidfd_open
-  const long fd = ::syscall(SYS_pidfd_open, pid, 0);
-  if (fd < 0) return -1;
-  ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);
-  return keep_off_standard_streams(static_cast<int>(fd));
-#else
-  (void)pid;
-  errno = ENOSYS;
-  return -1;
-#endif
+  pid_t pid = 0;
+  const char* end = fields[3].data() + fields[3].size();
+  const auto parsed = std::from_chars(fields[3].data(), end, pid);
+  if (parsed.ec != std::errc() || parsed.ptr != end || pid <= 0 || pid == ::getpid()) return 0;
+  return pid;
 }
 
 }  // namespace workerlock::detail

@@ -871,7 +871,8 @@ TEST_CASE("redis: a renewal never outlives the lease", "[redis]") {
   CHECK_FALSE(a.lease_valid());
 }
 
-TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "[redis][threads]") {
+TEST_CASE("redis: Interrupter::interrupt() ends wait_acquire() promptly, even mid-command",
+          "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
   const auto key = fresh_key("interrupt");
@@ -880,18 +881,19 @@ TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "
   RedisBackend holder(o);
   REQUIRE(holder.try_acquire());
   RedisBackend waiter(o);
+  workerlock::Interrupter interrupter;
 
   const auto wait_and_interrupt = [&](std::chrono::milliseconds after) {
     std::atomic<int> result{-1};
     std::atomic<std::int64_t> returned{0};
-    waiter.clear_interrupt();
+    interrupter.clear();
     std::thread t([&] {
-      result.store(waiter.wait_acquire() ? 1 : 0);
+      result.store(waiter.wait_acquire(interrupter) ? 1 : 0);
       returned.store(mono_ns());
     });
     std::this_thread::sleep_for(after);
     const auto interrupted = mono_ns();
-    waiter.interrupt();
+    interrupter.interrupt();
     t.join();
     CHECK(result.load() == 0);
     return ms_between(interrupted, returned.load());
@@ -909,7 +911,6 @@ TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "
   waiter.release();  // cleans up the attempt of unknown outcome (waits for the pause)
   CHECK(server.command({"GET", key}) == holder.token());
   holder.release();
-  waiter.clear_interrupt();
   CHECK(waiter.try_acquire());
 }
 
@@ -1404,8 +1405,11 @@ TEST_CASE(
       int code = 0;
       if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
       if (code == 0 && backend.verify_held()) code = 2;
-      backend.interrupt();
-      backend.clear_interrupt();
+      {
+        workerlock::Interrupter interrupter;
+        interrupter.interrupt();
+        if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
+      }
       backend.release();
       backend.reset();
       slot.reset();
@@ -1690,7 +1694,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   REQUIRE(workerlock::detail::parse_redis_url(server.url(), url, why));
   workerlock::detail::redis_connection connection;
   const auto deadline = [] { return std::chrono::steady_clock::now() + 5s; };
-  REQUIRE_FALSE(connection.connect(url, deadline(), -1));
+  REQUIRE_FALSE(connection.connect(url, deadline(), nullptr));
 
   const std::string key = fresh_key("overflow");
   // RPUSH key v1 ... v11: 13 arguments, more than the command holds.
@@ -1700,7 +1704,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   command << "RPUSH" << key;
   for (const auto& v : values) command << v;
   workerlock::detail::redis_reply reply;
-  const auto st = connection.exchange(&command, 1, &reply, deadline(), -1);
+  const auto st = connection.exchange(&command, 1, &reply, deadline(), nullptr);
   CHECK(st.code == E2BIG);
   CHECK_FALSE(st.sent);
   CHECK(server.command({"EXISTS", key}) == "0");  // nothing, not a truncated command
@@ -1708,7 +1712,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   // The connection is still usable for a command that fits.
   workerlock::detail::redis_command ping;
   ping << "PING";
-  const auto ok = connection.exchange(&ping, 1, &reply, deadline(), -1);
+  const auto ok = connection.exchange(&ping, 1, &reply, deadline(), nullptr);
   REQUIRE_FALSE(ok);
   CHECK(std::string(reply->str, reply->len) == "PONG");
 }

@@ -117,8 +117,6 @@
 #pragma once
 
 #include <poll.h>
-#include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -136,11 +134,13 @@
 #include <hiredis/hiredis.h>
 
 #include "backend.hpp"
-#include "detail/posix.hpp"
-#include "detail/redis_connection.hpp"
+#include "detail/fork_layer.hpp"
+#include "detail/process_identity.hpp"
 #include "detail/redis_lease.hpp"
+#include "detail/redis_session.hpp"
 #include "detail/redis_url.hpp"
 #include "error.hpp"
+#include "interrupter.hpp"
 
 namespace workerlock {
 
@@ -178,13 +178,12 @@ struct RedisOptions {
 //! Holds the primary role through a lease on a Redis key; see the top of this header for the
 //! protocol, the timing arithmetic and the limits.
 //!
-//! Threads: driven by one thread at a time (the Coordinator's); interrupt(),
-//! clear_interrupt(), held(), fencing_token(), lease_valid(), valid_until(), describe(),
-//! network_target(), options() and redacted_url() may be called from any thread at any time.
-//! Fork: a copy inherited through fork() (also syscall(SYS_fork) or clone() without CLONE_VM,
-//! which run no atfork handler: every check asks the kernel with getpid()) holds nothing,
-//! never sends on the parent's connection (its destructor, release() and reset() only close
-//! its own copy of the descriptor), and opens its own connection.
+//! Threads: driven by one thread at a time (the Coordinator's); held(), fencing_token(),
+//! lease_valid(), valid_until(), describe(), network_target(), options() and redacted_url() may be
+//! called from any thread at any time. Fork: a copy inherited through fork() (also
+//! syscall(SYS_fork) or clone() without CLONE_VM, which run no atfork handler: every check asks the
+//! kernel with getpid()) holds nothing, never sends on the parent's connection (its destructor,
+//! release() and reset() only close its own copy of the descriptor), and opens its own connection.
 class RedisBackend final : public Backend {
  public:
   using clock = std::chrono::steady_clock;
@@ -196,7 +195,6 @@ class RedisBackend final : public Backend {
       if (const char* env = std::getenv("WORKERLOCK_REDIS_URL"); env != nullptr) options_.url = env;
     }
     configure();
-    wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     token_ = detail::redis_make_token();
   }
 
@@ -207,8 +205,7 @@ class RedisBackend final : public Backend {
   //! forked copy it only closes the copy's descriptors: the parent's lease stays.
   ~RedisBackend() override {
     release();
-    connection_.close();
-    if (wake_fd_ >= 0) ::close(wake_fd_);
+    session_.close();
   }
 
   //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) for a
@@ -222,43 +219,35 @@ class RedisBackend final : public Backend {
     check_config("acquire the lease on");
     detach_if_forked();
     if (held_.load()) return true;
-    return attempt(-1);
+    return attempt(nullptr);
   }
 
   //! Retries every poll_interval (sooner when the lease it saw ends or a local holder dies)
-  //! until held (true) or interrupt() (false). Throws: lock_error on connection errors, for
-  //! the Coordinator to log and retry with its backoff.
-  bool wait_acquire() override {
+  //! until held (true) or `interrupter` is interrupted (false), which also ends a command
+  //! under way. Throws: lock_error on connection errors, for the Coordinator to log and retry
+  //! with its backoff.
+  bool wait_acquire(Interrupter& interrupter) override {
     check_config("acquire the lease on");
     detach_if_forked();
     for (;;) {
-      if (interrupted_.load()) return false;
+      if (interrupter.interrupted()) return false;
       if (held_.load()) return true;
-      if (attempt(wake_fd_)) return true;
-      if (interrupted_.load()) return false;
+      if (attempt(&interrupter)) return true;
       auto pause = cfg_.poll_interval;
       if (last_pttl_ >= 0) pause = std::min(pause, std::chrono::milliseconds(last_pttl_ + 1));
-      int pidfd = -1;
-      if (options_.fast_local_failover && last_holder_pid_ > 0)
-        pidfd = detail::open_pidfd(last_holder_pid_);
-      sleep_until(clock::now() + pause, pidfd);
+      // A holder on this host: its pidfd becomes readable when it exits.
+      const int pidfd = options_.fast_local_failover && last_holder_pid_ > 0
+                            ? detail::open_pidfd(last_holder_pid_)
+                            : -1;
+      const auto result = interrupter.wait(pidfd, POLLIN, clock::now() + pause);
+      const int wait_errno = errno;
       if (pidfd >= 0) ::close(pidfd);
+      if (result == WaitResult::interrupted) return false;
+      if (result == WaitResult::error)
+        throw lock_error("acquire the lease on", target(),
+                         std::error_code(wait_errno, std::system_category()),
+                         "cannot wait for the lease");
     }
-  }
-
-  //! Async-signal-safe. In a forked copy it only sets the flag: the eventfd is the parent's
-  //! until the copy detaches.
-  void interrupt() noexcept override {
-    interrupted_.store(true);
-    if (wake_fd_ >= 0 && stamp_.is_current()) {
-      const std::uint64_t one = 1;
-      [[maybe_unused]] const auto n = ::write(wake_fd_, &one, sizeof one);
-    }
-  }
-
-  void clear_interrupt() noexcept override {
-    interrupted_.store(false);
-    if (stamp_.is_current()) drain_wake_fd();  // a forked copy must not eat the parent's
   }
 
   //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
@@ -283,10 +272,11 @@ class RedisBackend final : public Backend {
     const auto deadline = std::min(now + cfg_.command_timeout, until);
     detail::redis_reply reply;
     clock::time_point start;
-    const auto st = run_script(script::renew, deadline, -1, {}, reply, start);
+    const auto st =
+        session_.run(detail::redis_script::renew, args(""), deadline, nullptr, reply, start);
     if (st) {
       unknown_ = true;
-      throw error("renew the lease on", st, until);
+      throw failure("renew the lease on", st, until);
     }
     if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) {
       set_valid_until(start + cfg_.ttl - cfg_.drift_margin);
@@ -294,7 +284,7 @@ class RedisBackend final : public Backend {
     }
     if (reply->type == REDIS_REPLY_ERROR) {
       unknown_ = true;
-      throw server_error("renew the lease on", reply.get());
+      throw detail::redis_server_failure("renew the lease on", where(), reply.get());
     }
     lost_ = true;  // the key expired or holds another token
     return false;
@@ -321,8 +311,8 @@ class RedisBackend final : public Backend {
       try {
         detail::redis_reply reply;
         clock::time_point start;
-        const auto st =
-            run_script(script::release, clock::now() + cfg_.command_timeout, -1, {}, reply, start);
+        const auto st = session_.run(detail::redis_script::release, args(""),
+                                     clock::now() + cfg_.command_timeout, nullptr, reply, start);
         if (!st && reply->type != REDIS_REPLY_ERROR) unknown_ = false;
       } catch (...) {
       }
@@ -343,7 +333,7 @@ class RedisBackend final : public Backend {
   //! release(), then drops the connection. Never throws.
   void reset() noexcept override {
     release();
-    connection_.close();
+    session_.close();
   }
 
   bool held() const noexcept override { return held_.load() && stamp_.is_current(); }
@@ -381,8 +371,6 @@ class RedisBackend final : public Backend {
   std::string redacted_url() const { return redacted_; }
 
  private:
-  enum class script { acquire, renew, release };
-
   void configure() {
     cfg_ = options_;
     const auto ttl = cfg_.ttl;
@@ -428,15 +416,13 @@ class RedisBackend final : public Backend {
     }
     fence_key_ = cfg_.key + ":fence";
     ttl_text_ = std::to_string(ttl.count());
+    session_.configure(url_, cfg_.connect_timeout);
   }
 
   void check_config(const char* operation) const {
     if (!config_error_.empty())
       throw lock_error(operation, target(), make_error_code(errc::bad_configuration),
                        config_error_);
-    if (wake_fd_ < 0)
-      throw lock_error(operation, target(), std::make_error_code(std::errc::too_many_files_open),
-                       "cannot create the eventfd that interrupt() signals");
   }
 
   std::string where() const { return fmt::format("{} key={}", redacted_, cfg_.key); }
@@ -448,13 +434,11 @@ class RedisBackend final : public Backend {
   void detach_if_forked() {
     detail::fork_layer::adopt_raw_copy();
     const bool adopted = stamp_.adopt([&] {
-      connection_.close();
+      session_.close();
       held_.store(false);
       fence_.store(0);
       set_valid_until(clock::time_point::min());
       lost_ = unknown_ = false;
-      if (wake_fd_ >= 0) ::close(wake_fd_);
-      wake_fd_ = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     });
     if (adopted) token_ = detail::redis_make_token();
   }
@@ -463,63 +447,32 @@ class RedisBackend final : public Backend {
     valid_until_.store(t.time_since_epoch().count());
   }
 
-  void drain_wake_fd() noexcept {
-    std::uint64_t value = 0;
-    if (wake_fd_ >= 0) {
-      while (::read(wake_fd_, &value, sizeof value) > 0) {
-      }
-    }
-  }
-
-  //! Sleeps until `until`, or until interrupt(), or until `pidfd` (if >= 0) reports its
-  //! process gone.
-  void sleep_until(clock::time_point until, int pidfd) {
-    for (;;) {
-      if (interrupted_.load()) return;
-      const auto left = until - clock::now();
-      if (left <= clock::duration::zero()) return;
-      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-      struct timespec timeout {};
-      timeout.tv_sec = static_cast<time_t>(ns / 1000000000);
-      timeout.tv_nsec = static_cast<long>(ns % 1000000000);
-      struct pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {pidfd, POLLIN, 0}};
-      const int n = ::ppoll(fds, pidfd >= 0 ? 2 : 1, &timeout, nullptr);
-      if (n < 0 && errno != EINTR) return;
-      if (n > 0 && pidfd >= 0 && fds[1].revents != 0) return;
-      if (n > 0 && (fds[0].revents & POLLIN) != 0 && !interrupted_.load()) {
-        drain_wake_fd();  // a stale wakeup (interrupt() raced with clear_interrupt())
-      }
-    }
-  }
-
   //! One attempt, plus a second one that takes over from a holder proven dead.
-  bool attempt(int wake_fd) {
-    if (try_once(wake_fd, {})) return true;
-    if (interrupted_.load()) return false;
+  bool attempt(Interrupter* interrupter) {
+    if (try_once(interrupter, {})) return true;
+    if (interrupter != nullptr && interrupter->interrupted()) return false;
     if (last_holder_pid_ > 0 && options_.fast_local_failover &&
         detail::process_is_gone(last_holder_pid_)) {
       const std::string dead = last_holder_;
-      return try_once(wake_fd, dead);
+      return try_once(interrupter, dead);
     }
     return false;
   }
 
-  bool try_once(int wake_fd, const std::string& dead_holder) {
+  bool try_once(Interrupter* interrupter, const std::string& dead_holder) {
     last_pttl_ = -1;
     last_holder_pid_ = 0;
     last_holder_.clear();
     auto deadline = clock::now() + cfg_.command_timeout;
-    if (!connection_.is_open()) deadline += cfg_.connect_timeout;
+    if (!session_.is_open()) deadline += cfg_.connect_timeout;
     detail::redis_reply reply;
     clock::time_point start;
-    const auto st = run_script(script::acquire, deadline, wake_fd, dead_holder, reply, start);
+    const auto st = session_.run(detail::redis_script::acquire, args(dead_holder), deadline,
+                                 interrupter, reply, start);
     if (st) {
       if (st.sent) unknown_ = true;
-      if (st.code == EINTR) {  // interrupt(), or a stale wakeup: retried by wait_acquire()
-        if (!interrupted_.load()) drain_wake_fd();
-        return false;
-      }
-      throw error("acquire the lease on", st, {});
+      if (st.code == EINTR) return false;  // interrupted: wait_acquire() returns false
+      throw failure("acquire the lease on", st, {});
     }
     if (reply->type == REDIS_REPLY_INTEGER && reply->integer > 0) {
       fence_.store(static_cast<std::uint64_t>(reply->integer));
@@ -539,178 +492,21 @@ class RedisBackend final : public Backend {
       }
       return false;
     }
-    if (reply->type == REDIS_REPLY_ERROR) throw server_error("acquire the lease on", reply.get());
+    if (reply->type == REDIS_REPLY_ERROR)
+      throw detail::redis_server_failure("acquire the lease on", where(), reply.get());
     throw lock_error("acquire the lease on", target(),
                      std::make_error_code(std::errc::protocol_error),
                      "unexpected reply to the acquire script");
   }
 
-  //! Runs one of the scripts: EVALSHA, or EVAL after NOSCRIPT (or when SCRIPT LOAD was
-  //! refused). Connects first if needed. `start` is set to the time just before the script
-  //! was sent. Returns a failure status; else `reply` is the answer (maybe an error reply).
-  detail::redis_status run_script(script which, clock::time_point deadline, int wake_fd,
-                                  std::string_view steal, detail::redis_reply& reply,
-                                  clock::time_point& start) {
-    if (!connection_.is_open()) {
-      if (auto st = connect(deadline, wake_fd); st) return st;
-    }
-    std::string_view body;
-    const std::string* sha = nullptr;
-    switch (which) {
-      case script::acquire:
-        body = detail::redis_acquire_script;
-        sha = &sha_acquire_;
-        break;
-      case script::renew:
-        body = detail::redis_renew_script;
-        sha = &sha_renew_;
-        break;
-      case script::release:
-        body = detail::redis_release_script;
-        sha = &sha_release_;
-        break;
-    }
-    bool by_sha = !sha->empty();
-    // EVALSHA sha numkeys key fence token ttl [steal quarantine]: the longest command sent.
-    static_assert(9 <= detail::redis_command::capacity, "redis_command is too small");
-    for (;;) {
-      detail::redis_command command;
-      if (by_sha) {
-        command << "EVALSHA" << *sha;
-      } else {
-        command << "EVAL" << body;
-      }
-      command << "2" << cfg_.key << fence_key_ << token_ << ttl_text_;
-      if (which == script::acquire)
-        command << steal << (options_.quarantine_after_data_loss ? "1" : "0");
-      start = clock::now();
-      auto st = connection_.exchange(&command, 1, &reply, deadline, wake_fd);
-      if (st) return st;
-      if (reply->type != REDIS_REPLY_ERROR) return st;
-      const std::string_view text(reply->str, reply->len);
-      if (by_sha && text.substr(0, 8) == "NOSCRIPT") {
-        by_sha = false;  // flushed (SCRIPT FLUSH): EVAL caches it again
-        continue;
-      }
-      if (is_auth_error(reply.get())) connection_.close();
-      return st;
-    }
+  detail::redis_script_args args(std::string_view steal) const noexcept {
+    return {cfg_.key, fence_key_, token_, ttl_text_, steal, options_.quarantine_after_data_loss};
   }
 
-  static bool is_auth_error(const redisReply* reply) {
-    const std::string_view text(reply->str, reply->len);
-    return text.substr(0, 6) == "NOAUTH" || text.substr(0, 9) == "WRONGPASS" ||
-           text.substr(0, 6) == "NOPERM";
-  }
-
-  //! Connects, authenticates, selects the database, names the connection and loads the
-  //! scripts: one round trip after the TCP handshake.
-  detail::redis_status connect(clock::time_point deadline, int wake_fd) {
-    const auto connect_deadline = std::min(deadline, clock::now() + cfg_.connect_timeout);
-    auto st = connection_.connect(url_, connect_deadline, wake_fd);
-    if (st) {
-      st.why = "cannot connect: " + st.why;
-      return st;
-    }
-    const std::string db = std::to_string(url_.db);
-    const std::string name = fmt::format("workerlock:{}", ::getpid());
-    detail::redis_command commands[6];
-    std::size_t n = 0;
-    int auth_index = -1;
-    if (!url_.password.empty()) {
-      auth_index = static_cast<int>(n);
-      commands[n] << "AUTH";
-      if (!url_.username.empty()) commands[n] << url_.username;
-      commands[n++] << url_.password;
-    }
-    int select_index = -1;
-    if (url_.db != 0) {
-      select_index = static_cast<int>(n);
-      commands[n++] << "SELECT" << db;
-    }
-    commands[n++] << "CLIENT"
-                  << "SETNAME" << name;
-    const std::size_t first_script = n;
-    commands[n++] << "SCRIPT"
-                  << "LOAD" << detail::redis_acquire_script;
-    commands[n++] << "SCRIPT"
-                  << "LOAD" << detail::redis_renew_script;
-    commands[n++] << "SCRIPT"
-                  << "LOAD" << detail::redis_release_script;
-    detail::redis_reply replies[6];
-    st = connection_.exchange(commands, n, replies, deadline, wake_fd);
-    if (st) {
-      st.sent = false;  // nothing of the lease was sent yet
-      st.why = "cannot set up the connection: " + st.why;
-      return st;
-    }
-    for (std::size_t i = 0; i < n; ++i) {
-      const redisReply* r = replies[i].get();
-      if (r->type != REDIS_REPLY_ERROR) continue;
-      const std::string text(r->str, r->len);
-      detail::redis_status failure;
-      failure.code = EACCES;
-      if (static_cast<int>(i) == auth_index) {
-        failure.why = text.find("without any password configured") != std::string::npos
-                          ? "the URL has a password but the server has none configured: " + text
-                          : "the server refused the user name or password: " + text;
-      } else if (text.substr(0, 6) == "NOAUTH") {
-        failure.why =
-            "the server requires a password: give it in the URL (redis://:PASSWORD@host:port) "
-            "or in RedisOptions::password (" +
-            text + ")";
-      } else if (static_cast<int>(i) == select_index) {
-        failure.code = EINVAL;
-        failure.bad_configuration = true;
-        failure.why = "the server refused the database number: " + text;
-      } else {
-        continue;  // CLIENT SETNAME or SCRIPT LOAD refused (ACL): run by EVAL instead
-      }
-      connection_.close();
-      return failure;
-    }
-    std::string* shas[3] = {&sha_acquire_, &sha_renew_, &sha_release_};
-    for (std::size_t i = 0; i < 3; ++i) {
-      const redisReply* r = replies[first_script + i].get();
-      shas[i]->assign(r->type == REDIS_REPLY_STRING ? std::string(r->str, r->len) : std::string());
-    }
-    return {};
-  }
-
-  lock_error error(const char* operation, const detail::redis_status& st,
-                   clock::time_point until) const {
-    std::string why = st.why;
-    if (st.code == ETIMEDOUT) {
-      why = until != clock::time_point{}
-                ? fmt::format(
-                      "{}: within command_timeout ({} ms) or before the lease ran out, "
-                      "whichever came first",
-                      why, cfg_.command_timeout.count())
-                : fmt::format("{}: connect_timeout {} ms, command_timeout {} ms", why,
-                              cfg_.connect_timeout.count(), cfg_.command_timeout.count());
-    }
-    // A renewal that got no answer before the lease ran out: the lease is lost. One that timed
-    // out after command_timeout while the lease is still valid is only a timeout (ETIMEDOUT).
-    auto code = std::error_code(st.code, std::system_category());
-    if (st.code == ETIMEDOUT && until != clock::time_point{} && clock::now() >= until)
-      code = make_error_code(errc::lease_lost);
-    if (st.bad_configuration) code = make_error_code(errc::bad_configuration);
-    return lock_error(operation, target(), code, why);
-  }
-
-  lock_error server_error(const char* operation, const redisReply* reply) const {
-    const std::string text(reply->str, reply->len);
-    int code = EIO;
-    std::string why = "the server answered: " + text;
-    if (is_auth_error(reply)) {
-      code = EACCES;
-    } else if (text.substr(0, 8) == "READONLY") {
-      why += " (this server is a read-only replica; point the URL at the master)";
-      code = EROFS;
-    } else if (text.substr(0, 3) == "OOM") {
-      code = ENOMEM;
-    }
-    return lock_error(operation, target(), std::error_code(code, std::system_category()), why);
+  lock_error failure(const char* operation, const detail::redis_status& st,
+                     clock::time_point renewing_until) const {
+    return detail::redis_failure(operation, where(), st, renewing_until, cfg_.connect_timeout,
+                                 cfg_.command_timeout);
   }
 
   RedisOptions options_;  // as given (URL from the environment filled in)
@@ -721,15 +517,10 @@ class RedisBackend final : public Backend {
   std::string fence_key_;
   std::string ttl_text_;
 
-  detail::redis_connection connection_;
-  std::string sha_acquire_;
-  std::string sha_renew_;
-  std::string sha_release_;
+  detail::redis_session session_;
   std::string token_;
 
   detail::process_stamp stamp_;  // the process whose hold and connection these are
-  int wake_fd_ = -1;
-  std::atomic<bool> interrupted_{false};
   std::atomic<bool> held_{false};
   std::atomic<std::uint64_t> fence_{0};
   std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};

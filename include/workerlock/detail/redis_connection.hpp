@@ -8,9 +8,9 @@
 // deadline go through ppoll() (microsecond-exact); before that a plain blocking recv() with
 // SO_RCVTIMEO at least 10 ms short of the deadline (one system call less per command, so an
 // acquire+release costs the same 4 system calls as hiredis's SET NX + DEL). An interruptible
-// exchange always waits in ppoll() on the socket and the wake descriptor. Host names are
-// resolved with getaddrinfo(), which the connect deadline does not bound (resolv.conf's own
-// timeouts apply).
+// exchange always waits in the Coordinator's Interrupter (ppoll() on the socket and its eventfd).
+// Host names are resolved with getaddrinfo(), which the connect deadline does not bound
+// (resolv.conf's own timeouts apply).
 #pragma once
 
 #include <fcntl.h>
@@ -20,9 +20,9 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -35,6 +35,7 @@
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
 
+#include "../interrupter.hpp"
 #include "fork_layer.hpp"
 #include "posix.hpp"
 #include "redis_url.hpp"
@@ -58,31 +59,6 @@ struct redis_status {
   bool bad_configuration = false;  // the server refused a setting of ours (the database)
   explicit operator bool() const noexcept { return code != 0; }
 };
-
-enum class redis_ready { yes, timeout, interrupted, error };
-
-//! Waits until `fd` has `events`, `deadline` passes, or `wake_fd` (if >= 0) becomes readable.
-inline redis_ready redis_wait_fd(int fd, short events, redis_clock::time_point deadline,
-                                 int wake_fd, int& error) {
-  for (;;) {
-    const auto left = deadline - redis_clock::now();
-    if (left <= redis_clock::duration::zero()) return redis_ready::timeout;
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-    struct timespec timeout {};
-    timeout.tv_sec = static_cast<time_t>(ns / 1000000000);
-    timeout.tv_nsec = static_cast<long>(ns % 1000000000);
-    struct pollfd fds[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
-    const int n = ::ppoll(fds, wake_fd >= 0 ? 2 : 1, &timeout, nullptr);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      error = errno;
-      return redis_ready::error;
-    }
-    if (n == 0) continue;  // re-check the deadline
-    if (wake_fd >= 0 && (fds[1].revents & POLLIN) != 0) return redis_ready::interrupted;
-    if (fds[0].revents != 0) return redis_ready::yes;  // POLLERR/POLLHUP surface in the call
-  }
-}
 
 //! One RESP command of up to `capacity` arguments, referring to caller-owned strings. One
 //! more argument is not stored: the command is marked `overflowed`, and exchange() refuses to
@@ -179,7 +155,8 @@ class redis_connection {
     reader_ = nullptr;
   }
 
-  redis_status connect(const redis_url& url, redis_clock::time_point deadline, int wake_fd) {
+  redis_status connect(const redis_url& url, redis_clock::time_point deadline,
+                       Interrupter* interrupter) {
     close();
     redis_status st;
     reader_ = redisReaderCreate();
@@ -193,7 +170,7 @@ class redis_connection {
       address.sun_family = AF_UNIX;
       std::memcpy(address.sun_path, url.socket_path.c_str(), url.socket_path.size() + 1);
       st = connect_to(AF_UNIX, reinterpret_cast<const sockaddr*>(&address), sizeof address,
-                      deadline, wake_fd);
+                      deadline, interrupter);
       if (st) st.why = fmt::format("socket {}: {}", url.socket_path, st.why);
     } else {
       addrinfo hints{};
@@ -212,7 +189,7 @@ class redis_connection {
       st.code = EHOSTUNREACH;
       st.why = "no address";
       for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
-        st = connect_to(a->ai_family, a->ai_addr, a->ai_addrlen, deadline, wake_fd);
+        st = connect_to(a->ai_family, a->ai_addr, a->ai_addrlen, deadline, interrupter);
         if (!st || st.code == ETIMEDOUT || st.code == EINTR) break;
       }
       ::freeaddrinfo(found);
@@ -239,10 +216,10 @@ class redis_connection {
   }
 
   //! Sends `n` commands at once (a pipeline) and reads their `n` replies, by `deadline`.
-  //! wake_fd >= 0 makes the exchange end early (EINTR) when it becomes readable.
+  //! With an `interrupter`, its interrupt() ends the exchange early (EINTR).
   //! On any failure the connection is closed: a late reply would be taken for the next one.
   redis_status exchange(const redis_command* commands, std::size_t n, redis_reply* replies,
-                        redis_clock::time_point deadline, int wake_fd) {
+                        redis_clock::time_point deadline, Interrupter* interrupter) {
     redis_status st;
     for (std::size_t i = 0; i < n; ++i) {
       if (commands[i].overflowed) {  // a bug of the caller: nothing is sent
@@ -269,7 +246,7 @@ class redis_connection {
       }
       if (wrote < 0 && errno == EINTR) continue;
       if (wrote < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        if (!wait(POLLOUT, deadline, wake_fd, st)) return fail(st);
+        if (!wait(POLLOUT, deadline, interrupter, st)) return fail(st);
         continue;
       }
       st.code = errno == EPIPE ? ECONNRESET : errno;
@@ -291,11 +268,11 @@ class redis_connection {
         }
         char buffer[16384];
         ssize_t got = -1;
-        if (wake_fd < 0 && bound_receive_timeout(deadline)) {
+        if (interrupter == nullptr && bound_receive_timeout(deadline)) {
           got = ::recv(fd_, buffer, sizeof buffer, 0);  // blocks at most SO_RCVTIMEO
         } else {
           // Interruptible, or close to the deadline: ppoll() is exact to the microsecond.
-          if (!wait(POLLIN, deadline, wake_fd, st)) return fail(st);
+          if (!wait(POLLIN, deadline, interrupter, st)) return fail(st);
           got = ::recv(fd_, buffer, sizeof buffer, MSG_DONTWAIT);
         }
         if (got > 0) {
@@ -322,7 +299,7 @@ class redis_connection {
 
  private:
   redis_status connect_to(int family, const sockaddr* address, socklen_t length,
-                          redis_clock::time_point deadline, int wake_fd) {
+                          redis_clock::time_point deadline, Interrupter* interrupter) {
     redis_status st;
     set_socket(family);
     if (fd_ < 0) {
@@ -336,7 +313,7 @@ class redis_connection {
       st.why = explain_connect(errno);
       return st;
     }
-    if (!wait(POLLOUT, deadline, wake_fd, st)) return st;
+    if (!wait(POLLOUT, deadline, interrupter, st)) return st;
     int error = 0;
     socklen_t size = sizeof error;
     if (::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &error, &size) != 0) error = errno;
@@ -363,21 +340,25 @@ class redis_connection {
     }
   }
 
-  bool wait(short events, redis_clock::time_point deadline, int wake_fd, redis_status& st) {
-    int error = 0;
-    switch (redis_wait_fd(fd_, events, deadline, wake_fd, error)) {
-      case redis_ready::yes:
+  //! Waits for `events` on the socket until `deadline`: through `interrupter` when there is
+  //! one (then interrupt() ends the wait: EINTR), else uninterruptibly.
+  bool wait(short events, redis_clock::time_point deadline, Interrupter* interrupter,
+            redis_status& st) {
+    const WaitResult result = interrupter != nullptr ? interrupter->wait(fd_, events, deadline)
+                                                     : wait_ready(fd_, events, deadline);
+    switch (result) {
+      case WaitResult::ready:
         return true;
-      case redis_ready::timeout:
+      case WaitResult::timed_out:
         st.code = ETIMEDOUT;
         st.why = "no answer in time";
         return false;
-      case redis_ready::interrupted:
+      case WaitResult::interrupted:
         st.code = EINTR;
         st.why = "interrupted";
         return false;
-      case redis_ready::error:
-        st.code = error;
+      case WaitResult::error:
+        st.code = errno;
         st.why = "poll failed";
         return false;
     }

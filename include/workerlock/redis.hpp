@@ -5,17 +5,10 @@
 // the workerlock::redis target. This is the only workerlock header that includes hiredis, and
 // workerlock.hpp does not include it.
 //
-// THE LEASE
-//   key           = RedisOptions::key, holding the token of the current holder, PX ttl.
-//   <key>:fence   = the last fencing token handed out (no expiry).
-//   token         = 128 random bits (getrandom) : boot id : pid namespace : pid : host name,
-//                   new for every hold, so a stale renewal or release of an earlier hold can
-//                   never touch a later one.
-//   acquire       = ONE round trip: EVALSHA of a script doing SET key token NX PX ttl and, on
-//                   success, INCR <key>:fence, returning the fencing token; on failure it
-//                   returns the remaining PTTL and the holder's token instead, so a standby
-//                   sleeps exactly until the lease can end. EVAL when Redis answers NOSCRIPT.
-//   renew         = compare-then-PEXPIRE script, release = compare-then-DEL script.
+// THE LEASE (the protocol in detail: detail/redis_lease.hpp)
+//   The key holds the holder's token for ttl; acquire is one round trip (a Lua script doing
+//   SET NX PX and INCR <key>:fence for the fencing token), renew and release compare the token
+//   first. A standby sleeps until the lease it saw ends, or until a holder on this host dies.
 //
 // SELF-DEMOTION: THE ARITHMETIC
 //   T = ttl, D = drift_margin, V = verify_interval, C = command_timeout.
@@ -35,9 +28,7 @@
 //   Checked by prepare(): V + C <= T - D, so a renewal started on schedule always ends
 //   (success or timeout) before the lease does. Defaults: V = T/3, C = min(T/5, 2 s),
 //   poll_interval = min(T/10, 1 s); with T = 10 s: V = 3.33 s, C = 2 s, D = 1.002 s, so
-//   V + C = 5.33 s <= T - D = 8.998 s: a holder whose first renewal fails is demoted by
-//   s + 5.33 s, 4.6 s before Redis can hand the key to anybody (s + 10 s); with T = 1 s
-//   (V = 333 ms, C = 200 ms, D = 102 ms): by s + 533 ms, 467 ms before.
+//   V + C = 5.33 s <= T - D = 8.998 s.
 //   ALL PARTICIPANTS OF ONE KEY MUST USE THE SAME TTL.
 //   valid_until() publishes s + T - D (an atomic, readable from any thread and from signal
 //   handlers; time_point::min() while nothing is held), and Coordinator::role() reads
@@ -59,35 +50,20 @@
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up
 //   believing it is primary: nothing on this host can prevent that, since its next check
-//   runs only when it runs. fencing_token() grows with every new hold; pass it with every
-//   write to downstream storage, and have the storage reject a token lower than the highest
-//   it has seen. That is the only protection against a paused holder.
-//   Tokens stay increasing when Redis loses its data (a restart without persistence,
-//   FLUSHALL): a missing <key>:fence is re-created from Redis's TIME in microseconds, which is
-//   larger than every earlier token as long as Redis's wall clock does not step backwards.
+//   runs only when it runs. fencing_token() grows with every new hold, also across a loss of
+//   Redis's data; pass it with every write to downstream storage, and have the storage reject
+//   a token lower than the highest it has seen. That is the only protection against a paused
+//   holder.
 //
-// QUARANTINE AFTER DATA LOSS (RedisOptions::quarantine_after_data_loss, default true)
-//   When <key>:fence is missing, Redis has lost its data (or the key is new): a holder from
-//   before may still trust its lease for up to T. The acquire script then keeps everybody
-//   out for one ttl (it sets key = "workerlock-quarantine" PX ttl), which is Redlock's
-//   "delayed restart" done by the lock itself. So a brand-new key, or the first election
-//   after Redis restarted without persistence, promotes nobody for one ttl.
+// QUARANTINE AFTER DATA LOSS (RedisOptions::quarantine_after_data_loss, default true): when
+//   Redis lost its data (or the key is new), nobody is promoted for one ttl, so that a holder
+//   from before cannot overlap the next one. So a brand-new key waits one ttl too.
 //
-// FAST FAILOVER ON THE SAME HOST (RedisOptions::fast_local_failover, default true)
-//   A standby reads the holder's token with every failed attempt. When the token names a
-//   process on this kernel (same /proc/sys/kernel/random/boot_id) in this pid namespace
-//   (same /proc/self/ns/pid inode) and that process no longer exists (kill(pid, 0) fails with
-//   ESRCH, or /proc/<pid>/stat says zombie), the holder is provably dead: a dead process
-//   cannot act as primary. The standby then deletes the key, if it still holds exactly that
-//   token, and takes it in the same script. It waits on a pidfd of the holder, so this takes
-//   milliseconds instead of a ttl. A reused pid only delays failover to the ttl.
-//   Not covered: standbys on other hosts (they wait for the ttl). Assumed: a process never
-//   moves to another kernel (a CRIU checkpoint restored on another machine would keep its
-//   old token while its old host sees the pid gone). Set fast_local_failover = false there.
-//   Why nothing faster for remote holders: "the holder's connection closed" does not mean
-//   "the holder stopped", since a live holder may merely be reconnecting, and it only learns
-//   of the loss at its next renewal; keyspace notifications only report the expiry the ttl
-//   already implies.
+// FAST FAILOVER ON THE SAME HOST (RedisOptions::fast_local_failover, default true): a holder
+//   on this host (same kernel, same pid namespace) whose process is gone is replaced within
+//   milliseconds instead of a ttl. Standbys on other hosts wait for the ttl: a closed
+//   connection does not prove a holder stopped. Set it to false where a process may move to
+//   another kernel (a CRIU checkpoint restored elsewhere).
 //
 // LIMITS
 //   - One Redis server. With replicas and failover (Sentinel, Cluster), a SET acknowledged by
@@ -109,11 +85,11 @@
 //     T - D - C of the acquisition (verify_interval() then returns 0 and the renewal starts
 //     at once); a longer one loses the lease, and another process may be promoted while it
 //     still runs. on_demoted must finish within D.
-//   - No startup barrier (startup_marker_base() is empty): on_startup runs on every promotion.
+//   - No startup barrier: Coordinator::start() refuses an on_startup callback.
 //
-// I/O: every command has an absolute deadline; interrupt() ends wait_acquire() at once, even
-// in the middle of a command (whose outcome is then unknown: release() deletes the key if it
-// holds our token). See detail/redis_connection.hpp.
+// I/O: every command has an absolute deadline; the Coordinator's Interrupter ends
+// wait_acquire() at once, even in the middle of a command (whose outcome is then unknown:
+// release() deletes the key if it holds our token). See detail/redis_connection.hpp.
 #pragma once
 
 #include <poll.h>
@@ -179,11 +155,11 @@ struct RedisOptions {
 //! protocol, the timing arithmetic and the limits.
 //!
 //! Threads: driven by one thread at a time (the Coordinator's); held(), fencing_token(),
-//! lease_valid(), valid_until(), describe(), network_target(), options() and redacted_url() may be
-//! called from any thread at any time. Fork: a copy inherited through fork() (also
-//! syscall(SYS_fork) or clone() without CLONE_VM, which run no atfork handler: every check asks the
-//! kernel with getpid()) holds nothing, never sends on the parent's connection (its destructor,
-//! release() and reset() only close its own copy of the descriptor), and opens its own connection.
+//! lease_valid(), valid_until(), describe(), network_target(), options() and redacted_url()
+//! may be called from any thread at any time.
+//! Fork: a copy of the process (fork(), also syscall(SYS_fork) or clone() without CLONE_VM)
+//! holds nothing and never sends on the parent's connection: the fork layer closes its copy
+//! of the socket (at once after fork(), at its first call after a raw copy). It opens its own.
 class RedisBackend final : public Backend {
  public:
   using clock = std::chrono::steady_clock;
@@ -254,8 +230,9 @@ class RedisBackend final : public Backend {
   //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the lease
   //! ran out before it could be renewed or the renewal got no answer before valid_until();
   //! ETIMEDOUT when it got no answer within command_timeout, the lease still valid then;
-  //! with the errno (ECONNRESET, EACCES...) when the renewal failed otherwise. The
-  //! Coordinator counts that as false. Returns (or throws) by valid_until() at the latest.
+  //! with the errno (ECONNRESET, EACCES...) when the renewal failed otherwise: "cannot tell",
+  //! the Coordinator keeps the role until valid_until() and retries (see Backend). Returns
+  //! (or throws) by valid_until() at the latest.
   bool verify_held() override {
     detach_if_forked();
     if (!held_.load()) return false;
@@ -383,20 +360,7 @@ class RedisBackend final : public Backend {
       cfg_.command_timeout = std::clamp(ttl / 5, milliseconds(1), milliseconds(2000));
     if (cfg_.connect_timeout.count() == 0) cfg_.connect_timeout = cfg_.command_timeout;
 
-    std::string why;
-    if (cfg_.url.empty()) {
-      config_error_ = "no Redis URL: set RedisOptions::url or $WORKERLOCK_REDIS_URL";
-      redacted_ = "(no URL)";
-    } else if (!detail::parse_redis_url(cfg_.url, url_, why)) {
-      config_error_ = "bad Redis URL: " + why;
-      redacted_ = detail::redact_raw_url(cfg_.url);
-    } else {
-      if (!cfg_.username.empty()) url_.username = cfg_.username;
-      if (!cfg_.password.empty()) url_.password = cfg_.password;
-      redacted_ = url_.redacted();
-      if (!url_.username.empty() && url_.password.empty())
-        config_error_ = "RedisOptions::username is set without a password";
-    }
+    config_error_ = detail::read_redis_url(cfg_.url, cfg_.username, cfg_.password, url_, redacted_);
     if (config_error_.empty()) {
       if (cfg_.key.empty()) {
         config_error_ = "RedisOptions::key is empty";

@@ -1,6 +1,28 @@
 // workerlock/detail/redis_lease.hpp: the Lua scripts of a Redis lease and its tokens: who
 // holds the key, and whether that holder is a process on this host (process_identity.hpp
 // then tells whether it is gone).
+//
+// THE PROTOCOL
+//   key           = RedisOptions::key, holding the token of the current holder, PX ttl.
+//   <key>:fence   = the last fencing token handed out (no expiry).
+//   token         = 128 random bits (getrandom) : boot id : pid namespace : pid : host name,
+//                   new for every hold, so a stale renewal or release of an earlier hold can
+//                   never touch a later one.
+//   acquire       = ONE round trip: EVALSHA of a script doing SET key token NX PX ttl and, on
+//                   success, INCR <key>:fence, returning the fencing token; on failure it
+//                   returns the remaining PTTL and the holder's token instead, so a standby
+//                   sleeps exactly until the lease can end. EVAL when Redis answers NOSCRIPT.
+//   renew         = compare-then-PEXPIRE script, release = compare-then-DEL script.
+//   Fencing after data loss: a missing <key>:fence is re-created from Redis's TIME in
+//   microseconds, larger than every earlier token as long as Redis's wall clock does not step
+//   backwards. Quarantine: when <key>:fence was missing, the script sets
+//   key = "workerlock-quarantine" PX ttl instead of taking the key (Redlock's "delayed
+//   restart"), since a holder from before the loss may trust its lease for up to one ttl.
+//   Fast local failover: when the holder's token names a process of this kernel (boot id) and
+//   pid namespace (inode of /proc/self/ns/pid) that is gone (kill(pid, 0) fails with ESRCH,
+//   or /proc/PID/stat says zombie), the acquire script replaces exactly that token. A standby
+//   sleeps on the holder's pidfd, so this takes milliseconds. A reused pid only delays the
+//   failover to the ttl; a process moved to another kernel (CRIU) would defeat it.
 #pragma once
 
 #include <sys/random.h>

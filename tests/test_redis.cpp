@@ -914,6 +914,72 @@ TEST_CASE("redis: Interrupter::interrupt() ends wait_acquire() promptly, even mi
   CHECK(waiter.try_acquire());
 }
 
+TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept in <key>:startup",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("startup");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  std::atomic<int> startups{0};
+  const auto run = [&](const char* generation, workerlock::WaitMode mode) {
+    INFO("generation " << generation);
+    auto co = quiet_coordinator_options();
+    co.wait = mode;
+    co.startup_generation = generation;
+    Coordinator c(std::make_unique<RedisBackend>(o), co);
+    std::atomic<int> promotions{0};
+    c.on_startup([&] { startups.fetch_add(1); });
+    c.on_promoted([&] { promotions.fetch_add(1); });
+    c.start();
+    REQUIRE(wltest::eventually(
+        [&] {
+          c.poll();  // does nothing in WaitMode::background_thread
+          return promotions.load() == 1;
+        },
+        10s));
+    CHECK(c.wait_for_startup(0ms));
+    CHECK(server.command({"GET", key + ":startup"}) == generation);
+    c.stop();
+  };
+  run("generation-1", workerlock::WaitMode::background_thread);
+  CHECK(startups.load() == 1);
+  run("generation-1", workerlock::WaitMode::polled);  // completed: not run again
+  CHECK(startups.load() == 1);
+  run("generation-2", workerlock::WaitMode::background_thread);
+  CHECK(startups.load() == 2);
+
+  // A standby reads the record from any thread; a bad generation is refused at once.
+  RedisBackend backend(o);
+  const auto marker = backend.startup_barrier("generation-2");
+  REQUIRE(marker != nullptr);
+  CHECK(marker->completed());
+  // A child of fork() reads it on a connection of its own; the parent's stays usable.
+  const pid_t child = wltest::fork_child([&] { return marker->completed() ? 0 : 1; });
+  CHECK(wltest::wait_exit_code(child) == 0);
+  CHECK(marker->completed());
+  CHECK_FALSE(backend.startup_barrier("generation-3")->completed());
+  CHECK_THAT(marker->describe(), Catch::Contains(key + ":startup"));
+  try {
+    backend.startup_barrier("");
+    FAIL("an empty generation was accepted");
+  } catch (const lock_error& e) {
+    CHECK(e.code() == workerlock::errc::bad_configuration);
+  }
+  // A bad URL: the marker's calls throw the backend's configuration error, password hidden.
+  RedisOptions bad = o;
+  bad.url = "redis://:topsecret@127.0.0.1:notaport/0";
+  RedisBackend broken(bad);
+  const auto unreadable = broken.startup_barrier("generation-1");
+  try {
+    (void)unreadable->completed();
+    FAIL("completed() answered with a bad URL");
+  } catch (const lock_error& e) {
+    CHECK(e.code() == workerlock::errc::bad_configuration);
+    CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+  }
+}
+
 TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;

@@ -1,9 +1,8 @@
 // workerlock/redis.hpp: RedisBackend, a Coordinator backend that holds the primary role
 // through a lease on one Redis server, with fencing tokens and self-demotion.
 //
-// Needs hiredis (>= 0.14, for its RESP reply parser); link with -lhiredis, or in CMake with
-// the workerlock::redis target. This is the only workerlock header that includes hiredis, and
-// workerlock.hpp does not include it.
+// Needs hiredis (>= 0.14) and liburiparser: in CMake, link the workerlock::redis target.
+// workerlock.hpp does not include this header.
 //
 // THE LEASE (the protocol in detail: detail/redis_lease.hpp)
 //   The key holds the holder's token for ttl; acquire is one round trip (a Lua script doing
@@ -30,11 +29,8 @@
 //   poll_interval = min(T/10, 1 s); with T = 10 s: V = 3.33 s, C = 2 s, D = 1.002 s, so
 //   V + C = 5.33 s <= T - D = 8.998 s.
 //   ALL PARTICIPANTS OF ONE KEY MUST USE THE SAME TTL.
-//   valid_until() publishes s + T - D (an atomic, readable from any thread and from signal
-//   handlers; time_point::min() while nothing is held), and Coordinator::role() reads
-//   secondary from that instant on: a holder paused past its lease (SIGSTOP, a VM freeze)
-//   answers secondary the moment it runs again, before its coordinator thread has renewed
-//   (and failed) or run on_demoted.
+//   Coordinator::role() reads secondary from valid_until() on, even in a holder paused past
+//   its lease (SIGSTOP, a VM freeze) before its thread runs again.
 //
 // ERRORS
 //   lock_error, with an empty path() and target() = "<URL, password ***> key=<key>" (also
@@ -44,8 +40,7 @@
 //   ETIMEDOUT when a renewal got no answer within command_timeout while the lease was still
 //   valid; else the errno of the failure (ECONNREFUSED, EACCES for authentication, ...).
 //   Messages never show a password or any query value but db=N, even of a URL that does not
-//   parse: of such a URL they show a part only when it is what it should be (a host name, a
-//   port or database of digits, a plain socket path), since anything else may hold a password.
+//   parse (then only the parts that are what they should be: host, digits, a plain path).
 //
 // FENCING
 //   A process paused longer than the lease (GC, SIGSTOP, a VM migration, swapping) wakes up
@@ -58,6 +53,8 @@
 // QUARANTINE AFTER DATA LOSS (RedisOptions::quarantine_after_data_loss, default true): when
 //   Redis lost its data (or the key is new), nobody is promoted for one ttl, so that a holder
 //   from before cannot overlap the next one. So a brand-new key waits one ttl too.
+//
+// STARTUP BARRIER: the key <key>:startup names the generation whose on_startup completed.
 //
 // FAST FAILOVER ON THE SAME HOST (RedisOptions::fast_local_failover, default true): a holder
 //   on this host (same kernel, same pid namespace) whose process is gone is replaced within
@@ -75,17 +72,14 @@
 //     evicted key is a lost lock.
 //   - Redis expires keys by its wall clock: a step forward on the Redis host ends leases
 //     early. Keep that clock slewed (chrony/ntpd), never stepped.
-//   - Redlock (N independent masters, majority quorum) would survive a minority of Redis
-//     servers failing or restarting; it would not remove the need for fencing tokens (a
-//     paused client is the same problem) and it has no monotonic fencing token of its own,
-//     since the servers' counters disagree. Not implemented.
+//   - No Redlock (N masters, majority quorum): it would survive a minority of servers
+//     failing, but has no monotonic fencing token (the servers' counters disagree).
 //   - No TLS (rediss://), no Sentinel or Cluster discovery.
 //   - Callbacks run on the Coordinator thread, which is also the one that renews: while
 //     on_promoted or on_startup run, nothing renews. They must return within
 //     T - D - C of the acquisition (verify_interval() then returns 0 and the renewal starts
 //     at once); a longer one loses the lease, and another process may be promoted while it
 //     still runs. on_demoted must finish within D.
-//   - No startup barrier: Coordinator::start() refuses an on_startup callback.
 //
 // I/O: every command has an absolute deadline; the Coordinator's Interrupter ends
 // wait_acquire() at once, even in the middle of a command (whose outcome is then unknown:
@@ -101,6 +95,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -114,6 +109,7 @@
 #include "detail/process_identity.hpp"
 #include "detail/redis_lease.hpp"
 #include "detail/redis_session.hpp"
+#include "detail/redis_startup.hpp"
 #include "detail/redis_url.hpp"
 #include "error.hpp"
 #include "interrupter.hpp"
@@ -154,9 +150,8 @@ struct RedisOptions {
 //! Holds the primary role through a lease on a Redis key; see the top of this header for the
 //! protocol, the timing arithmetic and the limits.
 //!
-//! Threads: driven by one thread at a time (the Coordinator's); held(), fencing_token(),
-//! lease_valid(), valid_until(), describe(), network_target(), options() and redacted_url()
-//! may be called from any thread at any time.
+//! Not copyable. Threads: driven by one thread at a time (the Coordinator's); the const
+//! members but token() may be called from any thread at any time.
 //! Fork: a copy of the process (fork(), also syscall(SYS_fork) or clone() without CLONE_VM)
 //! holds nothing and never sends on the parent's connection: the fork layer closes its copy
 //! of the socket (at once after fork(), at its first call after a raw copy). It opens its own.
@@ -173,9 +168,6 @@ class RedisBackend final : public Backend {
     configure();
     token_ = detail::redis_make_token();
   }
-
-  RedisBackend(const RedisBackend&) = delete;
-  RedisBackend& operator=(const RedisBackend&) = delete;
 
   //! Releases a hold (bounded by command_timeout), closes the connection. Never throws. In a
   //! forked copy it only closes the copy's descriptors: the parent's lease stays.
@@ -319,6 +311,15 @@ class RedisBackend final : public Backend {
   //! `<URL, password ***> key=<key>`: what lock_error::target() names in this backend's errors
   //! (and in the Coordinator's about it), such as `redis://127.0.0.1:6379/0 key=app:primary`.
   std::string network_target() const override { return where(); }
+
+  //! The startup barrier's record (<key>:startup), on a connection of its own. Throws:
+  //! lock_error (errc::bad_configuration) for a generation that is empty or over 256 bytes.
+  std::unique_ptr<GenerationMarker> startup_barrier(const std::string& generation) const override {
+    return std::make_unique<detail::redis_generation_marker>(
+        detail::redis_generation_marker::settings{url_, config_error_, cfg_.key + ":startup",
+                                                  generation, where(), cfg_.connect_timeout,
+                                                  cfg_.command_timeout});
+  }
 
   //! The fencing token of the current hold (0 when not held): larger than every token of an
   //! earlier hold of this key.

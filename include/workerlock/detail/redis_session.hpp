@@ -93,17 +93,27 @@ class redis_session {
       command << "2" << args.key << args.fence_key << args.token << args.ttl;
       if (which == redis_script::acquire) command << args.steal << (args.quarantine ? "1" : "0");
       start = redis_clock::now();
-      auto st = connection_.exchange(&command, 1, &reply, deadline, interrupter);
-      if (st) return st;
-      if (reply->type != REDIS_REPLY_ERROR) return st;
-      const std::string_view text(reply->str, reply->len);
-      if (by_sha && text.substr(0, 8) == "NOSCRIPT") {
+      auto st = call(command, reply, deadline, interrupter);
+      if (!st && by_sha && reply->type == REDIS_REPLY_ERROR &&
+          std::string_view(reply->str, reply->len).substr(0, 8) == "NOSCRIPT") {
         by_sha = false;  // flushed (SCRIPT FLUSH): EVAL caches it again
         continue;
       }
-      if (is_redis_auth_error(reply.get())) connection_.close();
       return st;
     }
+  }
+
+  //! Runs one command, connecting first if needed, by `deadline`; with an `interrupter`,
+  //! its interrupt() ends it (EINTR). Returns a failure status; else `reply` is the answer.
+  redis_status call(const redis_command& command, redis_reply& reply,
+                    redis_clock::time_point deadline, Interrupter* interrupter = nullptr) {
+    if (!connection_.is_open()) {
+      if (auto st = connect(deadline, interrupter); st) return st;
+    }
+    auto st = connection_.exchange(&command, 1, &reply, deadline, interrupter);
+    if (!st && reply->type == REDIS_REPLY_ERROR && is_redis_auth_error(reply.get()))
+      connection_.close();
+    return st;
   }
 
  private:

@@ -10,7 +10,7 @@
 
 #include <fmt/format.h>
 
-#include "options.hpp"
+#include "detail/dependent_false.hpp"
 
 // The message of every refused read of a temporary Election's role (static_assert needs a
 // string literal).

@@ -25,6 +25,7 @@
 
 #include "backend.hpp"
 #include "detail/lock_file.hpp"
+#include "detail/wakeup_signal.hpp"
 #include "error.hpp"
 #include "interrupter.hpp"
 #include "options.hpp"
@@ -32,42 +33,6 @@
 #include "worker_lock.hpp"
 
 namespace workerlock {
-
-namespace detail {
-
-//! Whether `signal` may serve as the coordinator's wakeup signal: a signal number of this
-//! system other than SIGKILL and SIGSTOP (which take no handler) and the signals the kernel
-//! sends for faults (a no-op handler there would turn a crash into an endless loop).
-inline bool usable_wakeup_signal(int signal) noexcept {
-  if (signal <= 0 || signal > SIGRTMAX) return false;
-  switch (signal) {
-    case SIGKILL:
-    case SIGSTOP:
-    case SIGSEGV:
-    case SIGBUS:
-    case SIGFPE:
-    case SIGILL:
-    case SIGTRAP:
-    case SIGSYS:
-    case SIGABRT:
-      return false;
-    default:
-      return true;
-  }
-}
-
-//! "SIGRTMIN+5 (signal 39)", "SIGUSR1 (signal 10)": a signal named for log lines.
-inline std::string signal_name(int signal) {
-  if (signal >= SIGRTMIN && signal <= SIGRTMAX)
-    return fmt::format("SIGRTMIN+{} (signal {})", signal - SIGRTMIN, signal);
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
-  if (const char* abbreviation = ::sigabbrev_np(signal); abbreviation != nullptr)
-    return fmt::format("SIG{} (signal {})", abbreviation, signal);
-#endif
-  return fmt::format("signal {}", signal);
-}
-
-}  // namespace detail
 
 //! Holds the primary role through a WorkerLock on `path`. A standby sleeps in the kernel's
 //! blocking lock call; the Interrupter passed to wait_acquire() wakes it with

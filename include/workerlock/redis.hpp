@@ -102,7 +102,6 @@
 #include <utility>
 
 #include <fmt/format.h>
-#include <hiredis/hiredis.h>
 
 #include "backend.hpp"
 #include "detail/fork_layer.hpp"
@@ -247,13 +246,14 @@ class RedisBackend final : public Backend {
       unknown_ = true;
       throw failure("renew the lease on", st, until);
     }
-    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) {
+    const auto answer = detail::read_answer(reply);
+    if (answer.has_integer && answer.integer == 1) {
       set_valid_until(start + cfg_.ttl - cfg_.drift_margin);
       return true;
     }
-    if (reply->type == REDIS_REPLY_ERROR) {
+    if (answer.error) {
       unknown_ = true;
-      throw detail::redis_server_failure("renew the lease on", where(), reply.get());
+      throw detail::redis_server_failure("renew the lease on", where(), reply);
     }
     lost_ = true;  // the key expired or holds another token
     return false;
@@ -282,7 +282,7 @@ class RedisBackend final : public Backend {
         clock::time_point start;
         const auto st = session_.run(detail::redis_script::release, args(""),
                                      clock::now() + cfg_.command_timeout, nullptr, reply, start);
-        if (!st && reply->type != REDIS_REPLY_ERROR) unknown_ = false;
+        if (!st && !detail::read_answer(reply).error) unknown_ = false;
       } catch (...) {
       }
     }
@@ -439,26 +439,22 @@ class RedisBackend final : public Backend {
       if (st.code == EINTR) return false;  // interrupted: wait_acquire() returns false
       throw failure("acquire the lease on", st, {});
     }
-    if (reply->type == REDIS_REPLY_INTEGER && reply->integer > 0) {
-      fence_.store(static_cast<std::uint64_t>(reply->integer));
+    auto answer = detail::read_answer(reply);
+    if (answer.has_integer && answer.integer > 0) {
+      fence_.store(static_cast<std::uint64_t>(answer.integer));
       set_valid_until(start + cfg_.ttl - cfg_.drift_margin);
       lost_ = false;
       unknown_ = false;
       held_.store(true);
       return true;
     }
-    if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
-        reply->element[0]->type == REDIS_REPLY_INTEGER) {
-      last_pttl_ = reply->element[0]->integer;
-      const auto* holder = reply->element[1];
-      if (holder->type == REDIS_REPLY_STRING) {
-        last_holder_.assign(holder->str, holder->len);
-        last_holder_pid_ = detail::redis_local_holder(last_holder_);
-      }
+    if (answer.refused) {
+      last_pttl_ = answer.pttl;
+      last_holder_ = std::move(answer.holder);
+      last_holder_pid_ = detail::redis_local_holder(last_holder_);
       return false;
     }
-    if (reply->type == REDIS_REPLY_ERROR)
-      throw detail::redis_server_failure("acquire the lease on", where(), reply.get());
+    if (answer.error) throw detail::redis_server_failure("acquire the lease on", where(), reply);
     throw lock_error("acquire the lease on", target(),
                      std::make_error_code(std::errc::protocol_error),
                      "unexpected reply to the acquire script");

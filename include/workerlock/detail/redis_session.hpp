@@ -43,6 +43,32 @@ inline bool is_redis_auth_error(const redisReply* reply) {
          text.substr(0, 6) == "NOPERM";
 }
 
+//! What a reply says, for the backend: an error reply, an integer, or the acquire script's
+//! refusal {pttl, holder's token}.
+struct redis_answer {
+  bool error = false;
+  bool has_integer = false;
+  long long integer = 0;
+  bool refused = false;
+  long long pttl = -1;
+  std::string holder;
+};
+
+inline redis_answer read_answer(const redis_reply& reply) {
+  redis_answer answer;
+  answer.error = reply->type == REDIS_REPLY_ERROR;
+  answer.has_integer = reply->type == REDIS_REPLY_INTEGER;
+  if (answer.has_integer) answer.integer = reply->integer;
+  if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+      reply->element[0]->type == REDIS_REPLY_INTEGER) {
+    answer.refused = true;
+    answer.pttl = reply->element[0]->integer;
+    const redisReply* holder = reply->element[1];
+    if (holder->type == REDIS_REPLY_STRING) answer.holder.assign(holder->str, holder->len);
+  }
+  return answer;
+}
+
 //! One lease's connection and its loaded scripts. Driven by one thread at a time.
 class redis_session {
  public:
@@ -224,11 +250,11 @@ inline lock_error redis_failure(const char* operation, const std::string& target
 
 //! The lock_error of an error reply.
 inline lock_error redis_server_failure(const char* operation, const std::string& target,
-                                       const redisReply* reply) {
+                                       const redis_reply& reply) {
   const std::string text(reply->str, reply->len);
   int code = EIO;
   std::string why = "the server answered: " + text;
-  if (is_redis_auth_error(reply)) {
+  if (is_redis_auth_error(reply.get())) {
     code = EACCES;
   } else if (text.substr(0, 8) == "READONLY") {
     why += " (this server is a read-only replica; point the URL at the master)";

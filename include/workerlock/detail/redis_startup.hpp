@@ -83,8 +83,7 @@ class redis_generation_marker final : public GenerationMarker {
     ::pthread_mutex_unlock(&mutex_);
     if (st)
       throw redis_failure(operation, s_.target, st, {}, s_.connect_timeout, s_.command_timeout);
-    if (reply->type == REDIS_REPLY_ERROR)
-      throw redis_server_failure(operation, s_.target, reply.get());
+    if (reply->type == REDIS_REPLY_ERROR) throw redis_server_failure(operation, s_.target, reply);
     return reply;
   }
 

@@ -18,7 +18,8 @@
 //   A renewal never outlives the lease: every command of verify_held() (reconnecting
 //   included) has the deadline min(now + C, valid_until), an absolute one (see I/O), so
 //   verify_held() returns false (or throws) at valid_until at the latest, even when Redis is
-//   unreachable, stalled (CLIENT PAUSE, DEBUG SLEEP), or the network drops packets. The
+//   unreachable, stalled (CLIENT PAUSE, DEBUG SLEEP), or the network drops packets. (A
+//   renewal that fails earlier keeps the role: the Coordinator retries it until then.) The
 //   Coordinator then runs on_demoted, and Redis keeps the key for at least D more, so
 //   nobody else can be promoted before on_demoted returns, provided this process is not
 //   paused for longer than D (see FENCING) and on_demoted takes less than D.

@@ -1022,6 +1022,40 @@ TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redi
   CHECK(promoted[1] == 1);
 }
 
+TEST_CASE(
+    "redis: a renewal that fails while the lease is valid keeps the role: the Coordinator retries "
+    "on a new connection",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("keeps-role");
+  seed_fence(server, key);
+  // ttl 5 s: V = 1.67 s, C = 2.5 s, D = 0.5 s: a failed renewal leaves 2.8 s for the retry.
+  const auto o = options_for(server, key, 5000ms);
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  Coordinator c(std::make_unique<RedisBackend>(o), co);
+  int demoted = 0;
+  c.on_demoted([&] { ++demoted; });
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  const std::string token = dynamic_cast<const RedisBackend&>(c.backend()).token();
+  const std::string name = fmt::format("workerlock:{}", ::getpid());
+  // The server drops the holder's connection: its next renewal fails (cannot tell).
+  REQUIRE(server.command({"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"}) != "0");
+  const auto until = std::chrono::steady_clock::now() + 5000ms;  // three renewals
+  while (std::chrono::steady_clock::now() < until) {
+    c.poll();
+    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
+  }
+  CHECK(demoted == 0);
+  CHECK(c.role() == Role::primary);
+  CHECK(server.command({"GET", key}) == token);
+  CHECK(server.command({"CLIENT", "LIST"}).find(name) != std::string::npos);  // reconnected
+  c.stop();
+  CHECK(demoted == 1);
+}
+
 // =============================================================================================
 // Many processes
 // =============================================================================================

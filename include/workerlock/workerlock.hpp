@@ -12,10 +12,11 @@
 //     holder.hpp (lock_holder(): who holds a lock file).
 //  3. Backends, what a Coordinator holds the role through: backend.hpp (the interface),
 //     file_backend.hpp, redis.hpp, postgres.hpp, and startup_barrier.hpp.
-//  4. detail/: kernel calls (posix.hpp, lock_file.hpp, lock_handle.hpp, proc_locks.hpp,
-//     record.hpp, registry.hpp, deadline.hpp, futex_word.hpp), the fork layer
-//     (fork_layer.hpp: the one pthread_atfork registration) and process identity
-//     (process_identity.hpp: pid, /proc/PID/stat, boot id, pidfd).
+//  4. detail/: kernel calls (posix.hpp, lock_file.hpp, lock_handle.hpp, explain_errno.hpp,
+//     proc_locks.hpp, record.hpp, registry.hpp, deadline.hpp, futex_word.hpp), the fork
+//     layer (fork_layer.hpp: the one pthread_atfork registration) and process identity
+//     (process_identity.hpp: pid, /proc/PID/stat, boot id, pidfd); role_override.hpp and
+//     dependent_false.hpp are small helpers of the layers above.
 //  Vocabulary: options.hpp, log.hpp, error.hpp, role.hpp.
 //
 // Linux only: detail/posix.hpp stops the build elsewhere.

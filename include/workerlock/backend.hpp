@@ -35,10 +35,11 @@ namespace workerlock {
 //!   logged, the role is kept while steady_clock::now() < valid_until(), and the check is
 //!   retried after the backoff (at valid_until() at the latest); a check that still cannot
 //!   tell at valid_until() steps down as for false.
-//! So a hold that cannot be proven never stays primary past valid_until(). A lease must
-//! not move valid_until() on without a proof, and answers false, not a throw, when the
-//! hold may end sooner than valid_until() says (a session the server may have closed).
-//! After a throw from try_acquire() or wait_acquire(), nothing may be held.
+//! So a hold that cannot be proven never stays primary past valid_until(): a lease must
+//! override valid_until() (the default, max() while held, says "cannot expire by time
+//! alone", as a lock file's hold), must not move it on without a proof, and answers false,
+//! not a throw, when the hold may end sooner than valid_until() says (a session the server
+//! may have closed). A throw from try_acquire() or wait_acquire() is followed by reset().
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -52,10 +53,11 @@ class Backend {
   //! another one does.
   virtual bool try_acquire() = 0;
 
-  //! Waits until held (true), or until `interrupter` is interrupted (false). May return
-  //! false at any time (the Coordinator then checks for a stop and calls it again). Waits
-  //! through interrupter.wait() (a socket, a sleep), or registers an Interrupter::Kick for
-  //! a call that no descriptor can end.
+  //! Waits until held (true), or until `interrupter` is interrupted (false; a false
+  //! without an interrupt makes the Coordinator call it again at once). Waits through
+  //! interrupter.wait() (a socket, a sleep between attempts), or registers an
+  //! Interrupter::KickScope around a call that no descriptor can end. Waits that no stop
+  //! may cut short (a release, a cancel) use wait_ready() instead.
   virtual bool wait_acquire(Interrupter& interrupter) = 0;
 
   //! While held, called every verify_interval(): renews a lease or checks the lock is

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <fcntl.h>
+extern "C" {  // glibc 2.36's <sys/pidfd.h> lacks __BEGIN_DECLS: pidfd_open() would not link
 #include <sys/pidfd.h>
+}
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/utsname.h>

@@ -25,7 +25,7 @@
 #include "detail/role_machine.hpp"
 #include "detail/start_failure.hpp"
 #include "detail/stop_signal.hpp"
-#include "election.hpp"  // detail::kept_out_by_operator
+#include "detail/role_override.hpp"
 #include "error.hpp"
 #include "file_backend.hpp"
 #include "generation_marker.hpp"

@@ -1,5 +1,5 @@
 // workerlock/file_backend.hpp: FileBackend, the Coordinator's backend on a local lock
-// file: a WorkerLock whose blocking wait a signal can interrupt.
+// file: a lock handle whose blocking wait a signal can interrupt.
 #pragma once
 
 #include <fcntl.h>
@@ -24,17 +24,16 @@
 #include <fmt/format.h>
 
 #include "backend.hpp"
-#include "detail/lock_file.hpp"
+#include "detail/lock_handle.hpp"
 #include "detail/wakeup_signal.hpp"
 #include "error.hpp"
 #include "interrupter.hpp"
 #include "options.hpp"
 #include "startup_barrier.hpp"
-#include "worker_lock.hpp"
 
 namespace workerlock {
 
-//! Holds the primary role through a WorkerLock on `path`. A standby sleeps in the kernel's
+//! Holds the primary role through a lock on `path`. A standby sleeps in the kernel's
 //! blocking lock call; the Interrupter passed to wait_acquire() wakes it with
 //! `wakeup_signal`, whose handler (a no-op, installed without SA_RESTART) prepare()
 //! installs. If the host replaces that handler later (SIG_IGN, its own handler,
@@ -87,7 +86,12 @@ class FileBackend final : public Backend, private Interrupter::Kick {
       throw lock_error(operation, lock_.path(), {errno, std::system_category()});
   }
 
-  bool try_acquire() override { return note_hold(lock_.try_lock()); }
+  bool try_acquire() override {
+    detail::failure f;
+    const bool held = lock_.acquire(detail::wait_mode::try_once, f);
+    f.throw_if_failed(lock_.path());
+    return note_hold(held);
+  }
 
   //! Unblocks the wakeup signal only for the duration of the blocking call, so that the
   //! signal never interrupts the host's own system calls (in callbacks, say). While it
@@ -105,8 +109,7 @@ class FileBackend final : public Backend, private Interrupter::Kick {
       Interrupter::KickScope kick(interrupter, *this);
       ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
       if (!interrupter.interrupted()) {
-        held =
-            detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+        held = lock_.acquire(detail::wait_mode::block_interruptibly, f);
       }
       ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
     }
@@ -127,8 +130,7 @@ class FileBackend final : public Backend, private Interrupter::Kick {
   //! lock is still ours, and a lock file does not expire (valid_until() is max()), so the
   //! Coordinator keeps the role and looks again.
   bool verify_held() override {
-    const auto* s = detail::worker_lock_access::state(lock_);
-    if (s == nullptr || !s->owned) return false;
+    if (!lock_.owns_lock()) return false;
     struct stat st {};
     if (::lstat(lock_.path().c_str(), &st) != 0) {
       const int e = errno;
@@ -136,7 +138,7 @@ class FileBackend final : public Backend, private Interrupter::Kick {
       throw lock_error("check the lock file", lock_.path(), {e, std::system_category()},
                        "its path cannot be looked at; the lock is kept");
     }
-    return st.st_dev == s->dev && st.st_ino == s->ino;
+    return lock_.holds_file(st.st_dev, st.st_ino);
   }
   std::chrono::milliseconds verify_interval() const noexcept override {
     return health_check_interval_;
@@ -144,12 +146,12 @@ class FileBackend final : public Backend, private Interrupter::Kick {
 
   void release() noexcept override {
     held_in_.store(0);
-    std::error_code ignored;
-    lock_.unlock(ignored);
+    detail::failure ignored;
+    lock_.release(ignored);
   }
   void reset() noexcept override {
     release();
-    if (auto* s = detail::worker_lock_access::state(lock_)) detail::close_file(*s);
+    lock_.close();
   }
 
   bool held() const noexcept override { return lock_.owns_lock(); }
@@ -234,7 +236,7 @@ class FileBackend final : public Backend, private Interrupter::Kick {
                                             lock_.options().allow_foreign_owner);
   }
 
-  const WorkerLock& lock() const noexcept { return lock_; }
+  const detail::lock_handle& lock() const noexcept { return lock_; }
   int wakeup_signal() const noexcept { return wakeup_signal_; }
 
  private:
@@ -354,7 +356,7 @@ class FileBackend final : public Backend, private Interrupter::Kick {
     }
   }
 
-  WorkerLock lock_;
+  detail::lock_handle lock_;
   std::string stop_note_;  // <path>.stopped: the note of a whole-server stop
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;

@@ -24,7 +24,7 @@
 #include "detail/deadline.hpp"
 #include "detail/lock_file.hpp"
 #include "detail/posix.hpp"
-#include "detail/proc_stat.hpp"
+#include "detail/process_identity.hpp"
 #include "error.hpp"
 #include "generation_marker.hpp"
 

@@ -26,10 +26,6 @@
 
 namespace workerlock {
 
-namespace detail {
-struct worker_lock_access;
-}
-
 //! A handle on the advisory lock of one file. Constructing it touches nothing; the file is
 //! opened (and created 0644, never truncated) on the first lock attempt, and stays open so
 //! that re-locking costs only the lock syscall. The destructor releases the lock and closes.
@@ -214,22 +210,7 @@ class WorkerLock {
   bool inherited_across_fork() const noexcept { return handle_.inherited_across_fork(); }
 
  private:
-  friend struct detail::worker_lock_access;  // transition only, see below
   detail::lock_handle handle_;
 };
-
-namespace detail {
-//! Transition only: file_backend.hpp still reaches a WorkerLock's state through this. It goes
-//! away when FileBackend holds a detail::lock_handle, as the election does.
-struct worker_lock_access {
-  static lock_state* state(WorkerLock& lock) noexcept { return lock.handle_.state_.get(); }
-  static const lock_state* state(const WorkerLock& lock) noexcept {
-    return lock.handle_.state_.get();
-  }
-  static bool acquire(WorkerLock& lock, wait_mode mode, failure& f) noexcept {
-    return lock.handle_.acquire(mode, f);
-  }
-};
-}  // namespace detail
 
 }  // namespace workerlock

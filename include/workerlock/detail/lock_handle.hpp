@@ -23,8 +23,6 @@
 
 namespace workerlock::detail {
 
-struct worker_lock_access;
-
 //! Owns one registered lock_state. Every operation reports errors in a `failure`; the public
 //! wording (exceptions, error codes, log lines) is WorkerLock's and its users'.
 class lock_handle {
@@ -153,8 +151,6 @@ class lock_handle {
   }
 
  private:
-  friend struct worker_lock_access;  // transition only: see worker_lock.hpp
-
   //! `path` made absolute against the current directory; unchanged (and `error` set to the
   //! errno) when the current directory is unknown. An empty path stays empty.
   static std::filesystem::path make_absolute(std::filesystem::path path, int& error) {

@@ -267,34 +267,65 @@ TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
   STATIC_REQUIRE(PostgresBackend::key_for("jobs") == 1313632444998051446LL);
   STATIC_REQUIRE(PostgresBackend::key_for("") == -2417965672574310066LL);
 
-  using workerlock::detail::pg_redact_conninfo;
+  // Redaction goes through libpq's own parse (PQconninfoParse): messages show the options as
+  // libpq understood them, in keyword form and libpq's order, with every secret ***.
+  using workerlock::detail::pg_parse_conninfo;
+  using workerlock::detail::pg_scrub;
   const auto check = [](const char* in, const char* out, std::vector<std::string> secrets = {}) {
     INFO("conninfo: " << in);
-    const auto r = pg_redact_conninfo(in);
-    CHECK(r.text == out);
-    for (const auto& s : secrets)
+    const auto r = pg_parse_conninfo(in);
+    CHECK(r.parsed());
+    CHECK(r.redacted == out);
+    for (const auto& s : secrets) {
+      INFO("secret: " << s);
       CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
+      CHECK(pg_scrub("FATAL: \"" + s + "\"", r.secrets) == "FATAL: \"***\"");
+    }
   };
+  // URL form: the userinfo password, and a query password (which replaces it in libpq).
+  check("postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require",
+        "user=app password=*** dbname=app host=db.example port=5433 sslmode=require", {"s3cr@t"});
   check("postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require&password=other",
-        "postgresql://app:***@db.example:5433/app?sslmode=require&password=***",
-        {"s3cr%40t", "s3cr@t", "other"});
-  check("postgres://app@db/app", "postgres://app@db/app");
-  check("POSTGRESQL://u:p@[::1]:5432/d", "POSTGRESQL://u:***@[::1]:5432/d", {"p"});
+        "user=app password=*** dbname=app host=db.example port=5433 sslmode=require", {"other"});
+  check("postgresql://user:pw@host/db?sslpassword=keypass",
+        "user=user password=*** dbname=db host=host sslpassword=***", {"pw", "keypass"});
+  check("postgres://app@db/app", "user=app dbname=app host=db");
+  check("postgresql://u:p4ss@[::1]:5432/d", "user=u password=*** dbname=d host=::1 port=5432",
+        {"p4ss"});
   check("postgresql://", "postgresql://");
+  check("postgresql://%2Ftmp%2Fpg%20sock/db", "dbname=db host='/tmp/pg sock'");
+  // Keyword form, with quoted values (the redacted text quotes what needs it).
   check("host=db port=5432 password=topsecret dbname=app",
-        "host=db port=5432 password=*** dbname=app", {"topsecret"});
-  check("host = db  password = 'it\\'s secret' user=x", "host=db password=*** user=x",
+        "password=*** dbname=app host=db port=5432", {"topsecret"});
+  check("host = db  password = 'it\\'s secret' user=x", "user=x password=*** host=db",
         {"it's secret"});
-  check("dbname='postgresql://u:pw@h/d' host=x", "dbname='postgresql://u:***@h/d' host=x", {"pw"});
-  check("host=db password", "host=db <the rest does not parse>");
-  check("password='unterminated", "password=*** <unterminated quoted string>");
+  check("host=db application_name='my app' options='-c search_path=a\\\\b'",
+        "host=db options='-c search_path=a\\\\b' application_name='my app'");
+  check("host=db password=''", "password=*** host=db");
+  // A dbname that is a connection string is redacted the same way.
+  check("dbname='postgresql://u:pw@h/d' host=x",
+        "dbname='user=u password=*** dbname=d host=h' host=x", {"pw"});
 
-  CHECK(workerlock::detail::pg_scrub("FATAL:  password \"topsecret\" bad\n\tline two\n",
-                                     {"topsecret"}) == "FATAL: password \"***\" bad line two");
-  CHECK(workerlock::detail::pg_scrub(
-            "server closed the connection unexpectedly\n\tThis probably means the server "
-            "terminated abnormally\n\tbefore or while processing the request.\n",
-            {}) ==
+  // A string that does not parse is never shown, nor any quoted part of libpq's reason.
+  for (const char* bad : {"host=db password", "password='secret", "password=my secret",
+                          "postgresql://u:topsecret@[::1/db", "postgresql://u:top%zzsecret@h/db",
+                          "postgresql://u:pw@h/db?password=top=secret",
+                          "POSTGRESQL://u:secret@h/d"}) {  // libpq's scheme is lower case
+    INFO("conninfo: " << bad);
+    const auto r = pg_parse_conninfo(bad);
+    CHECK_FALSE(r.parsed());
+    CHECK(r.redacted == workerlock::detail::pg_unparsed_conninfo);
+    CHECK_FALSE(r.error.empty());
+    CHECK_THAT(r.error, !Catch::Contains("secret") && !Catch::Contains("\n"));
+  }
+  CHECK(pg_parse_conninfo("password=my secret").error ==
+        "missing \"=\" after \"***\" in connection info string");
+
+  CHECK(pg_scrub("FATAL:  password \"topsecret\" bad\n\tline two\n", {"topsecret"}) ==
+        "FATAL: password \"***\" bad line two");
+  CHECK(pg_scrub("server closed the connection unexpectedly\n\tThis probably means the server "
+                 "terminated abnormally\n\tbefore or while processing the request.\n",
+                 {}) ==
         "server closed the connection unexpectedly; This probably means the server terminated "
         "abnormally before or "
         "while processing the request.");
@@ -304,27 +335,26 @@ TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
   PostgresBackend named(o);
   CHECK(named.key() == PostgresBackend::key_for("primary"));
   CHECK(named.describe() ==
-        "postgres=host=db.example user=app password=*** lock=primary key=9204049115472362304");
-  CHECK(named.redacted_conninfo() == "host=db.example user=app password=***");
+        "postgres=user=app password=*** host=db.example lock=primary key=9204049115472362304");
+  CHECK(named.redacted_conninfo() == "user=app password=*** host=db.example");
   CHECK_FALSE(named.held());
   CHECK(named.fencing_token() == 0);
   CHECK(named.verify_interval() == 1000ms);
   o.key = -42;
   PostgresBackend keyed(o);
   CHECK(keyed.key() == -42);
-  CHECK(keyed.describe() == "postgres=host=db.example user=app password=*** key=-42");
+  CHECK(keyed.describe() == "postgres=user=app password=*** host=db.example key=-42");
 }
 
 TEST_CASE(
     "postgres: sslpassword and every password-like option libpq has are redacted, and all of a "
     "password with '@'",
     "[postgres]") {
-  using workerlock::detail::pg_redact_conninfo;
   const auto check = [](const std::string& in, const std::string& out,
                         std::vector<std::string> secrets) {
     INFO("conninfo: " << in);
-    const auto r = pg_redact_conninfo(in);
-    CHECK(r.text == out);
+    const auto r = workerlock::detail::pg_parse_conninfo(in);
+    CHECK(r.redacted == out);
     for (const auto& s : secrets) {
       INFO("secret: " << s);
       CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
@@ -339,12 +369,18 @@ TEST_CASE(
   };
   check("host=db sslpassword=secret7", "host=db sslpassword=***", {"secret7"});
   check("postgresql://db/app?sslpassword=secret8&sslmode=require",
-        "postgresql://db/app?sslpassword=***&sslmode=require", {"secret8"});
+        "dbname=app host=db sslmode=require sslpassword=***", {"secret8"});
   check("dbname='host=db sslpassword=secret9'", "dbname='host=db sslpassword=***'", {"secret9"});
-  // An unencoded '@' in the password: libpq takes "ret12@h" for the host.
-  check("postgresql://u:sec@ret12@h/db", "postgresql://u:***@h/db", {"sec", "ret12", "sec@ret12"});
+  // An unencoded '@' in the password: libpq stops the password at the first '@' and takes
+  // the rest for the host ("ret12@h"), or for host and port; masked up to the last '@'.
+  check("postgresql://u:sec@ret12@h/db", "user=u password=*** dbname=db host=***@h",
+        {"sec", "ret12"});
   check("postgresql://u:aa1@bb2@cc3@h:5432/db?sslmode=disable",
-        "postgresql://u:***@h:5432/db?sslmode=disable", {"aa1", "bb2", "cc3", "aa1@bb2@cc3"});
+        "user=u password=*** dbname=db host=***@h port=5432 sslmode=disable", {"aa1", "bb2@cc3"});
+  check("postgresql://u:sec@ret:12@h/db", "user=u password=*** dbname=db host=ret port=***",
+        {"sec", "12@h"});
+  // An unencoded '/': libpq sees no password at all, but host "u", port "a", dbname "b@h/db".
+  check("postgresql://u:pass1/word2@h/db", "dbname=***@h/db host=u port=***", {"pass1", "word2"});
 
   // Every option libpq displays as a password (dispchar "*"), in both forms.
   PQconninfoOption* options = PQconndefaults();
@@ -354,9 +390,13 @@ TEST_CASE(
     if (opt->dispchar == nullptr || std::string(opt->dispchar) != "*") continue;
     ++secret_options;
     const std::string kw = opt->keyword;
-    check("host=db " + kw + "=secret10", "host=db " + kw + "=***", {"secret10"});
-    check("postgresql://db/app?" + kw + "=secret11", "postgresql://db/app?" + kw + "=***",
-          {"secret11"});
+    const auto keywords = workerlock::detail::pg_parse_conninfo("host=db " + kw + "=secret10");
+    CHECK(keywords.redacted.find(kw + "=***") != std::string::npos);
+    check("host=db " + kw + "=secret10", keywords.redacted, {"secret10"});
+    const auto url =
+        workerlock::detail::pg_parse_conninfo("postgresql://db/app?" + kw + "=secret11");
+    CHECK(url.redacted.find(kw + "=***") != std::string::npos);
+    check("postgresql://db/app?" + kw + "=secret11", url.redacted, {"secret11"});
   }
   PQconninfoFree(options);
   CHECK(secret_options >= 2);  // password and sslpassword
@@ -365,7 +405,8 @@ TEST_CASE(
   PostgresOptions o;
   o.conninfo = "postgresql://postgres:sec@ret12@nonexistent.invalid/postgres";
   PostgresBackend backend(o);
-  CHECK(backend.redacted_conninfo() == "postgresql://postgres:***@nonexistent.invalid/postgres");
+  CHECK(backend.redacted_conninfo() ==
+        "user=postgres password=*** dbname=postgres host=***@nonexistent.invalid");
   try {
     backend.try_acquire();
     FAIL("try_acquire() did not throw");
@@ -419,7 +460,7 @@ TEST_CASE(
   o.conninfo = "postgresql://u:topsecret@h/postgres?nosuch=1";
   expect_error(o, "invalid URI query parameter");
   o.conninfo = "hostx=db password=topsecret";
-  expect_error(o, "invalid connection option \"hostx\"");
+  expect_error(o, "invalid connection option \"***\"");  // it could be part of a password
   o.conninfo = "host=db password='topsecret";
   expect_error(o, "unterminated quoted string");
 
@@ -444,7 +485,8 @@ TEST_CASE(
   {
     PostgresBackend backend(PostgresOptions{});
     CHECK(backend.options().conninfo == "postgresql://app:topsecret@10.1.2.3:7777/app");
-    CHECK(backend.redacted_conninfo() == "postgresql://app:***@10.1.2.3:7777/app");
+    CHECK(backend.redacted_conninfo() ==
+          "user=app password=*** dbname=app host=10.1.2.3 port=7777");
     CHECK_NOTHROW(backend.prepare());
   }
   if (saved != nullptr) {
@@ -506,7 +548,11 @@ TEST_CASE(
   never_primary(o, std::errc::permission_denied, "no password supplied");
 
   o.conninfo = fmt::format("postgresql://postgres:topsecret@127.0.0.1:notaport/postgres");
-  never_primary(o, std::errc::io_error, "invalid integer value \"notaport\"", "topsecret");
+  // A port that is not a number may be a piece of a password (postgresql://u:sec@ret:12@h):
+  // libpq's message quotes it, masked.
+  const char* bad_port = "invalid integer value \"***\" for connection option \"port\"";
+  never_primary(o, std::errc::io_error, bad_port, "topsecret");
+  never_primary(o, std::errc::io_error, bad_port, "notaport");
 
   o.conninfo = "host=nonexistent.invalid dbname=postgres user=postgres password=topsecret";
   never_primary(o, std::errc::host_unreachable, "could not translate host name", "topsecret");
@@ -1703,7 +1749,7 @@ TEST_CASE(
   o.verify_interval = 5ms;
   {
     PostgresBackend backend(o);
-    CHECK(backend.network_target() == "host=db password=*** lock=primary key=9204049115472362304");
+    CHECK(backend.network_target() == "password=*** host=db lock=primary key=9204049115472362304");
     try {
       backend.prepare();
       FAIL("prepare() did not throw");
@@ -1721,7 +1767,7 @@ TEST_CASE(
   o.key = 4711;
   PostgresBackend backend(o);
   CHECK(backend.network_target() ==
-        fmt::format("host=127.0.0.1 port={} user=postgres password=*** key=4711", port));
+        fmt::format("user=postgres password=*** host=127.0.0.1 port={} key=4711", port));
   try {
     backend.try_acquire();
     FAIL("try_acquire() did not throw");

@@ -36,6 +36,7 @@
 #include <libpq-fe.h>
 
 #include "backend.hpp"
+#include "detail/pg_conninfo.hpp"
 #include "detail/posix.hpp"
 #include "error.hpp"
 
@@ -129,255 +130,6 @@ struct PostgresOptions {
 class PostgresBackend;
 
 namespace detail {
-
-inline bool pg_starts_with_ci(std::string_view text, std::string_view prefix) noexcept {
-  if (text.size() < prefix.size()) return false;
-  for (std::size_t i = 0; i < prefix.size(); ++i) {
-    if (std::tolower(static_cast<unsigned char>(text[i])) != prefix[i]) return false;
-  }
-  return true;
-}
-
-inline bool pg_is_url(std::string_view conninfo) noexcept {
-  return pg_starts_with_ci(conninfo, "postgresql://") || pg_starts_with_ci(conninfo, "postgres://");
-}
-
-inline int pg_hex_digit(char c) noexcept {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-inline std::string pg_percent_decode(std::string_view text) {
-  std::string out;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (text[i] == '%' && i + 2 < text.size() && pg_hex_digit(text[i + 1]) >= 0 &&
-        pg_hex_digit(text[i + 2]) >= 0) {
-      out += static_cast<char>(pg_hex_digit(text[i + 1]) * 16 + pg_hex_digit(text[i + 2]));
-      i += 2;
-    } else {
-      out += text[i];
-    }
-  }
-  return out;
-}
-
-//! A connection string for messages, and the secrets it holds (to scrub from libpq's text).
-struct pg_redacted {
-  std::string text;
-  std::vector<std::string> secrets;
-};
-
-inline pg_redacted pg_redact_conninfo(std::string_view s);
-
-//! Whether a conninfo keyword holds a secret: every option libpq displays as a password
-//! (PQconndefaults() dispchar "*": password, sslpassword, and whatever later libpq adds),
-//! and password and sslpassword always.
-inline bool pg_secret_keyword(std::string_view name) {
-  static const std::vector<std::string> names = [] {
-    std::vector<std::string> v{"password", "sslpassword"};
-    if (PQconninfoOption* options = PQconndefaults()) {
-      for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
-        if (o->dispchar != nullptr && std::strcmp(o->dispchar, "*") == 0 &&
-            std::find(v.begin(), v.end(), o->keyword) == v.end())
-          v.emplace_back(o->keyword);
-      }
-      PQconninfoFree(options);
-    }
-    return v;
-  }();
-  return std::find(names.begin(), names.end(), name) != names.end();
-}
-
-//! postgresql://user:secret@host/db?password=secret -> postgresql://user:***@host/db?password=***
-inline pg_redacted pg_redact_url(std::string_view s) {
-  pg_redacted r;
-  const auto scheme_end = s.find("://") + 3;
-  r.text = std::string(s.substr(0, scheme_end));
-  auto rest = s.substr(scheme_end);
-  // libpq reads user info up to an '@' that comes before any '/'. A password with an
-  // unencoded '@' (u:sec@ret@h) leaves the rest of it in libpq's host name: mask up to the
-  // last '@' before the path, and scrub every piece of the password from libpq's messages.
-  const auto stop = rest.find_first_of("/@");
-  if (stop != std::string_view::npos && rest[stop] == '@') {
-    const auto authority = rest.substr(0, rest.find_first_of("/?"));
-    const auto at = authority.rfind('@');
-    const auto userinfo = rest.substr(0, at);
-    const auto colon = userinfo.find(':');
-    const auto user = userinfo.substr(0, colon);
-    if (colon != std::string_view::npos && user.find('@') == std::string_view::npos) {
-      r.text += user;
-      r.text += ":***";
-      const auto secret = userinfo.substr(colon + 1);
-      for (std::size_t from = 0;;) {  // the pieces between '@'s, and the whole
-        const auto end = secret.find('@', from);
-        const auto piece = secret.substr(from, end == std::string_view::npos ? end : end - from);
-        r.secrets.emplace_back(piece);
-        r.secrets.push_back(pg_percent_decode(piece));
-        if (end == std::string_view::npos) break;
-        from = end + 1;
-      }
-      r.secrets.emplace_back(secret);
-      r.secrets.push_back(pg_percent_decode(secret));
-    } else if (at == stop) {
-      r.text += userinfo;
-    } else {
-      r.text += "***";  // a user name with '@' and more '@'s: which part is a password is unclear
-      for (std::size_t from = 0;;) {
-        const auto end = userinfo.find('@', from);
-        r.secrets.emplace_back(
-            userinfo.substr(from, end == std::string_view::npos ? end : end - from));
-        if (end == std::string_view::npos) break;
-        from = end + 1;
-      }
-    }
-    r.text += '@';
-    rest = rest.substr(at + 1);
-  }
-  const auto query = rest.find('?');
-  r.text += rest.substr(0, query);
-  if (query == std::string_view::npos) return r;
-  r.text += '?';
-  auto params = rest.substr(query + 1);
-  bool first = true;
-  while (true) {
-    const auto amp = params.find('&');
-    const auto param = params.substr(0, amp);
-    const auto eq = param.find('=');
-    const auto name = pg_percent_decode(param.substr(0, eq));
-    if (!first) r.text += '&';
-    first = false;
-    if (eq != std::string_view::npos && pg_secret_keyword(name)) {
-      r.text += param.substr(0, eq);
-      r.text += "=***";
-      const auto secret = param.substr(eq + 1);
-      r.secrets.emplace_back(secret);
-      r.secrets.push_back(pg_percent_decode(secret));
-    } else if (eq != std::string_view::npos && name == "dbname" &&
-               param.find("%3D") != std::string_view::npos) {
-      r.text += param.substr(0, eq);
-      r.text += "=***";  // a connection string inside dbname may hold a password
-    } else {
-      r.text += param;
-    }
-    if (amp == std::string_view::npos) break;
-    params = params.substr(amp + 1);
-  }
-  return r;
-}
-
-//! host=db password='se cret' -> host=db password=***, following libpq's quoting rules (also
-//! sslpassword and every other keyword pg_secret_keyword() names).
-inline pg_redacted pg_redact_keywords(std::string_view s) {
-  pg_redacted r;
-  std::size_t i = 0;
-  const auto space = [&](std::size_t at) {
-    return at < s.size() && std::isspace(static_cast<unsigned char>(s[at]));
-  };
-  while (true) {
-    while (space(i)) ++i;
-    if (i >= s.size()) break;
-    const auto name_start = i;
-    while (i < s.size() && s[i] != '=' && !space(i)) ++i;
-    const auto name = s.substr(name_start, i - name_start);
-    while (space(i)) ++i;
-    if (i >= s.size() || s[i] != '=') {
-      r.text += r.text.empty() ? "" : " ";
-      r.text += "<the rest does not parse>";
-      break;
-    }
-    ++i;
-    while (space(i)) ++i;
-    std::string value;
-    const auto value_start = i;
-    bool ok = true;
-    if (i < s.size() && s[i] == '\'') {
-      ++i;
-      ok = false;
-      while (i < s.size()) {
-        if (s[i] == '\\' && i + 1 < s.size()) {
-          value += s[i + 1];
-          i += 2;
-        } else if (s[i] == '\'') {
-          ++i;
-          ok = true;
-          break;
-        } else {
-          value += s[i++];
-        }
-      }
-    } else {
-      while (i < s.size() && !space(i)) {
-        if (s[i] == '\\' && i + 1 < s.size()) {
-          value += s[i + 1];
-          i += 2;
-        } else {
-          value += s[i++];
-        }
-      }
-    }
-    r.text += r.text.empty() ? "" : " ";
-    r.text += name;
-    r.text += '=';
-    if (pg_secret_keyword(name)) {
-      r.text += "***";
-      r.secrets.push_back(value);
-      r.secrets.emplace_back(s.substr(value_start, i - value_start));
-    } else if (name == "dbname" && (value.find('=') != std::string::npos || pg_is_url(value))) {
-      auto inner = pg_redact_conninfo(value);
-      r.text += "'" + inner.text + "'";
-      r.secrets.insert(r.secrets.end(), inner.secrets.begin(), inner.secrets.end());
-    } else {
-      r.text += s.substr(value_start, i - value_start);
-    }
-    if (!ok) {
-      r.text += " <unterminated quoted string>";
-      break;
-    }
-  }
-  return r;
-}
-
-inline pg_redacted pg_redact_conninfo(std::string_view s) {
-  pg_redacted r = pg_is_url(s) ? pg_redact_url(s) : pg_redact_keywords(s);
-  r.secrets.erase(std::remove_if(r.secrets.begin(), r.secrets.end(),
-                                 [](const std::string& x) { return x.empty(); }),
-                  r.secrets.end());
-  return r;
-}
-
-//! `text` with every secret replaced by ***, on one line: libpq's continuation lines (indented)
-//! that go on with a sentence join with a space, other lines with "; ".
-inline std::string pg_scrub(std::string text, const std::vector<std::string>& secrets) {
-  for (const auto& secret : secrets) {
-    for (auto at = text.find(secret); at != std::string::npos; at = text.find(secret, at + 3))
-      text.replace(at, secret.size(), "***");
-  }
-  std::string out;
-  std::size_t i = 0;
-  while (i < text.size()) {
-    const auto end = std::min(text.find('\n', i), text.size());
-    const bool indented = i < end && (text[i] == '\t' || text[i] == ' ');
-    auto line = std::string_view(text).substr(i, end - i);
-    while (!line.empty() && std::isspace(static_cast<unsigned char>(line.front())))
-      line.remove_prefix(1);
-    while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back())))
-      line.remove_suffix(1);
-    if (!line.empty()) {
-      if (!out.empty()) {
-        out += indented && std::islower(static_cast<unsigned char>(line.front())) ? " " : "; ";
-      }
-      for (const char c : line) {
-        const char d = c == '\t' ? ' ' : c;
-        if (d == ' ' && !out.empty() && out.back() == ' ') continue;
-        out += d;
-      }
-    }
-    i = end + 1;
-  }
-  return out;
-}
 
 //! What the fork handlers need of one PostgresBackend: its connections and its eventfd.
 struct pg_fork_state {
@@ -601,12 +353,12 @@ class PostgresBackend final : public Backend {
     hi_text_ = std::to_string(static_cast<std::int32_t>(static_cast<std::uint64_t>(key_) >> 32));
     lo_text_ =
         std::to_string(static_cast<std::int32_t>(static_cast<std::uint64_t>(key_) & 0xffffffffu));
-    auto redacted = detail::pg_redact_conninfo(options_.conninfo);
-    redacted_ = std::move(redacted.text);
-    secrets_ = std::move(redacted.secrets);
+    auto conninfo = detail::pg_parse_conninfo(options_.conninfo);
+    redacted_ = std::move(conninfo.redacted);
+    secrets_ = std::move(conninfo.secrets);
     if (!options_.restart_grace)
       options_.restart_grace = options_.verify_interval + options_.command_timeout;
-    configure();
+    configure(conninfo);
     state_.event_fd = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (state_.event_fd < 0 && config_error_.empty()) {
       config_errno_ = errno;
@@ -767,7 +519,7 @@ class PostgresBackend final : public Backend {
   // Configuration
   // ------------------------------------------------------------------------------------------
 
-  void configure() {
+  void configure(detail::pg_conninfo& conninfo) {
     const auto bad = [&](std::string why) {
       if (config_error_.empty()) config_error_ = std::move(why);
     };
@@ -810,29 +562,23 @@ class PostgresBackend final : public Backend {
     }
     if (!config_error_.empty()) return;
 
-    char* error = nullptr;
-    PQconninfoOption* parsed = PQconninfoParse(options_.conninfo.c_str(), &error);
-    if (parsed == nullptr) {
-      bad(error != nullptr ? "the connection string does not parse: " + scrub(error)
-                           : std::string("out of memory parsing the connection string"));
-      if (error != nullptr) PQfreemem(error);
+    if (!conninfo.parsed()) {
+      bad("the connection string does not parse: " + conninfo.error);
       return;
     }
     std::chrono::milliseconds connect_timeout = options_.connect_timeout;
     bool has_fallback_name = false;
     std::vector<std::string> given;
-    for (PQconninfoOption* o = parsed; o->keyword != nullptr; ++o) {
-      if (o->val == nullptr) continue;
-      keywords_.emplace_back(o->keyword);
-      values_.emplace_back(o->val);
-      given.emplace_back(o->keyword);
-      if (std::strcmp(o->keyword, "connect_timeout") == 0) {
-        const int seconds = std::atoi(o->val);  // libpq: at least 2 s; 0 or less: no limit
+    for (auto& [keyword, value] : conninfo.given) {
+      if (keyword == "connect_timeout") {
+        const int seconds = std::atoi(value.c_str());  // libpq: at least 2 s; <= 0: no limit
         if (seconds > 0) connect_timeout = std::chrono::seconds(std::max(seconds, 2));
       }
-      if (std::strcmp(o->keyword, "fallback_application_name") == 0) has_fallback_name = true;
+      if (keyword == "fallback_application_name") has_fallback_name = true;
+      given.push_back(keyword);
+      keywords_.push_back(std::move(keyword));
+      values_.push_back(std::move(value));
     }
-    PQconninfoFree(parsed);
     connect_timeout_ = connect_timeout;
     const auto add_default = [&](const char* keyword, std::string value) {
       if (std::find(given.begin(), given.end(), keyword) != given.end()) return;

@@ -1645,7 +1645,7 @@ TEST_CASE(
     // connection mutex) when the copy is made: the copy inherits the mutex locked.
     std::atomic<int> phase{0};  // 1: locked, 2: may unlock
     std::thread busy([&] {
-      std::lock_guard<std::mutex> guard(workerlock::detail::pg_registry_instance().mutex);
+      workerlock::detail::pg_fork::guard guard;
       phase.store(1);
       while (phase.load() != 2) std::this_thread::sleep_for(1ms);
     });

@@ -1,30 +1,21 @@
 // workerlock/postgres.hpp: PostgresBackend, the Coordinator's backend on PostgreSQL session
 // advisory locks, for workers on several hosts sharing one PostgreSQL server.
 //
-// Needs libpq (the only workerlock header that includes <libpq-fe.h>): link with -lpq, or use
-// the CMake target workerlock::postgres. Works with PostgreSQL servers >= 9.6 (fencing tokens
+// Needs libpq (included by the detail/pg_*.hpp headers only): link with -lpq, or use the
+// CMake target workerlock::postgres. Works with PostgreSQL servers >= 9.6 (fencing tokens
 // come from pg_current_xact_id() on >= 13, txid_current() before).
 #pragma once
 
-#include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
-#include <sched.h>
 #include <sys/eventfd.h>
-#include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -33,10 +24,11 @@
 #include <vector>
 
 #include <fmt/format.h>
-#include <libpq-fe.h>
 
 #include "backend.hpp"
 #include "detail/pg_conninfo.hpp"
+#include "detail/pg_session.hpp"
+#include "detail/pg_sql.hpp"
 #include "detail/posix.hpp"
 #include "error.hpp"
 
@@ -127,131 +119,6 @@ struct PostgresOptions {
   std::string application_name = "workerlock";
 };
 
-class PostgresBackend;
-
-namespace detail {
-
-//! What the fork handlers need of one PostgresBackend: its connections and its eventfd.
-struct pg_fork_state {
-  PGconn* conn[2] = {nullptr, nullptr};
-  int event_fd = -1;
-  std::atomic<bool> inherited{false};  // set in a child of fork(): the connections are not ours
-  bool leak = false;                   // the child could not neutralize them: never touch
-};
-
-struct pg_registry {
-  std::mutex mutex;
-  std::vector<pg_fork_state*> states;
-  int devnull = -1;
-  //! The process whose connections the registered states hold; -pid while a copy made
-  //! without the atfork handlers is adopting them (see pg_adopt_process()).
-  std::atomic<pid_t> owner{0};
-};
-
-//! Every libpq call on a backend's connections runs under this mutex, so fork() never copies
-//! a connection half set up or half closed.
-inline pg_registry& pg_registry_instance() {
-  static pg_registry* instance =
-      new pg_registry();  // never destroyed: atfork handlers outlive exit
-  return *instance;
-}
-
-//! In a child of fork(), no connection of the parent may be used, kept open or closed with
-//! a Terminate message: the child would keep the parent's session (and lock) alive, or end it.
-//! Each inherited socket becomes /dev/null; the backend then frees the copies unseen.
-//! Async-signal-safe (dup3, close, eventfd).
-inline void pg_neutralize_inherited(pg_registry& reg) noexcept {
-  for (pg_fork_state* state : reg.states) {
-    for (PGconn*& conn : state->conn) {
-      if (conn == nullptr) continue;
-      const int fd = PQsocket(conn);
-      if (fd < 0) continue;
-      if (reg.devnull < 0 || ::dup3(reg.devnull, fd, O_CLOEXEC) < 0) {
-        ::close(fd);
-        state->leak = true;
-      }
-    }
-    if (state->event_fd >= 0) {  // the parent's interrupt() must not wake the child, nor back
-      const int fresh = keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-      if (fresh >= 0) {
-        ::dup3(fresh, state->event_fd, O_CLOEXEC);
-        ::close(fresh);
-      }
-    }
-    state->inherited.store(true);
-  }
-}
-
-inline void pg_adopt_process() noexcept;
-inline void pg_atfork_prepare() noexcept {
-  pg_adopt_process();  // a copy made by syscall(SYS_fork) may hold the mutex copied locked
-  pg_registry_instance().mutex.lock();
-}
-inline void pg_atfork_parent() noexcept { pg_registry_instance().mutex.unlock(); }
-inline void pg_atfork_child() noexcept {
-  auto& reg = pg_registry_instance();
-  pg_neutralize_inherited(reg);
-  reg.owner.store(::getpid());
-  reg.mutex.unlock();
-}
-
-//! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()
-//! without CLONE_VM) inherits the parent's connections as they are, and the mutex maybe
-//! locked by a thread that does not exist in the copy. Asks the kernel who we are (a cached
-//! pid would still be the parent's there) and, in such a copy, does once what
-//! pg_atfork_child() would have done. Every PostgresBackend member that may touch a
-//! connection, the mutex or the eventfd calls this first; it costs one getpid().
-inline void pg_adopt_process() noexcept {
-  auto& reg = pg_registry_instance();
-  const pid_t me = ::getpid();
-  pid_t owner = reg.owner.load();
-  if (owner == me) return;
-  if (owner != -me && reg.owner.compare_exchange_strong(owner, -me)) {
-    // Nobody in this process holds the mutex: the thread that held it at the copy (if any)
-    // exists only in the parent. A fresh one replaces the copy.
-    new (&reg.mutex) std::mutex();
-    pg_neutralize_inherited(reg);
-    reg.owner.store(me);
-    return;
-  }
-  while (reg.owner.load() != me) ::sched_yield();  // another thread of the copy adopts them
-}
-
-//! True when the registered connections belong to this process (no adoption pending).
-inline bool pg_process_owns_connections() noexcept {
-  return pg_registry_instance().owner.load() == ::getpid();
-}
-
-inline void pg_register(pg_fork_state* state) {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    auto& reg = pg_registry_instance();
-    reg.devnull = keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC));
-    reg.owner.store(::getpid());
-    ::pthread_atfork(&pg_atfork_prepare, &pg_atfork_parent, &pg_atfork_child);
-  });
-  pg_adopt_process();
-  auto& reg = pg_registry_instance();
-  std::lock_guard<std::mutex> guard(reg.mutex);
-  reg.states.push_back(state);
-}
-
-inline void pg_unregister(pg_fork_state* state) noexcept {
-  pg_adopt_process();
-  auto& reg = pg_registry_instance();
-  std::lock_guard<std::mutex> guard(reg.mutex);
-  reg.states.erase(std::remove(reg.states.begin(), reg.states.end(), state), reg.states.end());
-}
-
-struct pg_result_deleter {
-  void operator()(PGresult* r) const noexcept { PQclear(r); }
-};
-using pg_result = std::unique_ptr<PGresult, pg_result_deleter>;
-
-inline void pg_ignore_notice(void*, const char*) noexcept {}
-
-}  // namespace detail
-
 //! Holds the primary role through PostgreSQL session-level advisory locks, each on a
 //! dedicated connection. A standby blocks in `SELECT pg_advisory_lock(key)`, so it is
 //! promoted as soon as the server frees the lock: when the holder releases it, or when the
@@ -329,7 +196,7 @@ inline void pg_ignore_notice(void*, const char*) noexcept {}
 //! held(), fencing_token(), valid_until(), lock_session_pid(), fence_session_pid(),
 //! describe(), network_target(), key(), options() and redacted_conninfo() from any thread
 //! at any time (atomics; the first three are also async-signal-safe).
-class PostgresBackend final : public Backend {
+class PostgresBackend final : public Backend, private detail::pg_waiter {
  public:
   //! The advisory lock key of a lock name: FNV-1a 64 of "workerlock:" + name, two's complement.
   static constexpr std::int64_t key_for(std::string_view name) noexcept {
@@ -359,12 +226,12 @@ class PostgresBackend final : public Backend {
     if (!options_.restart_grace)
       options_.restart_grace = options_.verify_interval + options_.command_timeout;
     configure(conninfo);
-    state_.event_fd = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (state_.event_fd < 0 && config_error_.empty()) {
+    events_.event_fd = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (events_.event_fd < 0 && config_error_.empty()) {
       config_errno_ = errno;
       config_error_ = "cannot create the eventfd that interrupt() writes to";
     }
-    detail::pg_register(&state_);
+    detail::pg_fork::instance().add(&events_);
   }
 
   PostgresBackend(const PostgresBackend&) = delete;
@@ -373,8 +240,8 @@ class PostgresBackend final : public Backend {
   //! Closes both sessions (the server frees the locks). Never throws.
   ~PostgresBackend() override {
     reset();
-    detail::pg_unregister(&state_);
-    if (state_.event_fd >= 0) ::close(state_.event_fd);
+    detail::pg_fork::instance().remove(&events_);
+    if (events_.event_fd >= 0) ::close(events_.event_fd);
   }
 
   //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) for a
@@ -405,15 +272,15 @@ class PostgresBackend final : public Backend {
     interrupted_.store(true);
     // A copy of the process not yet adopted shares the parent's eventfd: the flag is enough
     // (acquire() checks it after adopting).
-    if (!detail::pg_process_owns_connections()) return;
+    if (!detail::pg_fork::instance().owns_connections()) return;
     const std::uint64_t one = 1;
-    [[maybe_unused]] auto ignored = ::write(state_.event_fd, &one, sizeof one);
+    [[maybe_unused]] auto ignored = ::write(events_.event_fd, &one, sizeof one);
   }
   void clear_interrupt() noexcept override {
-    detail::pg_adopt_process();  // never drain the parent's eventfd
+    detail::pg_fork::instance().adopt_raw_copy();  // never drain the parent's eventfd
     interrupted_.store(false);
     std::uint64_t count = 0;
-    [[maybe_unused]] auto ignored = ::read(state_.event_fd, &count, sizeof count);
+    [[maybe_unused]] auto ignored = ::read(events_.event_fd, &count, sizeof count);
   }
 
   //! One `SELECT pg_backend_pid()` round trip on each session, sent together, answered by
@@ -449,17 +316,21 @@ class PostgresBackend final : public Backend {
     const auto deadline = clock::now() + options_.command_timeout;
     bool sent[2] = {false, false};
     detail::failure f;
-    if (locked_[0])
-      sent[0] = send(0, "SELECT pg_advisory_unlock($1::int8)", {key_text_.c_str()}, f);
-    if (locked_[1])
-      sent[1] = send(1, "SELECT pg_advisory_unlock($1::int4, $2::int4)",
-                     {hi_text_.c_str(), lo_text_.c_str()}, f);
+    std::string why;
+    if (locked_[0]) {
+      sent[0] =
+          session_[0].send("SELECT pg_advisory_unlock($1::int8)", {key_text_.c_str()}, f, why);
+    }
+    if (locked_[1]) {
+      sent[1] = session_[1].send("SELECT pg_advisory_unlock($1::int4, $2::int4)",
+                                 {hi_text_.c_str(), lo_text_.c_str()}, f, why);
+    }
     for (int i = 0; i < 2; ++i) {
       if (!locked_[i]) continue;
       detail::pg_result r;
-      detail::failure g;
-      const bool unlocked = sent[i] && await(i, deadline, false, r, g) == outcome::done &&
-                            rows(r, 1) && PQgetvalue(r.get(), 0, 0)[0] == 't';
+      const bool unlocked = sent[i] &&
+                            session_[i].await(deadline, false, r, f, why) == outcome::done &&
+                            detail::pg_one_row(r, 1) && detail::pg_text(r, 0)[0] == 't';
       locked_[i] = false;
       pid_[i] = 0;
       if (!unlocked) close(i);
@@ -477,7 +348,8 @@ class PostgresBackend final : public Backend {
   }
 
   bool held() const noexcept override {
-    return held_.load() && !state_.inherited.load() && detail::pg_process_owns_connections();
+    return held_.load() && !events_.inherited.load() &&
+           detail::pg_fork::instance().owns_connections();
   }
 
   //! The instant, on this host's steady_clock, until which this process may act as the
@@ -513,7 +385,7 @@ class PostgresBackend final : public Backend {
 
  private:
   using clock = std::chrono::steady_clock;
-  enum class outcome { done, timed_out, interrupted, failed };
+  using outcome = detail::pg_outcome;
 
   // ------------------------------------------------------------------------------------------
   // Configuration
@@ -576,14 +448,14 @@ class PostgresBackend final : public Backend {
       }
       if (keyword == "fallback_application_name") has_fallback_name = true;
       given.push_back(keyword);
-      keywords_.push_back(std::move(keyword));
-      values_.push_back(std::move(value));
+      connect_params_.keywords.push_back(std::move(keyword));
+      connect_params_.values.push_back(std::move(value));
     }
     connect_timeout_ = connect_timeout;
     const auto add_default = [&](const char* keyword, std::string value) {
       if (std::find(given.begin(), given.end(), keyword) != given.end()) return;
-      keywords_.emplace_back(keyword);
-      values_.push_back(std::move(value));
+      connect_params_.keywords.emplace_back(keyword);
+      connect_params_.values.push_back(std::move(value));
     };
     add_default("keepalives", "1");
     add_default("keepalives_idle", std::to_string(options_.keepalives_idle.count()));
@@ -604,10 +476,6 @@ class PostgresBackend final : public Backend {
   }
 
   lock_error::network_target target() const { return {network_target()}; }
-
-  std::string scrub(std::string_view text) const {
-    return detail::pg_scrub(std::string(text), secrets_);
-  }
 
   // ------------------------------------------------------------------------------------------
   // Acquisition
@@ -638,17 +506,17 @@ class PostgresBackend final : public Backend {
       return wait ? clock::time_point::max() : clock::now() + options_.command_timeout;
     };
     if (!locked_[0]) {
-      if (!connected(0) && !connect(0, wait, f, why)) return false;
-      if (options_.standby_fence_session && !connected(1) && !connect(1, wait, f, why))
+      if (!session_[0].usable() && !connect(0, wait, f, why)) return false;
+      if (options_.standby_fence_session && !session_[1].usable() && !connect(1, wait, f, why))
         return false;
       detail::pg_result r;
       const bool got = lock_statement(0, wait, command_deadline(), r, f, why);
       if (f || !got) return false;
       locked_[0] = true;
-      pid_[0] = std::atoi(PQgetvalue(r.get(), 0, 1));
+      pid_[0] = std::atoi(detail::pg_text(r, 1));
     }
     if (!locked_[1]) {
-      if (!connected(1) && !connect(1, wait, f, why)) return false;
+      if (!session_[1].usable() && !connect(1, wait, f, why)) return false;
       if (life_start_[0] != life_start_[1]) {
         f.set(EXDEV, "take the PostgreSQL lock on");
         why =
@@ -661,16 +529,16 @@ class PostgresBackend final : public Backend {
       const bool got = lock_statement(1, wait, command_deadline(), r, f, why);
       if (f || !got) return false;
       locked_[1] = true;
-      pid_[1] = std::atoi(PQgetvalue(r.get(), 0, 1));
-      token_ = std::strtoull(PQgetvalue(r.get(), 0, 2), nullptr, 10);
-      const auto uptime = std::chrono::milliseconds(std::atoll(PQgetvalue(r.get(), 0, 3)));
+      pid_[1] = std::atoi(detail::pg_text(r, 1));
+      token_ = std::strtoull(detail::pg_text(r, 2), nullptr, 10);
+      const auto uptime = std::chrono::milliseconds(std::atoll(detail::pg_text(r, 3)));
       not_before_ = std::max(
           grace_floor_,
           clock::now() + std::max(std::chrono::milliseconds(0), *options_.restart_grace - uptime));
     }
     if (clock::now() < not_before_) {
       if (!wait) return false;
-      if (wait_io(-1, 0, not_before_, true) == outcome::interrupted) return false;
+      if (this->wait(-1, 0, not_before_, true) == outcome::interrupted) return false;
     }
     // The handover lock's statement proves only the fence session. The lock session took the
     // election lock earlier and has been silent since: the server may have ended it while we
@@ -715,22 +583,22 @@ class PostgresBackend final : public Backend {
   proof prove(clock::time_point deadline) {
     const auto start = clock::now();
     detail::failure f;
+    std::string why;
     bool sent[2] = {false, false};
-    for (int i = 0; i < 2; ++i) sent[i] = send(i, "SELECT pg_backend_pid()", {}, f);
+    for (int i = 0; i < 2; ++i) sent[i] = session_[i].send("SELECT pg_backend_pid()", {}, f, why);
     bool lost = !sent[0] || !sent[1];
     bool late = false;
     for (int i = 0; i < 2; ++i) {
       if (!sent[i]) continue;
       detail::pg_result r;
-      detail::failure g;
-      const auto answer = await(i, deadline, false, r, g);
+      const auto answer = session_[i].await(deadline, false, r, f, why);
       if (answer == outcome::timed_out) {
         late = true;
-        broken_[i] = true;
-      } else if (answer != outcome::done || !rows(r, 1) ||
-                 std::atoi(PQgetvalue(r.get(), 0, 0)) != pid_[i].load()) {
+        session_[i].mark_broken();
+      } else if (answer != outcome::done || !detail::pg_one_row(r, 1) ||
+                 std::atoi(detail::pg_text(r, 0)) != pid_[i].load()) {
         lost = true;
-        broken_[i] = true;
+        session_[i].mark_broken();
       }
     }
     if (lost) return proof::lost;
@@ -750,19 +618,18 @@ class PostgresBackend final : public Backend {
   //! (got, pid[, token, milliseconds since the server started]) in `r`.
   bool lock_statement(int i, bool wait, clock::time_point deadline, detail::pg_result& r,
                       detail::failure& f, std::string& why) {
-    const char* sql = sql_[i][wait ? 1 : 0].c_str();
+    auto& session = session_[i];
+    const char* sql = wait ? sql_[i].wait.c_str() : sql_[i].attempt.c_str();
     const bool sent =
-        i == 0 ? send(i, sql, {key_text_.c_str()}, f)
-               : send(i, sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f);
-    if (!sent) {
-      why = last_error_;
-      return false;
-    }
-    switch (await(i, deadline, wait, r, f)) {
+        i == 0 ? session.send(sql, {key_text_.c_str()}, f, why)
+               : session.send(sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f,
+                              why);
+    if (!sent) return false;
+    switch (session.await(deadline, wait, r, f, why)) {
       case outcome::done:
         break;
       case outcome::interrupted:
-        r = cancel(i);
+        r = session.cancel(options_.cancel_timeout);
         if (!r) return false;
         break;
       case outcome::timed_out:
@@ -771,358 +638,79 @@ class PostgresBackend final : public Backend {
         f.set(ETIMEDOUT, "take the PostgreSQL lock on");
         return false;
       case outcome::failed:
-        why = last_error_;
         return false;
     }
-    if (!check_result(i, r, i == 0 ? 2 : 4, f, why)) return false;
-    return PQgetvalue(r.get(), 0, 0)[0] == 't';
-  }
-
-  bool check_result(int i, const detail::pg_result& r, int columns, detail::failure& f,
-                    std::string& why) const {
-    const auto status = PQresultStatus(r.get());
-    if (status == PGRES_TUPLES_OK && PQntuples(r.get()) == 1 && PQnfields(r.get()) == columns)
-      return true;
-    const char* state = PQresultErrorField(r.get(), PG_DIAG_SQLSTATE);
-    // FATAL (pg_terminate_backend, shutdown): the session is gone.
-    f.set(PQstatus(state_.conn[i]) == CONNECTION_OK ? EIO : ECONNRESET,
-          "take the PostgreSQL lock on");
-    why = scrub(PQresultErrorMessage(r.get()));
-    if (why.empty()) why = fmt::format("unexpected result {}", PQresStatus(status));
-    if (state != nullptr && std::strcmp(state, "25006") == 0 && options_.fencing) {
-      why +=
-          "; fencing tokens need a read-write server: connect to the primary, or set "
-          "PostgresOptions::fencing = false";
+    if (!session.check_row(r, i == 0 ? 2 : 4, "take the PostgreSQL lock on", f, why)) {
+      if (detail::pg_sqlstate(r) == "25006" && options_.fencing) {
+        why +=
+            "; fencing tokens need a read-write server: connect to the primary, or set "
+            "PostgresOptions::fencing = false";
+      }
+      return false;
     }
-    return false;
-  }
-
-  //! After interrupt() during a lock wait: PQcancel, then drain within cancel_timeout. Returns
-  //! the statement's result if the lock was granted before the cancel landed; otherwise null
-  //! (the session stays open when it drained cleanly, and is closed if not).
-  //! PQcancel opens a connection of its own and blocks while doing so; libpq >= 15 bounds that
-  //! with tcp_user_timeout.
-  detail::pg_result cancel(int i) {
-    bool cancelled = false;
-    PGcancel* c = nullptr;
-    {
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      if (PQstatus(state_.conn[i]) == CONNECTION_OK) c = PQgetCancel(state_.conn[i]);
-    }
-    if (c != nullptr) {
-      char error[256];
-      cancelled = PQcancel(c, error, sizeof error) == 1;
-      PQfreeCancel(c);
-    }
-    detail::pg_result r;
-    detail::failure f;
-    if (!cancelled ||
-        await(i, clock::now() + options_.cancel_timeout, false, r, f) != outcome::done) {
-      close(i);
-      return {};
-    }
-    const auto status = PQresultStatus(r.get());
-    if (status == PGRES_TUPLES_OK) return r;  // granted just before the cancel
-    return {};
+    return detail::pg_text(r, 0)[0] == 't';
   }
 
   // ------------------------------------------------------------------------------------------
   // Connections
   // ------------------------------------------------------------------------------------------
 
-  bool connected(int i) const noexcept { return state_.conn[i] != nullptr && !broken_[i]; }
-
   void close(int i) noexcept {
-    {
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      if (state_.conn[i] != nullptr) PQfinish(state_.conn[i]);
-      state_.conn[i] = nullptr;
-    }
-    broken_[i] = false;
+    session_[i].close();
     locked_[i] = false;
     pid_[i] = 0;
     life_start_[i].clear();
   }
 
-  //! Adopts the state after fork(): the parent's connections were neutralized by the atfork
-  //! handler; free them without a word to the server.
+  //! Adopts the state after fork(): the parent's connections were neutralized by the fork
+  //! handler (or, after syscall(SYS_fork), by the raw-copy adoption); free them unseen.
   void adopt_after_fork() noexcept {
-    detail::pg_adopt_process();  // also after syscall(SYS_fork), which runs no atfork handler
-    if (!state_.inherited.load()) return;
-    {
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      for (PGconn*& conn : state_.conn) {
-        if (conn != nullptr && !state_.leak) PQfinish(conn);
-        conn = nullptr;
-      }
-      state_.leak = false;
-      state_.inherited.store(false);
-    }
+    detail::pg_fork::instance().adopt_raw_copy();
+    if (!detail::pg_fork::instance().disown(&events_)) return;
     for (int i = 0; i < 2; ++i) {
-      broken_[i] = false;
-      locked_[i] = false;
-      pid_[i] = 0;
+      session_[i].disown_if_inherited();
+      close(i);
     }
     held_.store(false);
     token_.store(0);
     set_valid_until(clock::time_point::min());
   }
 
-  std::string connection_error(int i) const {
-    return scrub(state_.conn[i] != nullptr ? PQerrorMessage(state_.conn[i]) : "out of memory");
-  }
-
-  //! An errno that names the failure, for error codes; the message always has libpq's text.
-  int classify_connect_error(int i, const std::string& message) const {
-    if (state_.conn[i] != nullptr && PQconnectionNeedsPassword(state_.conn[i])) return EACCES;
-    if (message.find("authentication failed") != std::string::npos) return EACCES;
-    if (message.find("Connection refused") != std::string::npos) return ECONNREFUSED;
-    if (message.find("could not translate host name") != std::string::npos) return EHOSTUNREACH;
-    return EIO;
-  }
-
   //! Connects session i within connect_timeout (interruptibly if `wait`), then sets up the
   //! session. Returns false with `f` empty when interrupted.
   bool connect(int i, bool wait, detail::failure& f, std::string& why) {
     close(i);
+    auto& session = session_[i];
     const auto deadline = clock::now() + connect_timeout_;
-    std::vector<const char*> keywords;
-    std::vector<const char*> values;
-    for (std::size_t k = 0; k < keywords_.size(); ++k) {
-      keywords.push_back(keywords_[k].c_str());
-      values.push_back(values_[k].c_str());
-    }
-    keywords.push_back(nullptr);
-    values.push_back(nullptr);
-    PostgresPollingStatusType status = PGRES_POLLING_WRITING;
-    {
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      state_.conn[i] = PQconnectStartParams(keywords.data(), values.data(), 0);
-      if (state_.conn[i] != nullptr) {
-        PQsetNoticeProcessor(state_.conn[i], &detail::pg_ignore_notice, nullptr);
-        if (PQstatus(state_.conn[i]) == CONNECTION_BAD) status = PGRES_POLLING_FAILED;
-      } else {
-        status = PGRES_POLLING_FAILED;
-      }
-    }
-    constexpr const char* operation = "connect to PostgreSQL";
-    while (status != PGRES_POLLING_OK) {
-      if (status == PGRES_POLLING_FAILED) {
-        why = connection_error(i);
-        f.set(classify_connect_error(i, why), operation);
-        close(i);
-        return false;
-      }
-      const short events = status == PGRES_POLLING_READING ? POLLIN : POLLOUT;
-      switch (wait_io(PQsocket(state_.conn[i]), events, deadline, wait)) {
-        case outcome::done:
-          break;
-        case outcome::interrupted:
-          close(i);
-          return false;
-        case outcome::timed_out:
-          why =
-              fmt::format("no connection within {} ms (connect_timeout)", connect_timeout_.count());
-          f.set(ETIMEDOUT, operation);
-          close(i);
-          return false;
-        case outcome::failed:
-          why = fmt::format("poll failed: {}", std::strerror(errno));
-          f.set(errno, operation);
-          close(i);
-          return false;
-      }
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      status = PQconnectPoll(state_.conn[i]);
-    }
-    // libpq creates its socket itself and keeps its number: workerlock cannot move it off
-    // the standard streams. There, a log line written to stderr would corrupt the protocol,
-    // and a reopening of that stream would close the session: either ends the lock unseen.
-    if (const int socket_fd = PQsocket(state_.conn[i]); socket_fd >= 0 && socket_fd <= 2) {
-      why = fmt::format(
-          "libpq's socket is descriptor {}, a standard stream (0, 1 or 2 was closed in this "
-          "process), where a write to that stream or its reopening would end the session and "
-          "its lock; open /dev/null on descriptors 0, 1 and 2 before connecting",
-          socket_fd);
-      f.set(EBADF, operation);
-      close(i);
-      return false;
-    }
-    if (PQsetnonblocking(state_.conn[i], 1) != 0) {
-      why = connection_error(i);
-      f.set(EIO, operation);
-      close(i);
-      return false;
-    }
-    build_statements(i);
-    // The session must never time out on its own: the wait is meant to be long and the holder
-    // idles between checks. Then the server-side keepalives.
-    std::string setup =
-        "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout "
-        "= 0";
-    const int version = PQserverVersion(state_.conn[i]);
-    if (version >= 140000) setup += "; SET idle_session_timeout = 0";
-    if (options_.server_keepalives) {
-      setup += fmt::format(
-          "; SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET "
-          "tcp_keepalives_count = {}",
-          options_.keepalives_idle.count(), options_.keepalives_interval.count(),
-          options_.keepalives_count);
-      if (version >= 120000)
-        setup += fmt::format("; SET tcp_user_timeout = {}", options_.tcp_user_timeout.count());
-    }
-    // When this server's life began: a crash restart ends every session, so it is fixed for
-    // the life of the session. The checkpointer's start shows a crash restart (visible to
-    // superusers and pg_read_all_stats only; NULL, so ignored by GREATEST, for others).
-    setup += version >= 100000
-                 ? "; SELECT extract(epoch FROM GREATEST(pg_postmaster_start_time(), (SELECT "
-                   "max(backend_start) FROM pg_stat_activity WHERE backend_type = "
-                   "'checkpointer')))::text"
-                 : "; SELECT extract(epoch FROM pg_postmaster_start_time())::text";
+    if (!session.open(connect_params_, deadline, wait, connect_timeout_, f, why)) return false;
+    const int version = session.server_version();
+    sql_[i] = i == 0 ? detail::pg_lock_session_sql()
+                     : detail::pg_fence_session_sql(version, options_.fencing);
+    const detail::pg_session_settings settings{
+        options_.server_keepalives, options_.keepalives_idle, options_.keepalives_interval,
+        options_.keepalives_count, options_.tcp_user_timeout};
     detail::pg_result r;
-    if (!send(i, setup.c_str(), {}, f, /*simple=*/true)) {
-      why = last_error_;
-      close(i);
-      return false;
+    auto answer = outcome::failed;
+    if (session.send(detail::pg_setup_sql(version, settings).c_str(), {}, f, why, true))
+      answer = session.await(deadline, wait, r, f, why);
+    if (answer == outcome::done && session.check_row(r, 1, "connect to PostgreSQL", f, why)) {
+      life_start_[i] = detail::pg_text(r, 0);
+      return true;
     }
-    switch (await(i, deadline, wait, r, f)) {
-      case outcome::done:
-        break;
-      case outcome::interrupted:
-        close(i);
-        return false;
-      case outcome::timed_out:
-        why = fmt::format("no answer to the session setup within {} ms (connect_timeout)",
-                          connect_timeout_.count());
-        f.set(ETIMEDOUT, operation);
-        close(i);
-        return false;
-      case outcome::failed:
-        why = last_error_;
-        close(i);
-        return false;
+    if (answer == outcome::done) {
+      why = "session setup failed: " + why;
+    } else if (answer == outcome::timed_out) {
+      why = fmt::format("no answer to the session setup within {} ms (connect_timeout)",
+                        connect_timeout_.count());
+      f.set(ETIMEDOUT, "connect to PostgreSQL");
     }
-    if (!rows(r, 1)) {
-      why = "session setup failed: " + scrub(PQresultErrorMessage(r.get()));
-      f.set(EIO, operation);
-      close(i);
-      return false;
-    }
-    life_start_[i] = PQgetvalue(r.get(), 0, 0);
-    return true;
+    close(i);
+    return false;
   }
 
-  //! The statements of session i, for its server version. Lock session: (got, pid). Fence
-  //! session, given the server's life start as $3: (got, pid, token, milliseconds since the
-  //! server started). The OFFSET 0 subquery makes the lock come first, so the transaction id
-  //! is allocated only once the lock is held (and so after the previous holder's).
-  void build_statements(int i) {
-    if (i == 0) {
-      sql_[0][0] = "SELECT pg_try_advisory_lock($1::int8), pg_backend_pid()";
-      sql_[0][1] =
-          "SELECT true, pg_backend_pid() FROM (SELECT pg_advisory_lock($1::int8) OFFSET 0) AS l";
-      return;
-    }
-    const int version = PQserverVersion(state_.conn[i]);
-    const std::string token = !options_.fencing   ? "'0'"
-                              : version >= 130000 ? "pg_current_xact_id()::text"
-                                                  : "txid_current()::text";
-    const std::string uptime =
-        "((extract(epoch FROM clock_timestamp()) - $3::numeric) * 1000)::int8";
-    sql_[1][0] = "SELECT l.got, pg_backend_pid(), CASE WHEN l.got THEN " + token +
-                 " ELSE '0' END, " + uptime +
-                 " FROM (SELECT pg_try_advisory_lock($1::int4, $2::int4) AS got OFFSET 0) AS l";
-    sql_[1][1] = "SELECT true, pg_backend_pid(), " + token + ", " + uptime +
-                 " FROM (SELECT pg_advisory_lock($1::int4, $2::int4) OFFSET 0) AS l";
-  }
-
-  // ------------------------------------------------------------------------------------------
-  // Non-blocking round trips
-  // ------------------------------------------------------------------------------------------
-
-  //! Sends a statement on session i (text parameters). Returns false with last_error_ set,
-  //! and the session marked broken, if it cannot be sent.
-  bool send(int i, const char* sql, std::initializer_list<const char*> params, detail::failure& f,
-            bool simple = false) {
-    if (!connected(i)) {
-      last_error_ = "not connected";
-      f.set(ENOTCONN, "use PostgreSQL session for");
-      return false;
-    }
-    int ok = 0;
-    {
-      std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-      ok = simple ? PQsendQuery(state_.conn[i], sql)
-                  : PQsendQueryParams(state_.conn[i], sql, static_cast<int>(params.size()), nullptr,
-                                      params.begin(), nullptr, nullptr, 0);
-    }
-    if (ok != 1) {
-      last_error_ = connection_error(i);
-      f.set(ECONNRESET, "send a statement to PostgreSQL for");
-      broken_[i] = true;
-      return false;
-    }
-    return true;
-  }
-
-  //! Waits for every result of the statement in flight on session i; keeps the first error,
-  //! else the last result. On anything but `done` the session is marked broken (a statement
-  //! may still be in flight), except `interrupted`, which cancel() resolves.
-  outcome await(int i, clock::time_point deadline, bool interruptible, detail::pg_result& out,
-                detail::failure& f) {
-    out.reset();
-    PGconn* conn = state_.conn[i];
-    for (;;) {
-      int flushed = 0;
-      bool input_ok = true;
-      bool busy = true;
-      {
-        std::lock_guard<std::mutex> guard(detail::pg_registry_instance().mutex);
-        flushed = PQflush(conn);
-        if (flushed >= 0) input_ok = PQconsumeInput(conn) == 1;
-        while (flushed >= 0 && input_ok && !(busy = PQisBusy(conn) != 0)) {
-          PGresult* r = PQgetResult(conn);
-          if (r == nullptr) break;
-          if (out && PQresultStatus(out.get()) == PGRES_FATAL_ERROR) {
-            PQclear(r);  // keep the first error
-          } else {
-            out.reset(r);
-          }
-        }
-      }
-      if (flushed < 0 || !input_ok) {
-        last_error_ = connection_error(i);
-        f.set(ECONNRESET, "talk to PostgreSQL for");
-        broken_[i] = true;
-        out.reset();
-        return outcome::failed;
-      }
-      if (!busy) {
-        if (!out) {
-          last_error_ = "no result";
-          f.set(EIO, "talk to PostgreSQL for");
-          broken_[i] = true;
-          return outcome::failed;
-        }
-        if (PQstatus(conn) != CONNECTION_OK) broken_[i] = true;
-        return outcome::done;
-      }
-      const short events = static_cast<short>(POLLIN | (flushed == 1 ? POLLOUT : 0));
-      const auto waited = wait_io(PQsocket(conn), events, deadline, interruptible);
-      if (waited == outcome::done) continue;
-      if (waited != outcome::interrupted) broken_[i] = true;
-      if (waited == outcome::failed) {
-        last_error_ = fmt::format("poll failed: {}", std::strerror(errno));
-        f.set(errno, "talk to PostgreSQL for");
-      }
-      out.reset();
-      return waited;
-    }
-  }
-
-  //! Waits until `fd` (ignored if negative) is ready for `events`, interrupt() is called
-  //! (when `interruptible`), or `deadline` passes.
-  outcome wait_io(int fd, short events, clock::time_point deadline, bool interruptible) {
+  //! The wait of both sessions: their socket, and the eventfd that interrupt() writes to.
+  outcome wait(int fd, short events, clock::time_point deadline,
+               bool interruptible) noexcept override {
     for (;;) {
       if (interruptible && interrupted_.load()) return outcome::interrupted;
       int timeout = -1;
@@ -1132,7 +720,7 @@ class PostgresBackend final : public Backend {
         timeout = static_cast<int>(std::min<std::int64_t>(
             std::chrono::ceil<std::chrono::milliseconds>(left).count(), 24 * 3600 * 1000));
       }
-      pollfd fds[2] = {{fd, events, 0}, {state_.event_fd, POLLIN, 0}};
+      pollfd fds[2] = {{fd, events, 0}, {events_.event_fd, POLLIN, 0}};
       const int rc = ::poll(fds, interruptible ? 2 : 1, timeout);
       if (rc < 0) {
         if (errno == EINTR) continue;
@@ -1143,11 +731,6 @@ class PostgresBackend final : public Backend {
     }
   }
 
-  static bool rows(const detail::pg_result& r, int columns) noexcept {
-    return r && PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQntuples(r.get()) == 1 &&
-           PQnfields(r.get()) >= columns;
-  }
-
   PostgresOptions options_;
   std::int64_t key_ = 0;
   std::string key_text_, hi_text_, lo_text_;
@@ -1155,18 +738,17 @@ class PostgresBackend final : public Backend {
   std::vector<std::string> secrets_;
   std::string config_error_;
   int config_errno_ = 0;
-  std::vector<std::string> keywords_, values_;
+  detail::pg_connect_params connect_params_;
   std::chrono::milliseconds connect_timeout_{5000};
-  std::string sql_[2][2];  // [session][0: try, 1: wait]
+  detail::pg_lock_sql sql_[2];
 
-  detail::pg_fork_state state_;  // the two connections: 0 = lock session, 1 = fence session
-  bool broken_[2] = {false, false};
+  detail::pg_fork::slot events_;  // the eventfd interrupt() writes to
+  detail::pg_session session_[2] = {{*this, secrets_}, {*this, secrets_}};  // lock, fence
   // Written by the driving thread only; atomic because held(), fencing_token(),
   // valid_until(), lock_session_pid() and fence_session_pid() are read from any thread.
   std::atomic<bool> locked_[2] = {false, false};
   std::atomic<int> pid_[2] = {0, 0};
   std::string life_start_[2];  // per session: when the server's life began (epoch seconds)
-  std::string last_error_;
   std::atomic<bool> held_{false};
   std::atomic<std::uint64_t> token_{0};
   std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};

@@ -1,0 +1,189 @@
+// workerlock/detail/pg_fork.hpp: what fork() and raw copies of the process do to libpq
+// connections: a child never uses, keeps or ends the parent's sessions.
+#pragma once
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include <libpq-fe.h>
+
+#include "posix.hpp"
+
+namespace workerlock::detail {
+
+//! The process-wide list of this process's libpq connections, and its fork handlers.
+//!
+//! In a child of fork(), no connection of the parent may be used, kept open or closed with a
+//! Terminate message: the child would keep the parent's session (and its lock) alive after
+//! the parent closes it, or end it. The child handler points each inherited socket at
+//! /dev/null; the child's session then frees its copy unseen (disown()).
+//!
+//! The mutex that fork() takes is never held across a wait on the network: libpq resolves
+//! host names and connects (PQconnectStartParams, PQconnectPoll) without it, so a fork() in
+//! any thread never waits for a resolver. During that time the slot is `connecting` and the
+//! handlers leave its connection alone (its memory and socket may be half changed); a
+//! connection that a fork() may have copied that way is ended (Terminate: the server ends the
+//! session, whatever the child holds) and made afresh (end_connecting() returns false). Every
+//! other libpq call (non-blocking sends and reads on a connected socket) runs under the mutex.
+class pg_fork {
+ public:
+  //! One connection as the handlers see it.
+  struct slot {
+    PGconn* conn = nullptr;   // guarded by the mutex (read without it by its own thread)
+    bool connecting = false;  // libpq works on conn without the mutex: the handlers skip it
+    bool leak = false;        // inherited while connecting, or not neutralized: never touch conn
+    std::atomic<bool> inherited{false};  // copied into this process from its parent
+    int event_fd = -1;  // an eventfd the child must not share with the parent (or -1)
+  };
+
+  //! RAII holder of the mutex (after adopting a raw copy).
+  class guard {
+   public:
+    guard() noexcept { instance().lock(); }
+    ~guard() { instance().unlock(); }
+    guard(const guard&) = delete;
+    guard& operator=(const guard&) = delete;
+  };
+
+  static pg_fork& instance() noexcept {
+    static pg_fork* the_instance = new pg_fork();  // never destroyed: handlers outlive exit
+    return *the_instance;
+  }
+
+  void add(slot* s) {
+    guard g;
+    slots_.push_back(s);
+  }
+  void remove(slot* s) noexcept {
+    guard g;
+    slots_.erase(std::remove(slots_.begin(), slots_.end(), s), slots_.end());
+  }
+
+  //! Before libpq resolves and connects without the mutex; returns the fork count.
+  std::uint64_t begin_connecting(slot* s) noexcept {
+    guard g;
+    s->connecting = true;
+    return forks_;
+  }
+  void publish(slot* s, PGconn* conn) noexcept {
+    guard g;
+    s->conn = conn;
+  }
+  //! After: true when no fork() happened since begin_connecting() returned `forks`.
+  bool end_connecting(slot* s, std::uint64_t forks = 0) noexcept {
+    guard g;
+    s->connecting = false;
+    return forks_ == forks;
+  }
+
+  //! Closes the connection (PQfinish: a Terminate on the non-blocking socket, no wait).
+  void retire(slot* s) noexcept {
+    guard g;
+    if (s->conn != nullptr && !s->leak) PQfinish(s->conn);
+    s->conn = nullptr;
+    s->leak = false;
+  }
+
+  //! In a copy of the process, frees the inherited connection unseen (its socket is
+  //! /dev/null); returns false when the slot is this process's own.
+  bool disown(slot* s) noexcept {
+    guard g;
+    if (!s->inherited.load()) return false;
+    if (s->conn != nullptr && !s->leak) PQfinish(s->conn);
+    s->conn = nullptr;
+    s->connecting = false;
+    s->leak = false;
+    s->inherited.store(false);
+    return true;
+  }
+
+  //! True when the registered connections belong to this process (no adoption pending).
+  bool owns_connections() const noexcept { return owner_.load() == ::getpid(); }
+
+  //! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()
+  //! without CLONE_VM) inherits the connections as they are, and the mutex maybe locked by a
+  //! thread that does not exist in the copy. Asks the kernel who we are and, in such a copy,
+  //! does once what the child handler would have done. Costs one getpid().
+  void adopt_raw_copy() noexcept {
+    const pid_t me = ::getpid();
+    pid_t owner = owner_.load();
+    if (owner == me) return;
+    if (owner != -me && owner_.compare_exchange_strong(owner, -me)) {
+      const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+      mutex_ = fresh;  // its holder, if any, exists only in the original
+      neutralize_inherited();
+      owner_.store(me);
+      return;
+    }
+    while (owner_.load() != me) ::sched_yield();  // another thread of the copy adopts
+  }
+
+ private:
+  pg_fork() noexcept
+      : devnull_(keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC))),
+        owner_(::getpid()) {
+    ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
+  }
+
+  void lock() noexcept {
+    adopt_raw_copy();
+    ::pthread_mutex_lock(&mutex_);
+  }
+  void unlock() noexcept { ::pthread_mutex_unlock(&mutex_); }
+
+  // Takes the mutex only: it is never held across a wait on the network.
+  static void before_fork() noexcept {
+    auto& self = instance();
+    self.lock();
+    ++self.forks_;
+  }
+  static void after_fork_in_parent() noexcept { instance().unlock(); }
+  static void after_fork_in_child() noexcept {
+    auto& self = instance();
+    self.neutralize_inherited();
+    self.owner_.store(::getpid());
+    self.unlock();
+  }
+
+  //! Points every inherited socket at /dev/null and gives each slot's eventfd a fresh one.
+  //! Async-signal-safe (dup3, close, eventfd).
+  void neutralize_inherited() noexcept {
+    for (slot* s : slots_) {
+      if (s->connecting) {
+        s->leak = true;  // half changed: never touched here (the parent ends that session)
+      } else if (s->conn != nullptr) {
+        const int fd = PQsocket(s->conn);
+        if (fd >= 0 && (devnull_ < 0 || ::dup3(devnull_, fd, O_CLOEXEC) < 0)) {
+          ::close(fd);
+          s->leak = true;
+        }
+      }
+      if (s->event_fd >= 0) {  // the parent's interrupt() must not wake the child, nor back
+        const int fresh = keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        if (fresh >= 0) {
+          ::dup3(fresh, s->event_fd, O_CLOEXEC);
+          ::close(fresh);
+        }
+      }
+      s->inherited.store(true);
+    }
+  }
+
+  pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
+  std::vector<slot*> slots_;
+  std::uint64_t forks_ = 0;
+  int devnull_ = -1;
+  //! The process whose connections the slots hold; -pid while a raw copy adopts them.
+  std::atomic<pid_t> owner_{0};
+};
+
+}  // namespace workerlock::detail

@@ -7,7 +7,9 @@
 // moves it from 0 (or from a pid that is gone) to its own pid, on_demoted moves it back to 0;
 // a promotion that finds another live pid there is an overlap.
 
+#include <dlfcn.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -52,6 +54,27 @@
 #include "postgres_server.hpp"
 #include "raw_fork.hpp"
 #include "support.hpp"
+
+// A resolver that hangs for one host name, as one whose server does not answer: this
+// executable's getaddrinfo() comes first in the symbol lookup, so libpq's lookups reach it;
+// every other name goes on to the C library's. Once released, the name is 127.0.0.1.
+namespace hanging_resolver {
+constexpr const char* host = "resolver-hangs.workerlock.invalid";
+std::atomic<int> lookups{0};  // of `host`, begun
+std::atomic<bool> released{false};
+}  // namespace hanging_resolver
+
+extern "C" int getaddrinfo(const char* node, const char* service, const struct addrinfo* hints,
+                           struct addrinfo** result) {
+  using lookup = int (*)(const char*, const char*, const struct addrinfo*, struct addrinfo**);
+  static const auto next = reinterpret_cast<lookup>(::dlsym(RTLD_NEXT, "getaddrinfo"));
+  if (node == nullptr || std::strcmp(node, hanging_resolver::host) != 0)
+    return next(node, service, hints, result);
+  hanging_resolver::lookups.fetch_add(1);
+  for (int i = 0; i < 3000 && !hanging_resolver::released.load(); ++i)  // up to 30 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return next("127.0.0.1", service, hints, result);
+}
 
 namespace {
 
@@ -1911,4 +1934,61 @@ TEST_CASE(
   CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
   CHECK(report->role_after_jump.load() == 0);
   CHECK(report->primary_reads_after_jump.load() == 0);
+}
+
+// The mutex that fork() takes is never held while libpq resolves a host name: before, a
+// fork() in any thread waited for the resolver (up to its timeout). A connection that the
+// fork() may have copied while it was being set up is made afresh, by a second lookup.
+struct ForkWhileResolving {
+  std::atomic<std::int64_t> fork_ms{-1};
+  std::atomic<int> child{-1};
+  std::atomic<int> acquired{-1};  // 1: try_acquire() took the lock, 2: it threw
+  std::atomic<int> lookups{0};
+  std::atomic<int> holds_lock{0};  // 1: pg_locks shows the backend's lock session
+};
+
+TEST_CASE(
+    "postgres: fork() in another thread returns at once while a connect waits for the resolver",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  wltest::Shared<ForkWhileResolving> report;
+  const int code = run_holder([&]() -> int {
+    auto o = patient(options_for(fresh_name("fork-resolving")));
+    o.conninfo = pg.conninfo_at(hanging_resolver::host);
+    o.restart_grace = 0ms;
+    PostgresBackend backend(o);
+    std::thread connecting([&] {
+      try {
+        report->acquired = backend.try_acquire() ? 1 : 0;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "try_acquire() threw: %s\n", e.what());
+        report->acquired = 2;
+      }
+    });
+    while (hanging_resolver::lookups.load() == 0) std::this_thread::sleep_for(1ms);
+    const auto before = mono_ns();
+    const pid_t child = ::fork();
+    if (child == 0) ::_exit(0);
+    report->fork_ms = (mono_ns() - before) / 1000000;
+    report->child = child < 0 ? -2 : wait_or_kill(child, 10s);
+    hanging_resolver::released = true;
+    connecting.join();
+    report->lookups = hanging_resolver::lookups.load();
+    const int lock_pid = backend.lock_session_pid();
+    report->holds_lock =
+        lock_pid != 0 && pg.lock_holder_pid(PostgresBackend::key_for(o.name), 1) == lock_pid;
+    backend.release();
+    return 0;
+  });
+  REQUIRE(code == 0);
+  INFO("fork() took " << report->fork_ms.load() << " ms; the resolver hangs for 30 s");
+  CHECK(report->fork_ms.load() >= 0);
+  CHECK(report->fork_ms.load() < 5000);
+  CHECK(report->child.load() == 0);
+  CHECK(report->acquired.load() == 1);
+  CHECK(report->holds_lock.load() == 1);
+  // The lock session's first connection was set up across the fork(): made afresh (a second
+  // lookup); then the fence session's.
+  CHECK(report->lookups.load() >= 3);
 }

@@ -20,7 +20,7 @@
 
 #include "detail/posix.hpp"
 #include "detail/proc_locks.hpp"
-#include "detail/proc_stat.hpp"
+#include "detail/process_identity.hpp"
 #include "detail/record.hpp"
 #include "detail/registry.hpp"
 #include "error.hpp"

@@ -272,12 +272,12 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     interrupted_.store(true);
     // A copy of the process not yet adopted shares the parent's eventfd: the flag is enough
     // (acquire() checks it after adopting).
-    if (!detail::pg_fork::instance().owns_connections()) return;
+    if (!detail::pg_fork::owns_connections()) return;
     const std::uint64_t one = 1;
     [[maybe_unused]] auto ignored = ::write(events_.event_fd, &one, sizeof one);
   }
   void clear_interrupt() noexcept override {
-    detail::pg_fork::instance().adopt_raw_copy();  // never drain the parent's eventfd
+    detail::pg_fork::adopt_if_copied();  // never drain the parent's eventfd
     interrupted_.store(false);
     std::uint64_t count = 0;
     [[maybe_unused]] auto ignored = ::read(events_.event_fd, &count, sizeof count);
@@ -348,8 +348,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   }
 
   bool held() const noexcept override {
-    return held_.load() && !events_.inherited.load() &&
-           detail::pg_fork::instance().owns_connections();
+    return held_.load() && !events_.inherited.load() && detail::pg_fork::owns_connections();
   }
 
   //! The instant, on this host's steady_clock, until which this process may act as the
@@ -665,7 +664,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   //! Adopts the state after fork(): the parent's connections were neutralized by the fork
   //! handler (or, after syscall(SYS_fork), by the raw-copy adoption); free them unseen.
   void adopt_after_fork() noexcept {
-    detail::pg_fork::instance().adopt_raw_copy();
+    detail::pg_fork::adopt_if_copied();
     if (!detail::pg_fork::instance().disown(&events_)) return;
     for (int i = 0; i < 2; ++i) {
       session_[i].disown_if_inherited();

@@ -1,10 +1,9 @@
-// workerlock/detail/pg_fork.hpp: what fork() and raw copies of the process do to libpq
-// connections: a child never uses, keeps or ends the parent's sessions.
+// workerlock/detail/pg_fork.hpp: the fork hook of libpq connections: a copy of the process
+// never uses, keeps or ends the parent's sessions.
 #pragma once
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -16,11 +15,13 @@
 
 #include <libpq-fe.h>
 
+#include "fork_layer.hpp"
 #include "posix.hpp"
 
 namespace workerlock::detail {
 
-//! The process-wide list of this process's libpq connections, and its fork handlers.
+//! The process-wide list of this process's libpq connections: their fork hook (see
+//! fork_layer.hpp for the contract).
 //!
 //! In a child of fork(), no connection of the parent may be used, kept open or closed with a
 //! Terminate message: the child would keep the parent's session (and its lock) alive after
@@ -34,7 +35,7 @@ namespace workerlock::detail {
 //! connection that a fork() may have copied that way is ended (Terminate: the server ends the
 //! session, whatever the child holds) and made afresh (end_connecting() returns false). Every
 //! other libpq call (non-blocking sends and reads on a connected socket) runs under the mutex.
-class pg_fork {
+class pg_fork final : public fork_hook {
  public:
   //! One connection as the handlers see it.
   struct slot {
@@ -106,52 +107,43 @@ class pg_fork {
     return true;
   }
 
-  //! True when the registered connections belong to this process (no adoption pending).
-  bool owns_connections() const noexcept { return owner_.load() == ::getpid(); }
+  //! True when the registered connections belong to this process (no raw-copy adoption
+  //! pending). Async-signal-safe.
+  static bool owns_connections() noexcept { return !fork_layer::is_unadopted_copy(); }
 
-  //! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()
-  //! without CLONE_VM) inherits the connections as they are, and the mutex maybe locked by a
-  //! thread that does not exist in the copy. Asks the kernel who we are and, in such a copy,
-  //! does once what the child handler would have done. Costs one getpid().
-  void adopt_raw_copy() noexcept {
-    const pid_t me = ::getpid();
-    pid_t owner = owner_.load();
-    if (owner == me) return;
-    if (owner != -me && owner_.compare_exchange_strong(owner, -me)) {
-      const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
-      mutex_ = fresh;  // its holder, if any, exists only in the original
-      neutralize_inherited();
-      owner_.store(me);
-      return;
-    }
-    while (owner_.load() != me) ::sched_yield();  // another thread of the copy adopts
-  }
+  //! In a raw copy of the process (syscall(SYS_fork), clone() without CLONE_VM), runs every
+  //! fork hook's adoption once (this one: adopt_raw_copy() below). Costs one getpid().
+  static void adopt_if_copied() noexcept { fork_layer::adopt_raw_copy(); }
 
  private:
   pg_fork() noexcept
-      : devnull_(keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC))),
-        owner_(::getpid()) {
-    ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
+      : fork_hook(fork_order::network_sessions),
+        devnull_(keep_off_standard_streams(::open("/dev/null", O_RDWR | O_CLOEXEC))) {
+    fork_layer::add(*this);
   }
 
   void lock() noexcept {
-    adopt_raw_copy();
+    fork_layer::adopt_raw_copy();
     ::pthread_mutex_lock(&mutex_);
   }
   void unlock() noexcept { ::pthread_mutex_unlock(&mutex_); }
 
   // Takes the mutex only: it is never held across a wait on the network.
-  static void before_fork() noexcept {
-    auto& self = instance();
-    self.lock();
-    ++self.forks_;
+  void before_fork() noexcept override {
+    ::pthread_mutex_lock(&mutex_);
+    ++forks_;
   }
-  static void after_fork_in_parent() noexcept { instance().unlock(); }
-  static void after_fork_in_child() noexcept {
-    auto& self = instance();
-    self.neutralize_inherited();
-    self.owner_.store(::getpid());
-    self.unlock();
+  void after_fork_in_parent() noexcept override { unlock(); }
+  void after_fork_in_child() noexcept override {
+    neutralize_inherited();
+    unlock();
+  }
+  //! A raw copy inherits the connections as they are, and the mutex maybe locked by a thread
+  //! that does not exist in the copy: a fresh mutex, then what the child hook does.
+  void adopt_raw_copy() noexcept override {
+    const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    mutex_ = fresh;
+    neutralize_inherited();
   }
 
   //! Points every inherited socket at /dev/null and gives each slot's eventfd a fresh one.
@@ -182,8 +174,6 @@ class pg_fork {
   std::vector<slot*> slots_;
   std::uint64_t forks_ = 0;
   int devnull_ = -1;
-  //! The process whose connections the slots hold; -pid while a raw copy adopts them.
-  std::atomic<pid_t> owner_{0};
 };
 
 }  // namespace workerlock::detail

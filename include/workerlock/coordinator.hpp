@@ -31,6 +31,8 @@
 #include "election.hpp"
 #include "error.hpp"
 #include "file_backend.hpp"
+#include "generation_marker.hpp"
+#include "interrupter.hpp"
 #include "options.hpp"
 #include "role.hpp"
 #include "startup_barrier.hpp"
@@ -46,8 +48,7 @@ struct start_failure {
   std::error_code code;
   std::string operation;
   std::string explanation;
-  std::filesystem::path marker;  // set when the error is about the startup marker
-  std::exception_ptr thrown;     // a lock_error of the backend, passed on as it is
+  std::exception_ptr thrown;  // a lock_error of the backend, passed on as it is
 
   //! Returns false, for `return f.set(...)` in a function that reports success.
   bool set(std::error_code ec, const char* op, std::string why = {}) {
@@ -226,17 +227,14 @@ class Coordinator {
   explicit Coordinator(std::unique_ptr<Backend> backend, CoordinatorOptions options = {})
       : backend_(std::move(backend)),
         options_(std::move(options)),
-        startup_marker_base_(backend_->startup_marker_base()),
         startup_backoff_(options_.retry_backoff_min) {
-    if (startup_marker_base_.empty()) return;
-    // Also the room for FileBackend's whole-server note `<path>.stopped`, no longer.
-    static_assert(std::string_view(".stopped").size() <= detail::startup_marker_suffix.size(),
-                  "the startup marker's name check covers the whole-server note's");
-    StartupBarrier::check_lock_path(startup_marker_base_);
-    // The default generation is read by start(), in the worker.
-    if (!options_.startup_generation.empty())
-      barrier_.emplace(startup_marker_base_, options_.startup_generation,
-                       options_.lock.allow_foreign_owner);
+    // Checks the generation and the room for the barrier's record now. The default
+    // generation is read again by start(), in the worker.
+    std::shared_ptr<GenerationMarker> barrier = backend_->startup_barrier(
+        options_.startup_generation.empty() ? StartupBarrier::master_generation()
+                                            : options_.startup_generation);
+    offers_barrier_ = barrier != nullptr;
+    if (!options_.startup_generation.empty()) barrier_ = std::move(barrier);
   }
 
   Coordinator(const Coordinator&) = delete;
@@ -318,7 +316,7 @@ class Coordinator {
   }
 
   //! Asks the Coordinator to stop, without waiting: async-signal-safe (lock-free atomics, a
-  //! futex wake, and the backend's interrupt()), so a SIGTERM handler may call it.
+  //! futex wake, and Interrupter::interrupt()), so a SIGTERM handler may call it.
   //! In WaitMode::background_thread the coordinator thread then leaves by itself: a primary
   //! runs on_demoted and releases at once (on that thread), a standby stops waiting.
   //! In WaitMode::polled the next poll(), stop(), start() or the destructor completes it
@@ -336,7 +334,7 @@ class Coordinator {
       if (scope == StopScope::whole_server) whole_server_stop_.store(true);
       stop_requested_.store(true);
       wakeups_.bump_and_wake();
-      if (options_.wait == WaitMode::background_thread && running_.load()) backend_->interrupt();
+      if (running_.load()) interrupter_.interrupt();
     }
     errno = saved;
   }
@@ -376,8 +374,7 @@ class Coordinator {
         if (still_held_after_deferral()) take_role();
       }
     } else if (now >= next_verify_) {
-      next_verify_ = detail::deadline_after(backend_->verify_interval());
-      if (!verify()) demote_and_reset("the lock was lost");
+      check_hold();
     }
     finish_stop_requested_by_callback();
   }
@@ -419,17 +416,16 @@ class Coordinator {
     return !inherited_across_fork();
   }
   const Backend& backend() const noexcept { return *backend_; }
-  //! The startup barrier of this start() (before the first one, with the default
-  //! generation: of the calling process's master), or nullopt when the backend offers no
-  //! place for its marker.
-  std::optional<StartupBarrier> startup_barrier() const {
+  //! The startup barrier's record of this start() (before the first one, with the default
+  //! generation: of the calling process's master), or nullptr when the backend keeps none
+  //! (see Backend::startup_barrier()). For FileBackend, a StartupBarrier.
+  std::shared_ptr<const GenerationMarker> startup_barrier() const {
     {
       std::lock_guard<std::mutex> guard(barrier_mutex_);
       if (barrier_) return barrier_;
     }
-    if (startup_marker_base_.empty()) return std::nullopt;
-    return StartupBarrier(startup_marker_base_, StartupBarrier::master_generation(),
-                          options_.lock.allow_foreign_owner);
+    if (!offers_barrier_) return nullptr;
+    return backend_->startup_barrier(StartupBarrier::master_generation());
   }
   //! The backend's fencing token of the current hold (0 for lock files, and in a child of
   //! fork()). Safe from any thread, and async-signal-safe.
@@ -442,8 +438,8 @@ class Coordinator {
   //! `timeout`; returns whether they completed. Workers started after completion return
   //! at once. Waiters keep waiting across a failover in the middle of the tasks. The wait
   //! ends at an absolute deadline, however many signals arrive.
-  //! Throws: lock_error if the marker could not be read until the deadline (see
-  //! StartupBarrier::wait_for()).
+  //! Throws: lock_error if the record could not be read until the deadline (see
+  //! wait_for_generation()).
   bool wait_for_startup(std::chrono::milliseconds timeout) const {
     detail::start_failure f;
     const bool done = await_startup(timeout, f);
@@ -512,13 +508,13 @@ class Coordinator {
 
   //! Wakes the coordinator thread and waits until it has left, interrupting the backend's
   //! wait every millisecond: a signal sent just before the thread enters its blocking call
-  //! is lost, and FileBackend::interrupt() also undoes a host's change to the signal's
-  //! handler. Requires control_mutex_ and stop_requested_.
+  //! is lost, and FileBackend's kick also undoes a host's change to the signal's handler.
+  //! Requires control_mutex_ and stop_requested_.
   void end_thread() noexcept {
     if (!thread_started_) return;
     wakeups_.bump_and_wake();
     while (thread_done_.load() == 0) {
-      backend_->interrupt();
+      interrupter_.interrupt();
       thread_done_.wait_while(0, detail::deadline_after(std::chrono::milliseconds(1)));
     }
     ::pthread_join(thread_, nullptr);
@@ -532,6 +528,14 @@ class Coordinator {
     running_ = false;
   }
 
+  //! An error's what() for a log line, without the "workerlock: " that starts the line.
+  static std::string_view reason(const std::exception& error) noexcept {
+    std::string_view text = error.what();
+    constexpr std::string_view prefix = "workerlock: ";
+    if (text.substr(0, prefix.size()) == prefix) text.remove_prefix(prefix.size());
+    return text;
+  }
+
   //! Formats only when there is a sink; a sink that throws loses its line, nothing else.
   template <typename... Args>
   void log(LogLevel level, fmt::format_string<Args...> format, Args&&... args) const noexcept {
@@ -543,10 +547,9 @@ class Coordinator {
   }
 
   //! Throws the lock_error that `f` describes: the backend's own as it was thrown, else one
-  //! naming the marker, the network target or the lock file's path.
+  //! naming the network target or the lock file's path.
   [[noreturn]] void raise(const detail::start_failure& f) const {
     if (f.thrown) std::rethrow_exception(f.thrown);
-    if (!f.marker.empty()) throw lock_error(f.operation, f.marker, f.code, f.explanation);
     if (auto target = backend_->network_target(); !target.empty())
       throw lock_error(f.operation, lock_error::network_target{std::move(target)}, f.code,
                        f.explanation);
@@ -557,14 +560,7 @@ class Coordinator {
   bool await_startup(std::chrono::milliseconds timeout, detail::start_failure& f) const noexcept {
     try {
       const auto barrier = startup_barrier();
-      if (!barrier) return false;
-      detail::failure read;
-      const bool done = barrier->wait(timeout, read);
-      if (read) {
-        f.marker = barrier->marker_path();
-        f.set(read.code, read.operation, read.explanation);
-      }
-      return done;
+      return barrier && wait_for_generation(*barrier, timeout);
     } catch (...) {
       f.set_from_current_exception("wait for the startup of");
     }
@@ -647,6 +643,12 @@ class Coordinator {
     if (!check_options(f)) return false;
     // Formatted once, while no thread runs, so that log lines need no allocation.
     description_ = backend_->describe();
+    if (startup_ && !offers_barrier_)
+      return f.set(make_error_code(errc::bad_configuration), operation,
+                   fmt::format("on_startup is set, but the backend ({}) keeps no startup barrier, "
+                               "so the tasks could not run once per generation: run them "
+                               "elsewhere, or use a backend that keeps one",
+                               description_));
     read_default_startup_generation();
     // The scope first: a request_stop(whole_server) from a signal handler racing this start()
     // sets it before stop_requested_, so it keeps its scope.
@@ -670,7 +672,7 @@ class Coordinator {
     }
     bool held = false;
     try {
-      backend_->clear_interrupt();
+      interrupter_.clear();
       backend_->prepare();
       held = backend_->try_acquire();
     } catch (...) {
@@ -726,7 +728,7 @@ class Coordinator {
       if (!backend_->held()) {
         bool got = false;
         try {
-          got = backend_->wait_acquire();
+          got = backend_->wait_acquire(interrupter_);
         } catch (const std::exception& error) {
           report_retry(error);
           backend_->reset();
@@ -740,9 +742,9 @@ class Coordinator {
           promote();
         }
       } else {
-        sleep_unless_stopped(backend_->verify_interval());
+        sleep_until_unless_stopped(next_verify_);
         if (stop_requested_.load()) break;
-        if (!verify()) demote_and_reset("the lock was lost");
+        check_hold();
       }
     }
     finish();
@@ -769,13 +771,38 @@ class Coordinator {
     promotion_deferred_ = false;
   }
 
-  bool verify() noexcept {
+  //! verify_held() under the Backend error contract: `unknown` when it cannot tell and
+  //! the hold is still valid (before valid_until()), `lost` once that passed.
+  enum class proof { held, unknown, lost };
+  proof verify() noexcept {
     try {
-      return backend_->verify_held();
+      return backend_->verify_held() ? proof::held : proof::lost;
     } catch (const std::exception& error) {
-      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}", ::getpid(),
-          description_, error.what());
-      return false;
+      const bool valid = std::chrono::steady_clock::now() < backend_->valid_until();
+      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}; {}", ::getpid(),
+          description_, error.what(),
+          valid ? "keeping it while it is valid, and checking again" : "it is no longer valid");
+      return valid ? proof::unknown : proof::lost;
+    }
+  }
+
+  //! The primary's periodic check: schedules the next one (sooner, with backoff, while the
+  //! hold cannot be proven, at valid_until() at the latest), or steps down.
+  void check_hold() noexcept {
+    switch (verify()) {
+      case proof::held:
+        verify_backoff_ = options_.retry_backoff_min;
+        next_verify_ = detail::deadline_after(backend_->verify_interval());
+        return;
+      case proof::unknown:
+        next_verify_ =
+            std::min(detail::deadline_after(std::min(verify_backoff_, backend_->verify_interval())),
+                     backend_->valid_until());
+        verify_backoff_ = doubled_backoff(verify_backoff_);
+        return;
+      case proof::lost:
+        demote_and_reset("the lock was lost");
+        return;
     }
   }
 
@@ -861,7 +888,7 @@ class Coordinator {
   //! replaced or deleted meanwhile). If not, releases it without callbacks (on_promoted
   //! never ran) so that the standby machinery takes the lock anew.
   bool still_held_after_deferral() noexcept {
-    if (verify()) return true;
+    if (verify() != proof::lost) return true;
     log(LogLevel::warning,
         "workerlock: pid={} {}: the lock was lost during the deferral after a whole-server "
         "stop; releasing without callbacks",
@@ -888,18 +915,19 @@ class Coordinator {
 
   void take_role() noexcept {
     role_.store(Role::primary);
+    next_verify_ = detail::deadline_after(backend_->verify_interval());
+    verify_backoff_ = options_.retry_backoff_min;
     log(LogLevel::info, "workerlock: pid={} role=primary {}", ::getpid(), description_);
     bool completed = false;
-    if (startup_ && barrier_ && !read_startup_marker(completed)) return;  // stepped down
-    if (startup_ && barrier_ && !completed) {
-      std::error_code ec;
-      if (invoke(startup_, "on_startup")) barrier_->complete(ec);
-      if (ec) {
-        log(LogLevel::error, "workerlock: pid={} cannot mark startup complete in {}: {}",
-            ::getpid(), barrier_->marker_path().native(), ec.message());
+    const bool tasks = startup_ && barrier_;  // start() refuses on_startup without a barrier
+    if (tasks && !read_startup_marker(completed)) return;  // stepped down
+    if (tasks && !completed && invoke(startup_, "on_startup")) {
+      try {
+        barrier_->complete();
+      } catch (const std::exception& error) {
+        log(LogLevel::error, "workerlock: pid={} on_startup completed, but {}", ::getpid(),
+            reason(error));
       }
-    } else if (startup_ && !barrier_) {
-      invoke(startup_, "on_startup");
     }
     invoke(promoted_, "on_promoted");
   }
@@ -908,9 +936,9 @@ class Coordinator {
   //! Coordinator built in the master (a global, say) must not take the master's parent
   //! (pid 1 under systemd) for the master. Requires control_mutex_ and no running thread.
   void read_default_startup_generation() {
-    if (startup_marker_base_.empty() || !options_.startup_generation.empty()) return;
-    StartupBarrier fresh(startup_marker_base_, StartupBarrier::master_generation(),
-                         options_.lock.allow_foreign_owner);
+    if (!offers_barrier_ || !options_.startup_generation.empty()) return;
+    std::shared_ptr<GenerationMarker> fresh =
+        backend_->startup_barrier(StartupBarrier::master_generation());
     std::lock_guard<std::mutex> guard(barrier_mutex_);
     barrier_ = std::move(fresh);
   }
@@ -919,10 +947,10 @@ class Coordinator {
   //! is no answer, and running the tasks on it could run them twice: then this worker
   //! steps down instead, and the result is false.
   bool read_startup_marker(bool& completed) noexcept {
-    detail::failure f;
-    completed = barrier_->query(f);
-    if (f) {
-      step_down_for_unreadable_marker(f);
+    try {
+      completed = barrier_->completed();
+    } catch (const std::exception& error) {
+      step_down_for_unreadable_marker(error);
       return false;
     }
     startup_backoff_ = options_.retry_backoff_min;
@@ -932,15 +960,12 @@ class Coordinator {
   //! Releases the lock without callbacks (on_promoted never ran) and lets the standby
   //! machinery try again after a backoff: another standby, or this one once the marker
   //! can be read. The pause ends at once on stop().
-  void step_down_for_unreadable_marker(const detail::failure& f) noexcept {
+  void step_down_for_unreadable_marker(const std::exception& error) noexcept {
     const auto pause = startup_backoff_;
     startup_backoff_ = doubled_backoff(startup_backoff_);
-    const bool explained = f.explanation != nullptr && *f.explanation != '\0';
     log(LogLevel::error,
-        "workerlock: pid={} cannot {} '{}'{}{}{}: {}; on_startup not run, stepping down and "
-        "retrying in {} ms",
-        ::getpid(), f.operation, barrier_->marker_path().native(), explained ? " (" : "",
-        explained ? f.explanation : "", explained ? ")" : "", f.code.message(), pause.count());
+        "workerlock: pid={} {}; on_startup not run, stepping down and retrying in {} ms",
+        ::getpid(), reason(error), pause.count());
     backend_->release();
     role_.store(Role::secondary);
     log(LogLevel::info, "workerlock: pid={} role=secondary {} (the startup marker cannot be read)",
@@ -973,8 +998,11 @@ class Coordinator {
   std::unique_ptr<Backend> backend_;
   std::string description_;
   CoordinatorOptions options_;
-  std::filesystem::path startup_marker_base_;  // empty: the backend offers no marker
-  std::optional<StartupBarrier> barrier_;      // written by begin() under barrier_mutex_
+  Interrupter interrupter_;      // ends the backend's wait; interrupted by request_stop()
+  bool offers_barrier_ = false;  // the backend keeps a startup barrier's record
+  // This start()'s record (written by begin() under barrier_mutex_); null before the first
+  // start() with the default generation, or when the backend keeps none.
+  std::shared_ptr<GenerationMarker> barrier_;
   mutable std::mutex barrier_mutex_;
   Callback promoted_;
   Callback demoted_;
@@ -1003,7 +1031,8 @@ class Coordinator {
   std::chrono::milliseconds backoff_{10};
   std::chrono::steady_clock::time_point next_attempt_{};
   std::chrono::steady_clock::time_point next_verify_{};
-  std::chrono::milliseconds startup_backoff_;  // after an unreadable startup marker
+  std::chrono::milliseconds startup_backoff_;     // after an unreadable startup marker
+  std::chrono::milliseconds verify_backoff_{10};  // after a verify_held() that could not tell
   bool promotion_deferred_ = false;  // polled: held, waiting for deferred_until_ (see promote())
   std::chrono::steady_clock::time_point deferred_until_{};
   sigset_t host_mask_{};  // the signal mask of start()'s caller, for callbacks on the thread

@@ -4,7 +4,6 @@
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 
@@ -17,15 +16,19 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <fmt/format.h>
 
 #include "backend.hpp"
 #include "detail/lock_file.hpp"
 #include "error.hpp"
+#include "interrupter.hpp"
 #include "options.hpp"
+#include "startup_barrier.hpp"
 #include "worker_lock.hpp"
 
 namespace workerlock {
@@ -67,11 +70,12 @@ inline std::string signal_name(int signal) {
 }  // namespace detail
 
 //! Holds the primary role through a WorkerLock on `path`. A standby sleeps in the kernel's
-//! blocking lock call; interrupt() wakes it with `wakeup_signal`, whose handler (a no-op,
-//! installed without SA_RESTART) prepare() installs. If the host replaces that handler later
-//! (SIG_IGN, its own handler, SA_RESTART), interrupt() puts workerlock's back, so a stop
-//! still ends the wait, and the waiting thread logs an error naming the signal.
-class FileBackend final : public Backend {
+//! blocking lock call; the Interrupter passed to wait_acquire() wakes it with
+//! `wakeup_signal`, whose handler (a no-op, installed without SA_RESTART) prepare()
+//! installs. If the host replaces that handler later (SIG_IGN, its own handler,
+//! SA_RESTART), an interrupt puts workerlock's back, so a stop still ends the wait, and the
+//! waiting thread logs an error naming the signal.
+class FileBackend final : public Backend, private Interrupter::Kick {
  public:
   //! wakeup_signal 0 picks SIGRTMIN + 5.
   FileBackend(std::filesystem::path path, Options options = {}, int wakeup_signal = 0,
@@ -121,24 +125,26 @@ class FileBackend final : public Backend {
   bool try_acquire() override { return note_hold(lock_.try_lock()); }
 
   //! Unblocks the wakeup signal only for the duration of the blocking call, so that the
-  //! signal never interrupts the host's own system calls (in callbacks, say).
-  bool wait_acquire() override {
+  //! signal never interrupts the host's own system calls (in callbacks, say). While it
+  //! waits, `interrupter`'s interrupt() sends the wakeup signal to this thread (see kick()).
+  bool wait_acquire(Interrupter& interrupter) override {
     sigset_t wakeup;
     sigemptyset(&wakeup);
     sigaddset(&wakeup, wakeup_signal_);
-    waiter_.store(::pthread_self());
-    waiting_.store(true);
-    ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
+    waiter_ = ::pthread_self();
     detail::failure f;
     bool held = false;
-    if (!interrupted_.load()) {
-      held = detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+    {
+      // The scope ends only once no interrupt() is still about to signal this thread, so
+      // it never signals a thread that left (or was joined).
+      Interrupter::KickScope kick(interrupter, *this);
+      ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
+      if (!interrupter.interrupted()) {
+        held =
+            detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+      }
+      ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
     }
-    ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
-    waiting_.store(false);
-    // An interrupt() that saw waiting_ may still be about to signal this thread: stay alive
-    // (and this the waiting thread) until it has, so it never signals a joined thread.
-    while (signalling_.load() != 0) ::sched_yield();
     // A wakeup sent just as the wait ended is pending now: drain it, so that it cannot
     // interrupt a system call of the host's callbacks, which run with the wakeup signal
     // unblocked (the host's own mask).
@@ -150,29 +156,21 @@ class FileBackend final : public Backend {
     return note_hold(held);
   }
 
-  //! A signal sent just before the waiter enters the kernel is lost; callers repeat it
-  //! until the wait returns (Coordinator::stop() does, every millisecond). If the host
-  //! replaced workerlock's handler of the wakeup signal (which would leave the wait
-  //! uninterrupted, or kill the process under SIG_DFL), it is put back first.
-  //! Async-signal-safe: atomics, sigaction() and pthread_kill() only.
-  void interrupt() noexcept override {
-    interrupted_.store(true);
-    signalling_.fetch_add(1);
-    if (waiting_.load()) {
-      reinstall_handler_if_replaced();
-      ::pthread_kill(waiter_.load(), wakeup_signal_);
-    }
-    signalling_.fetch_sub(1);
-  }
-  void clear_interrupt() noexcept override { interrupted_.store(false); }
-
   //! The path must still name the file we hold: a removed or replaced file would let a
-  //! second process lock a new one. Errors other than ENOENT keep the role.
+  //! second process lock a new one. Returns false when it names nothing (ENOENT) or another
+  //! file. Throws: lock_error when it cannot be looked at (EACCES, EIO...): the
+  //! lock is still ours, and a lock file does not expire (valid_until() is max()), so the
+  //! Coordinator keeps the role and looks again.
   bool verify_held() override {
     const auto* s = detail::worker_lock_access::state(lock_);
     if (s == nullptr || !s->owned) return false;
     struct stat st {};
-    if (::lstat(lock_.path().c_str(), &st) != 0) return errno != ENOENT;
+    if (::lstat(lock_.path().c_str(), &st) != 0) {
+      const int e = errno;
+      if (e == ENOENT) return false;
+      throw lock_error("check the lock file", lock_.path(), {e, std::system_category()},
+                       "its path cannot be looked at; the lock is kept");
+    }
     return st.st_dev == s->dev && st.st_ino == s->ino;
   }
   std::chrono::milliseconds verify_interval() const noexcept override {
@@ -263,13 +261,28 @@ class FileBackend final : public Backend {
   std::string describe() const override { return fmt::format("path={}", lock_.path().native()); }
   //! The lock file's path.
   std::filesystem::path error_path() const override { return lock_.path(); }
-  std::filesystem::path startup_marker_base() const override { return lock_.path(); }
+  //! The marker file `<path>.startup` (see StartupBarrier).
+  std::unique_ptr<GenerationMarker> startup_barrier(const std::string& generation) const override {
+    // The marker's name check also covers the whole-server note `<path>.stopped`.
+    static_assert(std::string_view(".stopped").size() <= detail::startup_marker_suffix.size());
+    return std::make_unique<StartupBarrier>(lock_.path(), generation,
+                                            lock_.options().allow_foreign_owner);
+  }
 
   const WorkerLock& lock() const noexcept { return lock_; }
   int wakeup_signal() const noexcept { return wakeup_signal_; }
 
  private:
   static void ignore_signal(int) noexcept {}
+
+  //! Interrupter::Kick: the interrupt of a wait_acquire() in progress. If the host replaced
+  //! workerlock's handler of the wakeup signal (which would leave the wait uninterrupted, or
+  //! kill the process under SIG_DFL), it is put back first. Async-signal-safe: sigaction()
+  //! and pthread_kill() only.
+  void kick() noexcept override {
+    reinstall_handler_if_replaced();
+    ::pthread_kill(waiter_, wakeup_signal_);
+  }
 
   //! The note: 20 digits of nanoseconds, a newline, the 36 characters of the boot id, a
   //! newline.
@@ -380,10 +393,7 @@ class FileBackend final : public Backend {
   std::string stop_note_;  // <path>.stopped: the note of a whole-server stop
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;
-  std::atomic<bool> interrupted_{false};
-  std::atomic<bool> waiting_{false};
-  std::atomic<int> signalling_{0};  // interrupt() calls between seeing waiting_ and signalling
-  std::atomic<pthread_t> waiter_{};
+  pthread_t waiter_{};  // the thread in wait_acquire(); published by its Interrupter::KickScope
   std::atomic<pid_t> held_in_{0};  // the process holding the lock through this backend
   mutable std::atomic<int> replaced_{none};
 };

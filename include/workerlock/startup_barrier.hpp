@@ -26,10 +26,9 @@
 #include "detail/posix.hpp"
 #include "detail/proc_stat.hpp"
 #include "error.hpp"
+#include "generation_marker.hpp"
 
 namespace workerlock {
-
-class Coordinator;
 
 namespace detail {
 
@@ -72,10 +71,11 @@ inline std::uint64_t temporary_name_bits() noexcept {
 
 }  // namespace detail
 
-//! A marker file next to the lock, `<lock path>.startup`, holding the generation whose
-//! startup tasks completed. The primary calls complete() after its tasks; every worker may
-//! wait_for() it. A new generation (by default: a new master process) starts incomplete,
-//! so tasks run again after a restart of the whole server but not after a failover.
+//! FileBackend's GenerationMarker: a marker file next to the lock, `<lock path>.startup`,
+//! holding the generation whose startup tasks completed. The primary calls complete() after its
+//! tasks; every worker may wait_for() it. A new generation (by default: a new master process)
+//! starts incomplete, so tasks run again after a restart of the whole server but not after a
+//! failover.
 //!
 //! The marker gets the lock file's protections: it is never followed if it is a symbolic
 //! link, never opened in a way that can block (a FIFO), must be a regular file of at most
@@ -83,7 +83,7 @@ inline std::uint64_t temporary_name_bits() noexcept {
 //! /run/lock or /tmp it must not belong to another ordinary user (who could otherwise
 //! write the right generation there and make the primary skip its tasks). A marker that
 //! breaks these rules, or cannot be read at all, is an error, never an answer.
-class StartupBarrier {
+class StartupBarrier final : public GenerationMarker {
  public:
   //! The longest generation accepted, in bytes.
   static constexpr std::size_t max_generation_size = 256;
@@ -143,11 +143,13 @@ class StartupBarrier {
 
   const std::filesystem::path& marker_path() const noexcept { return marker_; }
   const std::string& generation() const noexcept { return generation_; }
+  //! The marker's path, quoted: "'/run/app/primary.lock.startup'".
+  std::string describe() const override { return fmt::format("'{}'", marker_.native()); }
 
   //! Returns: true when the marker names this generation; false when it names another one
   //! or does not exist.
   //! Throws: lock_error when the marker cannot be read or is refused (see the class).
-  bool completed() const {
+  bool completed() const override {
     detail::failure f;
     const bool done = query(f);
     f.throw_if_failed(marker_);
@@ -166,7 +168,7 @@ class StartupBarrier {
   //! (O_EXCL | O_NOFOLLOW) and renames it over the marker, so a reader sees the old marker
   //! or the new one, never half of one.
   //! Throws: lock_error.
-  void complete() {
+  void complete() override {
     detail::failure f;
     write_marker(f);
     f.throw_if_failed(marker_);
@@ -196,8 +198,6 @@ class StartupBarrier {
   }
 
  private:
-  friend class Coordinator;  // logs the explanation of a failed read
-
   //! The implementation of completed(): false with `f` set on an error.
   bool query(detail::failure& f) const noexcept {
     constexpr const char* operation = "read startup marker";
@@ -313,16 +313,10 @@ class StartupBarrier {
   }
 
   bool wait(std::chrono::milliseconds timeout, detail::failure& f) const noexcept {
-    const auto deadline = detail::deadline_after(timeout);
-    auto pause = std::chrono::milliseconds(1);
-    for (;;) {
+    return detail::poll_until_done(timeout, [&]() noexcept {
       f = detail::failure{};
-      if (query(f)) return true;
-      const auto now = detail::monotonic_clock::now();
-      if (now >= deadline) return false;
-      detail::sleep_until(deadline - now > pause ? now + pause : deadline);
-      pause = std::min(pause * 2, std::chrono::milliseconds(20));
-    }
+      return query(f);
+    });
   }
 
   std::filesystem::path marker_;

@@ -112,6 +112,12 @@ std::string fresh_name(const char* what) {
   return fmt::format("test:{}:{}:{}", what, ::getpid(), ++counter);
 }
 
+//! For waits that nothing interrupts (a fresh one per wait: no interrupt() is ever left over).
+bool wait_for_lock(PostgresBackend& backend) {
+  workerlock::Interrupter never;
+  return backend.wait_acquire(never);
+}
+
 PostgresOptions options_for(const std::string& name) {
   PostgresOptions o;
   o.conninfo = server().conninfo();
@@ -461,7 +467,7 @@ TEST_CASE(
       CHECK(e.code() == std::errc::invalid_argument);
     }
     CHECK_THROWS_AS(backend.try_acquire(), lock_error);
-    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+    CHECK_THROWS_AS(wait_for_lock(backend), lock_error);
     CHECK_FALSE(backend.held());
     Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
     CHECK_THROWS_AS(c.start(), lock_error);
@@ -545,7 +551,7 @@ TEST_CASE(
     CHECK_FALSE(backend.held());
     CHECK(backend.fencing_token() == 0);
     CHECK_FALSE(backend.verify_held());
-    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+    CHECK_THROWS_AS(wait_for_lock(backend), lock_error);
 
     Checker checker;
     Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
@@ -588,7 +594,7 @@ TEST_CASE(
                "?sslmode=prefer";
   PostgresBackend backend(o);
   CHECK(backend.redacted_conninfo().find(wltest::PostgresServer::password) == std::string::npos);
-  CHECK(backend.wait_acquire());  // (waits out the restart grace if the cluster is young)
+  CHECK(wait_for_lock(backend));  // (waits out the restart grace if the cluster is young)
   CHECK(backend.verify_held());
   backend.release();
   CHECK_FALSE(backend.held());
@@ -792,7 +798,7 @@ TEST_CASE("postgres: restart grace: a new holder of a young server waits out res
   CHECK_FALSE(a.try_acquire());  // both locks won, promotion pending
   CHECK(pg.lock_holder_pid(a.key(), 2) == a.fence_session_pid());
   CHECK_FALSE(a.held());
-  CHECK(a.wait_acquire());  // waits out the rest of the grace
+  CHECK(wait_for_lock(a));  // waits out the rest of the grace
   const auto waited = std::chrono::steady_clock::now() - begin;
   CHECK(waited >= 1300ms);
   CHECK(waited < 10s);
@@ -833,7 +839,7 @@ TEST_CASE(
     std::string what;
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      a.wait_acquire();  // waits out the grace, then the proof gets no answer
+      wait_for_lock(a);  // waits out the grace, then the proof gets no answer
       FAIL("wait_acquire() did not throw");
     } catch (const lock_error& e) {
       code = e.code();
@@ -862,7 +868,7 @@ TEST_CASE(
     REQUIRE(pg.terminate(a.lock_session_pid()));
     std::error_code code;
     try {
-      a.wait_acquire();
+      wait_for_lock(a);
       FAIL("wait_acquire() did not throw");
     } catch (const lock_error& e) {
       code = e.code();
@@ -875,7 +881,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "postgres: wait_acquire() returns when the holder releases, and interrupt() cancels the wait",
+    "postgres: wait_acquire() returns when the holder releases, and the Interrupter cancels the "
+    "wait",
     "[postgres][threads]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
@@ -886,22 +893,23 @@ TEST_CASE(
   REQUIRE(a.try_acquire());
 
   // interrupt() ends a wait on the election lock; the session survives the cancel.
+  workerlock::Interrupter stop;
   std::atomic<int> result{-1};
-  std::thread waiter([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  std::thread waiter([&] { result.store(b.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
   auto t0 = std::chrono::steady_clock::now();
-  b.interrupt();
+  stop.interrupt();
   waiter.join();
   CHECK(result.load() == 0);
   CHECK(std::chrono::steady_clock::now() - t0 < 2s);
   CHECK(pg.lock_waiters(a.key(), 1) == 0);
   CHECK_FALSE(b.held());
-  CHECK_FALSE(b.wait_acquire());  // still interrupted until clear_interrupt()
-  b.clear_interrupt();
+  CHECK_FALSE(b.wait_acquire(stop));  // still interrupted until clear()
+  stop.clear();
 
   // A wait returns as soon as the holder releases.
   result.store(-1);
-  std::thread second([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  std::thread second([&] { result.store(b.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
   t0 = std::chrono::steady_clock::now();
   a.release();
@@ -918,14 +926,14 @@ TEST_CASE(
   // so a wins the election lock and waits for b's fence.
   REQUIRE(pg.terminate(b.lock_session_pid()));
   result.store(-1);
-  std::thread third([&] { result.store(a.wait_acquire() ? 1 : 0); });
+  std::thread third([&] { result.store(a.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 2) == 1; }, 10s));
-  a.interrupt();
+  stop.interrupt();
   third.join();
   CHECK(result.load() == 0);
   CHECK_FALSE(a.held());
   a.release();  // gives up the election lock it won
-  a.clear_interrupt();
+  stop.clear();
   b.reset();
 }
 
@@ -1091,7 +1099,7 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
     pids.push_back(wltest::fork_child([&] {
       PostgresBackend backend(o);
       shared->line.arrive_and_wait();
-      if (!backend.wait_acquire()) return 1;
+      if (!wait_for_lock(backend)) return 1;
       const int inside = shared->in_critical.fetch_add(1) + 1;
       int seen = shared->max_in_critical.load();
       while (inside > seen && !shared->max_in_critical.compare_exchange_weak(seen, inside)) {
@@ -1239,7 +1247,7 @@ TEST_CASE(
 
   const pid_t waiter = wltest::fork_child([&] {
     PostgresBackend backend(o);
-    if (!backend.wait_acquire()) return 1;
+    if (!wait_for_lock(backend)) return 1;
     shared->promoted_ns.store(mono_ns());
     backend.release();
     return 0;
@@ -1606,8 +1614,6 @@ TEST_CASE(
       int code = 0;
       if (backend.held() || backend.fencing_token() != 0) code = 1;
       if (code == 0 && backend.verify_held()) code = 2;
-      backend.interrupt();
-      backend.clear_interrupt();
       backend.release();
       backend.reset();
       slot.reset();
@@ -1991,4 +1997,46 @@ TEST_CASE(
   // The lock session's first connection was set up across the fork(): made afresh (a second
   // lookup); then the fence session's.
   CHECK(report->lookups.load() >= 3);
+}
+
+// The Backend error contract: verify_held() answers false only when a session is lost, and
+// throws (cannot tell) when one is silent; the Coordinator then keeps the role no longer than
+// valid_until().
+TEST_CASE(
+    "postgres: verify_held() throws ETIMEDOUT for a silent session (cannot tell), false for a "
+    "lost one",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("verify-contract"));
+  o.restart_grace = 0ms;
+  o.verify_interval = 2000ms;  // the check's deadline is command_timeout, well before valid_until
+  o.command_timeout = 500ms;
+  o.keepalives_idle = 30s;
+  o.tcp_user_timeout = 30s;
+  PostgresBackend a(o);
+  REQUIRE(a.try_acquire());
+  const int lock_pid = a.lock_session_pid();
+  REQUIRE(::kill(lock_pid, SIGSTOP) == 0);
+  struct Resume {
+    int pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{lock_pid};
+  const auto valid_until = a.valid_until();
+  try {
+    a.verify_held();
+    FAIL("verify_held() did not throw");
+  } catch (const lock_error& e) {
+    INFO("what(): " << e.what());
+    CHECK(e.code() == std::errc::timed_out);
+    CHECK(e.operation() == "verify the PostgreSQL lock on");
+    CHECK(e.target() == a.network_target());
+  }
+  CHECK(std::chrono::steady_clock::now() < valid_until);
+  CHECK(a.valid_until() == valid_until);  // no proof: not moved on
+  ::kill(lock_pid, SIGCONT);
+  // The silent session was given up; the next check finds it unusable: lost.
+  CHECK_FALSE(a.verify_held());
+  a.reset();
+  CHECK(wltest::eventually([&] { return pg.lock_holder_pid(a.key(), 1) == 0; }, 10s));
 }

@@ -6,10 +6,6 @@
 // come from pg_current_xact_id() on >= 13, txid_current() before).
 #pragma once
 
-#include <poll.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -110,8 +106,8 @@ struct PostgresOptions {
   //! use one connection each and open the second when they win the election lock.
   bool standby_fence_session = true;
 
-  //! After interrupt() stops a wait, bound on draining the cancelled statement; on timeout
-  //! the connection is closed instead.
+  //! After the Coordinator's Interrupter stops a wait, bound on draining the cancelled
+  //! statement; on timeout the connection is closed instead.
   std::chrono::milliseconds cancel_timeout{1000};
 
   //! Shown in pg_stat_activity (libpq fallback_application_name: the connection string's
@@ -192,11 +188,11 @@ struct PostgresOptions {
 //! on_promoted runs: a callback that runs past valid_until ends the hold the same way.
 //! Use a restart_grace of at least V + C (the default) on every worker.
 //!
-//! Threads: driven by one thread at a time (the Coordinator's); interrupt() from any thread;
-//! held(), fencing_token(), valid_until(), lock_session_pid(), fence_session_pid(),
-//! describe(), network_target(), key(), options() and redacted_conninfo() from any thread
-//! at any time (atomics; the first three are also async-signal-safe).
-class PostgresBackend final : public Backend, private detail::pg_waiter {
+//! Threads: driven by one thread at a time (the Coordinator's); held(), fencing_token(),
+//! valid_until(), lock_session_pid(), fence_session_pid(), describe(), network_target(), key(),
+//! options() and redacted_conninfo() from any thread at any time (atomics; the first three are also
+//! async-signal-safe).
+class PostgresBackend final : public Backend {
  public:
   //! The advisory lock key of a lock name: FNV-1a 64 of "workerlock:" + name, two's complement.
   static constexpr std::int64_t key_for(std::string_view name) noexcept {
@@ -226,23 +222,13 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     if (!options_.restart_grace)
       options_.restart_grace = options_.verify_interval + options_.command_timeout;
     configure(conninfo);
-    events_.event_fd = detail::keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (events_.event_fd < 0 && config_error_.empty()) {
-      config_errno_ = errno;
-      config_error_ = "cannot create the eventfd that interrupt() writes to";
-    }
-    detail::pg_fork::instance().add(&events_);
   }
 
   PostgresBackend(const PostgresBackend&) = delete;
   PostgresBackend& operator=(const PostgresBackend&) = delete;
 
   //! Closes both sessions (the server frees the locks). Never throws.
-  ~PostgresBackend() override {
-    reset();
-    detail::pg_fork::instance().remove(&events_);
-    if (events_.event_fd >= 0) ::close(events_.event_fd);
-  }
+  ~PostgresBackend() override { reset(); }
 
   //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) for a
   //! bad connection string or bad options. Every lock_error of this backend has an empty
@@ -259,41 +245,42 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   //! waited for the handover lock), or did not answer the final proof within command_timeout
   //! (ETIMEDOUT; the restart grace applies to the next attempt as after ECONNRESET); then
   //! nothing is held and both sessions are closed.
-  bool try_acquire() override { return acquire(false); }
+  bool try_acquire() override { return acquire(nullptr); }
 
   //! Waits in pg_advisory_lock on the lock session, then on the fence session, until both are
-  //! held (true) or interrupt() is called (false: the server is asked to cancel the wait
-  //! with PQcancel, and the session is kept). Throws as try_acquire(); a server that dies
+  //! held (true) or `interrupter` is interrupted (false: the server is asked to cancel the
+  //! wait with PQcancel, and the session is kept). Throws as try_acquire(); a server that dies
   //! during the wait is noticed through the TCP keepalives.
-  bool wait_acquire() override { return acquire(true); }
-
-  //! Wakes a wait_acquire() on another thread (an eventfd write). Async-signal-safe.
-  void interrupt() noexcept override {
-    interrupted_.store(true);
-    // A copy of the process not yet adopted shares the parent's eventfd: the flag is enough
-    // (acquire() checks it after adopting).
-    if (!detail::pg_fork::owns_connections()) return;
-    const std::uint64_t one = 1;
-    [[maybe_unused]] auto ignored = ::write(events_.event_fd, &one, sizeof one);
-  }
-  void clear_interrupt() noexcept override {
-    detail::pg_fork::adopt_if_copied();  // never drain the parent's eventfd
-    interrupted_.store(false);
-    std::uint64_t count = 0;
-    [[maybe_unused]] auto ignored = ::read(events_.event_fd, &count, sizeof count);
-  }
+  bool wait_acquire(Interrupter& interrupter) override { return acquire(&interrupter); }
 
   //! One `SELECT pg_backend_pid()` round trip on each session, sent together, answered by
   //! the server process that took the lock, within command_timeout and before valid_until()
   //! (false at once when that has passed: the hold can no longer be proven in time, see the
-  //! top of this header). On success valid_until() moves on. Never throws.
+  //! top of this header). On success valid_until() moves on. False when a session is lost
+  //! (closed, an error, another server process).
+  //! Throws: lock_error (ETIMEDOUT) when a session did not answer in time and none was seen
+  //! lost: the Backend contract's "cannot tell" (with the default schedule the deadline is
+  //! valid_until() itself, so the Coordinator steps down at once).
   bool verify_held() override {
     adopt_after_fork();
     if (!held_.load()) return false;
     const auto until = stored_valid_until();
     const auto now = clock::now();
     if (now >= until) return false;
-    return prove(std::min(now + options_.command_timeout, until)) == proof::held;
+    const auto deadline = std::min(now + options_.command_timeout, until);
+    switch (prove(deadline)) {
+      case proof::held:
+        return true;
+      case proof::lost:
+        return false;
+      case proof::late:
+        break;
+    }
+    throw lock_error(
+        "verify the PostgreSQL lock on", target(),
+        std::error_code(ETIMEDOUT, std::system_category()),
+        fmt::format("a session did not answer within {} ms",
+                    std::chrono::ceil<std::chrono::milliseconds>(deadline - now).count()));
   }
 
   //! verify_interval, shortened so that a check starts no later than valid_until() -
@@ -329,7 +316,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
       if (!locked_[i]) continue;
       detail::pg_result r;
       const bool unlocked = sent[i] &&
-                            session_[i].await(deadline, false, r, f, why) == outcome::done &&
+                            session_[i].await(deadline, nullptr, r, f, why) == outcome::done &&
                             detail::pg_one_row(r, 1) && detail::pg_text(r, 0)[0] == 't';
       locked_[i] = false;
       pid_[i] = 0;
@@ -348,7 +335,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   }
 
   bool held() const noexcept override {
-    return held_.load() && !events_.inherited.load() && detail::pg_fork::owns_connections();
+    return held_.load() && !session_[0].inherited() && detail::pg_fork::owns_connections();
   }
 
   //! The instant, on this host's steady_clock, until which this process may act as the
@@ -480,14 +467,17 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   // Acquisition
   // ------------------------------------------------------------------------------------------
 
-  bool acquire(bool wait) {
+  //! Waits (interruptibly) when given an `interrupter`, tries once without.
+  bool acquire(Interrupter* interrupter) {
     adopt_after_fork();
     check_configuration();
     if (held_.load()) return true;
-    if (wait && interrupted_.load()) return false;
+    if (interrupter != nullptr && interrupter->interrupted()) return false;
     detail::failure f;
     std::string why;
-    const bool got = advance(wait, f, why);
+    interrupter_ = interrupter;
+    const bool got = advance(interrupter != nullptr, f, why);
+    interrupter_ = nullptr;
     if (f) {
       reset();  // an error never leaves a lock behind
       // The server ended our session: it may have ended the holder's too (every session of
@@ -537,7 +527,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     }
     if (clock::now() < not_before_) {
       if (!wait) return false;
-      if (this->wait(-1, 0, not_before_, true) == outcome::interrupted) return false;
+      if (detail::pg_wait(interrupter_, -1, 0, not_before_) == outcome::interrupted) return false;
     }
     // The handover lock's statement proves only the fence session. The lock session took the
     // election lock earlier and has been silent since: the server may have ended it while we
@@ -590,7 +580,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     for (int i = 0; i < 2; ++i) {
       if (!sent[i]) continue;
       detail::pg_result r;
-      const auto answer = session_[i].await(deadline, false, r, f, why);
+      const auto answer = session_[i].await(deadline, nullptr, r, f, why);
       if (answer == outcome::timed_out) {
         late = true;
         session_[i].mark_broken();
@@ -624,7 +614,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
                : session.send(sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f,
                               why);
     if (!sent) return false;
-    switch (session.await(deadline, wait, r, f, why)) {
+    switch (session.await(deadline, wait ? interrupter_ : nullptr, r, f, why)) {
       case outcome::done:
         break;
       case outcome::interrupted:
@@ -665,11 +655,10 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   //! handler (or, after syscall(SYS_fork), by the raw-copy adoption); free them unseen.
   void adopt_after_fork() noexcept {
     detail::pg_fork::adopt_if_copied();
-    if (!detail::pg_fork::instance().disown(&events_)) return;
-    for (int i = 0; i < 2; ++i) {
-      session_[i].disown_if_inherited();
-      close(i);
-    }
+    const bool copied = session_[0].disown_if_inherited();
+    if (!session_[1].disown_if_inherited() && !copied) return;
+    close(0);
+    close(1);
     held_.store(false);
     token_.store(0);
     set_valid_until(clock::time_point::min());
@@ -681,7 +670,9 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     close(i);
     auto& session = session_[i];
     const auto deadline = clock::now() + connect_timeout_;
-    if (!session.open(connect_params_, deadline, wait, connect_timeout_, f, why)) return false;
+    Interrupter* interrupter = wait ? interrupter_ : nullptr;
+    if (!session.open(connect_params_, deadline, interrupter, connect_timeout_, f, why))
+      return false;
     const int version = session.server_version();
     sql_[i] = i == 0 ? detail::pg_lock_session_sql()
                      : detail::pg_fence_session_sql(version, options_.fencing);
@@ -691,7 +682,7 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     detail::pg_result r;
     auto answer = outcome::failed;
     if (session.send(detail::pg_setup_sql(version, settings).c_str(), {}, f, why, true))
-      answer = session.await(deadline, wait, r, f, why);
+      answer = session.await(deadline, interrupter, r, f, why);
     if (answer == outcome::done && session.check_row(r, 1, "connect to PostgreSQL", f, why)) {
       life_start_[i] = detail::pg_text(r, 0);
       return true;
@@ -707,29 +698,6 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
     return false;
   }
 
-  //! The wait of both sessions: their socket, and the eventfd that interrupt() writes to.
-  outcome wait(int fd, short events, clock::time_point deadline,
-               bool interruptible) noexcept override {
-    for (;;) {
-      if (interruptible && interrupted_.load()) return outcome::interrupted;
-      int timeout = -1;
-      if (deadline != clock::time_point::max()) {
-        const auto left = deadline - clock::now();
-        if (left <= clock::duration::zero()) return outcome::timed_out;
-        timeout = static_cast<int>(std::min<std::int64_t>(
-            std::chrono::ceil<std::chrono::milliseconds>(left).count(), 24 * 3600 * 1000));
-      }
-      pollfd fds[2] = {{fd, events, 0}, {events_.event_fd, POLLIN, 0}};
-      const int rc = ::poll(fds, interruptible ? 2 : 1, timeout);
-      if (rc < 0) {
-        if (errno == EINTR) continue;
-        return outcome::failed;
-      }
-      if (interruptible && fds[1].revents != 0) return outcome::interrupted;
-      if (fd >= 0 && fds[0].revents != 0) return outcome::done;
-    }
-  }
-
   PostgresOptions options_;
   std::int64_t key_ = 0;
   std::string key_text_, hi_text_, lo_text_;
@@ -741,8 +709,9 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   std::chrono::milliseconds connect_timeout_{5000};
   detail::pg_lock_sql sql_[2];
 
-  detail::pg_fork::slot events_;  // the eventfd interrupt() writes to
-  detail::pg_session session_[2] = {{*this, secrets_}, {*this, secrets_}};  // lock, fence
+  detail::pg_session session_[2] = {detail::pg_session(secrets_),
+                                    detail::pg_session(secrets_)};  // lock, fence session
+  Interrupter* interrupter_ = nullptr;                              // during wait_acquire()
   // Written by the driving thread only; atomic because held(), fencing_token(),
   // valid_until(), lock_session_pid() and fence_session_pid() are read from any thread.
   std::atomic<bool> locked_[2] = {false, false};
@@ -753,7 +722,6 @@ class PostgresBackend final : public Backend, private detail::pg_waiter {
   std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};
   clock::time_point not_before_{};   // promotion waits until then (restart grace)
   clock::time_point grace_floor_{};  // ... and until then (our session was ended by the server)
-  std::atomic<bool> interrupted_{false};
 };
 
 }  // namespace workerlock

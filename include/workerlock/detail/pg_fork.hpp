@@ -4,7 +4,6 @@
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <sys/eventfd.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -43,7 +42,6 @@ class pg_fork final : public fork_hook {
     bool connecting = false;  // libpq works on conn without the mutex: the handlers skip it
     bool leak = false;        // inherited while connecting, or not neutralized: never touch conn
     std::atomic<bool> inherited{false};  // copied into this process from its parent
-    int event_fd = -1;  // an eventfd the child must not share with the parent (or -1)
   };
 
   //! RAII holder of the mutex (after adopting a raw copy).
@@ -146,8 +144,7 @@ class pg_fork final : public fork_hook {
     neutralize_inherited();
   }
 
-  //! Points every inherited socket at /dev/null and gives each slot's eventfd a fresh one.
-  //! Async-signal-safe (dup3, close, eventfd).
+  //! Points every inherited socket at /dev/null. Async-signal-safe (dup3, close).
   void neutralize_inherited() noexcept {
     for (slot* s : slots_) {
       if (s->connecting) {
@@ -157,13 +154,6 @@ class pg_fork final : public fork_hook {
         if (fd >= 0 && (devnull_ < 0 || ::dup3(devnull_, fd, O_CLOEXEC) < 0)) {
           ::close(fd);
           s->leak = true;
-        }
-      }
-      if (s->event_fd >= 0) {  // the parent's interrupt() must not wake the child, nor back
-        const int fresh = keep_off_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-        if (fresh >= 0) {
-          ::dup3(fresh, s->event_fd, O_CLOEXEC);
-          ::close(fresh);
         }
       }
       s->inherited.store(true);

@@ -17,6 +17,7 @@
 #include <libpq-fe.h>
 
 #include "../error.hpp"
+#include "../interrupter.hpp"
 #include "pg_conninfo.hpp"
 #include "pg_fork.hpp"
 
@@ -26,16 +27,23 @@ using pg_clock = std::chrono::steady_clock;
 
 enum class pg_outcome { done, timed_out, interrupted, failed };
 
-//! How a session waits: until `fd` (ignored if negative) is ready for `events`, the wait is
-//! interrupted (only when `interruptible`), or `deadline` passes. `failed` leaves errno set.
-class pg_waiter {
- public:
-  virtual pg_outcome wait(int fd, short events, pg_clock::time_point deadline,
-                          bool interruptible) noexcept = 0;
-
- protected:
-  ~pg_waiter() = default;
-};
+//! Waits until `fd` (ignored if negative) is ready for `events`, `deadline` passes, or,
+//! with an `interrupter`, it is interrupted. `failed` leaves errno set.
+inline pg_outcome pg_wait(Interrupter* interrupter, int fd, short events,
+                          pg_clock::time_point deadline) noexcept {
+  switch (interrupter != nullptr ? interrupter->wait(fd, events, deadline)
+                                 : wait_ready(fd, events, deadline)) {
+    case WaitResult::ready:
+      return pg_outcome::done;
+    case WaitResult::timed_out:
+      return pg_outcome::timed_out;
+    case WaitResult::interrupted:
+      return pg_outcome::interrupted;
+    case WaitResult::error:
+      break;
+  }
+  return pg_outcome::failed;
+}
 
 struct pg_result_deleter {
   void operator()(PGresult* r) const noexcept { PQclear(r); }
@@ -69,11 +77,11 @@ struct pg_connect_params {
 //! One connection to the server. Driven by one thread at a time. Every libpq call that may
 //! wait on the network (name resolution, connecting) runs without the fork mutex; the others
 //! (non-blocking sends and reads on a connected socket) run under it, so fork() never copies
-//! a connection half changed. Messages are scrubbed of `secrets`.
+//! a connection half changed. Waits end early when the `interrupter` given (if any) is
+//! interrupted. Messages are scrubbed of `secrets`.
 class pg_session {
  public:
-  pg_session(pg_waiter& waiter, const std::vector<std::string>& secrets)
-      : waiter_(waiter), secrets_(secrets) {
+  explicit pg_session(const std::vector<std::string>& secrets) : secrets_(secrets) {
     pg_fork::instance().add(&slot_);
   }
   pg_session(const pg_session&) = delete;
@@ -101,8 +109,9 @@ class pg_session {
 
   //! Opens the connection by `deadline`. Returns false with `f` set and `why` on failure, or
   //! with `f` empty when interrupted.
-  bool open(const pg_connect_params& params, pg_clock::time_point deadline, bool interruptible,
-            std::chrono::milliseconds timeout, failure& f, std::string& why) {
+  bool open(const pg_connect_params& params, pg_clock::time_point deadline,
+            Interrupter* interrupter, std::chrono::milliseconds timeout, failure& f,
+            std::string& why) {
     constexpr const char* operation = "connect to PostgreSQL";
     std::vector<const char*> keywords, values;
     for (std::size_t k = 0; k < params.keywords.size(); ++k) {
@@ -121,7 +130,7 @@ class pg_session {
       pg_fork::instance().publish(&slot_, conn);
       while (status != PGRES_POLLING_OK && status != PGRES_POLLING_FAILED) {
         const short events = status == PGRES_POLLING_READING ? POLLIN : POLLOUT;
-        const auto waited = waiter_.wait(PQsocket(conn), events, deadline, interruptible);
+        const auto waited = pg_wait(interrupter, PQsocket(conn), events, deadline);
         if (waited == pg_outcome::done) {
           status = PQconnectPoll(conn);  // may resolve the next host's name
           continue;
@@ -223,8 +232,8 @@ class pg_session {
   //! Waits for every result of the statement in flight; keeps the first error, else the
   //! last result. On anything but `done` the session is marked broken (a statement may still
   //! be in flight), except `interrupted`, which cancel() resolves.
-  pg_outcome await(pg_clock::time_point deadline, bool interruptible, pg_result& out, failure& f,
-                   std::string& why) {
+  pg_outcome await(pg_clock::time_point deadline, Interrupter* interrupter, pg_result& out,
+                   failure& f, std::string& why) {
     out.reset();
     PGconn* conn = slot_.conn;
     for (;;) {
@@ -263,7 +272,7 @@ class pg_session {
         return pg_outcome::done;
       }
       const short events = static_cast<short>(POLLIN | (flushed == 1 ? POLLOUT : 0));
-      const auto waited = waiter_.wait(PQsocket(conn), events, deadline, interruptible);
+      const auto waited = pg_wait(interrupter, PQsocket(conn), events, deadline);
       if (waited == pg_outcome::done) continue;
       if (waited != pg_outcome::interrupted) broken_ = true;
       if (waited == pg_outcome::failed) {
@@ -308,7 +317,7 @@ class pg_session {
     pg_result r;
     failure f;
     std::string why;
-    if (!cancelled || await(pg_clock::now() + timeout, false, r, f, why) != pg_outcome::done) {
+    if (!cancelled || await(pg_clock::now() + timeout, nullptr, r, f, why) != pg_outcome::done) {
       close();
       return {};
     }
@@ -326,7 +335,6 @@ class pg_session {
     return EIO;
   }
 
-  pg_waiter& waiter_;
   const std::vector<std::string>& secrets_;
   pg_fork::slot slot_;
   bool broken_ = false;

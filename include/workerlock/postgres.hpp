@@ -7,7 +7,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -23,9 +22,7 @@
 
 #include "backend.hpp"
 #include "detail/pg_conninfo.hpp"
-#include "detail/pg_session.hpp"
-#include "detail/pg_sql.hpp"
-#include "detail/posix.hpp"
+#include "detail/pg_hold.hpp"
 #include "error.hpp"
 
 namespace workerlock {
@@ -162,11 +159,11 @@ struct PostgresOptions {
 //! by syscall(SYS_fork) or clone() without CLONE_VM runs no atfork handler: there the first
 //! member called (the destructor, release(), reset() included) notices it from getpid() and
 //! does the same before anything else, so it never writes (not even libpq's Terminate) on the
-//! parent's sessions, nor waits for a mutex copied locked. For that,
-//! every libpq call runs under one process-wide mutex that fork() takes too, including the
-//! host name lookup of a new connection: a slow resolver (not bounded by connect_timeout)
-//! delays fork() and the other PostgresBackends of the process. Give an IP address (hostaddr)
-//! where that matters.
+//! parent's sessions, nor waits for a mutex copied locked. For that, libpq calls on a
+//! connected session run under a process-wide mutex that fork() takes too (they never wait
+//! on the network); name lookups and connecting run without it, so a slow resolver (not
+//! bounded by connect_timeout) never delays fork(). A connection that a fork() may have
+//! copied while it was being set up is ended and made afresh (detail/pg_fork.hpp).
 //!
 //! The local deadline, valid_until(). The holder proves its two sessions every
 //! verify_interval (V) with one round trip bounded by command_timeout (C). A proof sent at s
@@ -189,9 +186,9 @@ struct PostgresOptions {
 //! Use a restart_grace of at least V + C (the default) on every worker.
 //!
 //! Threads: driven by one thread at a time (the Coordinator's); held(), fencing_token(),
-//! valid_until(), lock_session_pid(), fence_session_pid(), describe(), network_target(), key(),
-//! options() and redacted_conninfo() from any thread at any time (atomics; the first three are also
-//! async-signal-safe).
+//! valid_until(), lock_session_pid(), fence_session_pid(), describe(), network_target(),
+//! key(), options() and redacted_conninfo() from any thread at any time (atomics; the first
+//! three are also async-signal-safe).
 class PostgresBackend final : public Backend {
  public:
   //! The advisory lock key of a lock name: FNV-1a 64 of "workerlock:" + name, two's complement.
@@ -206,23 +203,11 @@ class PostgresBackend final : public Backend {
   //! Effects: resolves the connection string ($WORKERLOCK_POSTGRES_URL when empty) and checks
   //! the options; connects nothing. A bad configuration is reported by prepare() and every
   //! acquisition, as a lock_error with code errc::bad_configuration.
-  explicit PostgresBackend(PostgresOptions options = {}) : options_(std::move(options)) {
-    if (options_.conninfo.empty()) {
-      if (const char* env = std::getenv("WORKERLOCK_POSTGRES_URL"); env != nullptr)
-        options_.conninfo = env;
-    }
-    key_ = options_.key ? *options_.key : key_for(options_.name);
-    key_text_ = std::to_string(key_);
-    hi_text_ = std::to_string(static_cast<std::int32_t>(static_cast<std::uint64_t>(key_) >> 32));
-    lo_text_ =
-        std::to_string(static_cast<std::int32_t>(static_cast<std::uint64_t>(key_) & 0xffffffffu));
-    auto conninfo = detail::pg_parse_conninfo(options_.conninfo);
-    redacted_ = std::move(conninfo.redacted);
-    secrets_ = std::move(conninfo.secrets);
-    if (!options_.restart_grace)
-      options_.restart_grace = options_.verify_interval + options_.command_timeout;
-    configure(conninfo);
-  }
+  explicit PostgresBackend(PostgresOptions options = {})
+      : options_(resolve(std::move(options))),
+        conninfo_(detail::pg_parse_conninfo(options_.conninfo)),
+        settings_(configure()),
+        hold_(settings_, conninfo_.secrets) {}
 
   PostgresBackend(const PostgresBackend&) = delete;
   PostgresBackend& operator=(const PostgresBackend&) = delete;
@@ -262,18 +247,18 @@ class PostgresBackend final : public Backend {
   //! lost: the Backend contract's "cannot tell" (with the default schedule the deadline is
   //! valid_until() itself, so the Coordinator steps down at once).
   bool verify_held() override {
-    adopt_after_fork();
-    if (!held_.load()) return false;
-    const auto until = stored_valid_until();
+    hold_.adopt_after_fork();
+    if (!hold_.held()) return false;
+    const auto until = hold_.valid_until();
     const auto now = clock::now();
     if (now >= until) return false;
     const auto deadline = std::min(now + options_.command_timeout, until);
-    switch (prove(deadline)) {
-      case proof::held:
+    switch (hold_.prove(deadline)) {
+      case detail::pg_hold::proof::held:
         return true;
-      case proof::lost:
+      case detail::pg_hold::proof::lost:
         return false;
-      case proof::late:
+      case detail::pg_hold::proof::late:
         break;
     }
     throw lock_error(
@@ -287,7 +272,7 @@ class PostgresBackend final : public Backend {
   //! command_timeout: verify_interval after the start of the last proof.
   std::chrono::milliseconds verify_interval() const noexcept override {
     if (!held()) return options_.verify_interval;
-    const auto left = stored_valid_until() - clock::now() - options_.command_timeout;
+    const auto left = hold_.valid_until() - clock::now() - options_.command_timeout;
     return std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(left),
                       std::chrono::milliseconds(0), options_.verify_interval);
   }
@@ -295,48 +280,17 @@ class PostgresBackend final : public Backend {
   //! pg_advisory_unlock on both sessions (sent together, within command_timeout); a session
   //! that does not answer, or already failed, is closed instead. Never throws.
   void release() noexcept override {
-    adopt_after_fork();
-    held_.store(false);
-    token_.store(0);
-    set_valid_until(clock::time_point::min());
-    if (!locked_[0] && !locked_[1]) return;
-    const auto deadline = clock::now() + options_.command_timeout;
-    bool sent[2] = {false, false};
-    detail::failure f;
-    std::string why;
-    if (locked_[0]) {
-      sent[0] =
-          session_[0].send("SELECT pg_advisory_unlock($1::int8)", {key_text_.c_str()}, f, why);
-    }
-    if (locked_[1]) {
-      sent[1] = session_[1].send("SELECT pg_advisory_unlock($1::int4, $2::int4)",
-                                 {hi_text_.c_str(), lo_text_.c_str()}, f, why);
-    }
-    for (int i = 0; i < 2; ++i) {
-      if (!locked_[i]) continue;
-      detail::pg_result r;
-      const bool unlocked = sent[i] &&
-                            session_[i].await(deadline, nullptr, r, f, why) == outcome::done &&
-                            detail::pg_one_row(r, 1) && detail::pg_text(r, 0)[0] == 't';
-      locked_[i] = false;
-      pid_[i] = 0;
-      if (!unlocked) close(i);
-    }
+    hold_.adopt_after_fork();
+    hold_.release();
   }
 
   //! Closes both sessions: the server frees whatever they held. Never throws.
   void reset() noexcept override {
-    adopt_after_fork();
-    held_.store(false);
-    token_.store(0);
-    set_valid_until(clock::time_point::min());
-    close(0);
-    close(1);
+    hold_.adopt_after_fork();
+    hold_.reset();
   }
 
-  bool held() const noexcept override {
-    return held_.load() && !session_[0].inherited() && detail::pg_fork::owns_connections();
-  }
+  bool held() const noexcept override { return hold_.held(); }
 
   //! The instant, on this host's steady_clock, until which this process may act as the
   //! holder: the start of the last successful proof (the acquisition, or verify_held()) +
@@ -344,7 +298,7 @@ class PostgresBackend final : public Backend {
   //! header for why. A Coordinator's role() reads secondary from then on, even before its
   //! thread has run verify_held() (a process paused past it). Any thread, async-signal-safe.
   std::chrono::steady_clock::time_point valid_until() const noexcept override {
-    return held() ? stored_valid_until() : clock::time_point::min();
+    return held() ? hold_.valid_until() : clock::time_point::min();
   }
 
   //! `postgres=<connection string, password ***> lock=<name> key=<key>`.
@@ -352,32 +306,54 @@ class PostgresBackend final : public Backend {
   //! `<connection string, password ***> lock=<name> key=<key>`: what lock_error::target()
   //! names in this backend's errors (and in the Coordinator's about it).
   std::string network_target() const override {
-    if (options_.key) return fmt::format("{} key={}", redacted_, key_);
-    return fmt::format("{} lock={} key={}", redacted_, options_.name, key_);
+    if (options_.key) return fmt::format("{} key={}", conninfo_.redacted, settings_.key);
+    return fmt::format("{} lock={} key={}", conninfo_.redacted, options_.name, settings_.key);
   }
 
   //! The transaction id allocated when this hold began (grows with every new holder on the
   //! server), or 0 when not held or fencing is off.
-  std::uint64_t fencing_token() const noexcept override { return held() ? token_.load() : 0; }
+  std::uint64_t fencing_token() const noexcept override { return held() ? hold_.token() : 0; }
 
-  std::int64_t key() const noexcept { return key_; }
+  std::int64_t key() const noexcept { return settings_.key; }
   const PostgresOptions& options() const noexcept { return options_; }
   //! The connection string with passwords replaced by ***.
-  const std::string& redacted_conninfo() const noexcept { return redacted_; }
+  const std::string& redacted_conninfo() const noexcept { return conninfo_.redacted; }
   //! The server process ids of the lock session and the fence session while they hold their
   //! lock (0 otherwise): the `pid` column of pg_locks and pg_stat_activity.
-  int lock_session_pid() const noexcept { return locked_[0].load() ? pid_[0].load() : 0; }
-  int fence_session_pid() const noexcept { return locked_[1].load() ? pid_[1].load() : 0; }
+  int lock_session_pid() const noexcept { return hold_.session_pid(0); }
+  int fence_session_pid() const noexcept { return hold_.session_pid(1); }
 
  private:
   using clock = std::chrono::steady_clock;
-  using outcome = detail::pg_outcome;
 
   // ------------------------------------------------------------------------------------------
   // Configuration
   // ------------------------------------------------------------------------------------------
 
-  void configure(detail::pg_conninfo& conninfo) {
+  //! The connection string from $WORKERLOCK_POSTGRES_URL when empty; the default grace.
+  static PostgresOptions resolve(PostgresOptions options) {
+    if (options.conninfo.empty()) {
+      if (const char* env = std::getenv("WORKERLOCK_POSTGRES_URL"); env != nullptr)
+        options.conninfo = env;
+    }
+    if (!options.restart_grace)
+      options.restart_grace = options.verify_interval + options.command_timeout;
+    return options;
+  }
+
+  //! Checks the options (the first problem lands in config_error_) and resolves them.
+  detail::pg_hold_settings configure() {
+    detail::pg_hold_settings settings;
+    settings.key = options_.key ? *options_.key : key_for(options_.name);
+    settings.verify_interval = options_.verify_interval;
+    settings.command_timeout = options_.command_timeout;
+    settings.cancel_timeout = options_.cancel_timeout;
+    settings.restart_grace = *options_.restart_grace;
+    settings.fencing = options_.fencing;
+    settings.standby_fence_session = options_.standby_fence_session;
+    settings.session = {options_.server_keepalives, options_.keepalives_idle,
+                        options_.keepalives_interval, options_.keepalives_count,
+                        options_.tcp_user_timeout};
     const auto bad = [&](std::string why) {
       if (config_error_.empty()) config_error_ = std::move(why);
     };
@@ -418,30 +394,30 @@ class PostgresBackend final : public Backend {
             2 * (options_.verify_interval + options_.command_timeout).count(), detection.count()));
       }
     }
-    if (!config_error_.empty()) return;
-
-    if (!conninfo.parsed()) {
-      bad("the connection string does not parse: " + conninfo.error);
-      return;
+    if (!config_error_.empty()) return settings;
+    if (!conninfo_.parsed()) {
+      bad("the connection string does not parse: " + conninfo_.error);
+      return settings;
     }
     std::chrono::milliseconds connect_timeout = options_.connect_timeout;
     bool has_fallback_name = false;
     std::vector<std::string> given;
-    for (auto& [keyword, value] : conninfo.given) {
+    auto& params = settings.connect_params;
+    for (const auto& [keyword, value] : conninfo_.given) {
       if (keyword == "connect_timeout") {
         const int seconds = std::atoi(value.c_str());  // libpq: at least 2 s; <= 0: no limit
         if (seconds > 0) connect_timeout = std::chrono::seconds(std::max(seconds, 2));
       }
       if (keyword == "fallback_application_name") has_fallback_name = true;
       given.push_back(keyword);
-      connect_params_.keywords.push_back(std::move(keyword));
-      connect_params_.values.push_back(std::move(value));
+      params.keywords.push_back(keyword);
+      params.values.push_back(value);
     }
-    connect_timeout_ = connect_timeout;
+    settings.connect_timeout = connect_timeout;
     const auto add_default = [&](const char* keyword, std::string value) {
       if (std::find(given.begin(), given.end(), keyword) != given.end()) return;
-      connect_params_.keywords.emplace_back(keyword);
-      connect_params_.values.push_back(std::move(value));
+      params.keywords.emplace_back(keyword);
+      params.values.push_back(std::move(value));
     };
     add_default("keepalives", "1");
     add_default("keepalives_idle", std::to_string(options_.keepalives_idle.count()));
@@ -451,14 +427,13 @@ class PostgresBackend final : public Backend {
       add_default("tcp_user_timeout", std::to_string(options_.tcp_user_timeout.count()));
     if (!has_fallback_name && !options_.application_name.empty())
       add_default("fallback_application_name", options_.application_name);
+    return settings;
   }
 
   void check_configuration() const {
     if (config_error_.empty()) return;
     throw lock_error("use the PostgreSQL lock on", target(),
-                     config_errno_ != 0 ? std::error_code(config_errno_, std::system_category())
-                                        : make_error_code(errc::bad_configuration),
-                     config_error_);
+                     make_error_code(errc::bad_configuration), config_error_);
   }
 
   lock_error::network_target target() const { return {network_target()}; }
@@ -469,259 +444,22 @@ class PostgresBackend final : public Backend {
 
   //! Waits (interruptibly) when given an `interrupter`, tries once without.
   bool acquire(Interrupter* interrupter) {
-    adopt_after_fork();
+    hold_.adopt_after_fork();
     check_configuration();
-    if (held_.load()) return true;
+    if (hold_.held()) return true;
     if (interrupter != nullptr && interrupter->interrupted()) return false;
     detail::failure f;
     std::string why;
-    interrupter_ = interrupter;
-    const bool got = advance(interrupter != nullptr, f, why);
-    interrupter_ = nullptr;
-    if (f) {
-      reset();  // an error never leaves a lock behind
-      // The server ended our session: it may have ended the holder's too (every session of
-      // the role killed, a restart), and the holder learns it only at its next check.
-      if (f.code.value() == ECONNRESET) grace_floor_ = clock::now() + *options_.restart_grace;
-      throw lock_error(f.operation, target(), f.code, why);
-    }
+    const bool got = hold_.acquire(interrupter, f, why);
+    if (f) throw lock_error(f.operation, target(), f.code, why);
     return got;
   }
 
-  //! Moves towards holding both locks. Returns true when promoted; false on contention,
-  //! interruption or a pending grace; sets `f` and `why` on errors.
-  bool advance(bool wait, detail::failure& f, std::string& why) {
-    const auto command_deadline = [&] {
-      return wait ? clock::time_point::max() : clock::now() + options_.command_timeout;
-    };
-    if (!locked_[0]) {
-      if (!session_[0].usable() && !connect(0, wait, f, why)) return false;
-      if (options_.standby_fence_session && !session_[1].usable() && !connect(1, wait, f, why))
-        return false;
-      detail::pg_result r;
-      const bool got = lock_statement(0, wait, command_deadline(), r, f, why);
-      if (f || !got) return false;
-      locked_[0] = true;
-      pid_[0] = std::atoi(detail::pg_text(r, 1));
-    }
-    if (!locked_[1]) {
-      if (!session_[1].usable() && !connect(1, wait, f, why)) return false;
-      if (life_start_[0] != life_start_[1]) {
-        f.set(EXDEV, "take the PostgreSQL lock on");
-        why =
-            "the lock session and the fence session reached different servers, or the server "
-            "restarted in between (a multi-host connection string needs "
-            "target_session_attrs=read-write or primary)";
-        return false;
-      }
-      detail::pg_result r;
-      const bool got = lock_statement(1, wait, command_deadline(), r, f, why);
-      if (f || !got) return false;
-      locked_[1] = true;
-      pid_[1] = std::atoi(detail::pg_text(r, 1));
-      token_ = std::strtoull(detail::pg_text(r, 2), nullptr, 10);
-      const auto uptime = std::chrono::milliseconds(std::atoll(detail::pg_text(r, 3)));
-      not_before_ = std::max(
-          grace_floor_,
-          clock::now() + std::max(std::chrono::milliseconds(0), *options_.restart_grace - uptime));
-    }
-    if (clock::now() < not_before_) {
-      if (!wait) return false;
-      if (detail::pg_wait(interrupter_, -1, 0, not_before_) == outcome::interrupted) return false;
-    }
-    // The handover lock's statement proves only the fence session. The lock session took the
-    // election lock earlier and has been silent since: the server may have ended it while we
-    // waited, and someone else may have taken the election lock, and both locks, since. One
-    // round trip on both sessions, answered by the same server processes, proves that they
-    // still hold both locks now (a session ended by the server drops its locks and never
-    // comes back); its start is the hold's proof for valid_until. If it fails, acquire()
-    // closes both sessions, which frees the handover lock again: never promoted.
-    switch (prove(clock::now() + options_.command_timeout)) {
-      case proof::held:
-        break;
-      case proof::lost:
-        f.set(ECONNRESET, "take the PostgreSQL lock on");
-        why =
-            "a session was lost when both locks were finally held (the lock session may have "
-            "been ended while it waited for the handover lock)";
-        return false;
-      case proof::late:
-        // Not known to be lost, but not known to be alive either: a session the server ended
-        // behind a network fault looks the same until the fault heals, and whatever ended
-        // ours may have ended the holder's sessions too (which it learns only at its next
-        // check). So the restart grace applies as after a lost session; only the code
-        // differs. acquire() sets grace_floor_ for ECONNRESET; here it is set directly.
-        f.set(ETIMEDOUT, "take the PostgreSQL lock on");
-        why = fmt::format(
-            "a session did not answer within command_timeout ({} ms) when both locks were "
-            "finally held",
-            options_.command_timeout.count());
-        grace_floor_ = clock::now() + *options_.restart_grace;
-        return false;
-    }
-    held_.store(true);  // after valid_until_: a reader never sees a hold without its deadline
-    return true;
-  }
-
-  //! One `SELECT pg_backend_pid()` on each session, sent together and answered by `deadline`
-  //! by the server processes that took the locks. On success, valid_until_ becomes the
-  //! instant just before they were sent + verify_interval + command_timeout. `late` when a
-  //! session did not answer by `deadline` and none was seen lost (closed, an error, another
-  //! server process); `lost` when one was.
-  enum class proof { held, late, lost };
-  proof prove(clock::time_point deadline) {
-    const auto start = clock::now();
-    detail::failure f;
-    std::string why;
-    bool sent[2] = {false, false};
-    for (int i = 0; i < 2; ++i) sent[i] = session_[i].send("SELECT pg_backend_pid()", {}, f, why);
-    bool lost = !sent[0] || !sent[1];
-    bool late = false;
-    for (int i = 0; i < 2; ++i) {
-      if (!sent[i]) continue;
-      detail::pg_result r;
-      const auto answer = session_[i].await(deadline, nullptr, r, f, why);
-      if (answer == outcome::timed_out) {
-        late = true;
-        session_[i].mark_broken();
-      } else if (answer != outcome::done || !detail::pg_one_row(r, 1) ||
-                 std::atoi(detail::pg_text(r, 0)) != pid_[i].load()) {
-        lost = true;
-        session_[i].mark_broken();
-      }
-    }
-    if (lost) return proof::lost;
-    if (late) return proof::late;
-    set_valid_until(start + options_.verify_interval + options_.command_timeout);
-    return proof::held;
-  }
-
-  clock::time_point stored_valid_until() const noexcept {
-    return clock::time_point(clock::duration(valid_until_.load()));
-  }
-  void set_valid_until(clock::time_point t) noexcept {
-    valid_until_.store(t.time_since_epoch().count());
-  }
-
-  //! The lock statement of session i: returns whether it is now held, with the row
-  //! (got, pid[, token, milliseconds since the server started]) in `r`.
-  bool lock_statement(int i, bool wait, clock::time_point deadline, detail::pg_result& r,
-                      detail::failure& f, std::string& why) {
-    auto& session = session_[i];
-    const char* sql = wait ? sql_[i].wait.c_str() : sql_[i].attempt.c_str();
-    const bool sent =
-        i == 0 ? session.send(sql, {key_text_.c_str()}, f, why)
-               : session.send(sql, {hi_text_.c_str(), lo_text_.c_str(), life_start_[1].c_str()}, f,
-                              why);
-    if (!sent) return false;
-    switch (session.await(deadline, wait ? interrupter_ : nullptr, r, f, why)) {
-      case outcome::done:
-        break;
-      case outcome::interrupted:
-        r = session.cancel(options_.cancel_timeout);
-        if (!r) return false;
-        break;
-      case outcome::timed_out:
-        why = fmt::format("no answer within command_timeout ({} ms)",
-                          options_.command_timeout.count());
-        f.set(ETIMEDOUT, "take the PostgreSQL lock on");
-        return false;
-      case outcome::failed:
-        return false;
-    }
-    if (!session.check_row(r, i == 0 ? 2 : 4, "take the PostgreSQL lock on", f, why)) {
-      if (detail::pg_sqlstate(r) == "25006" && options_.fencing) {
-        why +=
-            "; fencing tokens need a read-write server: connect to the primary, or set "
-            "PostgresOptions::fencing = false";
-      }
-      return false;
-    }
-    return detail::pg_text(r, 0)[0] == 't';
-  }
-
-  // ------------------------------------------------------------------------------------------
-  // Connections
-  // ------------------------------------------------------------------------------------------
-
-  void close(int i) noexcept {
-    session_[i].close();
-    locked_[i] = false;
-    pid_[i] = 0;
-    life_start_[i].clear();
-  }
-
-  //! Adopts the state after fork(): the parent's connections were neutralized by the fork
-  //! handler (or, after syscall(SYS_fork), by the raw-copy adoption); free them unseen.
-  void adopt_after_fork() noexcept {
-    detail::pg_fork::adopt_if_copied();
-    const bool copied = session_[0].disown_if_inherited();
-    if (!session_[1].disown_if_inherited() && !copied) return;
-    close(0);
-    close(1);
-    held_.store(false);
-    token_.store(0);
-    set_valid_until(clock::time_point::min());
-  }
-
-  //! Connects session i within connect_timeout (interruptibly if `wait`), then sets up the
-  //! session. Returns false with `f` empty when interrupted.
-  bool connect(int i, bool wait, detail::failure& f, std::string& why) {
-    close(i);
-    auto& session = session_[i];
-    const auto deadline = clock::now() + connect_timeout_;
-    Interrupter* interrupter = wait ? interrupter_ : nullptr;
-    if (!session.open(connect_params_, deadline, interrupter, connect_timeout_, f, why))
-      return false;
-    const int version = session.server_version();
-    sql_[i] = i == 0 ? detail::pg_lock_session_sql()
-                     : detail::pg_fence_session_sql(version, options_.fencing);
-    const detail::pg_session_settings settings{
-        options_.server_keepalives, options_.keepalives_idle, options_.keepalives_interval,
-        options_.keepalives_count, options_.tcp_user_timeout};
-    detail::pg_result r;
-    auto answer = outcome::failed;
-    if (session.send(detail::pg_setup_sql(version, settings).c_str(), {}, f, why, true))
-      answer = session.await(deadline, interrupter, r, f, why);
-    if (answer == outcome::done && session.check_row(r, 1, "connect to PostgreSQL", f, why)) {
-      life_start_[i] = detail::pg_text(r, 0);
-      return true;
-    }
-    if (answer == outcome::done) {
-      why = "session setup failed: " + why;
-    } else if (answer == outcome::timed_out) {
-      why = fmt::format("no answer to the session setup within {} ms (connect_timeout)",
-                        connect_timeout_.count());
-      f.set(ETIMEDOUT, "connect to PostgreSQL");
-    }
-    close(i);
-    return false;
-  }
-
   PostgresOptions options_;
-  std::int64_t key_ = 0;
-  std::string key_text_, hi_text_, lo_text_;
-  std::string redacted_;
-  std::vector<std::string> secrets_;
-  std::string config_error_;
-  int config_errno_ = 0;
-  detail::pg_connect_params connect_params_;
-  std::chrono::milliseconds connect_timeout_{5000};
-  detail::pg_lock_sql sql_[2];
-
-  detail::pg_session session_[2] = {detail::pg_session(secrets_),
-                                    detail::pg_session(secrets_)};  // lock, fence session
-  Interrupter* interrupter_ = nullptr;                              // during wait_acquire()
-  // Written by the driving thread only; atomic because held(), fencing_token(),
-  // valid_until(), lock_session_pid() and fence_session_pid() are read from any thread.
-  std::atomic<bool> locked_[2] = {false, false};
-  std::atomic<int> pid_[2] = {0, 0};
-  std::string life_start_[2];  // per session: when the server's life began (epoch seconds)
-  std::atomic<bool> held_{false};
-  std::atomic<std::uint64_t> token_{0};
-  std::atomic<clock::rep> valid_until_{clock::time_point::min().time_since_epoch().count()};
-  clock::time_point not_before_{};   // promotion waits until then (restart grace)
-  clock::time_point grace_floor_{};  // ... and until then (our session was ended by the server)
+  detail::pg_conninfo conninfo_;  // parsed and redacted
+  std::string config_error_;      // the first problem with the options, if any
+  detail::pg_hold_settings settings_;
+  detail::pg_hold hold_;
 };
 
 }  // namespace workerlock

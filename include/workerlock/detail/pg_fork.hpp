@@ -133,7 +133,7 @@ class pg_fork final : public fork_hook {
   }
   void after_fork_in_parent() noexcept override { unlock(); }
   void after_fork_in_child() noexcept override {
-    neutralize_inherited();
+    neutralize_inherited(false);
     unlock();
   }
   //! A raw copy inherits the connections as they are, and the mutex maybe locked by a thread
@@ -141,15 +141,18 @@ class pg_fork final : public fork_hook {
   void adopt_raw_copy() noexcept override {
     const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     mutex_ = fresh;
-    neutralize_inherited();
+    neutralize_inherited(true);
   }
 
-  //! Points every inherited socket at /dev/null. Async-signal-safe (dup3, close).
-  void neutralize_inherited() noexcept {
+  //! Points every inherited socket at /dev/null. Async-signal-safe (dup3, close). A
+  //! connection that was being set up is never touched again (its memory may be half
+  //! changed): after fork() the parent makes it afresh, so its socket is left alone here
+  //! (its number may be stale); a raw copy, which the parent never learns of, points the
+  //! socket libpq last recorded at /dev/null too.
+  void neutralize_inherited(bool raw_copy) noexcept {
     for (slot* s : slots_) {
-      if (s->connecting) {
-        s->leak = true;  // half changed: never touched here (the parent ends that session)
-      } else if (s->conn != nullptr) {
+      if (s->connecting) s->leak = true;
+      if (s->conn != nullptr && (!s->connecting || raw_copy)) {
         const int fd = PQsocket(s->conn);
         if (fd >= 0 && (devnull_ < 0 || ::dup3(devnull_, fd, O_CLOEXEC) < 0)) {
           ::close(fd);

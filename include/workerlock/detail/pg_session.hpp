@@ -153,7 +153,6 @@ class pg_session {
       // this process closes it. Such a connection is ended (Terminate) and made afresh.
       if (!pg_fork::instance().end_connecting(&slot_, copied) && status == PGRES_POLLING_OK) {
         if (pg_clock::now() < deadline) continue;
-        status = PGRES_POLLING_FAILED;
         why = "every attempt to connect was copied by a concurrent fork() until connect_timeout";
         f.set(EAGAIN, operation);
         close();

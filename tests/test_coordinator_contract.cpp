@@ -897,7 +897,7 @@ TEST_CASE(
   CHECK(demoted.load() == 1);
 }
 
-TEST_CASE("interrupter: interrupt() ends a wait at once, from another thread; clear() re-arms it",
+TEST_CASE("interrupter: interrupt() ends a wait at once, from another thread, and clear() re-arms it",
           "[coordinator][coordinator_contract][threads]") {
   workerlock::Interrupter interrupter;
   using workerlock::WaitResult;

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <functional>
+#include <iterator>
 #include <string_view>
 
 namespace workerlock {
@@ -13,15 +15,9 @@ namespace workerlock {
 enum class LogLevel { info, warning, error };
 
 constexpr std::string_view to_string(LogLevel level) noexcept {
-  switch (level) {
-    case LogLevel::info:
-      return "info";
-    case LogLevel::warning:
-      return "warning";
-    case LogLevel::error:
-      return "error";
-  }
-  return "unknown";
+  constexpr std::string_view names[] = {"info", "warning", "error"};
+  const auto index = static_cast<std::size_t>(level);
+  return index < std::size(names) ? names[index] : "unknown";
 }
 
 //! Receives one complete line (without the trailing newline) per event. A sink should not

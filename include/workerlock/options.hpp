@@ -2,10 +2,13 @@
 // Every field has a safe default; `Options{}` is what is_primary_worker() uses.
 #pragma once
 
+#include <cstddef>
+#include <iterator>
 #include <string_view>
 
 #include <fmt/format.h>
 
+#include "detail/enum_formatter.hpp"
 #include "log.hpp"
 
 namespace workerlock {
@@ -26,15 +29,9 @@ enum class Mechanism {
 inline constexpr Mechanism default_mechanism = Mechanism::ofd;
 
 constexpr std::string_view to_string(Mechanism m) noexcept {
-  switch (m) {
-    case Mechanism::ofd:
-      return "ofd";
-    case Mechanism::posix:
-      return "posix";
-    case Mechanism::flock:
-      return "flock";
-  }
-  return "unknown";
+  constexpr std::string_view names[] = {"ofd", "posix", "flock"};
+  const auto index = static_cast<std::size_t>(m);
+  return index < std::size(names) ? names[index] : "unknown";
 }
 
 struct Options {
@@ -83,9 +80,5 @@ inline void log_line(const Options& options, LogLevel level, std::string_view li
 }  // namespace workerlock
 
 template <>
-struct fmt::formatter<workerlock::Mechanism> : fmt::formatter<std::string_view> {
-  template <typename FormatContext>
-  auto format(workerlock::Mechanism m, FormatContext& ctx) const -> decltype(ctx.out()) {
-    return fmt::formatter<std::string_view>::format(workerlock::to_string(m), ctx);
-  }
-};
+struct fmt::formatter<workerlock::Mechanism>
+    : workerlock::detail::enum_formatter<workerlock::Mechanism> {};

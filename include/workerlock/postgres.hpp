@@ -359,8 +359,7 @@ class PostgresBackend final : public Backend {
     };
     if (options_.conninfo.empty()) {
       bad("no connection string: set PostgresOptions::conninfo or $WORKERLOCK_POSTGRES_URL (a "
-          "libpq "
-          "conninfo such as 'host=db dbname=app user=app', or a postgresql:// URL)");
+          "libpq conninfo such as 'host=db dbname=app user=app', or a postgresql:// URL)");
     }
     if (!options_.key && options_.name.empty()) bad("the lock name is empty and no key is given");
     if (options_.connect_timeout < std::chrono::milliseconds(10))

@@ -20,17 +20,18 @@
 
 namespace workerlock::detail {
 
-//! What the hold needs of PostgresOptions, checked and resolved.
+//! What the hold needs of PostgresOptions, checked and resolved by PostgresBackend (whose
+//! options hold the defaults).
 struct pg_hold_settings {
   std::int64_t key = 0;
   pg_connect_params connect_params;
-  std::chrono::milliseconds connect_timeout{5000};
-  std::chrono::milliseconds verify_interval{1000};
-  std::chrono::milliseconds command_timeout{2000};
-  std::chrono::milliseconds cancel_timeout{1000};
-  std::chrono::milliseconds restart_grace{3000};
-  bool fencing = true;
-  bool standby_fence_session = true;
+  std::chrono::milliseconds connect_timeout{};
+  std::chrono::milliseconds verify_interval{};
+  std::chrono::milliseconds command_timeout{};
+  std::chrono::milliseconds cancel_timeout{};
+  std::chrono::milliseconds restart_grace{};
+  bool fencing = false;
+  bool standby_fence_session = false;
   pg_session_settings session;
 };
 
@@ -175,10 +176,7 @@ class pg_hold {
       if (settings_.standby_fence_session && !session_[1].usable() && !connect(1, wait, f, why))
         return false;
       pg_result r;
-      const bool got = lock_statement(0, wait, command_deadline(), r, f, why);
-      if (f || !got) return false;
-      locked_[0] = true;
-      pid_[0] = std::atoi(pg_text(r, 1));
+      if (!take_lock(0, wait, command_deadline(), r, f, why)) return false;
     }
     if (!locked_[1]) {
       if (!session_[1].usable() && !connect(1, wait, f, why)) return false;
@@ -191,10 +189,7 @@ class pg_hold {
         return false;
       }
       pg_result r;
-      const bool got = lock_statement(1, wait, command_deadline(), r, f, why);
-      if (f || !got) return false;
-      locked_[1] = true;
-      pid_[1] = std::atoi(pg_text(r, 1));
+      if (!take_lock(1, wait, command_deadline(), r, f, why)) return false;
       token_ = std::strtoull(pg_text(r, 2), nullptr, 10);
       const auto uptime = std::chrono::milliseconds(std::atoll(pg_text(r, 3)));
       not_before_ = std::max(
@@ -243,10 +238,11 @@ class pg_hold {
     valid_until_.store(t.time_since_epoch().count());
   }
 
-  //! The lock statement of session i: returns whether it is now held, with the row
-  //! (got, pid[, token, milliseconds since the server started]) in `r`.
-  bool lock_statement(int i, bool wait, clock::time_point deadline, pg_result& r, failure& f,
-                      std::string& why) {
+  //! Runs the lock statement of session i: returns whether it now holds its lock (then
+  //! locked_[i] and pid_[i] are set), with the row (got, pid[, token, milliseconds since the
+  //! server started]) in `r`. False with `f` set on errors.
+  bool take_lock(int i, bool wait, clock::time_point deadline, pg_result& r, failure& f,
+                 std::string& why) {
     auto& session = session_[i];
     const char* sql = wait ? sql_[i].wait.c_str() : sql_[i].attempt.c_str();
     const bool sent =
@@ -277,7 +273,10 @@ class pg_hold {
       }
       return false;
     }
-    return pg_text(r, 0)[0] == 't';
+    if (pg_text(r, 0)[0] != 't') return false;
+    locked_[i] = true;
+    pid_[i] = std::atoi(pg_text(r, 1));
+    return true;
   }
 
   void close(int i) noexcept {

@@ -30,7 +30,6 @@
 #include "file_backend.hpp"
 #include "generation_marker.hpp"
 #include "role.hpp"
-#include "startup_barrier.hpp"
 
 namespace workerlock {
 
@@ -161,8 +160,9 @@ class Coordinator {
   //! Leaves the election: a primary runs on_demoted, then releases so another standby is
   //! promoted at once; a waiting standby stops waiting. Returns within milliseconds unless
   //! a callback is still running, whatever the host did to the wakeup signal since start().
-  //! Safe to call twice, and from a callback. Not async-signal-safe: a signal handler calls
-  //! request_stop() instead.
+  //! One exception: a PostgreSQL backend looking up its server's name (libpq's resolver is
+  //! not interruptible) finishes that lookup first. Safe to call twice, and from a callback. Not
+  //! async-signal-safe: a signal handler calls request_stop() instead.
   void stop() noexcept { stop(StopScope::worker); }
   //! As stop(); StopScope::whole_server leaves the note described at StopScope.
   void stop(StopScope scope) noexcept {

@@ -25,6 +25,7 @@
 
 #include "backend.hpp"
 #include "detail/lock_handle.hpp"
+#include "detail/process_identity.hpp"
 #include "detail/wakeup_signal.hpp"
 #include "error.hpp"
 #include "interrupter.hpp"
@@ -269,13 +270,11 @@ class FileBackend final : public Backend, private Interrupter::Kick {
   static void read_boot_id(char (&boot)[boot_id_size + 1]) noexcept {
     std::memset(boot, '-', boot_id_size);
     boot[boot_id_size] = '\0';
-    const int fd = detail::retry_on_eintr(
-        [] { return ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC); });
-    if (fd < 0) return;
-    char read_id[boot_id_size] = {};
-    if (detail::retry_on_eintr([&] { return ::read(fd, read_id, boot_id_size); }) == boot_id_size)
-      std::memcpy(boot, read_id, boot_id_size);
-    ::close(fd);
+    try {
+      const std::string& id = detail::boot_id();
+      if (id.size() == boot_id_size) std::memcpy(boot, id.data(), boot_id_size);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory reading it: no boot id
+    }
   }
 
   //! Logs a whole-server note that could not be written: `error` (an errno, or 0) and `why`.

@@ -2,12 +2,18 @@
 // startup tasks of one generation completed, and the wait for that record.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <exception>
 #include <string>
+#include <string_view>
+
+#include <fmt/format.h>
 
 #include "detail/deadline.hpp"
+#include "detail/process_identity.hpp"
 
 namespace workerlock {
 
@@ -33,6 +39,29 @@ class GenerationMarker {
 };
 
 namespace detail {
+
+//! The longest generation a barrier accepts, in bytes.
+inline constexpr std::size_t max_generation_size = 256;
+
+//! Why `generation` cannot name a generation (empty, longer than max_generation_size, a
+//! newline or a NUL inside), or nullptr when it can. Every barrier checks it the same way.
+inline const char* generation_problem(std::string_view generation) noexcept {
+  static_assert(max_generation_size == 256, "keep the explanation in step");
+  if (generation.empty()) return "startup_generation is empty";
+  if (generation.size() > max_generation_size) return "startup_generation is longer than 256 bytes";
+  if (generation.find('\n') != std::string_view::npos) return "startup_generation holds a newline";
+  if (generation.find('\0') != std::string_view::npos) return "startup_generation holds a NUL byte";
+  return nullptr;
+}
+
+//! The default generation: the parent (the pre-fork master) pid and its start time, so
+//! workers respawned by the same master share it and a restarted master does not. Read it
+//! in the worker: in the master itself it names the master's own parent.
+inline std::string master_generation() {
+  const pid_t master = ::getppid();
+  const auto stat = read_proc_stat(master);
+  return fmt::format("master={}:{}", master, stat ? stat->start_time : std::string("0"));
+}
 
 //! Calls `done()` until it returns true or `timeout` passes, on an absolute deadline, so
 //! that signals cannot prolong it, pausing from 1 ms to 20 ms between calls (a wait for

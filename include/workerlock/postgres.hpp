@@ -163,7 +163,9 @@ struct PostgresOptions {
 //! connected session run under a process-wide mutex that fork() takes too (they never wait
 //! on the network); name lookups and connecting run without it, so a slow resolver (not
 //! bounded by connect_timeout) never delays fork(). A connection that a fork() may have
-//! copied while it was being set up is ended and made afresh (detail/pg_fork.hpp).
+//! copied while it was being set up is ended and made afresh (detail/pg_fork.hpp); the
+//! child keeps its copy of that half-made connection (one close-on-exec socket per such
+//! fork) until it exits, because libpq cannot be told to drop it without closing it.
 //!
 //! The local deadline, valid_until(). The holder proves its two sessions every
 //! verify_interval (V) with one round trip bounded by command_timeout (C). A proof sent at s

@@ -86,19 +86,12 @@ inline std::uint64_t temporary_name_bits() noexcept {
 class StartupBarrier final : public GenerationMarker {
  public:
   //! The longest generation accepted, in bytes.
-  static constexpr std::size_t max_generation_size = 256;
+  static constexpr std::size_t max_generation_size = detail::max_generation_size;
 
   //! The default generation: the parent (the pre-fork master) pid and its start time, so
   //! workers respawned by the same master share it and a restarted master does not.
   //! Read it in the worker: in the master itself it names the master's own parent.
-  static std::string master_generation() {
-    const pid_t master = ::getppid();
-    const std::string start_time =
-        detail::proc_stat_start_time(
-            detail::read_proc_file(fmt::format("/proc/{}/stat", master).c_str()))
-            .value_or("0");
-    return fmt::format("master={}:{}", master, start_time);
-  }
+  static std::string master_generation() { return detail::master_generation(); }
 
   //! Effects: a barrier on the marker `<lock_path>.startup` for `generation`. Nothing is
   //! read or written yet. `allow_foreign_owner` accepts a marker owned by another user in a
@@ -125,18 +118,7 @@ class StartupBarrier final : public GenerationMarker {
   //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) naming
   //! `marker` if `generation` is not a valid generation.
   static void check_generation(std::string_view generation, const std::filesystem::path& marker) {
-    const char* problem = nullptr;
-    if (generation.empty()) {
-      problem = "startup_generation is empty";
-    } else if (generation.size() > max_generation_size) {
-      static_assert(max_generation_size == 256, "keep the explanation in step");
-      problem = "startup_generation is longer than 256 bytes";
-    } else if (generation.find('\n') != std::string_view::npos) {
-      problem = "startup_generation holds a newline";
-    } else if (generation.find('\0') != std::string_view::npos) {
-      problem = "startup_generation holds a NUL byte";
-    }
-    if (problem != nullptr)
+    if (const char* problem = detail::generation_problem(generation))
       throw lock_error("set up the startup marker", marker,
                        make_error_code(errc::bad_configuration), problem);
   }

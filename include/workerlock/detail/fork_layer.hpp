@@ -53,12 +53,15 @@ namespace workerlock::detail {
 // process_stamp (below) rather than a pid of its own: it asks the kernel each time.
 //
 // How network backends use it (Redis, PostgreSQL): one static hook per backend kind holds
-// the list of that kind's live sessions (their sockets and eventfds) under its own mutex;
-// before_fork() takes that mutex, after_fork_in_child() turns each inherited socket into a
-// descriptor on /dev/null (dup3) so the copies are freed unseen and no Terminate/QUIT reaches
-// the parent's server session, and replaces each inherited eventfd. Each session also keeps
-// a process_stamp and, on every call, calls fork_layer::adopt_raw_copy() and then checks
-// its stamp: a session not made in this process holds nothing and opens its own connection.
+// the list of that kind's live connections under its own mutex, which is never held across
+// connect() or a name lookup; before_fork() takes that mutex, and after_fork_in_child()
+// makes each inherited socket unusable in the copy without touching the parent's session:
+// Redis closes it (redis_connection.hpp), libpq's sockets, which libpq owns, are pointed at
+// /dev/null with dup3 (pg_fork.hpp), so libpq's later close() in the copy sends nothing.
+// Each session also keeps a process_stamp and, on every call, calls
+// fork_layer::adopt_raw_copy() and then checks its stamp: a session not made in this process
+// holds nothing and opens its own connection. The Coordinator's Interrupter is not a hook:
+// it compares the pid that made its eventfd with getpid() on every call (interrupter.hpp).
 
 //! The order of a hook (see the contract above): lock files first, network sessions after.
 enum class fork_order : int {

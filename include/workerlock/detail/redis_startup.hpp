@@ -36,13 +36,12 @@ class redis_generation_marker final : public GenerationMarker {
     std::chrono::milliseconds command_timeout{0};
   };
 
-  //! Throws: lock_error (errc::bad_configuration) for an empty generation or one longer
-  //! than 256 bytes.
+  //! Throws: lock_error (errc::bad_configuration) for a generation that cannot name one
+  //! (see generation_problem()).
   explicit redis_generation_marker(settings s) : s_(std::move(s)) {
-    if (s_.generation.empty() || s_.generation.size() > 256)
+    if (const char* problem = generation_problem(s_.generation))
       throw lock_error("set up the startup barrier on", lock_error::network_target{s_.target},
-                       make_error_code(errc::bad_configuration),
-                       "startup_generation must be 1 to 256 bytes");
+                       make_error_code(errc::bad_configuration), problem);
     session_.configure(s_.url, s_.connect_timeout);
   }
 

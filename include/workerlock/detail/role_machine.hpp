@@ -24,7 +24,6 @@
 #include "../generation_marker.hpp"
 #include "../options.hpp"
 #include "../role.hpp"
-#include "../startup_barrier.hpp"
 #include "deadline.hpp"
 #include "stop_signal.hpp"
 
@@ -54,8 +53,7 @@ class role_machine {
     // Checks the generation and the room for the barrier's record now. The default
     // generation is read again at each start(), in the worker.
     std::shared_ptr<GenerationMarker> barrier = backend_.startup_barrier(
-        options_.startup_generation.empty() ? StartupBarrier::master_generation()
-                                            : options_.startup_generation);
+        options_.startup_generation.empty() ? master_generation() : options_.startup_generation);
     offers_barrier_ = barrier != nullptr;
     if (!options_.startup_generation.empty()) barrier_ = std::move(barrier);
   }
@@ -80,7 +78,7 @@ class role_machine {
       if (barrier_) return barrier_;
     }
     if (!offers_barrier_) return nullptr;
-    return backend_.startup_barrier(StartupBarrier::master_generation());
+    return backend_.startup_barrier(master_generation());
   }
 
   //! Before start()'s first attempt, with no driver running: secondary, nothing scheduled,
@@ -90,8 +88,7 @@ class role_machine {
   void prepare_start() {
     description_ = backend_.describe();
     if (offers_barrier_ && options_.startup_generation.empty()) {
-      std::shared_ptr<GenerationMarker> fresh =
-          backend_.startup_barrier(StartupBarrier::master_generation());
+      std::shared_ptr<GenerationMarker> fresh = backend_.startup_barrier(master_generation());
       std::lock_guard<std::mutex> guard(barrier_mutex_);
       barrier_ = std::move(fresh);
     }

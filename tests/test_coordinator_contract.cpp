@@ -1083,3 +1083,63 @@ TEST_CASE(
   c.stop();
   CHECK(demoted.load() == 1);
 }
+
+namespace {
+//! A user's startup barrier that throws an int: from its first read, and from complete().
+class IntThrowingMarker final : public workerlock::GenerationMarker {
+ public:
+  explicit IntThrowingMarker(std::shared_ptr<std::atomic<int>> reads) : reads_(std::move(reads)) {}
+  bool completed() const override {
+    if (reads_->fetch_add(1) == 0) throw 42;
+    return false;
+  }
+  void complete() override { throw 42; }
+  std::string describe() const override { return "int-throwing marker"; }
+
+ private:
+  std::shared_ptr<std::atomic<int>> reads_;
+};
+
+//! A lease, taken again at once after a release, whose startup barrier throws ints.
+class LeaseWithIntThrowingBarrier final : public FakeLease {
+ public:
+  std::shared_ptr<std::atomic<int>> reads = std::make_shared<std::atomic<int>>(0);
+  bool wait_acquire(workerlock::Interrupter&) override { return try_acquire(); }
+  std::unique_ptr<workerlock::GenerationMarker> startup_barrier(const std::string&) const override {
+    return std::make_unique<IntThrowingMarker>(reads);
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: a startup barrier that throws something that is no std::exception "
+    "is logged: an unreadable record steps down and retries, a failed complete() still promotes",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.startup_generation = "generation-1";
+  std::atomic<int> unknown_errors{0};
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::error && line.find("unknown type") != std::string_view::npos)
+      unknown_errors.fetch_add(1);
+  };
+  auto backend = std::make_unique<LeaseWithIntThrowingBarrier>();
+  LeaseWithIntThrowingBarrier& lease = *backend;
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> startups{0};
+  std::atomic<int> promotions{0};
+  c.on_startup([&] { startups.fetch_add(1); });
+  c.on_promoted([&] { promotions.fetch_add(1); });
+  c.start();
+  REQUIRE(wltest::eventually([&] {
+    c.poll();  // does nothing in WaitMode::background_thread
+    return promotions.load() == 1;
+  }));
+  CHECK(lease.reads->load() == 2);  // the first read threw: stepped down, taken again
+  CHECK(startups.load() == 1);
+  CHECK(unknown_errors.load() == 2);  // the read, then complete()
+  CHECK(c.role() == Role::primary);
+  c.stop();
+}

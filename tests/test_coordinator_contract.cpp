@@ -1021,7 +1021,11 @@ TEST_CASE(
   options.wait = mode;
   options.retry_backoff_min = 10ms;
   options.retry_backoff_max = 20ms;
-  options.lock.log = [](LogLevel, std::string_view) {};
+  std::atomic<int> late_lines{0};  // the step-down says how late the last check came
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning && line.find("its lease ran out") != std::string_view::npos)
+      late_lines.fetch_add(1);
+  };
   auto backend = std::make_unique<RefusedRenewals>();
   RefusedRenewals& lease = *backend;
   const auto deadline = steady_clock::now() + RefusedRenewals::last_stretch + 200ms;
@@ -1041,6 +1045,7 @@ TEST_CASE(
   CHECK(demoted_at.load() >= lease.deadline_ns.load());  // kept while valid, not after
   CHECK(lease.checks.load() >= 1);
   CHECK(lease.checks.load() < 100);
+  CHECK(late_lines.load() == 1);
   CHECK(c.role() == Role::secondary);
   CHECK_FALSE(lease.held());
   c.stop();

@@ -223,9 +223,10 @@ class RedisBackend final : public Backend {
   //! the answer is definite; release() still deletes the key if it holds our token).
   //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the
   //! renewal got no answer before valid_until(); ETIMEDOUT when it got no answer within
-  //! command_timeout, the lease still valid then; with the errno (ECONNRESET, EACCES...) when the
-  //! renewal failed otherwise: "cannot tell", the Coordinator keeps the role until valid_until()
-  //! and retries (see Backend). Returns (or throws) by valid_until() at the latest.
+  //! command_timeout, the lease still valid then; with the errno (ECONNRESET, EACCES...)
+  //! when the renewal failed otherwise: "cannot tell", the Coordinator keeps the role until
+  //! valid_until() and retries (see Backend). Returns (or throws) by valid_until() at the
+  //! latest.
   bool verify_held() override {
     detach_if_forked();
     if (!held_.load()) return false;

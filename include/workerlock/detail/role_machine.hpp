@@ -262,8 +262,8 @@ class role_machine {
     }
   }
 
-  //! The warning of a lost hold, saying by how much a check came too late when the lease had
-  //! already run out (the process, or its coordinator thread, was paused).
+  //! The warning of a lost hold; when the lease had already run out, by how much the check
+  //! came too late (the process, or its coordinator thread, may have been paused).
   void log_loss() const noexcept {
     const auto until = backend_.valid_until();
     const auto now = std::chrono::steady_clock::now();
@@ -271,8 +271,8 @@ class role_machine {
       return log(LogLevel::warning, "workerlock: pid={} {}: the lock was lost; stepping down",
                  ::getpid(), description_);
     log(LogLevel::warning,
-        "workerlock: pid={} {}: the lock was lost: the lease ran out {} ms ago before it could "
-        "be renewed (was this process paused?); stepping down",
+        "workerlock: pid={} {}: the lock was lost: its lease ran out {} ms before this check "
+        "(was this process paused?); stepping down",
         ::getpid(), description_,
         std::chrono::duration_cast<std::chrono::milliseconds>(now - until).count());
   }

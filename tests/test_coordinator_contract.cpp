@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -897,8 +898,9 @@ TEST_CASE(
   CHECK(demoted.load() == 1);
 }
 
-TEST_CASE("interrupter: interrupt() ends a wait at once, from another thread, and clear() re-arms it",
-          "[coordinator][coordinator_contract][threads]") {
+TEST_CASE(
+    "interrupter: interrupt() ends a wait at once, from another thread, and clear() re-arms it",
+    "[coordinator][coordinator_contract][threads]") {
   workerlock::Interrupter interrupter;
   using workerlock::WaitResult;
   // A deadline is kept: nothing else ends the wait.
@@ -967,4 +969,182 @@ TEST_CASE(
   interrupter.interrupt();
   CHECK(kick.kicks.load() == 1);
   CHECK(interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted);
+}
+
+namespace {
+//! A lease like RedisBackend's near its end: verify_interval() drops to 0 once less than
+//! `last_stretch` is left before the deadline, and every check fails at once (a refused
+//! connection). Only start() acquires it.
+class RefusedRenewals final : public FakeLease {
+ public:
+  static constexpr std::chrono::milliseconds last_stretch{300};
+  std::atomic<int> checks{0};
+  std::atomic<int> acquisitions{0};
+  bool try_acquire() override { return acquisitions.fetch_add(1) == 0 && FakeLease::try_acquire(); }
+  bool verify_held() override {
+    checks.fetch_add(1);
+    throw std::system_error(ECONNREFUSED, std::system_category(), "connect");
+  }
+  std::chrono::milliseconds verify_interval() const noexcept override {
+    const auto left = valid_until() - steady_clock::now() - last_stretch;
+    return std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(left), 0ms,
+                      std::chrono::milliseconds(1h));
+  }
+};
+
+//! A user's backend that throws something that is no std::exception: an int from every
+//! attempt after start()'s, and from every check.
+class ThrowsInts final : public FakeLease {
+ public:
+  std::atomic<int> attempts{0};
+  std::atomic<int> checks{0};
+  bool try_acquire() override {
+    if (attempts.fetch_add(1) == 0) return FakeLease::try_acquire();
+    throw 42;
+  }
+  bool wait_acquire(workerlock::Interrupter&) override { return try_acquire(); }
+  bool verify_held() override {
+    checks.fetch_add(1);
+    throw 42;
+  }
+  std::chrono::milliseconds verify_interval() const noexcept override { return 10ms; }
+};
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: a check that fails at once near the lease's end is retried after a "
+    "backoff, not in a loop, and steps down at the deadline",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.retry_backoff_min = 10ms;
+  options.retry_backoff_max = 20ms;
+  std::atomic<int> late_lines{0};  // the step-down says how late the last check came
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning && line.find("its lease ran out") != std::string_view::npos)
+      late_lines.fetch_add(1);
+  };
+  auto backend = std::make_unique<RefusedRenewals>();
+  RefusedRenewals& lease = *backend;
+  const auto deadline = steady_clock::now() + RefusedRenewals::last_stretch + 200ms;
+  lease.deadline_ns.store(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count());
+  Coordinator c(std::move(backend), options);
+  std::atomic<std::int64_t> demoted_at{0};
+  c.on_demoted([&] { demoted_at.store(now_ns()); });
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  // The last 300 ms hold at most ~300 / 10 checks; a loop without a pause makes thousands
+  // (polled: one per poll(), every 100 us here).
+  REQUIRE(wltest::eventually([&] {
+    c.poll();  // does nothing in WaitMode::background_thread
+    return demoted_at.load() != 0;
+  }));
+  CHECK(demoted_at.load() >= lease.deadline_ns.load());  // kept while valid, not after
+  CHECK(lease.checks.load() >= 1);
+  CHECK(lease.checks.load() < 100);
+  CHECK(late_lines.load() == 1);
+  CHECK(c.role() == Role::secondary);
+  CHECK_FALSE(lease.held());
+  c.stop();
+}
+
+TEST_CASE(
+    "coordinator contract: a backend that throws something that is no std::exception is "
+    "logged and retried, and a check that throws one steps down at the deadline",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.retry_backoff_min = 10ms;
+  options.retry_backoff_max = 20ms;
+  std::atomic<int> unknown_lines{0};
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning && line.find("unknown type") != std::string_view::npos)
+      unknown_lines.fetch_add(1);
+  };
+  auto backend = std::make_unique<ThrowsInts>();
+  ThrowsInts& lease = *backend;
+  lease.deadline_ns.store(now_ns() + std::chrono::nanoseconds(200ms).count());
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> demoted{0};
+  c.on_demoted([&] { demoted.fetch_add(1); });
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  const auto poll_until = [&](auto condition) {
+    return wltest::eventually([&] {
+      c.poll();  // does nothing in WaitMode::background_thread
+      return condition();
+    });
+  };
+  CHECK(poll_until([&] { return demoted.load() == 1; }));  // the checks could not tell
+  CHECK(lease.checks.load() >= 1);
+  CHECK(poll_until([&] { return lease.attempts.load() >= 3; }));  // retried after a backoff
+  CHECK(unknown_lines.load() >= 3);
+  CHECK(c.role() == Role::secondary);
+  c.stop();
+  CHECK(demoted.load() == 1);
+}
+
+namespace {
+//! A user's startup barrier that throws an int: from its first read, and from complete().
+class IntThrowingMarker final : public workerlock::GenerationMarker {
+ public:
+  explicit IntThrowingMarker(std::shared_ptr<std::atomic<int>> reads) : reads_(std::move(reads)) {}
+  bool completed() const override {
+    if (reads_->fetch_add(1) == 0) throw 42;
+    return false;
+  }
+  void complete() override { throw 42; }
+  std::string describe() const override { return "int-throwing marker"; }
+
+ private:
+  std::shared_ptr<std::atomic<int>> reads_;
+};
+
+//! A lease, taken again at once after a release, whose startup barrier throws ints.
+class LeaseWithIntThrowingBarrier final : public FakeLease {
+ public:
+  std::shared_ptr<std::atomic<int>> reads = std::make_shared<std::atomic<int>>(0);
+  bool wait_acquire(workerlock::Interrupter&) override { return try_acquire(); }
+  std::unique_ptr<workerlock::GenerationMarker> startup_barrier(const std::string&) const override {
+    return std::make_unique<IntThrowingMarker>(reads);
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "coordinator contract: a startup barrier that throws something that is no std::exception "
+    "is logged: an unreadable record steps down and retries, a failed complete() still promotes",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.startup_generation = "generation-1";
+  std::atomic<int> unknown_errors{0};
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::error && line.find("unknown type") != std::string_view::npos)
+      unknown_errors.fetch_add(1);
+  };
+  auto backend = std::make_unique<LeaseWithIntThrowingBarrier>();
+  LeaseWithIntThrowingBarrier& lease = *backend;
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> startups{0};
+  std::atomic<int> promotions{0};
+  c.on_startup([&] { startups.fetch_add(1); });
+  c.on_promoted([&] { promotions.fetch_add(1); });
+  c.start();
+  REQUIRE(wltest::eventually([&] {
+    c.poll();  // does nothing in WaitMode::background_thread
+    return promotions.load() == 1;
+  }));
+  CHECK(lease.reads->load() == 2);  // the first read threw: stepped down, taken again
+  CHECK(startups.load() == 1);
+  CHECK(unknown_errors.load() == 2);  // the read, then complete()
+  CHECK(c.role() == Role::primary);
+  c.stop();
 }

@@ -218,25 +218,26 @@ class RedisBackend final : public Backend {
     }
   }
 
-  //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours.
-  //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the lease
-  //! ran out before it could be renewed or the renewal got no answer before valid_until();
-  //! ETIMEDOUT when it got no answer within command_timeout, the lease still valid then;
-  //! with the errno (ECONNRESET, EACCES...) when the renewal failed otherwise: "cannot tell",
-  //! the Coordinator keeps the role until valid_until() and retries (see Backend). Returns
-  //! (or throws) by valid_until() at the latest.
+  //! Renews the lease (compare-then-PEXPIRE). Returns false when the key is no longer ours,
+  //! or when the lease already ran out before the renewal could start (past valid_until()
+  //! the answer is definite; release() still deletes the key if it holds our token).
+  //! Throws: lock_error with errc::lease_lost (equal to std::errc::timed_out) when the
+  //! renewal got no answer before valid_until(); ETIMEDOUT when it got no answer within
+  //! command_timeout, the lease still valid then; with the errno (ECONNRESET, EACCES...)
+  //! when the renewal failed otherwise: "cannot tell", the Coordinator keeps the role until
+  //! valid_until() and retries (see Backend). Returns (or throws) by valid_until() at the
+  //! latest.
   bool verify_held() override {
     detach_if_forked();
     if (!held_.load()) return false;
     const auto now = clock::now();
     const auto until = valid_until();
     if (now >= until) {
+      // The key may outlive valid_until() by up to the drift margin: not lost_, so that
+      // release() deletes it if it still holds our token. The Coordinator logs how late
+      // this check came.
       unknown_ = true;
-      throw lock_error(
-          "renew the lease on", target(), make_error_code(errc::lease_lost),
-          fmt::format("the lease ran out {} ms ago before it could be renewed; was "
-                      "this process paused?",
-                      std::chrono::duration_cast<std::chrono::milliseconds>(now - until).count()));
+      return false;
     }
     const auto deadline = std::min(now + cfg_.command_timeout, until);
     detail::redis_reply reply;

@@ -143,9 +143,9 @@ class role_machine {
     bool got = false;
     try {
       got = attempt();
-    } catch (const std::exception& error) {
+    } catch (...) {
       log(LogLevel::warning, "workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(),
-          error.what(), backoff_.count());
+          current_error(), backoff_.count());
       backend_.reset();
       next_attempt_ = deadline_after(backoff_);
       backoff_ = doubled_backoff(backoff_);
@@ -190,22 +190,24 @@ class role_machine {
 
   //! step::check_hold under the Backend error contract: schedules the next check (sooner,
   //! with backoff, while the hold cannot be proven, at valid_until() at the latest), or
-  //! steps down.
+  //! steps down. The backoff is never shorter than retry_backoff_min, even when
+  //! verify_interval() reads 0 near the end of a lease: a check that fails at once is not
+  //! repeated in a loop. The check due at valid_until() finds the hold lost.
   void check_hold() noexcept {
     switch (verify()) {
       case proof::held:
         verify_backoff_ = options_.retry_backoff_min;
         next_verify_ = deadline_after(backend_.verify_interval());
         return;
-      case proof::unknown:
-        next_verify_ =
-            std::min(deadline_after(std::min(verify_backoff_, backend_.verify_interval())),
-                     backend_.valid_until());
+      case proof::unknown: {
+        const auto pause = std::max(options_.retry_backoff_min,
+                                    std::min(verify_backoff_, backend_.verify_interval()));
+        next_verify_ = std::min(deadline_after(pause), backend_.valid_until());
         verify_backoff_ = doubled_backoff(verify_backoff_);
         return;
+      }
       case proof::lost:
-        log(LogLevel::warning, "workerlock: pid={} {}: the lock was lost; stepping down",
-            ::getpid(), description_);
+        log_loss();
         demote("the lock was lost");
         backend_.reset();
         return;
@@ -248,13 +250,28 @@ class role_machine {
   proof verify() noexcept {
     try {
       return backend_.verify_held() ? proof::held : proof::lost;
-    } catch (const std::exception& error) {
+    } catch (...) {
       const bool valid = std::chrono::steady_clock::now() < backend_.valid_until();
       log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}; {}", ::getpid(),
-          description_, error.what(),
+          description_, current_error(),
           valid ? "keeping it while it is valid, and checking again" : "it is no longer valid");
       return valid ? proof::unknown : proof::lost;
     }
+  }
+
+  //! The warning of a lost hold; when the lease had already run out, by how much the check
+  //! came too late (the process, or its coordinator thread, may have been paused).
+  void log_loss() const noexcept {
+    const auto until = backend_.valid_until();
+    const auto now = std::chrono::steady_clock::now();
+    if (until == time_point::min() || now < until)
+      return log(LogLevel::warning, "workerlock: pid={} {}: the lock was lost; stepping down",
+                 ::getpid(), description_);
+    log(LogLevel::warning,
+        "workerlock: pid={} {}: the lock was lost: its lease ran out {} ms before this check "
+        "(was this process paused?); stepping down",
+        ::getpid(), description_,
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - until).count());
   }
 
   void take_role() noexcept {
@@ -268,9 +285,9 @@ class role_machine {
     if (tasks && !completed && invoke(startup, "on_startup")) {
       try {
         barrier_->complete();
-      } catch (const std::exception& error) {
+      } catch (...) {
         log(LogLevel::error, "workerlock: pid={} on_startup completed, but {}", ::getpid(),
-            reason(error));
+            reason(current_error()));
       }
     }
     invoke(promoted, "on_promoted");
@@ -286,12 +303,12 @@ class role_machine {
       completed = barrier_->completed();
       startup_backoff_ = options_.retry_backoff_min;
       return true;
-    } catch (const std::exception& error) {
+    } catch (...) {
       const auto pause = startup_backoff_;
       startup_backoff_ = doubled_backoff(startup_backoff_);
       log(LogLevel::error,
           "workerlock: pid={} {}; on_startup not run, stepping down and retrying in {} ms",
-          ::getpid(), reason(error), pause.count());
+          ::getpid(), reason(current_error()), pause.count());
       backend_.release();
       role_.store(Role::secondary);
       log(LogLevel::info,
@@ -360,9 +377,21 @@ class role_machine {
                : std::min(backoff * 2, options_.retry_backoff_max);
   }
 
-  //! An error's what() for a log line, without the "workerlock: " that starts the line.
-  static std::string_view reason(const std::exception& error) noexcept {
-    std::string_view text = error.what();
+  //! The exception being handled, for a log line: a std::exception's what(), or a generic
+  //! text for anything else a user's Backend or GenerationMarker throws. Only in a catch
+  //! block; the text lives as long as the exception.
+  static std::string_view current_error() noexcept {
+    try {
+      throw;
+    } catch (const std::exception& error) {
+      return error.what();
+    } catch (...) {
+      return "an exception of an unknown type";
+    }
+  }
+
+  //! An error's text for a log line, without the "workerlock: " that starts the line.
+  static std::string_view reason(std::string_view text) noexcept {
     constexpr std::string_view prefix = "workerlock: ";
     if (text.substr(0, prefix.size()) == prefix) text.remove_prefix(prefix.size());
     return text;

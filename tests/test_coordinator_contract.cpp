@@ -29,7 +29,7 @@
 
 #include <workerlock/workerlock.hpp>
 
-#include "support.hpp"
+#include "support/common.hpp"
 
 namespace {
 

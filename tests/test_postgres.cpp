@@ -47,11 +47,11 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
-#include "partition_lab.hpp"
-#include "paused_holder.hpp"
-#include "postgres_server.hpp"
-#include "raw_fork.hpp"
-#include "support.hpp"
+#include "support/partition_lab.hpp"
+#include "support/paused_holder.hpp"
+#include "support/postgres_server.hpp"
+#include "support/raw_fork.hpp"
+#include "support/common.hpp"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// tests/support.hpp: helpers for tests that fork real processes: temporary directories,
+// tests/support/common.hpp: helpers for tests that fork real processes: temporary directories,
 // children whose exit codes the parent checks, and shared memory for their bookkeeping.
 #pragma once
 
@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -112,6 +113,9 @@ inline int wait_all_failures(const std::vector<pid_t>& pids) {
   return failures;
 }
 
+//! What Children::wait(pid, timeout) returns when the child had to be SIGKILLed.
+inline constexpr int kTimedOut = -2;
+
 //! Forked children of one test; any child still running when the test leaves (a failed
 //! REQUIRE, say) is killed and reaped, so no test leaves a process behind.
 class Children {
@@ -119,20 +123,17 @@ class Children {
   Children() = default;
   Children(const Children&) = delete;
   Children& operator=(const Children&) = delete;
-  ~Children() {
-    for (const pid_t pid : live_) {
-      ::kill(pid, SIGKILL);
-      wltest::wait_exit_code(pid);
-    }
-  }
+  ~Children() { kill_all(); }
 
   //! Forks a child running body(); the child dies with the test process (PR_SET_PDEATHSIG),
-  //! so an interrupted run leaves no child spinning at a start line.
+  //! so an interrupted run leaves no child spinning at a start line. The child starts without
+  //! the operator override $WORKERLOCK_ROLE: a test that wants it sets it in the child.
   template <typename F>
   pid_t spawn(F&& body) {
     const pid_t parent = ::getpid();
     const pid_t pid = wltest::fork_child([&]() -> int {
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) return 98;
+      ::unsetenv("WORKERLOCK_ROLE");
       return body();
     });
     live_.push_back(pid);
@@ -142,8 +143,37 @@ class Children {
   //! Waits for one child; returns its exit code (128 + signal when killed).
   int wait(pid_t pid) {
     const int code = wltest::wait_exit_code(pid);
-    live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end());
+    forget(pid);
     return code;
+  }
+
+  //! Waits up to `timeout` for one child: its exit code (128 + signal when killed), or
+  //! kTimedOut if it had to be SIGKILLed because it did not finish in time.
+  int wait(pid_t pid, std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    bool timed_out = false;
+    for (;;) {
+      const pid_t got = ::waitpid(pid, &status, WNOHANG);
+      if (got == pid) break;
+      if (got < 0 && errno != EINTR) {
+        forget(pid);
+        return -1;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        ::kill(pid, SIGKILL);
+        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        timed_out = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    forget(pid);
+    if (timed_out) return kTimedOut;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return -1;
   }
 
   //! Waits for every remaining child; returns how many did not exit with 0.
@@ -153,7 +183,20 @@ class Children {
     return failures;
   }
 
+  //! SIGKILLs and reaps every child still running.
+  void kill_all() noexcept {
+    for (const pid_t pid : live_) ::kill(pid, SIGKILL);
+    for (const pid_t pid : live_) {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
+    live_.clear();
+  }
+
  private:
+  void forget(pid_t pid) { live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end()); }
+
   std::vector<pid_t> live_;
 };
 

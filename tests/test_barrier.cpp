@@ -41,8 +41,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -53,9 +53,8 @@ using namespace wltest;
 using namespace wltest::coordinator_lab;
 using namespace wltest::barrier_lab;
 
-TEST_CASE(
-    "coordinator: startup barrier with secondaries started before and during and after the tasks",
-    "[coordinator][startup]") {
+TEST_CASE("startup barrier: with secondaries started before and during and after the tasks",
+          "[coordinator][startup]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Harness h;
@@ -123,8 +122,7 @@ TEST_CASE(
   for (const int id : {a, b, c, d}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE("coordinator: startup barrier when the primary is SIGKILLed mid-task",
-          "[coordinator][startup]") {
+TEST_CASE("startup barrier: when the primary is SIGKILLed mid-task", "[coordinator][startup]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Harness h;
@@ -179,7 +177,8 @@ TEST_CASE("coordinator: startup barrier when the primary is SIGKILLed mid-task",
 }
 
 TEST_CASE(
-    "coordinator: wait_for_startup() returns false after about the timeout if no primary completes",
+    "startup barrier: wait_for_startup() returns false after about the timeout if no primary "
+    "completes",
     "[coordinator][startup]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
@@ -205,7 +204,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "coordinator: the default startup generation is the master's pid and start time, stable "
+    "startup barrier: the default startup generation is the master's pid and start time, stable "
     "while the master's memory changes",
     "[coordinator][startup]") {
   wltest::Shared<GenerationBoard> board;
@@ -246,7 +245,7 @@ TEST_CASE(
   CHECK(board->startup_runs.load() == 1);  // the replacement found the tasks complete
 }
 
-TEST_CASE("coordinator: /proc/PID/stat start time survives spaces and parentheses in the name",
+TEST_CASE("startup barrier: /proc/PID/stat start time survives spaces and parentheses in the name",
           "[coordinator][startup]") {
   using workerlock::detail::proc_stat_start_time;
   std::string line = "4242 (a b) c)) S";

@@ -1,5 +1,6 @@
-// tests/test_coordinator.cpp: Coordinator: failover, callbacks, stop paths, configuration, polled mode.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_coordinator.cpp: Coordinator: failover, callbacks, stop paths, configuration, polled
+// mode. Helpers live in tests/support/; every test forks real processes where it needs more than
+// one.
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -43,8 +44,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -986,7 +987,7 @@ TEST_CASE(
   for (const int id : live) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE("coordinator lifecycle: every public call from a callback returns without deadlock",
+TEST_CASE("coordinator: every public call from a callback returns without deadlock",
           "[coordinator][coordinator_lifecycle][threads]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
@@ -1065,7 +1066,7 @@ TEST_CASE("coordinator lifecycle: every public call from a callback returns with
 }
 
 TEST_CASE(
-    "coordinator lifecycle: stop() returns although the host replaced the wakeup signal's "
+    "coordinator: stop() returns although the host replaced the wakeup signal's "
     "handler after start()",
     "[coordinator][coordinator_lifecycle][threads]") {
   const HostChange change =
@@ -1118,7 +1119,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "coordinator lifecycle: request_stop() from a SIGTERM handler releases the lock without a "
+    "coordinator: request_stop() from a SIGTERM handler releases the lock without a "
     "hang",
     "[coordinator][coordinator_lifecycle][threads]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
@@ -1194,7 +1195,7 @@ TEST_CASE(
   CHECK(r.stop_ms.load() < 3000);
 }
 
-TEST_CASE("coordinator lifecycle: start() rejects bad options with a lock_error naming the field",
+TEST_CASE("coordinator: start() rejects bad options with a lock_error naming the field",
           "[coordinator][coordinator_lifecycle]") {
   const auto with = [](auto change) {
     CoordinatorOptions options;
@@ -1280,7 +1281,7 @@ TEST_CASE("coordinator lifecycle: start() rejects bad options with a lock_error 
   CHECK(r.valid_start_role.load() == kPrimary);
 }
 
-TEST_CASE("coordinator lifecycle: a huge health_check_interval is a long sleep, not a busy loop",
+TEST_CASE("coordinator: a huge health_check_interval is a long sleep, not a busy loop",
           "[coordinator][coordinator_lifecycle][threads]") {
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";
@@ -1316,7 +1317,7 @@ TEST_CASE("coordinator lifecycle: a huge health_check_interval is a long sleep, 
 }
 
 TEST_CASE(
-    "coordinator lifecycle: in polled mode huge intervals and backoffs are long waits, never "
+    "coordinator: in polled mode huge intervals and backoffs are long waits, never "
     "an overflow into a check or retry on every poll()",
     "[coordinator][coordinator_lifecycle]") {
   // health_check_interval = milliseconds::max(): a deleted lock file is never looked at, so
@@ -1363,7 +1364,7 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("coordinator lifecycle: lock_error::path() of a failed start() is the lock file's path",
+TEST_CASE("coordinator: lock_error::path() of a failed start() is the lock file's path",
           "[coordinator][coordinator_lifecycle]") {
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";
@@ -1397,7 +1398,7 @@ TEST_CASE("coordinator lifecycle: lock_error::path() of a failed start() is the 
   CHECK(lock_is_free(path));
 }
 
-TEST_CASE("lock file: a Coordinator primary that chdir()s stays the only primary",
+TEST_CASE("coordinator: a Coordinator primary that chdir()s stays the only primary",
           "[lock_file][threads]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -1454,7 +1455,7 @@ TEST_CASE("lock file: a Coordinator primary that chdir()s stays the only primary
   CHECK(count->violations.load() == 0);
 }
 
-TEST_CASE("lock file: Coordinator stop() then a rename then start() never makes two primaries",
+TEST_CASE("coordinator: Coordinator stop() then a rename then start() never makes two primaries",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -1501,8 +1502,9 @@ TEST_CASE("lock file: Coordinator stop() then a rename then start() never makes 
   CHECK(wait_or_kill(children, other, 10s) == 0);
 }
 
-TEST_CASE("lock file: two processes with two posix Coordinators each fail over at once and quietly",
-          "[lock_file][threads]") {
+TEST_CASE(
+    "coordinator: two processes with two posix Coordinators each fail over at once and quietly",
+    "[lock_file][threads]") {
   wltest::TempDir dir;
   const fs::path files[2] = {dir / "one.lock", dir / "two.lock"};
   wltest::Shared<CrossBoard> board;

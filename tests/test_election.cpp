@@ -1,5 +1,6 @@
-// tests/test_election.cpp: is_primary_worker(): races, SIGKILL takeover, stale files, configuration, logging.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_election.cpp: is_primary_worker(): races, SIGKILL takeover, stale files,
+// configuration, logging. Helpers live in tests/support/; every test forks real processes where it
+// needs more than one.
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -42,8 +43,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -56,7 +57,7 @@ using namespace wltest::contract_lab;
 using namespace wltest::election_lab;
 using namespace wltest::lock_file_lab;
 
-TEST_CASE("contract: four forked workers keeping their Election elect exactly one primary",
+TEST_CASE("election: four forked workers keeping their Election elect exactly one primary",
           "[contract][process]") {
   wltest::TempDir dir;
   const auto path = dir / "four.lock";
@@ -93,7 +94,7 @@ TEST_CASE("contract: four forked workers keeping their Election elect exactly on
   CHECK(board->primaries.load() == 1);
 }
 
-TEST_CASE("contract: a moved Election keeps the lock and the moved-from one reads secondary",
+TEST_CASE("election: a moved Election keeps the lock and the moved-from one reads secondary",
           "[contract]") {
   wltest::TempDir dir;
   const auto path = dir / "moved.lock";
@@ -113,7 +114,7 @@ TEST_CASE("contract: a moved Election keeps the lock and the moved-from one read
 }
 
 TEST_CASE(
-    "contract: a failing is_primary_worker() reports its error once (thrown or through "
+    "election: a failing is_primary_worker() reports its error once (thrown or through "
     "the error_code) and never also logs it",
     "[contract]") {
   wltest::TempDir dir;
@@ -130,7 +131,7 @@ TEST_CASE(
   CHECK(sink.lines->empty());
 }
 
-TEST_CASE("contract: a log sink that throws escapes no error_code twin and changes no outcome",
+TEST_CASE("election: a log sink that throws escapes no error_code twin and changes no outcome",
           "[contract][process]") {
   wltest::TempDir dir;
   const auto path = dir / "sink.lock";
@@ -207,7 +208,7 @@ TEST_CASE("contract: a log sink that throws escapes no error_code twin and chang
 }
 
 TEST_CASE(
-    "contract: WORKERLOCK_ROLE=primary carries errc::role_override_refused and a bad value "
+    "election: WORKERLOCK_ROLE=primary carries errc::role_override_refused and a bad value "
     "errc::bad_configuration and a kept-out worker's lock() errc::kept_out_by_operator",
     "[contract][process]") {
   wltest::TempDir dir;
@@ -253,7 +254,7 @@ TEST_CASE(
   CHECK(children.wait(kept_out) == 0);
 }
 
-TEST_CASE("contract: a refused WORKERLOCK_PATH carries errc::bad_configuration",
+TEST_CASE("election: a refused WORKERLOCK_PATH carries errc::bad_configuration",
           "[contract][process]") {
   Children children;
   const pid_t child = children.spawn([&] {
@@ -274,7 +275,7 @@ TEST_CASE("contract: a refused WORKERLOCK_PATH carries errc::bad_configuration",
   CHECK(children.wait(child) == 0);
 }
 
-TEST_CASE("race: 2 16 64 and 256 children elect exactly one primary", "[election]") {
+TEST_CASE("election: 2 16 64 and 256 children elect exactly one primary", "[election]") {
   const int n = GENERATE(2, 16, 64, 256);
   const int rounds = n == 2 ? 10 : n == 16 ? 4 : n == 64 ? 2 : 1;
   wltest::TempDir dir;
@@ -293,7 +294,8 @@ TEST_CASE("race: 2 16 64 and 256 children elect exactly one primary", "[election
   }
 }
 
-TEST_CASE("race: 16 children x 1000 rounds elect exactly one primary every round", "[election]") {
+TEST_CASE("election: 16 children x 1000 rounds elect exactly one primary every round",
+          "[election]") {
   constexpr int kRounds = 1000;
   static_assert(kRounds <= kArenaMaxRounds);
   wltest::TempDir dir;
@@ -308,7 +310,7 @@ TEST_CASE("race: 16 children x 1000 rounds elect exactly one primary every round
   CHECK(r.failed_workers == 0);
 }
 
-TEST_CASE("race: 16-way races for each mechanism", "[election]") {
+TEST_CASE("election: 16-way races for each mechanism", "[election]") {
   const Mechanism m = GENERATE(Mechanism::posix, Mechanism::flock, Mechanism::ofd);
   INFO("mechanism=" << workerlock::to_string(m));
   wltest::TempDir dir;
@@ -336,7 +338,8 @@ TEST_CASE("race: 16-way races for each mechanism", "[election]") {
   }
 }
 
-TEST_CASE("SIGKILL of the primary: a waiting sibling acquires within 100 ms", "[election]") {
+TEST_CASE("election: after a SIGKILL of the primary a waiting sibling acquires within 100 ms",
+          "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   // 0: a try_lock() loop, 1: blocking lock(), 2: try_lock_for()
   const int style = GENERATE(0, 1, 2);
@@ -392,7 +395,7 @@ TEST_CASE("SIGKILL of the primary: a waiting sibling acquires within 100 ms", "[
   CHECK(latency_ms < 100.0);
 }
 
-TEST_CASE("stale lock files never block an election", "[election]") {
+TEST_CASE("election: stale lock files never block an election", "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   const int kind = GENERATE(range(0, 10));
   wltest::TempDir dir;
@@ -503,8 +506,10 @@ TEST_CASE("stale lock files never block an election", "[election]") {
   }
 }
 
-TEST_CASE("Role and ElectedRole format as primary or secondary and a forked copy reads secondary",
-          "[election]") {
+TEST_CASE(
+    "election: Role and ElectedRole format as primary or secondary and a forked copy reads "
+    "secondary",
+    "[election]") {
   CHECK(fmt::format("{}", Role::primary) == "primary");
   CHECK(fmt::format("{}", Role::secondary) == "secondary");
   CHECK(fmt::format("[{:>9}]", Role::primary) == "[  primary]");
@@ -568,8 +573,10 @@ TEST_CASE("Role and ElectedRole format as primary or secondary and a forked copy
   CHECK(holder->pid == ::getpid());
 }
 
-TEST_CASE("default_lock_path follows WORKERLOCK_PATH then RUNTIME_DIRECTORY then XDG_RUNTIME_DIR",
-          "[election]") {
+TEST_CASE(
+    "election: default_lock_path follows WORKERLOCK_PATH then RUNTIME_DIRECTORY then "
+    "XDG_RUNTIME_DIR",
+    "[election]") {
   const char* const vars[] = {"WORKERLOCK_PATH", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"};
   std::vector<std::optional<std::string>> parent_env;
   for (const char* v : vars) {
@@ -630,8 +637,9 @@ TEST_CASE("default_lock_path follows WORKERLOCK_PATH then RUNTIME_DIRECTORY then
   }
 }
 
-TEST_CASE("is_primary_worker without arguments locks default_lock_path from WORKERLOCK_PATH",
-          "[election]") {
+TEST_CASE(
+    "election: is_primary_worker without arguments locks default_lock_path from WORKERLOCK_PATH",
+    "[election]") {
   wltest::TempDir dir;
   const auto path = dir / "from-env.lock";
   const auto log = dir / "stderr.txt";
@@ -659,7 +667,7 @@ TEST_CASE("is_primary_worker without arguments locks default_lock_path from WORK
         std::string::npos);
 }
 
-TEST_CASE("WORKERLOCK_ROLE=secondary keeps a worker out even while the lock is free",
+TEST_CASE("election: WORKERLOCK_ROLE=secondary keeps a worker out even while the lock is free",
           "[election]") {
   REQUIRE(std::getenv("WORKERLOCK_ROLE") == nullptr);
   wltest::TempDir dir;
@@ -725,7 +733,7 @@ TEST_CASE("WORKERLOCK_ROLE=secondary keeps a worker out even while the lock is f
   CHECK(children.wait(ignoring) == 0);
 }
 
-TEST_CASE("WORKERLOCK_ROLE=primary or an unknown value is an error and never primary",
+TEST_CASE("election: WORKERLOCK_ROLE=primary or an unknown value is an error and never primary",
           "[election]") {
   REQUIRE(std::getenv("WORKERLOCK_ROLE") == nullptr);
   const std::string value = GENERATE(as<std::string>{}, "primary", "banana", "PRIMARY", "1");
@@ -770,7 +778,7 @@ TEST_CASE("WORKERLOCK_ROLE=primary or an unknown value is an error and never pri
   CHECK(children.wait(normal) == 0);
 }
 
-TEST_CASE("log sink receives exactly one election line per worker with its pid and role",
+TEST_CASE("election: log sink receives exactly one election line per worker with its pid and role",
           "[election]") {
   wltest::TempDir dir;
   const auto path = dir / "log.lock";
@@ -898,7 +906,7 @@ TEST_CASE("log sink receives exactly one election line per worker with its pid a
   }
 }
 
-TEST_CASE("log output: silent() writes nothing and the default sink writes one line to stderr",
+TEST_CASE("election: silent() writes nothing and the default sink writes one line to stderr",
           "[election]") {
   wltest::TempDir dir;
   const auto path = dir / "stderr.lock";
@@ -969,7 +977,7 @@ TEST_CASE("log output: silent() writes nothing and the default sink writes one l
 }
 
 TEST_CASE(
-    "lock file: WORKERLOCK_PATH values that are blank relative or hold control characters "
+    "election: WORKERLOCK_PATH values that are blank relative or hold control characters "
     "are refused",
     "[lock_file]") {
   const std::string value =
@@ -1004,7 +1012,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "lock file: an absolute WORKERLOCK_PATH is used and relative runtime directories are "
+    "election: an absolute WORKERLOCK_PATH is used and relative runtime directories are "
     "ignored",
     "[lock_file]") {
   wltest::TempDir dir;

@@ -1,5 +1,6 @@
-// tests/test_faults.cpp: system-call failures injected with seccomp (EIO, ENOLCK, EMFILE, thread creation).
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_faults.cpp: system-call failures injected with seccomp (EIO, ENOLCK, EMFILE, thread
+// creation). Helpers live in tests/support/; every test forks real processes where it needs more
+// than one.
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
@@ -52,9 +53,9 @@
 #include <utility>
 #include <vector>
 
+#include <fmt/format.h>
 #include <boost/interprocess/sync/file_lock.hpp>
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 
 #include <workerlock/workerlock.hpp>
 
@@ -69,7 +70,7 @@ using namespace wltest::coordinator_lab;
 using namespace wltest::lifecycle_lab;
 using namespace wltest::barrier_lab;
 
-TEST_CASE("bad input: descriptor exhaustion is reported as EMFILE, and the next try succeeds",
+TEST_CASE("faults: descriptor exhaustion is reported as EMFILE, and the next try succeeds",
           "[bad-input]") {
   wltest::TempDir tmp;
   const auto path = tmp / "primary.lock";
@@ -191,7 +192,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "coordinator: a worker whose holder record cannot be written (EIO) logs it, retries with "
+    "faults: a worker whose holder record cannot be written (EIO) logs it, retries with "
     "backoff, is never promoted, and keeps nobody else out",
     "[coordinator]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
@@ -243,7 +244,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "coordinator lifecycle: start() that cannot create its thread throws lock_error, stays "
+    "faults: start() that cannot create its thread throws lock_error, stays "
     "secondary and frees the lock",
     "[coordinator][coordinator_lifecycle][threads]") {
   wltest::TempDir dir;
@@ -310,7 +311,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "startup barrier: EMFILE while reading the marker at promotion never re-runs completed "
+    "faults: EMFILE while reading the marker at promotion never re-runs completed "
     "tasks",
     "[startup_barrier][faults]") {
   wltest::TempDir dir;

@@ -1,5 +1,6 @@
-// tests/test_fork.cpp: fork safety: forked, exec'd, raw-forked and signalled copies of holders and Coordinators.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_fork.cpp: fork safety: forked, exec'd, raw-forked and signalled copies of holders and
+// Coordinators. Helpers live in tests/support/; every test forks real processes where it needs more
+// than one.
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -44,6 +45,7 @@
 #include <workerlock/workerlock.hpp>
 
 #include "support/contract_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/fork_lab.hpp"
 #include "support/lifecycle_lab.hpp"
 
@@ -53,7 +55,7 @@ using namespace wltest::lifecycle_lab;
 using namespace wltest::fork_lab;
 
 TEST_CASE(
-    "contract: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
+    "fork: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
     "remove the original's lock",
     "[contract][raw_fork]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
@@ -133,7 +135,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "contract: a raw copy made while another thread holds the registry mutex does not "
+    "fork: a raw copy made while another thread holds the registry mutex does not "
     "hang when it destroys its inherited Election",
     "[contract][raw_fork]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::posix);
@@ -169,7 +171,7 @@ TEST_CASE(
   CHECK(other_process_try(path, mechanism) == kBusy);
 }
 
-TEST_CASE("coordinator lifecycle: a child forked by the primary reads role() secondary",
+TEST_CASE("fork: a child forked by the primary reads role() secondary",
           "[coordinator][coordinator_lifecycle][threads]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
@@ -249,7 +251,7 @@ TEST_CASE("coordinator lifecycle: a child forked by the primary reads role() sec
 }
 
 TEST_CASE(
-    "coordinator lifecycle: start() on a forked copy throws while the parent runs it and starts "
+    "fork: start() on a forked copy throws while the parent runs it and starts "
     "afresh once the parent stopped it",
     "[coordinator][coordinator_lifecycle][threads]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
@@ -313,7 +315,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "coordinator lifecycle: a helper forked by a worker leaves with exit(0) at once, runs no "
+    "fork: a helper forked by a worker leaves with exit(0) at once, runs no "
     "callback and keeps the worker's hold",
     "[coordinator][coordinator_lifecycle][threads]") {
   const HelperCase hc =
@@ -407,15 +409,12 @@ TEST_CASE(
   CHECK(r.worker_demoted.load() == 1);
 }
 
-TEST_CASE(
-    "Fork safety - a helper forked without exec by the primary is secondary and does not keep the "
+TEST_CASE_METHOD(
+    wltest::EachMechanismReaped,
+    "fork: a helper forked without exec by the primary is secondary and does not keep the "
     "lock alive",
     "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   REQUIRE(reaper.is_subreaper());
 
   struct Book {
@@ -486,13 +485,10 @@ TEST_CASE(
   CHECK(reaper.kill_and_reap(helper) == 128 + SIGKILL);
 }
 
-TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never hold the lock",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: children the primary fork-execs or posix_spawns never hold the lock",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   REQUIRE(reaper.is_subreaper());
 
   struct Book {
@@ -552,13 +548,10 @@ TEST_CASE("Fork safety - children the primary fork-execs or posix_spawns never h
   CHECK(reaper.kill_and_reap(spawned_sleep) == 128 + SIGKILL);
 }
 
-TEST_CASE("Fork safety - an election won in the master before fork makes no child primary",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: an election won in the master before fork makes no child primary",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   constexpr int children = 4;
 
   struct Book {
@@ -654,13 +647,10 @@ TEST_CASE("Fork safety - an election won in the master before fork makes no chil
   CHECK(book->second_round_winners == 1);
 }
 
-TEST_CASE("Removal - concurrent unlock_and_remove cycles never let two processes hold the lock",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: concurrent unlock_and_remove cycles never let two processes hold the lock",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   constexpr int removers = 8;
   constexpr int iterations = 300;
   constexpr int cyclers = 2;
@@ -748,7 +738,7 @@ TEST_CASE("Removal - concurrent unlock_and_remove cycles never let two processes
 }
 
 TEST_CASE(
-    "Removal - a handle that waited on the removed file ends up holding the file the path names "
+    "fork: a handle that waited on the removed file ends up holding the file the path names "
     "now",
     "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
@@ -816,15 +806,12 @@ TEST_CASE(
   CHECK(reaper.exit_code(waiter) == 0);
 }
 
-TEST_CASE(
-    "Removal - a preempted waiter in lock keeps waiting however often the file is removed and "
+TEST_CASE_METHOD(
+    wltest::EachMechanismReaped,
+    "fork: a preempted waiter in lock keeps waiting however often the file is removed and "
     "recreated",
     "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   // The primary cycles lock() / unlock_and_remove() while one worker waits in lock() but
   // is never scheduled at the right moment (here: stopped, as a preempted process is). Each
   // time the worker wakes up on the removed file, the path already names a new file that
@@ -886,7 +873,7 @@ TEST_CASE(
   CHECK(book->holds_named_file == 1);
 }
 
-TEST_CASE("Signals - lock keeps waiting through SIGUSR1 with and without SA_RESTART", "[fork]") {
+TEST_CASE("fork: lock keeps waiting through SIGUSR1 with and without SA_RESTART", "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   const bool sa_restart = GENERATE(false, true);
   INFO(describe(mechanism) << " SA_RESTART=" << sa_restart);
@@ -950,13 +937,10 @@ TEST_CASE("Signals - lock keeps waiting through SIGUSR1 with and without SA_REST
   CHECK(book->owns_after == 1);
 }
 
-TEST_CASE("Signals - a SIGKILLed waiter disturbs neither the holder nor the other waiters",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: a SIGKILLed waiter disturbs neither the holder nor the other waiters",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
 
   struct Book {
     std::atomic<int> waiting{0};
@@ -998,12 +982,9 @@ TEST_CASE("Signals - a SIGKILLed waiter disturbs neither the holder nor the othe
   CHECK(book->acquired_before_release == 0);
 }
 
-TEST_CASE("Signals - SIGTERM with its default action frees the primary's lock", "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: SIGTERM with its default action frees the primary's lock", "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
 
   struct Book {
     std::atomic<int> primary{-1};
@@ -1027,7 +1008,8 @@ TEST_CASE("Signals - SIGTERM with its default action frees the primary's lock", 
 }
 
 TEST_CASE(
-    "POSIX trap - a sibling handle created tried and destroyed in the holder's process keeps the "
+    "fork: POSIX trap: a sibling handle created tried and destroyed in the holder's process keeps "
+    "the "
     "lock",
     "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);

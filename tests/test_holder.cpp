@@ -1,5 +1,6 @@
-// tests/test_holder.cpp: lock_holder(): who holds a lock, across mechanisms, file systems, threads and pid namespaces.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_holder.cpp: lock_holder(): who holds a lock, across mechanisms, file systems, threads
+// and pid namespaces. Helpers live in tests/support/; every test forks real processes where it
+// needs more than one.
 #include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -54,9 +55,9 @@
 #include <utility>
 #include <vector>
 
+#include <fmt/format.h>
 #include <boost/interprocess/sync/file_lock.hpp>
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 
 #include <workerlock/holder.hpp>
 #include <workerlock/worker_lock.hpp>
@@ -82,7 +83,7 @@ static_assert(std::is_same_v<decltype(workerlock::Holder::pid), std::optional<pi
 static_assert(std::is_same_v<decltype(workerlock::Holder::mechanism), Mechanism>);
 
 TEST_CASE(
-    "interop: lock_holder() never drops this process's boost::interprocess::file_lock, even "
+    "lock_holder: never drops this process's boost::interprocess::file_lock, even "
     "while another process holds an flock lock on the file",
     "[interop]") {
   const bool boost_first = GENERATE(true, false);
@@ -121,7 +122,7 @@ TEST_CASE(
   CHECK_FALSE(boost_busy_in_child());
 }
 
-TEST_CASE("interop: lock_holder reports flock(1)'s kernel pid, not a stale record", "[interop]") {
+TEST_CASE("lock_holder: reports flock(1)'s kernel pid, not a stale record", "[interop]") {
   wltest::TempDir tmp;
   const auto path = tmp / "primary.lock";
   // An earlier workerlock primary wrote its record, then exited.
@@ -149,7 +150,7 @@ TEST_CASE("interop: lock_holder reports flock(1)'s kernel pid, not a stale recor
 }
 
 TEST_CASE(
-    "interop: lock_holder does not trust a record whose pid now belongs to a later process, "
+    "lock_holder: does not trust a record whose pid now belongs to a later process, "
     "when a program that writes no record holds an OFD lock",
     "[interop]") {
   using std::chrono::system_clock;
@@ -215,8 +216,7 @@ TEST_CASE(
   CHECK(program.wait() == 0);
 }
 
-TEST_CASE("interop: lock_holder returns nullopt for an unlocked file with a valid record",
-          "[interop]") {
+TEST_CASE("lock_holder: returns nullopt for an unlocked file with a valid record", "[interop]") {
   wltest::TempDir tmp;
   for (const auto m : all_mechanisms) {
     INFO("mechanism of the departed holder: " << name_of(m));
@@ -238,8 +238,10 @@ TEST_CASE("interop: lock_holder returns nullopt for an unlocked file with a vali
   }
 }
 
-TEST_CASE("SIGKILL of the primary: lock_holder reports nobody until the parent takes over",
-          "[election]") {
+TEST_CASE(
+    "lock_holder: after a SIGKILL of the primary lock_holder reports nobody until the parent takes "
+    "over",
+    "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   // With a helper: the primary forked a child (no exec) that outlives it.
   const bool with_helper = GENERATE(false, true);
@@ -306,7 +308,7 @@ TEST_CASE("SIGKILL of the primary: lock_holder reports nobody until the parent t
   CHECK(mine.owns_lock());
 }
 
-TEST_CASE("lock_holder does not attribute a lock to the stale record of a dead holder",
+TEST_CASE("lock_holder: does not attribute a lock to the stale record of a dead holder",
           "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -359,7 +361,7 @@ TEST_CASE("lock_holder does not attribute a lock to the stale record of a dead h
 }
 
 TEST_CASE(
-    "POSIX trap - lock_holder in the holding process reports it and does not release the lock",
+    "lock_holder: POSIX trap: called in the holding process it names the holder and keeps the lock",
     "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);
   INFO(describe(mechanism));
@@ -406,9 +408,8 @@ TEST_CASE(
 
 // A race, so a time budget: a broken lock_holder is caught in well under a second typically
 // (3.7 s at worst in 11 runs here); a correct one costs the whole budget.
-TEST_CASE(
-    "Threads - lock_holder in one thread never drops a POSIX lock another thread takes meanwhile",
-    "[fork][threads][stress]") {
+TEST_CASE("lock_holder: in one thread never drops a POSIX lock another thread takes meanwhile",
+          "[fork][threads][stress]") {
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
   Reaper reaper;
@@ -547,13 +548,12 @@ TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume
           report->fail(fmt::format("truncate {}: {}", image.string(), std::strerror(errno)));
           return 1;
         }
-        if (run_status(fmt::format("mkfs.btrfs -q -f '{}' >/dev/null 2>&1", image.string())) !=
-            0) {
+        if (run_status(fmt::format("mkfs.btrfs -q -f '{}' >/dev/null 2>&1", image.string())) != 0) {
           report->fail("mkfs.btrfs failed: install btrfs-progs (apt-get install btrfs-progs)");
           return 1;
         }
         if (run_status(fmt::format("mount -t btrfs -o loop '{}' '{}'", image.string(),
-                                    top.string())) != 0) {
+                                   top.string())) != 0) {
           report->fail(
               "mount -t btrfs -o loop failed: the kernel needs btrfs (modprobe btrfs) and a free "
               "loop device (losetup -f)");
@@ -586,7 +586,7 @@ TEST_CASE("lock_holder: names the holder of a lock file on btrfs, in a subvolume
 
 TEST_CASE("lock_holder: names the holder of a lock file on overlayfs", "[lock_holder]") {
   WLTEST_REQUIRE_ROOT("the lab mounts in its own mount namespace");
-  wltest::TempDir tmp;        // on the root file system (ext4 here)
+  wltest::TempDir tmp;  // on the root file system (ext4 here)
   wltest::Shared<LabReport> report;
   const int code = run_lab(
       [&]() -> int {

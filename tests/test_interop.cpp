@@ -1,5 +1,6 @@
-// tests/test_interop.cpp: interoperation with flock(1), Boost.Interprocess, Python and the other mechanisms.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_interop.cpp: interoperation with flock(1), Boost.Interprocess, Python and the other
+// mechanisms. Helpers live in tests/support/; every test forks real processes where it needs more
+// than one.
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>

@@ -41,8 +41,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -218,7 +218,7 @@ TEST_CASE("holder record: a longer stale record is shrunk to exactly the new rec
   CHECK(children.wait(primary) == 0);
 }
 
-TEST_CASE("lock file: a file that is not a lock file is locked but never truncated or written",
+TEST_CASE("holder record: a file that is not a lock file is locked but never truncated or written",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   const int kind = GENERATE(range(0, 4));
@@ -306,7 +306,7 @@ TEST_CASE("lock file: a file that is not a lock file is locked but never truncat
   CHECK(probe(path, m) == 0);
 }
 
-TEST_CASE("lock file: an empty file or one holding a record still gets the holder record",
+TEST_CASE("holder record: an empty file or one holding a record still gets the holder record",
           "[lock_file]") {
   const bool empty = GENERATE(true, false);
   wltest::TempDir dir;

@@ -1,5 +1,6 @@
-// tests/test_worker_lock.cpp: WorkerLock: paths, descriptors, deadlines, lifecycle, bad input and the standard lock concepts.
-// Helpers live in tests/support/; every test forks real processes where it needs more than one.
+// tests/test_worker_lock.cpp: WorkerLock: paths, descriptors, deadlines, lifecycle, bad input and
+// the standard lock concepts. Helpers live in tests/support/; every test forks real processes where
+// it needs more than one.
 #include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -56,15 +57,16 @@
 #include <utility>
 #include <vector>
 
+#include <fmt/format.h>
 #include <boost/interprocess/sync/file_lock.hpp>
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 
 #include <workerlock/workerlock.hpp>
 
 #include "support/contract_lab.hpp"
 #include "support/election_lab.hpp"
 #include "support/file_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/fork_lab.hpp"
 #include "support/lock_file_lab.hpp"
 
@@ -75,7 +77,7 @@ using namespace wltest::election_lab;
 using namespace wltest::fork_lab;
 using namespace wltest::lock_file_lab;
 
-TEST_CASE("bad input: a missing parent directory is refused with ENOENT and never created",
+TEST_CASE("WorkerLock: a missing parent directory is refused with ENOENT and never created",
           "[bad-input]") {
   wltest::TempDir tmp;
   const auto missing = tmp / "no-such-dir";
@@ -101,7 +103,7 @@ TEST_CASE("bad input: a missing parent directory is refused with ENOENT and neve
   CHECK(lock.owns_lock());
 }
 
-TEST_CASE("bad input: an unprivileged worker gets EACCES, root-owned files stay untouched",
+TEST_CASE("WorkerLock: an unprivileged worker gets EACCES, root-owned files stay untouched",
           "[bad-input]") {
   WLTEST_REQUIRE_ROOT("creates root-owned files, then switches a child to uid 65534");
   wltest::TempDir tmp;
@@ -143,7 +145,7 @@ TEST_CASE("bad input: an unprivileged worker gets EACCES, root-owned files stay 
   CHECK(same_mtime(roots_before, roots_after));
 }
 
-TEST_CASE("bad input: a directory at the lock path is refused with EISDIR", "[bad-input]") {
+TEST_CASE("WorkerLock: a directory at the lock path is refused with EISDIR", "[bad-input]") {
   wltest::TempDir tmp;
   const auto path = tmp / "a-directory";
   REQUIRE(fs::create_directory(path));
@@ -154,7 +156,7 @@ TEST_CASE("bad input: a directory at the lock path is refused with EISDIR", "[ba
   }
 }
 
-TEST_CASE("bad input: an empty path is refused with EINVAL by every entry point", "[bad-input]") {
+TEST_CASE("WorkerLock: an empty path is refused with EINVAL by every entry point", "[bad-input]") {
   const fs::path empty;
   for (const auto m : all_mechanisms) {
     require_refused_here(empty, m, std::errc::invalid_argument, {"the path is empty"});
@@ -173,7 +175,7 @@ TEST_CASE("bad input: an empty path is refused with EINVAL by every entry point"
   CHECK_THROWS_AS(handle.try_lock(), lock_error);
 }
 
-TEST_CASE("bad input: paths longer than PATH_MAX or NAME_MAX are refused with ENAMETOOLONG",
+TEST_CASE("WorkerLock: paths longer than PATH_MAX or NAME_MAX are refused with ENAMETOOLONG",
           "[bad-input]") {
   wltest::TempDir tmp;
   std::string too_long = tmp.path().native();
@@ -188,7 +190,7 @@ TEST_CASE("bad input: paths longer than PATH_MAX or NAME_MAX are refused with EN
   CHECK(fs::is_empty(tmp.path()));
 }
 
-TEST_CASE("bad input: a read-only file system is refused with EROFS, new or existing file",
+TEST_CASE("WorkerLock: a read-only file system is refused with EROFS, new or existing file",
           "[bad-input]") {
   WLTEST_REQUIRE_ROOT("the child mounts a tmpfs in its own mount namespace");
   wltest::TempDir tmp;
@@ -245,7 +247,7 @@ TEST_CASE("bad input: a read-only file system is refused with EROFS, new or exis
   CHECK(fs::is_empty(mountpoint));
 }
 
-TEST_CASE("bad input: a regular file used as a directory is refused with ENOTDIR", "[bad-input]") {
+TEST_CASE("WorkerLock: a regular file used as a directory is refused with ENOTDIR", "[bad-input]") {
   wltest::TempDir tmp;
   const auto plain = tmp / "plain-file";
   REQUIRE(write_file(plain, "just a file\n"));
@@ -258,7 +260,7 @@ TEST_CASE("bad input: a regular file used as a directory is refused with ENOTDIR
   CHECK(read_file(plain) == "just a file\n");
 }
 
-TEST_CASE("bad input: a FIFO or a character device at the lock path is not a regular file",
+TEST_CASE("WorkerLock: a FIFO or a character device at the lock path is not a regular file",
           "[bad-input]") {
   wltest::TempDir tmp;
   const auto fifo = tmp / "a-fifo";
@@ -278,7 +280,7 @@ TEST_CASE("bad input: a FIFO or a character device at the lock path is not a reg
   CHECK(fs::is_character_file(dev_null));
 }
 
-TEST_CASE("contract: WorkerLock::unlock() is noexcept and so are the error_code twins",
+TEST_CASE("WorkerLock: WorkerLock::unlock() is noexcept and so are the error_code twins",
           "[contract]") {
   WorkerLock lock;
   std::error_code ec;
@@ -298,7 +300,7 @@ TEST_CASE("contract: WorkerLock::unlock() is noexcept and so are the error_code 
 }
 
 TEST_CASE(
-    "contract: an unlock that fails under std::unique_lock neither terminates the "
+    "WorkerLock: an unlock that fails under std::unique_lock neither terminates the "
     "process nor keeps the lock",
     "[contract][process]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
@@ -350,7 +352,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "contract: std::lock and std::scoped_lock over two WorkerLocks exclude across "
+    "WorkerLock: std::lock and std::scoped_lock over two WorkerLocks exclude across "
     "racing forked workers",
     "[contract][process]") {
   const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
@@ -413,7 +415,7 @@ TEST_CASE(
   CHECK(board->rounds.load() == kWorkers * kRounds);
 }
 
-TEST_CASE("contract: unlock_and_remove() refusals carry errc::not_held and errc::foreign_owner",
+TEST_CASE("WorkerLock: unlock_and_remove() refusals carry errc::not_held and errc::foreign_owner",
           "[contract]") {
   wltest::TempDir dir;
   const auto path = dir / "remove.lock";
@@ -442,7 +444,7 @@ TEST_CASE("contract: unlock_and_remove() refusals carry errc::not_held and errc:
   CHECK(std::filesystem::exists(foreign_path));
 }
 
-TEST_CASE("WorkerLock composes with std::unique_lock and std::scoped_lock across processes",
+TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock across processes",
           "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -539,8 +541,10 @@ TEST_CASE("WorkerLock composes with std::unique_lock and std::scoped_lock across
   }
 }
 
-TEST_CASE("try_lock_for times out while another process holds the lock and succeeds once released",
-          "[election]") {
+TEST_CASE(
+    "WorkerLock: try_lock_for times out while another process holds the lock and succeeds once "
+    "released",
+    "[election]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
   wltest::TempDir dir;
@@ -585,7 +589,7 @@ TEST_CASE("try_lock_for times out while another process holds the lock and succe
   CHECK(holder->pid == ::getpid());
 }
 
-TEST_CASE("WorkerLock accessors owns_lock path mechanism and empty or moved-from handles",
+TEST_CASE("WorkerLock: accessors owns_lock path mechanism and empty or moved-from handles",
           "[election]") {
   wltest::TempDir dir;
   const auto path = dir / "access.lock";
@@ -650,12 +654,10 @@ TEST_CASE("WorkerLock accessors owns_lock path mechanism and empty or moved-from
   CHECK_NOTHROW(empty.unlock());
 }
 
-TEST_CASE("Lifecycle - unlock twice is harmless and never releases another handle's lock",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: unlock twice is harmless and never releases another handle's lock",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
 
   WorkerLock never_locked(path, quiet(mechanism));
   CHECK_NOTHROW(never_locked.unlock());
@@ -692,12 +694,10 @@ TEST_CASE("Lifecycle - unlock twice is harmless and never releases another handl
   CHECK(probe_from_other_process(path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("Lifecycle - destroying a handle releases its lock for other processes", "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "WorkerLock: destroying a handle releases its lock for other processes",
+                 "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
 
   {
     WorkerLock lock(path, quiet(mechanism));
@@ -736,11 +736,9 @@ TEST_CASE("Lifecycle - destroying a handle releases its lock for other processes
   CHECK(reaper.exit_code(child) == 0);
 }
 
-TEST_CASE("Lifecycle - move construction and move assignment transfer ownership", "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: move construction and move assignment transfer ownership", "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
 
   std::optional<WorkerLock> original;
   original.emplace(path, quiet(mechanism));
@@ -810,7 +808,7 @@ TEST_CASE("Lifecycle - move construction and move assignment transfer ownership"
   CHECK(probe_from_other_process(path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("Lifecycle - move-assigning over a handle that holds a lock releases that lock first",
+TEST_CASE("WorkerLock: move-assigning over a handle that holds a lock releases that lock first",
           "[fork]") {
   const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
@@ -862,12 +860,11 @@ TEST_CASE("Lifecycle - move-assigning over a handle that holds a lock releases t
   CHECK(probe_from_other_process(second_path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("Lifecycle - re-locking reuses the open descriptor across unlock and try_lock cycles",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "WorkerLock: re-locking reuses the open descriptor across unlock and try_lock cycles",
+    "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
 
   WorkerLock lock(path, quiet(mechanism));
   CHECK(lock.native_handle() == -1);  // construction touches nothing
@@ -900,12 +897,10 @@ TEST_CASE("Lifecycle - re-locking reuses the open descriptor across unlock and t
   CHECK(probe_from_other_process(path, mechanism) == Probe::busy);
 }
 
-TEST_CASE("Threads - two threads with their own handles on one file exclude each other",
-          "[fork][threads]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: two threads with their own handles on one file exclude each other",
+                 "[fork][threads]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
   constexpr int try_iterations = 2000;
   constexpr int lock_iterations = 300;
 
@@ -958,15 +953,12 @@ TEST_CASE("Threads - two threads with their own handles on one file exclude each
   CHECK(exclusion.entries == hits[0] + hits[1] + 2 * lock_iterations);
 }
 
-TEST_CASE(
-    "Threads - handles of several threads never hold a lock the kernel has let go while another "
+TEST_CASE_METHOD(
+    wltest::EachMechanismReaped,
+    "WorkerLock: handles of several threads never hold a lock the kernel has let go while another "
     "process contends",
     "[fork][threads]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  Reaper reaper;
   // POSIX locks belong to the process, so a thread's unlock() drops the lock in the kernel
   // for every handle of the process; only one handle of the process may ever believe it
   // holds the lock, and while it does the kernel must list a POSIX lock of this process.
@@ -1063,7 +1055,7 @@ TEST_CASE(
   CHECK(book->exclusion.entries > book->other_process_entries);
 }
 
-TEST_CASE("lock file: a relative path is resolved at construction so chdir() changes nothing",
+TEST_CASE("WorkerLock: a relative path is resolved at construction so chdir() changes nothing",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -1111,7 +1103,7 @@ TEST_CASE("lock file: a relative path is resolved at construction so chdir() cha
   CHECK(wait_or_kill(children, child, 10s) == 0);
 }
 
-TEST_CASE("lock file: a relative path without a current directory fails with a lock_error",
+TEST_CASE("WorkerLock: a relative path without a current directory fails with a lock_error",
           "[lock_file]") {
   wltest::TempDir dir;
   const auto gone = dir / "gone";
@@ -1139,7 +1131,7 @@ TEST_CASE("lock file: a relative path without a current directory fails with a l
   CHECK(problem == "");
 }
 
-TEST_CASE("lock file: a handle never re-locks its old file after a rename or a relink",
+TEST_CASE("WorkerLock: a handle never re-locks its old file after a rename or a relink",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   const int how = GENERATE(0, 1);      // 0: rename away, 1: hard link elsewhere, then unlink
@@ -1225,7 +1217,7 @@ TEST_CASE("lock file: a handle never re-locks its old file after a rename or a r
   CHECK(wait_or_kill(children, first, 10s) == 0);
 }
 
-TEST_CASE("lock file: with standard streams closed the lock file never takes descriptor 0 1 or 2",
+TEST_CASE("WorkerLock: with standard streams closed the lock file never takes descriptor 0 1 or 2",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   const int closed = GENERATE(0, 2);  // 0: stdin, stdout and stderr all closed; 2: only stderr
@@ -1268,7 +1260,7 @@ TEST_CASE("lock file: with standard streams closed the lock file never takes des
   CHECK(wait_or_kill(children, child, 10s) == 0);
 }
 
-TEST_CASE("lock file: try_lock_for ends on time under a 50 microsecond signal storm",
+TEST_CASE("WorkerLock: try_lock_for ends on time under a 50 microsecond signal storm",
           "[lock_file]") {
   const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   INFO("mechanism=" << workerlock::to_string(m));
@@ -1307,7 +1299,7 @@ TEST_CASE("lock file: try_lock_for ends on time under a 50 microsecond signal st
   CHECK(board->took_ms.load() < 5000);
 }
 
-TEST_CASE("lock file: a NaN timeout or deadline is an expired one, never undefined behaviour",
+TEST_CASE("WorkerLock: a NaN timeout or deadline is an expired one, never undefined behaviour",
           "[lock_file]") {
   wltest::TempDir dir;
   const auto path = dir / "nan.lock";
@@ -1332,7 +1324,7 @@ TEST_CASE("lock file: a NaN timeout or deadline is an expired one, never undefin
   CHECK(children.wait(child) == 0);
 }
 
-TEST_CASE("lock file: try_lock_for and try_lock_until with unbounded deadlines wait for the lock",
+TEST_CASE("WorkerLock: try_lock_for and try_lock_until with unbounded deadlines wait for the lock",
           "[lock_file]") {
   const int variant = GENERATE(range(0, 7));
   const char* const names[] = {"try_lock_for(hours::max())",
@@ -1399,7 +1391,7 @@ TEST_CASE("lock file: try_lock_for and try_lock_until with unbounded deadlines w
 }
 
 TEST_CASE(
-    "lock file: errors say what kind of file is at the path and that a regular file is needed",
+    "WorkerLock: errors say what kind of file is at the path and that a regular file is needed",
     "[lock_file]") {
   wltest::TempDir dir;
   const auto socket_path = dir / "a-socket";

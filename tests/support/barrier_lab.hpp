@@ -30,8 +30,8 @@
 #include <thread>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -59,7 +59,8 @@ inline constexpr auto kWatchdog = 10s;  // a child still running after this is h
 
 //! Waits for a child of `children` for at most `timeout`; kills it after that. Returns its
 //! exit code, or -1 if it had to be killed (it hung).
-inline int wait_or_kill(Children& children, pid_t pid, std::chrono::milliseconds timeout = kWatchdog) {
+inline int wait_or_kill(Children& children, pid_t pid,
+                        std::chrono::milliseconds timeout = kWatchdog) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     siginfo_t info{};
@@ -197,7 +198,7 @@ inline void plant(Planted kind, const fs::path& marker, const std::string& gener
 //! without running any callback, log why, stay out while the marker stays, stop promptly,
 //! and, once the marker is gone, be promoted and run the tasks once.
 inline int hostile_marker_worker(WorkerBoard& board, const fs::path& lock, WaitMode mode,
-                          const std::string& generation) {
+                                 const std::string& generation) {
   Coordinator coordinator(lock, options_for(mode, board, generation));
   count_callbacks(coordinator, board);
   coordinator.start();

@@ -40,7 +40,6 @@ using workerlock::Options;
 using workerlock::Role;
 using workerlock::WorkerLock;
 
-
 //! Another process's attempt on `path`: 0 acquired, 1 busy, 2 error.
 inline int other_process_try(const std::filesystem::path& path, Mechanism mechanism) {
   return wltest::wait_exit_code(wltest::fork_child([&] {

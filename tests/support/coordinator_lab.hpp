@@ -1,4 +1,5 @@
-// tests/support/coordinator_lab.hpp: Coordinator workers in forked children and the shared board that records their callbacks.
+// tests/support/coordinator_lab.hpp: Coordinator workers in forked children and the shared board
+// that records their callbacks.
 #pragma once
 
 #include <pthread.h>
@@ -33,8 +34,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -77,7 +78,8 @@ inline int count_threads() {
 }
 
 //! Sleeps until `flag` is set or `deadline` passes.
-inline void wait_flag(const std::atomic<bool>& flag, std::chrono::steady_clock::time_point deadline) {
+inline void wait_flag(const std::atomic<bool>& flag,
+                      std::chrono::steady_clock::time_point deadline) {
   while (!flag.load() && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(1ms);
 }
@@ -211,7 +213,7 @@ inline workerlock::LogSink recording_sink(WorkerSlot& slot) {
 }
 
 inline CoordinatorOptions options_for(WaitMode mode, WorkerSlot& slot,
-                               Mechanism mechanism = workerlock::default_mechanism) {
+                                      Mechanism mechanism = workerlock::default_mechanism) {
   CoordinatorOptions options;
   options.lock = workerlock::Options{}.with(mechanism);
   options.lock.log = recording_sink(slot);
@@ -596,7 +598,7 @@ inline long process_context_switches(pid_t pid) {
 //! 8 workers; `kills` times: wait for exactly one promotion, SIGKILL the holder, fork a
 //! replacement. Appends kill()->on_promoted latencies (µs) to `latencies_us`.
 inline void sigkill_failover(WaitMode mode, Mechanism mechanism, int kills,
-                      std::vector<double>& latencies_us) {
+                             std::vector<double>& latencies_us) {
   INFO("mode " << mode_name(mode) << ", mechanism " << workerlock::to_string(mechanism));
   REQUIRE(kills < kMaxEpochs - 1);
   Harness h;
@@ -755,7 +757,7 @@ struct TroubleBoard {
 //! polls in polled mode, and stops when board.exit is set. `after_start`, if given, runs once
 //! start() returned; the worker exits with 21 if it returns false.
 inline int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions options,
-                   const std::function<bool()>& after_start = {}) {
+                          const std::function<bool()>& after_start = {}) {
   options.lock.log = [&board](LogLevel level, std::string_view line) {
     if (level == LogLevel::info) return;
     if (board.warnings.fetch_add(1) == 0)

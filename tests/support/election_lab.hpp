@@ -1,4 +1,5 @@
-// tests/support/election_lab.hpp: racing children, gates, holder records parsed independently of the library.
+// tests/support/election_lab.hpp: racing children, gates, holder records parsed independently of
+// the library.
 #pragma once
 
 #include <fcntl.h>
@@ -36,8 +37,8 @@
 #include <utility>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -271,7 +272,7 @@ inline std::optional<ElectionLine> parse_election_line(std::string_view line) {
 
 //! A record in the documented format, written by this test (not by the library).
 inline std::string make_record(pid_t pid, system_clock::time_point when, std::string_view mechanism,
-                        const std::string& host) {
+                               const std::string& host) {
   const auto us =
       std::chrono::duration_cast<std::chrono::microseconds>(when.time_since_epoch()).count();
   const std::time_t seconds = static_cast<std::time_t>(us / 1000000);
@@ -320,7 +321,7 @@ struct RaceBoard {
 //! the election, votes, and keeps its handle until every sibling has voted (the parent opens
 //! `all_voted` then), so an early release cannot make a second primary.
 inline int race_child(RaceBoard& board, Gate& all_forked, Gate& all_voted, const fs::path& path,
-               const Options& options) {
+                      const Options& options) {
   all_forked.pass();
   board.start.arrive_and_wait();
   std::string error;
@@ -387,7 +388,7 @@ struct RaceResult {
 };
 
 inline RaceResult run_race(RaceBoard& board, const fs::path& path, int n, const Options& options,
-                    bool expect_record = true) {
+                           bool expect_record = true) {
   board.reset();
   board.expect_record.store(expect_record);
   RaceResult r;
@@ -487,7 +488,7 @@ struct ArenaBoard {
 };
 
 inline int arena_worker(ArenaBoard& board, const fs::path& dir, int n, int rounds,
-                 const Options& options) {
+                        const Options& options) {
   for (int r = 0; r < rounds; ++r) {
     auto& round = board.rounds[r];
     if (!futex_wait_until(
@@ -532,7 +533,7 @@ struct ArenaResult {
 };
 
 inline ArenaResult run_arena(ArenaBoard& board, const fs::path& dir, int n, int rounds,
-                      const Options& options) {
+                             const Options& options) {
   ArenaResult result;
   const auto started = steady_clock::now();
   Children children;
@@ -599,7 +600,7 @@ inline bool sleep_until_set(const std::atomic<bool>& flag, std::chrono::millisec
 //! Spawns a child that must become primary, then holds until board.release. Waits until the
 //! child reports; returns its pid (check board.state == 1).
 inline pid_t spawn_primary(Children& children, HolderBoard& board, const fs::path& path,
-                    const Options& options) {
+                           const Options& options) {
   const pid_t pid = children.spawn([&] {
     auto [role, lock] = workerlock::is_primary_worker(path, options);
     if (role != Role::primary || !lock.owns_lock()) {

@@ -1,4 +1,5 @@
-// tests/support/file_lab.hpp: children, spawned programs (flock(1), python3), users and file checks for the bad-input, security and interop tests.
+// tests/support/file_lab.hpp: children, spawned programs (flock(1), python3), users and file checks
+// for the bad-input, security and interop tests.
 #pragma once
 
 #include <fcntl.h>
@@ -66,7 +67,7 @@ static_assert(std::is_base_of_v<std::system_error, lock_error>,
 
 inline constexpr uid_t other_user = 65533;  // a second ordinary user
 inline constexpr std::array<Mechanism, 3> all_mechanisms{Mechanism::ofd, Mechanism::posix,
-                                                  Mechanism::flock};
+                                                         Mechanism::flock};
 
 //! Mechanisms whose locks exclude a lock of `m` held by another process on a local fs.
 inline bool excludes(Mechanism holder, Mechanism contender) {
@@ -137,7 +138,7 @@ inline void wait_for_release(Handshake& hs) {
 
 //! Child body: takes `path` with a WorkerLock, reports through `hs`, holds until hs.release.
 inline int hold_until_released(Handshake& hs, const std::filesystem::path& path,
-                        const workerlock::Options& options) {
+                               const workerlock::Options& options) {
   WorkerLock lock(path, options);
   if (!lock.try_lock()) {
     hs.state = -1;
@@ -374,8 +375,9 @@ inline void attempt_holder_into(Attempt& a, const fs::path& path) {
   record_ec(a, ec);
 }
 
-inline void check_attempt(const Attempt& a, const char* call, const fs::path& path, std::errc expected,
-                   std::string_view operation, std::initializer_list<std::string_view> mentions) {
+inline void check_attempt(const Attempt& a, const char* call, const fs::path& path,
+                          std::errc expected, std::string_view operation,
+                          std::initializer_list<std::string_view> mentions) {
   INFO("call: " << call);
   const int value = static_cast<int>(expected);
   CHECK_FALSE(a.threw_other);
@@ -400,14 +402,14 @@ inline void check_attempt(const Attempt& a, const char* call, const fs::path& pa
 }
 
 inline void check_refused(const Refusal& r, const fs::path& path, std::errc expected,
-                   std::initializer_list<std::string_view> mentions) {
+                          std::initializer_list<std::string_view> mentions) {
   check_attempt(r.elect, "is_primary_worker", path, expected, "open lock file", mentions);
   check_attempt(r.try_lock, "WorkerLock::try_lock", path, expected, "open lock file", mentions);
 }
 
 //! Runs the four calls in this process and checks the refusal.
 inline void require_refused_here(const fs::path& path, Mechanism m, std::errc expected,
-                          std::initializer_list<std::string_view> mentions) {
+                                 std::initializer_list<std::string_view> mentions) {
   INFO("mechanism: " << name_of(m));
   auto r = std::make_unique<Refusal>();
   attempt_into(*r, path, quiet(m));
@@ -415,7 +417,8 @@ inline void require_refused_here(const fs::path& path, Mechanism m, std::errc ex
 }
 
 //! What the file holds before the test: the record of a holder long gone.
-inline constexpr const char* earlier_holders_record = "4242\nacquired=2026-01-01T00:00:00.000000Z\n";
+inline constexpr const char* earlier_holders_record =
+    "4242\nacquired=2026-01-01T00:00:00.000000Z\n";
 
 //! In this (child) process, makes the lock call of mechanism `m` fail with `error`. fcntl64
 //! is fcntl() on 32-bit architectures (with the *64 commands); elsewhere its rules add nothing.

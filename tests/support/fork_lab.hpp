@@ -1,4 +1,5 @@
-// tests/support/fork_lab.hpp: a subreaper that reaps orphaned grandchildren, /proc inspection and signal helpers.
+// tests/support/fork_lab.hpp: a subreaper that reaps orphaned grandchildren, /proc inspection and
+// signal helpers.
 #pragma once
 
 #include <dirent.h>
@@ -289,7 +290,7 @@ inline bool kernel_posix_lock_held_by(pid_t pid, FileId target) {
 //! F_SETLKW (two handles of one process cannot be told apart by the kernel), and then there
 //! is no waiter line to see: for POSIX, give the waiter time and do not insist.
 inline bool wait_for_blocked_waiters(FileId target, Mechanism mechanism, int count = 1,
-                              pid_t watched = 0) {
+                                     pid_t watched = 0) {
   const auto blocked_or_gone = [&] {
     return blocked_waiters(target) >= count || (watched != 0 && !is_running(watched));
   };

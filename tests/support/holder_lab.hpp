@@ -1,4 +1,5 @@
-// tests/support/holder_lab.hpp: mounts, pid namespaces and holder children for the lock_holder() tests.
+// tests/support/holder_lab.hpp: mounts, pid namespaces and holder children for the lock_holder()
+// tests.
 #pragma once
 
 #include <fcntl.h>
@@ -28,8 +29,8 @@
 #include <type_traits>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/holder.hpp>
 #include <workerlock/worker_lock.hpp>
@@ -221,7 +222,8 @@ inline bool private_mount_namespace(LabReport& report) {
 //! For each mechanism, with and without a holder record: while a child holds the lock on
 //! `file`, lock_holder() names that child; on `twin` (another file with the same inode
 //! number, if any) it names nobody; once released, nobody.
-inline void check_holders(const fs::path& file, const std::optional<fs::path>& twin, LabReport& report) {
+inline void check_holders(const fs::path& file, const std::optional<fs::path>& twin,
+                          LabReport& report) {
   for (const Mechanism m : {Mechanism::ofd, Mechanism::posix, Mechanism::flock}) {
     for (const bool record : {true, false}) {
       const std::string what = fmt::format("{} lock {} a record on {}", name_of(m),

@@ -1,4 +1,5 @@
-// tests/support/lifecycle_lab.hpp: helpers for the Coordinator lifecycle tests: forked copies, blocked threads, hostile signal setups.
+// tests/support/lifecycle_lab.hpp: helpers for the Coordinator lifecycle tests: forked copies,
+// blocked threads, hostile signal setups.
 #pragma once
 
 #include <signal.h>

@@ -27,8 +27,8 @@
 #include <thread>
 #include <vector>
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
@@ -51,7 +51,6 @@ using workerlock::Options;
 using workerlock::Role;
 using workerlock::WaitMode;
 using workerlock::WorkerLock;
-
 
 //! A problem report written by a child, read by the parent.
 struct Text {

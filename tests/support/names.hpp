@@ -9,7 +9,9 @@
 namespace wltest {
 
 //! "ofd", "posix" or "flock".
-inline std::string name_of(workerlock::Mechanism m) { return std::string(workerlock::to_string(m)); }
+inline std::string name_of(workerlock::Mechanism m) {
+  return std::string(workerlock::to_string(m));
+}
 
 //! "polled" or "background_thread".
 inline const char* mode_name(workerlock::WaitMode mode) {

@@ -1,5 +1,6 @@
-// tests/support/partition_lab.hpp: a network partition for tests, for real: this process in a network
-// namespace of its own, joined to a child's namespace (a second host) by a veth link to cut.
+// tests/support/partition_lab.hpp: a network partition for tests, for real: this process in a
+// network namespace of its own, joined to a child's namespace (a second host) by a veth link to
+// cut.
 #pragma once
 
 #include <fcntl.h>

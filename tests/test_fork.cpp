@@ -640,7 +640,7 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
   // child still shared the master's open file, no child could win below.
   master.reset();
   REQUIRE(book->master_released.release_when(children));
-  for (const pid_t pid : pids) CHECK(reaper.exit_code(pid) == 0);
+  for (const pid_t pid : pids) CHECK(reaper.wait(pid, 30s) == 0);
   INFO("first problem reported by a child: " << book->notes.text());
   CHECK(book->notes.count == 0);
   CHECK(book->second_round_done == children);
@@ -725,7 +725,7 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
   }
   REQUIRE(book->start.release_when(removers + cyclers));
   int failures = 0;
-  for (const pid_t pid : pids) failures += reaper.exit_code(pid, 60s) != 0 ? 1 : 0;
+  for (const pid_t pid : pids) failures += reaper.wait(pid, 60s) != 0 ? 1 : 0;
 
   INFO("first problem reported by a child: " << book->notes.text());
   INFO("cycler hits " << book->cycler_hits << ", misses " << book->cycler_misses);
@@ -747,7 +747,7 @@ TEST_CASE(
   INFO(describe(mechanism) << " verified_before=" << verified_before);
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
-  Reaper reaper;
+  wltest::Children reaper{wltest::adopt_orphans};
 
   struct Book {
     std::atomic<int> warmed_up{0};
@@ -803,7 +803,7 @@ TEST_CASE(
   CHECK(probe_from_other_process(path, mechanism) == Probe::busy);
   CHECK_FALSE(holder.try_lock());
   book->finish = true;
-  CHECK(reaper.exit_code(waiter) == 0);
+  CHECK(reaper.wait(waiter, 30s) == 0);
 }
 
 TEST_CASE_METHOD(
@@ -867,7 +867,7 @@ TEST_CASE_METHOD(
 
   book->released = true;
   primary.unlock();
-  CHECK(reaper.exit_code(waiter) == 0);
+  CHECK(reaper.wait(waiter, 30s) == 0);
   CHECK(book->acquired == 1);
   CHECK(book->acquired_before_release == 0);
   CHECK(book->holds_named_file == 1);
@@ -879,7 +879,7 @@ TEST_CASE("fork: lock keeps waiting through SIGUSR1 with and without SA_RESTART"
   INFO(describe(mechanism) << " SA_RESTART=" << sa_restart);
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
-  Reaper reaper;
+  wltest::Children reaper{wltest::adopt_orphans};
   constexpr int signals = 5;
 
   struct Book {
@@ -931,7 +931,7 @@ TEST_CASE("fork: lock keeps waiting through SIGUSR1 with and without SA_RESTART"
 
   book->released = true;
   holder.unlock();
-  CHECK(reaper.exit_code(waiter) == 0);  // 99 if lock() threw
+  CHECK(reaper.wait(waiter, 30s) == 0);  // 99 if lock() threw
   CHECK(book->returned);
   CHECK(book->returned_before_release == 0);
   CHECK(book->owns_after == 1);
@@ -977,7 +977,7 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
 
   book->released = true;
   holder.unlock();
-  CHECK(reaper.exit_code(survivor) == 0);
+  CHECK(reaper.wait(survivor, 30s) == 0);
   CHECK(book->acquired == 1);
   CHECK(book->acquired_before_release == 0);
 }

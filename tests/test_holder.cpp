@@ -367,7 +367,7 @@ TEST_CASE(
   INFO(describe(mechanism));
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
-  Reaper reaper;
+  wltest::Children reaper{wltest::adopt_orphans};
 
   WorkerLock holder(path, quiet(mechanism));
   REQUIRE(holder.try_lock());
@@ -398,7 +398,7 @@ TEST_CASE(
     book->seen = seen ? seen->pid.value_or(-1) : -1;
     return 0;
   }));
-  CHECK(reaper.exit_code(child) == 0);
+  CHECK(reaper.wait(child, 30s) == 0);
   CHECK(book->seen == ::getpid());
   CHECK(probe_from_other_process(path, mechanism) == Probe::busy);
 
@@ -412,7 +412,7 @@ TEST_CASE("lock_holder: in one thread never drops a POSIX lock another thread ta
           "[fork][threads][stress]") {
   wltest::TempDir dir;
   const auto path = dir / "primary.lock";
-  Reaper reaper;
+  wltest::Children reaper{wltest::adopt_orphans};
   const Mechanism mechanism = Mechanism::posix;
   // Another process takes and releases the lock in a loop. Two threads ask lock_holder():
   // while the other process holds, and no handle of ours has the file open, it may read the
@@ -471,7 +471,7 @@ TEST_CASE("lock_holder: in one thread never drops a POSIX lock another thread ta
   first.join();
   second.join();
   third.join();
-  CHECK(reaper.exit_code(other) == 0);
+  CHECK(reaper.wait(other, 30s) == 0);
   INFO("lock_holder calls " << book->queries << ", entries " << book->exclusion.entries);
   CHECK(book->lost == 0);
   CHECK(book->exclusion.overlaps == 0);

@@ -733,7 +733,7 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
   REQUIRE(is_running(child));
   CHECK(parent.try_lock());
   book->finish = true;
-  CHECK(reaper.exit_code(child) == 0);
+  CHECK(reaper.wait(child, 30s) == 0);
 }
 
 TEST_CASE_METHOD(wltest::EachMechanism,
@@ -1043,7 +1043,7 @@ TEST_CASE_METHOD(
                      std::chrono::duration_cast<std::chrono::milliseconds>(budget));
   book->stop = true;
   for (auto& thread : threads) thread.join();
-  const int other_exit = reaper.exit_code(other);
+  const int other_exit = reaper.wait(other, 30s);
 
   INFO("entries " << book->exclusion.entries << " (other process " << book->other_process_entries
                   << "); problem: " << book->notes.text());

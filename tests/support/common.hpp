@@ -116,14 +116,37 @@ inline int wait_all_failures(const std::vector<pid_t>& pids) {
 //! What Children::wait(pid, timeout) returns when the child had to be SIGKILLed.
 inline constexpr int kTimedOut = -2;
 
+//! Tag for Children(adopt_orphans): see there.
+struct AdoptOrphans {};
+inline constexpr AdoptOrphans adopt_orphans{};
+
 //! Forked children of one test; any child still running when the test leaves (a failed
-//! REQUIRE, say) is killed and reaped, so no test leaves a process behind.
+//! REQUIRE, say) is killed and reaped, so no test leaves a process behind. Only pids that are
+//! still unreaped children of this process are ever signalled, so a pid was never reused.
 class Children {
  public:
   Children() = default;
+  //! Also makes this process the subreaper of its descendants for the scope, so grandchildren
+  //! orphaned by a killed child are reparented here and can be watch()ed and reaped by pid.
+  explicit Children(AdoptOrphans)
+      : subreaper_(::prctl(PR_SET_CHILD_SUBREAPER, 1L, 0L, 0L, 0L) == 0) {}
   Children(const Children&) = delete;
   Children& operator=(const Children&) = delete;
-  ~Children() { kill_all(); }
+  ~Children() {
+    kill_all();
+    if (subreaper_) ::prctl(PR_SET_CHILD_SUBREAPER, 0L, 0L, 0L, 0L);
+  }
+
+  //! Whether Children(adopt_orphans) made this process a subreaper.
+  bool is_subreaper() const { return subreaper_; }
+
+  //! Takes care of `pid`, forked some other way (a grandchild, say): it is killed and reaped
+  //! at scope exit like a spawned child. Only real pids are watched: kill(0 or -1, ...) would
+  //! hit whole process groups.
+  pid_t watch(pid_t pid) {
+    if (pid > 0) live_.push_back(pid);
+    return pid;
+  }
 
   //! Forks a child running body(); the child dies with the test process (PR_SET_PDEATHSIG),
   //! so an interrupted run leaves no child spinning at a start line. The child starts without
@@ -150,6 +173,7 @@ class Children {
   //! Waits up to `timeout` for one child: its exit code (128 + signal when killed), or
   //! kTimedOut if it had to be SIGKILLed because it did not finish in time.
   int wait(pid_t pid, std::chrono::milliseconds timeout) {
+    if (pid <= 0) return -1;
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     int status = 0;
     bool timed_out = false;
@@ -183,6 +207,13 @@ class Children {
     return failures;
   }
 
+  //! Sends `signal_number` to a child and returns how it ended (as wait(pid, 30 s)).
+  int kill_and_reap(pid_t pid, int signal_number = SIGKILL) {
+    if (pid <= 0) return -1;
+    ::kill(pid, signal_number);
+    return wait(pid, std::chrono::seconds(30));
+  }
+
   //! SIGKILLs and reaps every child still running.
   void kill_all() noexcept {
     for (const pid_t pid : live_) ::kill(pid, SIGKILL);
@@ -197,6 +228,7 @@ class Children {
  private:
   void forget(pid_t pid) { live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end()); }
 
+  bool subreaper_ = false;
   std::vector<pid_t> live_;
 };
 

@@ -8,7 +8,6 @@
 #include <workerlock/workerlock.hpp>
 
 #include "common.hpp"
-#include "fork_lab.hpp"
 
 namespace wltest {
 
@@ -21,10 +20,10 @@ struct EachMechanism {
   const std::filesystem::path path = dir / "primary.lock";
 };
 
-//! EachMechanism, and a Reaper: this process is the subreaper of everything the test forks,
-//! and whatever is still running when the test leaves is killed and reaped.
+//! EachMechanism, and `reaper`: Children(adopt_orphans), so this process is the subreaper of
+//! everything the test forks, and whatever still runs when the test leaves is killed and reaped.
 struct EachMechanismReaped : EachMechanism {
-  fork_lab::Reaper reaper;
+  Children reaper{adopt_orphans};
 };
 
 }  // namespace wltest

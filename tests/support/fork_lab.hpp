@@ -106,78 +106,8 @@ inline Probe probe_from_other_process(const std::filesystem::path& path, Mechani
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes: reaping (also of orphaned grandchildren), liveness, /proc inspection.
+// Processes: liveness, /proc inspection (reaping: wltest::Children(adopt_orphans)).
 // ---------------------------------------------------------------------------------------
-
-//! Makes this process the subreaper of its descendants for the scope, so grandchildren
-//! orphaned by a killed child are reparented here and can be checked and reaped by pid.
-//! At scope exit every watched process not reaped yet is SIGKILLed and reaped, so a failed
-//! REQUIRE never leaves processes behind. Only pids that are still unreaped children of
-//! this process are ever signalled, so a pid can never have been reused.
-class Reaper {
- public:
-  Reaper() : subreaper_(::prctl(PR_SET_CHILD_SUBREAPER, 1L, 0L, 0L, 0L) == 0) {}
-  ~Reaper() {
-    for (const pid_t pid : pids_) ::kill(pid, SIGKILL);  // watch() admits only pids > 0
-    for (const pid_t pid : pids_) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-    }
-    if (subreaper_) ::prctl(PR_SET_CHILD_SUBREAPER, 0L, 0L, 0L, 0L);
-  }
-  Reaper(const Reaper&) = delete;
-  Reaper& operator=(const Reaper&) = delete;
-
-  bool is_subreaper() const { return subreaper_; }
-
-  //! Only real pids are watched: kill(0 or -1, ...) would hit whole process groups.
-  pid_t watch(pid_t pid) {
-    if (pid > 0) pids_.push_back(pid);
-    return pid;
-  }
-
-  //! Waits up to `timeout` for `pid`: its exit code, 128 + the signal that killed it, or -2
-  //! if it did not finish in time (then it is killed, so a hang fails instead of blocking).
-  int exit_code(pid_t pid, std::chrono::milliseconds timeout = 30s) {
-    if (pid <= 0) return -1;
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int status = 0;
-    for (;;) {
-      const pid_t got = ::waitpid(pid, &status, WNOHANG);
-      if (got == pid) break;
-      if (got < 0 && errno != EINTR) {
-        forget(pid);
-        return -1;
-      }
-      if (std::chrono::steady_clock::now() >= deadline) {
-        ::kill(pid, SIGKILL);
-        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-        }
-        forget(pid);
-        return -2;
-      }
-      std::this_thread::sleep_for(200us);
-    }
-    forget(pid);
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return -1;
-  }
-
-  //! Kills a watched process with `signal_number` and returns how it ended.
-  int kill_and_reap(pid_t pid, int signal_number = SIGKILL) {
-    if (pid <= 0) return -1;
-    ::kill(pid, signal_number);
-    return exit_code(pid);
-  }
-
- private:
-  void forget(pid_t pid) { pids_.erase(std::remove(pids_.begin(), pids_.end(), pid), pids_.end()); }
-
-  bool subreaper_ = false;
-  std::vector<pid_t> pids_;
-};
 
 //! True while `pid` exists and has not exited (a zombie has exited).
 inline bool is_running(pid_t pid) {

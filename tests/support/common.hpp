@@ -232,6 +232,29 @@ class Children {
   std::vector<pid_t> live_;
 };
 
+//! One child of a Children, for a test that forks just one: Child c(body); c.pid(); c.wait().
+//! Killed and reaped if the test leaves before waiting for it.
+class Child {
+ public:
+  template <typename F>
+  explicit Child(F&& body) : pid_(children_.spawn(std::forward<F>(body))) {}
+
+  pid_t pid() const { return pid_; }
+  //! Its exit code (128 + signal when killed).
+  int wait() { return children_.wait(pid_); }
+
+ private:
+  Children children_;
+  pid_t pid_;
+};
+
+//! Runs `body` in a child and returns its exit code.
+template <typename F>
+int run_child(F&& body) {
+  Child child(std::forward<F>(body));
+  return child.wait();
+}
+
 //! Polls `condition` every 100 µs until it holds or `timeout` passes.
 template <typename F>
 bool eventually(F&& condition, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {

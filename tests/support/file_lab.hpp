@@ -96,36 +96,6 @@ inline bool on_nfs(const fs::path& path) {
 
 // --- children ----------------------------------------------------------------------------
 
-//! A forked child that is killed and reaped if the test leaves before waiting for it.
-class Child {
- public:
-  template <typename F>
-  explicit Child(F&& body) : pid_(wltest::fork_child(std::forward<F>(body))) {}
-  Child(const Child&) = delete;
-  Child& operator=(const Child&) = delete;
-  ~Child() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      wltest::wait_exit_code(pid_);
-    }
-  }
-  int wait() {
-    const int code = wltest::wait_exit_code(pid_);
-    pid_ = -1;
-    return code;
-  }
-  pid_t pid() const { return pid_; }
-
- private:
-  pid_t pid_;
-};
-
-template <typename F>
-int run_child(F&& body) {
-  Child child(std::forward<F>(body));
-  return child.wait();
-}
-
 //! Lets a holder child tell the parent it holds, and the parent tell it to let go.
 struct Handshake {
   std::atomic<int> state{0};  // 0 starting, 1 holding, -1 failed

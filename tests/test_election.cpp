@@ -51,6 +51,7 @@
 #include "support/contract_lab.hpp"
 #include "support/election_lab.hpp"
 #include "support/lock_file_lab.hpp"
+#include "support/race_lab.hpp"
 
 using namespace wltest;
 using namespace wltest::contract_lab;

@@ -1,4 +1,4 @@
-# Helpers for workerlock's *own* targets (tests, examples, benchmark).
+# Helpers for workerlock's *own* targets (tests, examples, benchmark); GCC or Clang.
 # Never applied to the workerlock INTERFACE target, so consumers get no flags.
 include_guard(GLOBAL)
 
@@ -12,22 +12,12 @@ function(workerlock_target_defaults target)
     message(FATAL_ERROR "workerlock_target_defaults: '${target}' is not a target")
   endif()
 
-  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic)
-    if(WORKERLOCK_WERROR)
-      target_compile_options(${target} PRIVATE -Werror)
-    endif()
-  elseif(MSVC)
-    target_compile_options(${target} PRIVATE /W4)
-    if(WORKERLOCK_WERROR)
-      target_compile_options(${target} PRIVATE /WX)
-    endif()
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic)
+  if(WORKERLOCK_WERROR)
+    target_compile_options(${target} PRIVATE -Werror)
   endif()
 
   if(WORKERLOCK_SANITIZE)
-    if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-      message(FATAL_ERROR "WORKERLOCK_SANITIZE needs GCC or Clang")
-    endif()
     if(WORKERLOCK_SANITIZE MATCHES "thread" AND WORKERLOCK_SANITIZE MATCHES "address")
       message(FATAL_ERROR "WORKERLOCK_SANITIZE: 'thread' cannot be combined with 'address'")
     endif()

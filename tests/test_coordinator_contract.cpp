@@ -6,9 +6,11 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -29,6 +31,7 @@
 
 #include <workerlock/workerlock.hpp>
 
+#include "support/raw_fork.hpp"
 #include "support/common.hpp"
 
 namespace {
@@ -64,12 +67,10 @@ class FakeLease : public Backend {
     holding_.store(true);
     return true;
   }
-  bool wait_acquire() override {
-    while (!interrupted_.load()) std::this_thread::sleep_for(1ms);
+  bool wait_acquire(workerlock::Interrupter& interrupter) override {
+    interrupter.wait(-1, 0, steady_clock::time_point::max());
     return false;
   }
-  void interrupt() noexcept override { interrupted_.store(true); }
-  void clear_interrupt() noexcept override { interrupted_.store(false); }
   bool verify_held() override { return true; }
   std::chrono::milliseconds verify_interval() const noexcept override { return 1h; }
   void release() noexcept override { holding_.store(false); }
@@ -83,7 +84,6 @@ class FakeLease : public Backend {
 
  private:
   std::atomic<bool> holding_{false};
-  std::atomic<bool> interrupted_{false};
 };
 
 //! A network backend whose server refuses every connection.
@@ -100,6 +100,46 @@ class RefusingServer final : public FakeLease {
 class OutOfMemory final : public FakeLease {
  public:
   std::string describe() const override { throw std::bad_alloc(); }
+};
+
+//! A startup barrier's record in memory: the generation completed, shared between backends.
+class MemoryMarker final : public workerlock::GenerationMarker {
+ public:
+  MemoryMarker(std::shared_ptr<std::string> record, std::string generation)
+      : record_(std::move(record)), generation_(std::move(generation)) {}
+  bool completed() const override { return *record_ == generation_; }
+  void complete() override { *record_ = generation_; }
+  std::string describe() const override { return "memory"; }
+
+ private:
+  std::shared_ptr<std::string> record_;
+  std::string generation_;
+};
+
+//! A lease that keeps a startup barrier's record in memory.
+class LeaseWithBarrier final : public FakeLease {
+ public:
+  std::shared_ptr<std::string> record = std::make_shared<std::string>();
+  std::unique_ptr<workerlock::GenerationMarker> startup_barrier(
+      const std::string& generation) const override {
+    return std::make_unique<MemoryMarker>(record, generation);
+  }
+};
+
+//! A lease whose check cannot tell (it throws) while `cannot_tell` is set.
+class UnprovableLease final : public FakeLease {
+ public:
+  std::atomic<bool> cannot_tell{false};
+  std::atomic<int> checks{0};
+  bool verify_held() override {
+    checks.fetch_add(1);
+    if (cannot_tell.load())
+      throw workerlock::lock_error("renew the lease on",
+                                   workerlock::lock_error::network_target{"fake"},
+                                   std::make_error_code(std::errc::timed_out));
+    return true;
+  }
+  std::chrono::milliseconds verify_interval() const noexcept override { return 20ms; }
 };
 
 }  // namespace
@@ -749,4 +789,182 @@ TEST_CASE(
   CHECK(c.remaining_validity() == std::chrono::nanoseconds::zero());
   CHECK(c.role() == Role::secondary);
   c.stop();
+}
+
+TEST_CASE(
+    "coordinator contract: start() refuses on_startup on a backend that keeps no startup "
+    "barrier, naming the backend",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  auto backend = std::make_unique<FakeLease>();
+  FakeLease& lease = *backend;
+  Coordinator c(std::move(backend), options);
+  CHECK(c.startup_barrier() == nullptr);
+  int startups = 0;
+  c.on_startup([&] { ++startups; });
+  try {
+    c.start();
+    FAIL("start() accepted on_startup on a backend without a startup barrier");
+  } catch (const workerlock::lock_error& error) {
+    CHECK(error.code() == workerlock::errc::bad_configuration);
+    CHECK_THAT(error.what(),
+               Catch::Matchers::Contains("on_startup") && Catch::Matchers::Contains("fake lease"));
+  }
+  std::error_code ec;
+  c.start(ec);
+  CHECK(ec == workerlock::errc::bad_configuration);
+  CHECK_FALSE(c.running());
+  CHECK_FALSE(lease.held());
+  CHECK(c.role() == Role::secondary);
+  CHECK(startups == 0);
+
+  // The same backend without on_startup starts.
+  Coordinator plain(std::make_unique<FakeLease>(), options);
+  plain.start();
+  CHECK(wltest::eventually([&] { return plain.role() == Role::primary; }));
+  plain.stop();
+}
+
+TEST_CASE(
+    "coordinator contract: a backend's own startup barrier runs on_startup once per "
+    "generation",
+    "[coordinator][coordinator_contract]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.startup_generation = "generation-1";
+  auto backend = std::make_unique<LeaseWithBarrier>();
+  LeaseWithBarrier& lease = *backend;
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> startups{0};
+  std::atomic<int> promotions{0};
+  c.on_startup([&] { startups.fetch_add(1); });
+  c.on_promoted([&] { promotions.fetch_add(1); });
+  CHECK_FALSE(c.wait_for_startup(0ms));
+  for (int round = 1; round <= 2; ++round) {
+    c.start();
+    REQUIRE(wltest::eventually([&] { return promotions.load() == round; }));
+    CHECK(startups.load() == 1);  // the second promotion finds the generation completed
+    CHECK(*lease.record == "generation-1");
+    CHECK(c.wait_for_startup(0ms));
+    c.stop();
+  }
+}
+
+TEST_CASE(
+    "coordinator contract: a check that cannot tell keeps the role until the lease's deadline, "
+    "then steps down",
+    "[coordinator][coordinator_contract][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  CoordinatorOptions options;
+  options.wait = mode;
+  std::atomic<int> warnings{0};
+  options.lock.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::warning && line.find("cannot verify") != std::string_view::npos)
+      warnings.fetch_add(1);
+  };
+  auto backend = std::make_unique<UnprovableLease>();
+  UnprovableLease& lease = *backend;
+  Coordinator c(std::move(backend), options);
+  std::atomic<int> demoted{0};
+  c.on_demoted([&] { demoted.fetch_add(1); });
+  lease.deadline_ns.store(now_ns() + std::chrono::nanoseconds(1h).count());
+  c.start();
+  const auto poll_until = [&](auto condition) {
+    return wltest::eventually([&] {
+      c.poll();  // does nothing in WaitMode::background_thread
+      return condition();
+    });
+  };
+  REQUIRE(poll_until([&] { return c.role() == Role::primary; }));
+
+  lease.cannot_tell.store(true);
+  const int before = lease.checks.load();
+  REQUIRE(poll_until([&] { return lease.checks.load() >= before + 3; }));
+  CHECK(warnings.load() >= 2);
+  CHECK(demoted.load() == 0);  // still valid for an hour: kept
+  CHECK(c.role() == Role::primary);
+
+  lease.deadline_ns.store(now_ns() - 1'000'000);  // the lease ran out, still unproven
+  CHECK(poll_until([&] { return demoted.load() == 1; }));
+  CHECK_FALSE(lease.held());
+  c.stop();
+  CHECK(demoted.load() == 1);
+}
+
+TEST_CASE("interrupter: interrupt() ends a wait at once, from another thread, and clear() re-arms it",
+          "[coordinator][coordinator_contract][threads]") {
+  workerlock::Interrupter interrupter;
+  using workerlock::WaitResult;
+  // A deadline is kept: nothing else ends the wait.
+  const auto start = steady_clock::now();
+  CHECK(interrupter.wait(-1, 0, start + 20ms) == WaitResult::timed_out);
+  CHECK(steady_clock::now() >= start + 20ms);
+
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(20ms);
+    interrupter.interrupt();
+  });
+  CHECK(interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted);
+  stopper.join();
+  CHECK(interrupter.interrupted());
+  CHECK(interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted);
+  interrupter.clear();
+  CHECK_FALSE(interrupter.interrupted());
+  CHECK(interrupter.wait(-1, 0, steady_clock::now() + 10ms) == WaitResult::timed_out);
+
+  // A descriptor that is ready ends it too.
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  REQUIRE(::write(pipe_fds[1], "x", 1) == 1);
+  CHECK(interrupter.wait(pipe_fds[0], POLLIN, steady_clock::now() + 1h) == WaitResult::ready);
+  CHECK(workerlock::wait_ready(pipe_fds[0], POLLIN, steady_clock::now() + 1h) == WaitResult::ready);
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+}
+
+namespace {
+struct CountingKick final : workerlock::Interrupter::Kick {
+  std::atomic<int> kicks{0};
+  void kick() noexcept override { kicks.fetch_add(1); }
+};
+}  // namespace
+
+TEST_CASE(
+    "interrupter: a copy made by a raw fork never runs the parent's kick, and waits on its own "
+    "eventfd",
+    "[coordinator][coordinator_contract]") {
+  using workerlock::WaitResult;
+  workerlock::Interrupter interrupter;
+  CountingKick kick;
+  workerlock::Interrupter::KickScope scope(interrupter, kick);
+  const pid_t child = wltest::raw_fork();
+  if (child == 0) {
+    // The parent's kick would signal a thread that does not exist here.
+    interrupter.interrupt();
+    const bool kick_skipped = kick.kicks.load() == 0;
+    const bool interrupted =
+        interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted;
+    interrupter.clear();
+    const bool timed_out =
+        interrupter.wait(-1, 0, steady_clock::now() + 10ms) == WaitResult::timed_out;
+    interrupter.interrupt();
+    const bool interrupted_again =
+        interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted;
+    ::_exit(kick_skipped && interrupted && timed_out && interrupted_again ? 0 : 1);
+  }
+  REQUIRE(child > 0);
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK_FALSE(interrupter.interrupted());
+  interrupter.interrupt();
+  CHECK(kick.kicks.load() == 1);
+  CHECK(interrupter.wait(-1, 0, steady_clock::now() + 1h) == WaitResult::interrupted);
 }

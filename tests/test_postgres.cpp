@@ -7,7 +7,9 @@
 // moves it from 0 (or from a pid that is gone) to its own pid, on_demoted moves it back to 0;
 // a promotion that finds another live pid there is an overlap.
 
+#include <dlfcn.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -53,6 +55,27 @@
 #include "support/raw_fork.hpp"
 #include "support/common.hpp"
 
+// A resolver that hangs for one host name, as one whose server does not answer: this
+// executable's getaddrinfo() comes first in the symbol lookup, so libpq's lookups reach it;
+// every other name goes on to the C library's. Once released, the name is 127.0.0.1.
+namespace hanging_resolver {
+constexpr const char* host = "resolver-hangs.workerlock.invalid";
+std::atomic<int> lookups{0};  // of `host`, begun
+std::atomic<bool> released{false};
+}  // namespace hanging_resolver
+
+extern "C" int getaddrinfo(const char* node, const char* service, const struct addrinfo* hints,
+                           struct addrinfo** result) {
+  using lookup = int (*)(const char*, const char*, const struct addrinfo*, struct addrinfo**);
+  static const auto next = reinterpret_cast<lookup>(::dlsym(RTLD_NEXT, "getaddrinfo"));
+  if (node == nullptr || std::strcmp(node, hanging_resolver::host) != 0)
+    return next(node, service, hints, result);
+  hanging_resolver::lookups.fetch_add(1);
+  for (int i = 0; i < 3000 && !hanging_resolver::released.load(); ++i)  // up to 30 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return next("127.0.0.1", service, hints, result);
+}
+
 namespace {
 
 using namespace std::chrono_literals;
@@ -87,6 +110,12 @@ double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
 std::string fresh_name(const char* what) {
   static int counter = 0;
   return fmt::format("test:{}:{}:{}", what, ::getpid(), ++counter);
+}
+
+//! For waits that nothing interrupts (a fresh one per wait: no interrupt() is ever left over).
+bool wait_for_lock(PostgresBackend& backend) {
+  workerlock::Interrupter never;
+  return backend.wait_acquire(never);
 }
 
 PostgresOptions options_for(const std::string& name) {
@@ -267,34 +296,65 @@ TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
   STATIC_REQUIRE(PostgresBackend::key_for("jobs") == 1313632444998051446LL);
   STATIC_REQUIRE(PostgresBackend::key_for("") == -2417965672574310066LL);
 
-  using workerlock::detail::pg_redact_conninfo;
+  // Redaction goes through libpq's own parse (PQconninfoParse): messages show the options as
+  // libpq understood them, in keyword form and libpq's order, with every secret ***.
+  using workerlock::detail::pg_parse_conninfo;
+  using workerlock::detail::pg_scrub;
   const auto check = [](const char* in, const char* out, std::vector<std::string> secrets = {}) {
     INFO("conninfo: " << in);
-    const auto r = pg_redact_conninfo(in);
-    CHECK(r.text == out);
-    for (const auto& s : secrets)
+    const auto r = pg_parse_conninfo(in);
+    CHECK(r.parsed());
+    CHECK(r.redacted == out);
+    for (const auto& s : secrets) {
+      INFO("secret: " << s);
       CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
+      CHECK(pg_scrub("FATAL: \"" + s + "\"", r.secrets) == "FATAL: \"***\"");
+    }
   };
+  // URL form: the userinfo password, and a query password (which replaces it in libpq).
+  check("postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require",
+        "user=app password=*** dbname=app host=db.example port=5433 sslmode=require", {"s3cr@t"});
   check("postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require&password=other",
-        "postgresql://app:***@db.example:5433/app?sslmode=require&password=***",
-        {"s3cr%40t", "s3cr@t", "other"});
-  check("postgres://app@db/app", "postgres://app@db/app");
-  check("POSTGRESQL://u:p@[::1]:5432/d", "POSTGRESQL://u:***@[::1]:5432/d", {"p"});
+        "user=app password=*** dbname=app host=db.example port=5433 sslmode=require", {"other"});
+  check("postgresql://user:pw@host/db?sslpassword=keypass",
+        "user=user password=*** dbname=db host=host sslpassword=***", {"pw", "keypass"});
+  check("postgres://app@db/app", "user=app dbname=app host=db");
+  check("postgresql://u:p4ss@[::1]:5432/d", "user=u password=*** dbname=d host=::1 port=5432",
+        {"p4ss"});
   check("postgresql://", "postgresql://");
+  check("postgresql://%2Ftmp%2Fpg%20sock/db", "dbname=db host='/tmp/pg sock'");
+  // Keyword form, with quoted values (the redacted text quotes what needs it).
   check("host=db port=5432 password=topsecret dbname=app",
-        "host=db port=5432 password=*** dbname=app", {"topsecret"});
-  check("host = db  password = 'it\\'s secret' user=x", "host=db password=*** user=x",
+        "password=*** dbname=app host=db port=5432", {"topsecret"});
+  check("host = db  password = 'it\\'s secret' user=x", "user=x password=*** host=db",
         {"it's secret"});
-  check("dbname='postgresql://u:pw@h/d' host=x", "dbname='postgresql://u:***@h/d' host=x", {"pw"});
-  check("host=db password", "host=db <the rest does not parse>");
-  check("password='unterminated", "password=*** <unterminated quoted string>");
+  check("host=db application_name='my app' options='-c search_path=a\\\\b'",
+        "host=db options='-c search_path=a\\\\b' application_name='my app'");
+  check("host=db password=''", "password=*** host=db");
+  // A dbname that is a connection string is redacted the same way.
+  check("dbname='postgresql://u:pw@h/d' host=x",
+        "dbname='user=u password=*** dbname=d host=h' host=x", {"pw"});
 
-  CHECK(workerlock::detail::pg_scrub("FATAL:  password \"topsecret\" bad\n\tline two\n",
-                                     {"topsecret"}) == "FATAL: password \"***\" bad line two");
-  CHECK(workerlock::detail::pg_scrub(
-            "server closed the connection unexpectedly\n\tThis probably means the server "
-            "terminated abnormally\n\tbefore or while processing the request.\n",
-            {}) ==
+  // A string that does not parse is never shown, nor any quoted part of libpq's reason.
+  for (const char* bad : {"host=db password", "password='secret", "password=my secret",
+                          "postgresql://u:topsecret@[::1/db", "postgresql://u:top%zzsecret@h/db",
+                          "postgresql://u:pw@h/db?password=top=secret",
+                          "POSTGRESQL://u:secret@h/d"}) {  // libpq's scheme is lower case
+    INFO("conninfo: " << bad);
+    const auto r = pg_parse_conninfo(bad);
+    CHECK_FALSE(r.parsed());
+    CHECK(r.redacted == workerlock::detail::pg_unparsed_conninfo);
+    CHECK_FALSE(r.error.empty());
+    CHECK_THAT(r.error, !Catch::Contains("secret") && !Catch::Contains("\n"));
+  }
+  CHECK(pg_parse_conninfo("password=my secret").error ==
+        "missing \"=\" after \"***\" in connection info string");
+
+  CHECK(pg_scrub("FATAL:  password \"topsecret\" bad\n\tline two\n", {"topsecret"}) ==
+        "FATAL: password \"***\" bad line two");
+  CHECK(pg_scrub("server closed the connection unexpectedly\n\tThis probably means the server "
+                 "terminated abnormally\n\tbefore or while processing the request.\n",
+                 {}) ==
         "server closed the connection unexpectedly; This probably means the server terminated "
         "abnormally before or "
         "while processing the request.");
@@ -304,27 +364,26 @@ TEST_CASE("postgres: lock keys, redaction and describe()", "[postgres]") {
   PostgresBackend named(o);
   CHECK(named.key() == PostgresBackend::key_for("primary"));
   CHECK(named.describe() ==
-        "postgres=host=db.example user=app password=*** lock=primary key=9204049115472362304");
-  CHECK(named.redacted_conninfo() == "host=db.example user=app password=***");
+        "postgres=user=app password=*** host=db.example lock=primary key=9204049115472362304");
+  CHECK(named.redacted_conninfo() == "user=app password=*** host=db.example");
   CHECK_FALSE(named.held());
   CHECK(named.fencing_token() == 0);
   CHECK(named.verify_interval() == 1000ms);
   o.key = -42;
   PostgresBackend keyed(o);
   CHECK(keyed.key() == -42);
-  CHECK(keyed.describe() == "postgres=host=db.example user=app password=*** key=-42");
+  CHECK(keyed.describe() == "postgres=user=app password=*** host=db.example key=-42");
 }
 
 TEST_CASE(
     "postgres: sslpassword and every password-like option libpq has are redacted, and all of a "
     "password with '@'",
     "[postgres]") {
-  using workerlock::detail::pg_redact_conninfo;
   const auto check = [](const std::string& in, const std::string& out,
                         std::vector<std::string> secrets) {
     INFO("conninfo: " << in);
-    const auto r = pg_redact_conninfo(in);
-    CHECK(r.text == out);
+    const auto r = workerlock::detail::pg_parse_conninfo(in);
+    CHECK(r.redacted == out);
     for (const auto& s : secrets) {
       INFO("secret: " << s);
       CHECK(std::find(r.secrets.begin(), r.secrets.end(), s) != r.secrets.end());
@@ -339,12 +398,18 @@ TEST_CASE(
   };
   check("host=db sslpassword=secret7", "host=db sslpassword=***", {"secret7"});
   check("postgresql://db/app?sslpassword=secret8&sslmode=require",
-        "postgresql://db/app?sslpassword=***&sslmode=require", {"secret8"});
+        "dbname=app host=db sslmode=require sslpassword=***", {"secret8"});
   check("dbname='host=db sslpassword=secret9'", "dbname='host=db sslpassword=***'", {"secret9"});
-  // An unencoded '@' in the password: libpq takes "ret12@h" for the host.
-  check("postgresql://u:sec@ret12@h/db", "postgresql://u:***@h/db", {"sec", "ret12", "sec@ret12"});
+  // An unencoded '@' in the password: libpq stops the password at the first '@' and takes
+  // the rest for the host ("ret12@h"), or for host and port; masked up to the last '@'.
+  check("postgresql://u:sec@ret12@h/db", "user=u password=*** dbname=db host=***@h",
+        {"sec", "ret12"});
   check("postgresql://u:aa1@bb2@cc3@h:5432/db?sslmode=disable",
-        "postgresql://u:***@h:5432/db?sslmode=disable", {"aa1", "bb2", "cc3", "aa1@bb2@cc3"});
+        "user=u password=*** dbname=db host=***@h port=5432 sslmode=disable", {"aa1", "bb2@cc3"});
+  check("postgresql://u:sec@ret:12@h/db", "user=u password=*** dbname=db host=ret port=***",
+        {"sec", "12@h"});
+  // An unencoded '/': libpq sees no password at all, but host "u", port "a", dbname "b@h/db".
+  check("postgresql://u:pass1/word2@h/db", "dbname=***@h/db host=u port=***", {"pass1", "word2"});
 
   // Every option libpq displays as a password (dispchar "*"), in both forms.
   PQconninfoOption* options = PQconndefaults();
@@ -354,9 +419,13 @@ TEST_CASE(
     if (opt->dispchar == nullptr || std::string(opt->dispchar) != "*") continue;
     ++secret_options;
     const std::string kw = opt->keyword;
-    check("host=db " + kw + "=secret10", "host=db " + kw + "=***", {"secret10"});
-    check("postgresql://db/app?" + kw + "=secret11", "postgresql://db/app?" + kw + "=***",
-          {"secret11"});
+    const auto keywords = workerlock::detail::pg_parse_conninfo("host=db " + kw + "=secret10");
+    CHECK(keywords.redacted.find(kw + "=***") != std::string::npos);
+    check("host=db " + kw + "=secret10", keywords.redacted, {"secret10"});
+    const auto url =
+        workerlock::detail::pg_parse_conninfo("postgresql://db/app?" + kw + "=secret11");
+    CHECK(url.redacted.find(kw + "=***") != std::string::npos);
+    check("postgresql://db/app?" + kw + "=secret11", url.redacted, {"secret11"});
   }
   PQconninfoFree(options);
   CHECK(secret_options >= 2);  // password and sslpassword
@@ -365,7 +434,8 @@ TEST_CASE(
   PostgresOptions o;
   o.conninfo = "postgresql://postgres:sec@ret12@nonexistent.invalid/postgres";
   PostgresBackend backend(o);
-  CHECK(backend.redacted_conninfo() == "postgresql://postgres:***@nonexistent.invalid/postgres");
+  CHECK(backend.redacted_conninfo() ==
+        "user=postgres password=*** dbname=postgres host=***@nonexistent.invalid");
   try {
     backend.try_acquire();
     FAIL("try_acquire() did not throw");
@@ -397,7 +467,7 @@ TEST_CASE(
       CHECK(e.code() == std::errc::invalid_argument);
     }
     CHECK_THROWS_AS(backend.try_acquire(), lock_error);
-    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+    CHECK_THROWS_AS(wait_for_lock(backend), lock_error);
     CHECK_FALSE(backend.held());
     Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
     CHECK_THROWS_AS(c.start(), lock_error);
@@ -419,7 +489,7 @@ TEST_CASE(
   o.conninfo = "postgresql://u:topsecret@h/postgres?nosuch=1";
   expect_error(o, "invalid URI query parameter");
   o.conninfo = "hostx=db password=topsecret";
-  expect_error(o, "invalid connection option \"hostx\"");
+  expect_error(o, "invalid connection option \"***\"");  // it could be part of a password
   o.conninfo = "host=db password='topsecret";
   expect_error(o, "unterminated quoted string");
 
@@ -444,7 +514,8 @@ TEST_CASE(
   {
     PostgresBackend backend(PostgresOptions{});
     CHECK(backend.options().conninfo == "postgresql://app:topsecret@10.1.2.3:7777/app");
-    CHECK(backend.redacted_conninfo() == "postgresql://app:***@10.1.2.3:7777/app");
+    CHECK(backend.redacted_conninfo() ==
+          "user=app password=*** dbname=app host=10.1.2.3 port=7777");
     CHECK_NOTHROW(backend.prepare());
   }
   if (saved != nullptr) {
@@ -480,7 +551,7 @@ TEST_CASE(
     CHECK_FALSE(backend.held());
     CHECK(backend.fencing_token() == 0);
     CHECK_FALSE(backend.verify_held());
-    CHECK_THROWS_AS(backend.wait_acquire(), lock_error);
+    CHECK_THROWS_AS(wait_for_lock(backend), lock_error);
 
     Checker checker;
     Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
@@ -506,7 +577,11 @@ TEST_CASE(
   never_primary(o, std::errc::permission_denied, "no password supplied");
 
   o.conninfo = fmt::format("postgresql://postgres:topsecret@127.0.0.1:notaport/postgres");
-  never_primary(o, std::errc::io_error, "invalid integer value \"notaport\"", "topsecret");
+  // A port that is not a number may be a piece of a password (postgresql://u:sec@ret:12@h):
+  // libpq's message quotes it, masked.
+  const char* bad_port = "invalid integer value \"***\" for connection option \"port\"";
+  never_primary(o, std::errc::io_error, bad_port, "topsecret");
+  never_primary(o, std::errc::io_error, bad_port, "notaport");
 
   o.conninfo = "host=nonexistent.invalid dbname=postgres user=postgres password=topsecret";
   never_primary(o, std::errc::host_unreachable, "could not translate host name", "topsecret");
@@ -519,7 +594,7 @@ TEST_CASE(
                "?sslmode=prefer";
   PostgresBackend backend(o);
   CHECK(backend.redacted_conninfo().find(wltest::PostgresServer::password) == std::string::npos);
-  CHECK(backend.wait_acquire());  // (waits out the restart grace if the cluster is young)
+  CHECK(wait_for_lock(backend));  // (waits out the restart grace if the cluster is young)
   CHECK(backend.verify_held());
   backend.release();
   CHECK_FALSE(backend.held());
@@ -723,7 +798,7 @@ TEST_CASE("postgres: restart grace: a new holder of a young server waits out res
   CHECK_FALSE(a.try_acquire());  // both locks won, promotion pending
   CHECK(pg.lock_holder_pid(a.key(), 2) == a.fence_session_pid());
   CHECK_FALSE(a.held());
-  CHECK(a.wait_acquire());  // waits out the rest of the grace
+  CHECK(wait_for_lock(a));  // waits out the rest of the grace
   const auto waited = std::chrono::steady_clock::now() - begin;
   CHECK(waited >= 1300ms);
   CHECK(waited < 10s);
@@ -764,7 +839,7 @@ TEST_CASE(
     std::string what;
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      a.wait_acquire();  // waits out the grace, then the proof gets no answer
+      wait_for_lock(a);  // waits out the grace, then the proof gets no answer
       FAIL("wait_acquire() did not throw");
     } catch (const lock_error& e) {
       code = e.code();
@@ -793,7 +868,7 @@ TEST_CASE(
     REQUIRE(pg.terminate(a.lock_session_pid()));
     std::error_code code;
     try {
-      a.wait_acquire();
+      wait_for_lock(a);
       FAIL("wait_acquire() did not throw");
     } catch (const lock_error& e) {
       code = e.code();
@@ -806,7 +881,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "postgres: wait_acquire() returns when the holder releases, and interrupt() cancels the wait",
+    "postgres: wait_acquire() returns when the holder releases, and the Interrupter cancels the "
+    "wait",
     "[postgres][threads]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
@@ -817,22 +893,23 @@ TEST_CASE(
   REQUIRE(a.try_acquire());
 
   // interrupt() ends a wait on the election lock; the session survives the cancel.
+  workerlock::Interrupter stop;
   std::atomic<int> result{-1};
-  std::thread waiter([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  std::thread waiter([&] { result.store(b.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
   auto t0 = std::chrono::steady_clock::now();
-  b.interrupt();
+  stop.interrupt();
   waiter.join();
   CHECK(result.load() == 0);
   CHECK(std::chrono::steady_clock::now() - t0 < 2s);
   CHECK(pg.lock_waiters(a.key(), 1) == 0);
   CHECK_FALSE(b.held());
-  CHECK_FALSE(b.wait_acquire());  // still interrupted until clear_interrupt()
-  b.clear_interrupt();
+  CHECK_FALSE(b.wait_acquire(stop));  // still interrupted until clear()
+  stop.clear();
 
   // A wait returns as soon as the holder releases.
   result.store(-1);
-  std::thread second([&] { result.store(b.wait_acquire() ? 1 : 0); });
+  std::thread second([&] { result.store(b.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 1) == 1; }, 10s));
   t0 = std::chrono::steady_clock::now();
   a.release();
@@ -849,14 +926,14 @@ TEST_CASE(
   // so a wins the election lock and waits for b's fence.
   REQUIRE(pg.terminate(b.lock_session_pid()));
   result.store(-1);
-  std::thread third([&] { result.store(a.wait_acquire() ? 1 : 0); });
+  std::thread third([&] { result.store(a.wait_acquire(stop) ? 1 : 0); });
   REQUIRE(wltest::eventually([&] { return pg.lock_waiters(a.key(), 2) == 1; }, 10s));
-  a.interrupt();
+  stop.interrupt();
   third.join();
   CHECK(result.load() == 0);
   CHECK_FALSE(a.held());
   a.release();  // gives up the election lock it won
-  a.clear_interrupt();
+  stop.clear();
   b.reset();
 }
 
@@ -1022,7 +1099,7 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
     pids.push_back(wltest::fork_child([&] {
       PostgresBackend backend(o);
       shared->line.arrive_and_wait();
-      if (!backend.wait_acquire()) return 1;
+      if (!wait_for_lock(backend)) return 1;
       const int inside = shared->in_critical.fetch_add(1) + 1;
       int seen = shared->max_in_critical.load();
       while (inside > seen && !shared->max_in_critical.compare_exchange_weak(seen, inside)) {
@@ -1170,7 +1247,7 @@ TEST_CASE(
 
   const pid_t waiter = wltest::fork_child([&] {
     PostgresBackend backend(o);
-    if (!backend.wait_acquire()) return 1;
+    if (!wait_for_lock(backend)) return 1;
     shared->promoted_ns.store(mono_ns());
     backend.release();
     return 0;
@@ -1537,8 +1614,6 @@ TEST_CASE(
       int code = 0;
       if (backend.held() || backend.fencing_token() != 0) code = 1;
       if (code == 0 && backend.verify_held()) code = 2;
-      backend.interrupt();
-      backend.clear_interrupt();
       backend.release();
       backend.reset();
       slot.reset();
@@ -1599,7 +1674,7 @@ TEST_CASE(
     // connection mutex) when the copy is made: the copy inherits the mutex locked.
     std::atomic<int> phase{0};  // 1: locked, 2: may unlock
     std::thread busy([&] {
-      std::lock_guard<std::mutex> guard(workerlock::detail::pg_registry_instance().mutex);
+      workerlock::detail::pg_fork::guard guard;
       phase.store(1);
       while (phase.load() != 2) std::this_thread::sleep_for(1ms);
     });
@@ -1703,7 +1778,7 @@ TEST_CASE(
   o.verify_interval = 5ms;
   {
     PostgresBackend backend(o);
-    CHECK(backend.network_target() == "host=db password=*** lock=primary key=9204049115472362304");
+    CHECK(backend.network_target() == "password=*** host=db lock=primary key=9204049115472362304");
     try {
       backend.prepare();
       FAIL("prepare() did not throw");
@@ -1721,7 +1796,7 @@ TEST_CASE(
   o.key = 4711;
   PostgresBackend backend(o);
   CHECK(backend.network_target() ==
-        fmt::format("host=127.0.0.1 port={} user=postgres password=*** key=4711", port));
+        fmt::format("user=postgres password=*** host=127.0.0.1 port={} key=4711", port));
   try {
     backend.try_acquire();
     FAIL("try_acquire() did not throw");
@@ -1865,4 +1940,103 @@ TEST_CASE(
   CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
   CHECK(report->role_after_jump.load() == 0);
   CHECK(report->primary_reads_after_jump.load() == 0);
+}
+
+// The mutex that fork() takes is never held while libpq resolves a host name: before, a
+// fork() in any thread waited for the resolver (up to its timeout). A connection that the
+// fork() may have copied while it was being set up is made afresh, by a second lookup.
+struct ForkWhileResolving {
+  std::atomic<std::int64_t> fork_ms{-1};
+  std::atomic<int> child{-1};
+  std::atomic<int> acquired{-1};  // 1: try_acquire() took the lock, 2: it threw
+  std::atomic<int> lookups{0};
+  std::atomic<int> holds_lock{0};  // 1: pg_locks shows the backend's lock session
+};
+
+TEST_CASE(
+    "postgres: fork() in another thread returns at once while a connect waits for the resolver",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  wltest::Shared<ForkWhileResolving> report;
+  const int code = run_holder([&]() -> int {
+    auto o = patient(options_for(fresh_name("fork-resolving")));
+    o.conninfo = pg.conninfo_at(hanging_resolver::host);
+    o.restart_grace = 0ms;
+    PostgresBackend backend(o);
+    std::thread connecting([&] {
+      try {
+        report->acquired = backend.try_acquire() ? 1 : 0;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "try_acquire() threw: %s\n", e.what());
+        report->acquired = 2;
+      }
+    });
+    while (hanging_resolver::lookups.load() == 0) std::this_thread::sleep_for(1ms);
+    const auto before = mono_ns();
+    const pid_t child = ::fork();
+    if (child == 0) ::_exit(0);
+    report->fork_ms = (mono_ns() - before) / 1000000;
+    report->child = child < 0 ? -2 : wait_or_kill(child, 10s);
+    hanging_resolver::released = true;
+    connecting.join();
+    report->lookups = hanging_resolver::lookups.load();
+    const int lock_pid = backend.lock_session_pid();
+    report->holds_lock =
+        lock_pid != 0 && pg.lock_holder_pid(PostgresBackend::key_for(o.name), 1) == lock_pid;
+    backend.release();
+    return 0;
+  });
+  REQUIRE(code == 0);
+  INFO("fork() took " << report->fork_ms.load() << " ms; the resolver hangs for 30 s");
+  CHECK(report->fork_ms.load() >= 0);
+  CHECK(report->fork_ms.load() < 5000);
+  CHECK(report->child.load() == 0);
+  CHECK(report->acquired.load() == 1);
+  CHECK(report->holds_lock.load() == 1);
+  // The lock session's first connection was set up across the fork(): made afresh (a second
+  // lookup); then the fence session's.
+  CHECK(report->lookups.load() >= 3);
+}
+
+// The Backend error contract: verify_held() answers false only when a session is lost, and
+// throws (cannot tell) when one is silent; the Coordinator then keeps the role no longer than
+// valid_until().
+TEST_CASE(
+    "postgres: verify_held() throws ETIMEDOUT for a silent session (cannot tell), false for a "
+    "lost one",
+    "[postgres]") {
+  WL_REQUIRE_POSTGRES_SERVER();
+  auto& pg = server();
+  auto o = options_for(fresh_name("verify-contract"));
+  o.restart_grace = 0ms;
+  o.verify_interval = 2000ms;  // the check's deadline is command_timeout, well before valid_until
+  o.command_timeout = 500ms;
+  o.keepalives_idle = 30s;
+  o.tcp_user_timeout = 30s;
+  PostgresBackend a(o);
+  REQUIRE(a.try_acquire());
+  const int lock_pid = a.lock_session_pid();
+  REQUIRE(::kill(lock_pid, SIGSTOP) == 0);
+  struct Resume {
+    int pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{lock_pid};
+  const auto valid_until = a.valid_until();
+  try {
+    a.verify_held();
+    FAIL("verify_held() did not throw");
+  } catch (const lock_error& e) {
+    INFO("what(): " << e.what());
+    CHECK(e.code() == std::errc::timed_out);
+    CHECK(e.operation() == "verify the PostgreSQL lock on");
+    CHECK(e.target() == a.network_target());
+  }
+  CHECK(std::chrono::steady_clock::now() < valid_until);
+  CHECK(a.valid_until() == valid_until);  // no proof: not moved on
+  ::kill(lock_pid, SIGCONT);
+  // The silent session was given up; the next check finds it unusable: lost.
+  CHECK_FALSE(a.verify_held());
+  a.reset();
+  CHECK(wltest::eventually([&] { return pg.lock_holder_pid(a.key(), 1) == 0; }, 10s));
 }

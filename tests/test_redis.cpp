@@ -159,7 +159,7 @@ struct Checker {
   void promoted(int pid, std::uint64_t fence) {
     int expected = 0;
     while (!holder.compare_exchange_strong(expected, pid)) {
-      if (expected != 0 && workerlock::detail::redis_process_gone(expected)) continue;
+      if (expected != 0 && workerlock::detail::process_is_gone(expected)) continue;
       overlaps.fetch_add(1);
       holder.store(pid);
       break;
@@ -315,6 +315,31 @@ TEST_CASE("redis: URL parsing", "[redis]") {
   CHECK(url.socket_path == "/tmp/r.sock");
   CHECK(url.password == "pw");
 
+  // What liburiparser reads (RFC 3986): percent-encoding anywhere, IPv6 literals and zones.
+  REQUIRE(parse_redis_url("redis://us%3Aer:p%40ss%3Fw%23rd%25:x@h", url, why));
+  CHECK(url.username == "us:er");
+  CHECK(url.password == "p@ss?w#rd%:x");
+  CHECK(url.redacted() == "redis://us:er:***@h:6379/0");
+  // Unencoded '@', '/' and '[' in the password: the user info runs to the last '@' before
+  // '?' (as redis-cli reads it).
+  REQUIRE(parse_redis_url("redis://:p@ss/w[1]@h:1/2", url, why));
+  CHECK(url.password == "p@ss/w[1]");
+  CHECK(url.host == "h");
+  CHECK(url.db == 2);
+  REQUIRE(parse_redis_url("redis://[::ffff:192.0.2.1]:7000", url, why));
+  CHECK(url.host == "::ffff:192.0.2.1");
+  CHECK(url.redacted() == "redis://[::ffff:192.0.2.1]:7000/0");
+  REQUIRE(parse_redis_url("redis://[fe80::1%25eth0]:6379/2", url, why));  // RFC 6874
+  CHECK(url.host == "fe80::1%eth0");                                      // for getaddrinfo()
+  CHECK(url.redacted() == "redis://[fe80::1%eth0]:6379/2");
+  REQUIRE(parse_redis_url("redis://[fe80::1%eth0]", url, why));  // the zone unencoded
+  CHECK(url.host == "fe80::1%eth0");
+  REQUIRE(parse_redis_url("unix:///tmp/my%20redis.sock?db=%31", url, why));
+  CHECK(url.socket_path == "/tmp/my redis.sock");
+  CHECK(url.db == 1);
+  REQUIRE(parse_redis_url("redis://h?", url, why));  // an empty query
+  CHECK(url.db == 0);
+
   const char* bad[][2] = {
       {"", "empty"},
       {"localhost:6379", "no scheme"},
@@ -339,6 +364,19 @@ TEST_CASE("redis: URL parsing", "[redis]") {
       {"redis://:ab%4@h", "percent-encoding"},
       {"redis://h#x", "fragment"},
       {"redis://bad host", "bad character"},
+      {"redis://[zzz]", "bad IPv6 address"},
+      {"redis://[::1;x]:1", "bad character in the host name"},
+      {"redis://[v1.x]", "IPvFuture"},
+      {"redis://[fe80::1%]:1", "bad IPv6 zone"},
+      {"redis://[fe80::1%e;t]", "bad IPv6 zone"},
+      {"redis://[::1]:x", "bad port"},
+      {"redis://[::1]x", "expected ':port' after ']'"},
+      {"redis://h:1:2", "brackets"},
+      {"unix:///tmp/a b", "socket path: percent-encode"},
+      {"unix:///tmp/a%00b", "NUL byte"},
+      {"unix://:pw@relative.sock", "absolute"},
+      {"redis://h?db", "query parameter"},
+      {"redis://h?db=", "the value of ?db= must be a number"},
   };
   for (const auto& [text, expected] : bad) {
     INFO("URL: '" << text << "'");
@@ -631,6 +669,25 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
     CHECK(b.describe().find("s3cret") == std::string::npos);
   }
 
+  SECTION("a password with special characters, percent-encoded or as redis-cli reads it") {
+    WL_REQUIRE_REDIS_SERVER();
+    const std::string password = "p@ss/w?rd#50%:x";
+    wltest::RedisServer server({password, {}});
+    RedisOptions o;
+    o.key = fresh_key("special-pw");
+    o.quarantine_after_data_loss = false;
+    for (const char* written : {"p%40ss%2Fw%3Frd%2350%25%3Ax", "p@ss/w%3Frd%2350%25:x"}) {
+      INFO("password as written: " << written);
+      o.url = fmt::format("redis://:{}@127.0.0.1:{}/0", written, server.port());
+      RedisBackend backend(o);
+      CHECK(backend.redacted_url() == fmt::format("redis://:***@127.0.0.1:{}/0", server.port()));
+      CHECK(backend.try_acquire());
+      backend.release();
+    }
+    o.url = fmt::format("redis://:p@ss/w%3Frd%2350%25:y@127.0.0.1:{}/0", server.port());
+    expect_failure(o, std::errc::permission_denied, {"WRONGPASS"}, "rd%2350");
+  }
+
   SECTION("a password the server does not have, a database it does not have") {
     WL_REQUIRE_REDIS_SERVER();
     wltest::RedisServer server;
@@ -814,7 +871,8 @@ TEST_CASE("redis: a renewal never outlives the lease", "[redis]") {
   CHECK_FALSE(a.lease_valid());
 }
 
-TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "[redis][threads]") {
+TEST_CASE("redis: Interrupter::interrupt() ends wait_acquire() promptly, even mid-command",
+          "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
   const auto key = fresh_key("interrupt");
@@ -823,18 +881,19 @@ TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "
   RedisBackend holder(o);
   REQUIRE(holder.try_acquire());
   RedisBackend waiter(o);
+  workerlock::Interrupter interrupter;
 
   const auto wait_and_interrupt = [&](std::chrono::milliseconds after) {
     std::atomic<int> result{-1};
     std::atomic<std::int64_t> returned{0};
-    waiter.clear_interrupt();
+    interrupter.clear();
     std::thread t([&] {
-      result.store(waiter.wait_acquire() ? 1 : 0);
+      result.store(waiter.wait_acquire(interrupter) ? 1 : 0);
       returned.store(mono_ns());
     });
     std::this_thread::sleep_for(after);
     const auto interrupted = mono_ns();
-    waiter.interrupt();
+    interrupter.interrupt();
     t.join();
     CHECK(result.load() == 0);
     return ms_between(interrupted, returned.load());
@@ -852,8 +911,73 @@ TEST_CASE("redis: interrupt() ends wait_acquire() promptly, even mid-command", "
   waiter.release();  // cleans up the attempt of unknown outcome (waits for the pause)
   CHECK(server.command({"GET", key}) == holder.token());
   holder.release();
-  waiter.clear_interrupt();
   CHECK(waiter.try_acquire());
+}
+
+TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept in <key>:startup",
+          "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("startup");
+  seed_fence(server, key);
+  const auto o = options_for(server, key);
+  std::atomic<int> startups{0};
+  const auto run = [&](const char* generation, workerlock::WaitMode mode) {
+    INFO("generation " << generation);
+    auto co = quiet_coordinator_options();
+    co.wait = mode;
+    co.startup_generation = generation;
+    Coordinator c(std::make_unique<RedisBackend>(o), co);
+    std::atomic<int> promotions{0};
+    c.on_startup([&] { startups.fetch_add(1); });
+    c.on_promoted([&] { promotions.fetch_add(1); });
+    c.start();
+    REQUIRE(wltest::eventually(
+        [&] {
+          c.poll();  // does nothing in WaitMode::background_thread
+          return promotions.load() == 1;
+        },
+        10s));
+    CHECK(c.wait_for_startup(0ms));
+    CHECK(server.command({"GET", key + ":startup"}) == generation);
+    c.stop();
+  };
+  run("generation-1", workerlock::WaitMode::background_thread);
+  CHECK(startups.load() == 1);
+  run("generation-1", workerlock::WaitMode::polled);  // completed: not run again
+  CHECK(startups.load() == 1);
+  run("generation-2", workerlock::WaitMode::background_thread);
+  CHECK(startups.load() == 2);
+
+  // A standby reads the record from any thread; a bad generation is refused at once.
+  RedisBackend backend(o);
+  const auto marker = backend.startup_barrier("generation-2");
+  REQUIRE(marker != nullptr);
+  CHECK(marker->completed());
+  // A child of fork() reads it on a connection of its own; the parent's stays usable.
+  const pid_t child = wltest::fork_child([&] { return marker->completed() ? 0 : 1; });
+  CHECK(wltest::wait_exit_code(child) == 0);
+  CHECK(marker->completed());
+  CHECK_FALSE(backend.startup_barrier("generation-3")->completed());
+  CHECK_THAT(marker->describe(), Catch::Contains(key + ":startup"));
+  try {
+    backend.startup_barrier("");
+    FAIL("an empty generation was accepted");
+  } catch (const lock_error& e) {
+    CHECK(e.code() == workerlock::errc::bad_configuration);
+  }
+  // A bad URL: the marker's calls throw the backend's configuration error, password hidden.
+  RedisOptions bad = o;
+  bad.url = "redis://:topsecret@127.0.0.1:notaport/0";
+  RedisBackend broken(bad);
+  const auto unreadable = broken.startup_barrier("generation-1");
+  try {
+    (void)unreadable->completed();
+    FAIL("completed() answered with a bad URL");
+  } catch (const lock_error& e) {
+    CHECK(e.code() == workerlock::errc::bad_configuration);
+    CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+  }
 }
 
 TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
@@ -896,6 +1020,40 @@ TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redi
       2s));
   CHECK(second.fencing_token() > f1);
   CHECK(promoted[1] == 1);
+}
+
+TEST_CASE(
+    "redis: a renewal that fails while the lease is valid keeps the role: the Coordinator retries "
+    "on a new connection",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("keeps-role");
+  seed_fence(server, key);
+  // ttl 5 s: V = 1.67 s, C = 2.5 s, D = 0.5 s: a failed renewal leaves 2.8 s for the retry.
+  const auto o = options_for(server, key, 5000ms);
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  Coordinator c(std::make_unique<RedisBackend>(o), co);
+  int demoted = 0;
+  c.on_demoted([&] { ++demoted; });
+  c.start();
+  REQUIRE(c.role() == Role::primary);
+  const std::string token = dynamic_cast<const RedisBackend&>(c.backend()).token();
+  const std::string name = fmt::format("workerlock:{}", ::getpid());
+  // The server drops the holder's connection: its next renewal fails (cannot tell).
+  REQUIRE(server.command({"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"}) != "0");
+  const auto until = std::chrono::steady_clock::now() + 5000ms;  // three renewals
+  while (std::chrono::steady_clock::now() < until) {
+    c.poll();
+    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
+  }
+  CHECK(demoted == 0);
+  CHECK(c.role() == Role::primary);
+  CHECK(server.command({"GET", key}) == token);
+  CHECK(server.command({"CLIENT", "LIST"}).find(name) != std::string::npos);  // reconnected
+  c.stop();
+  CHECK(demoted == 1);
 }
 
 // =============================================================================================
@@ -1347,8 +1505,11 @@ TEST_CASE(
       int code = 0;
       if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
       if (code == 0 && backend.verify_held()) code = 2;
-      backend.interrupt();
-      backend.clear_interrupt();
+      {
+        workerlock::Interrupter interrupter;
+        interrupter.interrupt();
+        if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
+      }
       backend.release();
       backend.reset();
       slot.reset();
@@ -1428,6 +1589,43 @@ TEST_CASE(
   CHECK(report->exiting_child.load() == 0);
   CHECK(report->key_after_exit.load() == 1);
   CHECK(report->released_by_parent.load() == 1);
+}
+
+TEST_CASE(
+    "redis: a child of fork() closes its copy of the connection at once: the holder's close "
+    "ends the connection on the server while the child lives on",
+    "[redis]") {
+  WL_REQUIRE_REDIS_SERVER();
+  wltest::RedisServer server;
+  const auto key = fresh_key("fork-closes");
+  seed_fence(server, key);
+  RedisBackend holder(options_for(server, key));
+  REQUIRE(holder.try_acquire());
+  const std::string name = fmt::format("name=workerlock:{}", ::getpid());
+  const auto connected = [&] {
+    return server.command({"CLIENT", "LIST"}).find(name) != std::string::npos;
+  };
+  REQUIRE(connected());
+  int go[2];
+  REQUIRE(::pipe(go) == 0);
+  // The child never touches the backend: only the fork layer's hook can close its copy.
+  const pid_t child = wltest::fork_child([&] {
+    ::close(go[1]);
+    char byte = 0;
+    return ::read(go[0], &byte, 1) == 1 ? 0 : 1;
+  });
+  ::close(go[0]);
+  holder.reset();  // releases, then closes the holder's connection
+  bool closed = false;
+  for (int i = 0; i < 1000 && !closed; ++i) {  // 10 s; it takes a millisecond
+    closed = !connected();
+    if (!closed) std::this_thread::sleep_for(10ms);
+  }
+  CHECK(closed);
+  CHECK(::kill(child, 0) == 0);  // still alive: its copy of the socket is closed, not exited
+  CHECK(::write(go[1], "x", 1) == 1);
+  ::close(go[1]);
+  CHECK(wltest::wait_exit_code(child) == 0);
 }
 
 // =============================================================================================
@@ -1596,7 +1794,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   REQUIRE(workerlock::detail::parse_redis_url(server.url(), url, why));
   workerlock::detail::redis_connection connection;
   const auto deadline = [] { return std::chrono::steady_clock::now() + 5s; };
-  REQUIRE_FALSE(connection.connect(url, deadline(), -1));
+  REQUIRE_FALSE(connection.connect(url, deadline(), nullptr));
 
   const std::string key = fresh_key("overflow");
   // RPUSH key v1 ... v11: 13 arguments, more than the command holds.
@@ -1606,7 +1804,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   command << "RPUSH" << key;
   for (const auto& v : values) command << v;
   workerlock::detail::redis_reply reply;
-  const auto st = connection.exchange(&command, 1, &reply, deadline(), -1);
+  const auto st = connection.exchange(&command, 1, &reply, deadline(), nullptr);
   CHECK(st.code == E2BIG);
   CHECK_FALSE(st.sent);
   CHECK(server.command({"EXISTS", key}) == "0");  // nothing, not a truncated command
@@ -1614,7 +1812,7 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   // The connection is still usable for a command that fits.
   workerlock::detail::redis_command ping;
   ping << "PING";
-  const auto ok = connection.exchange(&ping, 1, &reply, deadline(), -1);
+  const auto ok = connection.exchange(&ping, 1, &reply, deadline(), nullptr);
   REQUIRE_FALSE(ok);
   CHECK(std::string(reply->str, reply->len) == "PONG");
 }

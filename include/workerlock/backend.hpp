@@ -5,37 +5,64 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 
+#include "generation_marker.hpp"
+#include "interrupter.hpp"
+
 namespace workerlock {
 
-//! What a Coordinator needs from a lock or lease. Errors are thrown as lock_error (or
-//! another std::exception); the Coordinator surfaces those from start() and logs and
-//! retries them later. An implementation is driven by one thread at a time, except
-//! interrupt(), which other threads may call at any moment.
+//! What a Coordinator needs from a lock or lease. A user may write one (a ZooKeeper lease,
+//! say): the Coordinator owns what every backend shares (the Interrupter that ends a wait,
+//! the retries, the callbacks), so a backend only answers the questions below.
+//!
+//! Threads: one thread at a time drives the backend (every member but the ones said to be
+//! safe from any thread): the Coordinator's thread, or the thread calling start(), poll()
+//! or stop().
+//!
+//! Errors, the one contract of every backend: try_acquire(), wait_acquire() and
+//! verify_held() return true or false only for a definite answer, and throw lock_error
+//! (naming the path or the network target, see error_path()) when they cannot tell. Any
+//! other std::exception counts as a lock_error. What the Coordinator does with each:
+//! - try_acquire(): true promotes; false stays a standby. A throw is passed on by start();
+//!   later (WaitMode::polled) it is logged, then reset(), and retried after the backoff.
+//! - wait_acquire(): true promotes; false checks for a stop, then waits again. A throw is
+//!   logged, then reset(), and retried after the backoff.
+//! - verify_held(): true keeps the role until the next check; false means the hold is
+//!   lost: on_demoted, release() and reset() at once. A throw means "cannot tell": it is
+//!   logged, the role is kept while steady_clock::now() < valid_until(), and the check is
+//!   retried after the backoff (at valid_until() at the latest); a check that still cannot
+//!   tell at valid_until() steps down as for false.
+//! So a hold that cannot be proven never stays primary past valid_until(): a lease must
+//! override valid_until() (the default, max() while held, says "cannot expire by time
+//! alone", as a lock file's hold), must not move it on without a proof, and answers false,
+//! not a throw, when the hold may end sooner than valid_until() says (a session the server
+//! may have closed). A throw from try_acquire() or wait_acquire() is followed by reset().
 class Backend {
  public:
   virtual ~Backend() = default;
 
   //! Called once by Coordinator::start() in the caller's thread, before anything else.
+  //! Throws: lock_error for a bad configuration (errc::bad_configuration), passed on by
+  //! start().
   virtual void prepare() {}
 
-  //! One attempt that does not wait. Returns: true if this process now holds it.
+  //! One attempt that does not wait. Returns: true if this process now holds it, false if
+  //! another one does.
   virtual bool try_acquire() = 0;
 
-  //! Waits until held (true) or until interrupt() is called (false).
-  virtual bool wait_acquire() = 0;
-
-  //! Makes a wait_acquire() running on another thread return soon. May be called repeatedly,
-  //! and must be async-signal-safe: Coordinator::request_stop() calls it from signal handlers.
-  virtual void interrupt() noexcept = 0;
-
-  //! Clears an earlier interrupt() before the next wait.
-  virtual void clear_interrupt() noexcept = 0;
+  //! Waits until held (true), or until `interrupter` is interrupted (false; a false
+  //! without an interrupt makes the Coordinator call it again at once). Waits through
+  //! interrupter.wait() (a socket, a sleep between attempts), or registers an
+  //! Interrupter::KickScope around a call that no descriptor can end. Waits that no stop
+  //! may cut short (a release, a cancel) use wait_ready() instead.
+  virtual bool wait_acquire(Interrupter& interrupter) = 0;
 
   //! While held, called every verify_interval(): renews a lease or checks the lock is
-  //! still ours. Returns false as soon as the hold is lost or cannot be proven.
+  //! still ours. Returns true when the hold was proven just now, false when it is lost;
+  //! throws lock_error when it cannot tell (see the table above).
   virtual bool verify_held() = 0;
   virtual std::chrono::milliseconds verify_interval() const noexcept = 0;
 
@@ -46,6 +73,7 @@ class Backend {
   //! attempt starts afresh, after an error or a lost hold. Never throws.
   virtual void reset() noexcept { release(); }
 
+  //! Whether this process holds it. Safe from any thread, and async-signal-safe.
   virtual bool held() const noexcept = 0;
 
   //! For log lines, such as "path=/run/app/primary.lock".
@@ -61,9 +89,16 @@ class Backend {
   //! backend whose errors are about a file (then error_path() is used).
   virtual std::string network_target() const { return {}; }
 
-  //! The base path of the startup barrier's marker (the marker is `<base>.startup`), or
-  //! empty when the backend offers none.
-  virtual std::filesystem::path startup_marker_base() const { return {}; }
+  //! The startup barrier's record for `generation` (see CoordinatorOptions::
+  //! startup_generation), or nullptr when this backend keeps none: then Coordinator::start()
+  //! refuses an on_startup callback (errc::bad_configuration), since it could not run it
+  //! once per generation. Reads and writes nothing yet.
+  //! Throws: lock_error (errc::bad_configuration) if `generation` is not valid here
+  //! (see StartupBarrier::check_generation()) or the record has no room (a path too long).
+  virtual std::unique_ptr<GenerationMarker> startup_barrier(const std::string& generation) const {
+    static_cast<void>(generation);
+    return nullptr;
+  }
 
   //! A number that grows with every new holder, for fencing downstream writes; 0 if the
   //! backend has none.

@@ -2,23 +2,17 @@
 // primary dies, one standby is promoted at once and on_promoted/on_demoted tell the host.
 #pragma once
 
-#include <pthread.h>
-#include <signal.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <climits>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -26,141 +20,18 @@
 #include <fmt/format.h>
 
 #include "backend.hpp"
-#include "detail/deadline.hpp"
-#include "detail/futex_word.hpp"
-#include "election.hpp"
+#include "coordinator_options.hpp"
+#include "detail/coordinator_drivers.hpp"
+#include "detail/role_machine.hpp"
+#include "detail/role_override.hpp"
+#include "detail/start_failure.hpp"
+#include "detail/stop_signal.hpp"
 #include "error.hpp"
 #include "file_backend.hpp"
-#include "options.hpp"
+#include "generation_marker.hpp"
 #include "role.hpp"
-#include "startup_barrier.hpp"
-#include "worker_lock.hpp"
 
 namespace workerlock {
-
-namespace detail {
-
-//! What went wrong in Coordinator::start() or wait_for_startup(): the throwing call turns
-//! it into a lock_error, the error_code twin keeps only `code`.
-struct start_failure {
-  std::error_code code;
-  std::string operation;
-  std::string explanation;
-  std::filesystem::path marker;  // set when the error is about the startup marker
-  std::exception_ptr thrown;     // a lock_error of the backend, passed on as it is
-
-  //! Returns false, for `return f.set(...)` in a function that reports success.
-  bool set(std::error_code ec, const char* op, std::string why = {}) {
-    code = ec;
-    operation = op;
-    explanation = std::move(why);
-    return false;
-  }
-
-  //! From inside a catch block: the exception being handled, turned into an error. A
-  //! lock_error is kept as it is; a std::system_error keeps its code; anything else is EIO
-  //! (ENOMEM for std::bad_alloc). Never throws, even when out of memory (then the
-  //! explanation is lost).
-  void set_from_current_exception(const char* op) noexcept {
-    const char* why = "";
-    try {
-      throw;
-    } catch (const lock_error& error) {
-      code = error.code();
-      thrown = std::current_exception();
-      return;
-    } catch (const std::system_error& error) {
-      code = error.code();
-      why = error.what();
-    } catch (const std::bad_alloc&) {
-      code = std::make_error_code(std::errc::not_enough_memory);
-    } catch (const std::exception& error) {
-      code = std::make_error_code(std::errc::io_error);
-      why = error.what();
-    } catch (...) {
-      code = std::make_error_code(std::errc::io_error);
-      why = "an exception of an unknown type";
-    }
-    try {
-      operation = op;
-      explanation = why;
-    } catch (...) {
-    }
-  }
-};
-
-}  // namespace detail
-
-//! How a standby waits for the lock.
-enum class WaitMode {
-  //! A background thread sleeps in the kernel's blocking lock call (F_OFD_SETLKW, flock,
-  //! F_SETLKW): no CPU while idle, promoted within about a millisecond of the holder's death.
-  background_thread,
-  //! No thread: the host calls Coordinator::poll() from its own event-loop timer every
-  //! recommended_poll_interval; promotion happens on the first poll() after the holder dies.
-  polled,
-};
-
-//! The poll() interval recommended for WaitMode::polled: failover then takes at most this
-//! long (plus the timer's own slack), at the cost of one failed lock syscall per interval.
-inline constexpr std::chrono::milliseconds recommended_poll_interval{50};
-
-//! The longest CoordinatorOptions::server_stop_grace start() accepts: longer would leave a
-//! server without a primary for longer than any stop takes.
-inline constexpr std::chrono::milliseconds max_server_stop_grace = std::chrono::hours(1);
-
-//! What a stop() or request_stop() is part of.
-enum class StopScope {
-  //! This worker alone stops (a rolling restart, a worker recycled after N requests): the
-  //! primary hands over to a standby at once.
-  worker,
-  //! The whole server stops (every worker was, or is about to be, told to stop): the primary
-  //! runs on_demoted and releases as usual, but first leaves a note, so that a standby
-  //! promoted within CoordinatorOptions::server_stop_grace holds the lock without running
-  //! on_startup or on_promoted until the grace has passed. A standby stopped during the grace
-  //! releases without running any callback; one that is not stopped is promoted normally
-  //! once the grace has passed, after checking that it still holds the lock. A mistaken
-  //! whole_server stop therefore costs at most the grace without a primary, never more: a
-  //! deferred standby that is itself stopped with whole_server keeps the original note (it
-  //! never was the primary), so stopping every worker with whole_server, even in a rolling
-  //! restart, does not extend it. During the deferral the worker holds the lock but reads
-  //! secondary (role(), valid_until()), while lock_holder() and /proc/locks name it as the
-  //! holder. Only FileBackend keeps such a note so far (the file `<lock path>.stopped`,
-  //! dated on the monotonic clock and ignored after a reboot); on a backend that keeps none
-  //! (Redis, PostgreSQL), it is a plain stop.
-  whole_server,
-};
-
-//! Coordinator::start() checks these and throws lock_error (workerlock::errc::bad_configuration,
-//! which compares equal to std::errc::invalid_argument) naming the field of a bad one.
-struct CoordinatorOptions {
-  //! Mechanism, log sink and the other lock options.
-  Options lock{};
-  WaitMode wait = WaitMode::background_thread;
-  //! How often the primary checks that the path still names the file it holds (someone may
-  //! have deleted or replaced it, which would let a second process lock a new file).
-  //! Must be positive.
-  std::chrono::milliseconds health_check_interval{1000};
-  //! Backoff between retries after errors (EIO, ENOLCK, a vanished directory): it starts at
-  //! retry_backoff_min and doubles up to retry_backoff_max. min must be positive, and max at
-  //! least min.
-  std::chrono::milliseconds retry_backoff_min{10};
-  std::chrono::milliseconds retry_backoff_max{2000};
-  //! The signal stop() sends to interrupt the waiting thread's blocking lock call. 0 picks
-  //! SIGRTMIN + 5. Its handler is installed by workerlock, without SA_RESTART. Otherwise a
-  //! signal number other than SIGKILL, SIGSTOP and the fault signals (SIGSEGV, SIGBUS, SIGFPE,
-  //! SIGILL, SIGTRAP, SIGSYS, SIGABRT); leave it to workerlock after start(): a host that
-  //! replaces its handler gets an error logged, and workerlock's handler back, at stop().
-  int wakeup_signal = 0;
-  //! The generation of the startup barrier; empty: StartupBarrier::master_generation(), read
-  //! anew by each start() in the worker (never in the process that built the Coordinator).
-  //! At most StartupBarrier::max_generation_size bytes, without a newline or a NUL.
-  std::string startup_generation;
-  //! After a stop(StopScope::whole_server) of the primary, how long a standby that takes
-  //! the lock waits before it runs on_startup and on_promoted (see StopScope). Zero turns the
-  //! note off; must not be negative nor longer than max_server_stop_grace.
-  std::chrono::milliseconds server_stop_grace{1000};
-};
 
 //! Drives one lock file for the life of a worker: start() takes part in the election, and
 //! whenever the role changes it calls on_promoted or on_demoted.
@@ -221,23 +92,14 @@ class Coordinator {
                     options) {}
 
   //! Coordinates through any Backend, such as a network lease.
-  //! Throws: lock_error if startup_generation is invalid or the lock file's name leaves no
-  //! room for the startup marker's (see StartupBarrier).
+  //! Throws: lock_error if startup_generation is invalid or the backend's startup barrier
+  //! has no room for it (for FileBackend: the lock file's name leaves no room for the
+  //! marker's, see StartupBarrier).
   explicit Coordinator(std::unique_ptr<Backend> backend, CoordinatorOptions options = {})
       : backend_(std::move(backend)),
         options_(std::move(options)),
-        startup_marker_base_(backend_->startup_marker_base()),
-        startup_backoff_(options_.retry_backoff_min) {
-    if (startup_marker_base_.empty()) return;
-    // Also the room for FileBackend's whole-server note `<path>.stopped`, no longer.
-    static_assert(std::string_view(".stopped").size() <= detail::startup_marker_suffix.size(),
-                  "the startup marker's name check covers the whole-server note's");
-    StartupBarrier::check_lock_path(startup_marker_base_);
-    // The default generation is read by start(), in the worker.
-    if (!options_.startup_generation.empty())
-      barrier_.emplace(startup_marker_base_, options_.startup_generation,
-                       options_.lock.allow_foreign_owner);
-  }
+        machine_(*backend_, options_, stop_),
+        driver_(detail::make_driver(options_.wait, machine_, *backend_, stop_, running_)) {}
 
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;
@@ -247,29 +109,25 @@ class Coordinator {
   ~Coordinator() {
     if (inherited_across_fork()) return;
     stop();
-    if (thread_started_) {  // stop() was asked from the coordinator thread itself
-      if (::pthread_equal(thread_, ::pthread_self()) != 0) {
-        ::pthread_detach(thread_);
-      } else {
-        ::pthread_join(thread_, nullptr);
-      }
-    }
+    driver_->release_thread();  // stop() was asked from the coordinator thread itself
   }
 
   //! Set the callbacks before start().
   Coordinator& on_promoted(Callback callback) {
-    promoted_ = std::move(callback);
+    machine_.promoted = std::move(callback);
     return *this;
   }
   Coordinator& on_demoted(Callback callback) {
-    demoted_ = std::move(callback);
+    machine_.demoted = std::move(callback);
     return *this;
   }
   //! One-off startup tasks (migrations): run by a newly promoted primary, before
   //! on_promoted, unless a primary already completed them in this generation. If the
-  //! primary dies mid-task, the next primary runs them again.
+  //! primary dies mid-task, the next primary runs them again. Needs a backend that keeps a
+  //! startup barrier (Backend::startup_barrier(); FileBackend does): start() refuses it
+  //! otherwise, rather than running the tasks on every promotion.
   Coordinator& on_startup(Callback tasks) {
-    startup_ = std::move(tasks);
+    machine_.startup = std::move(tasks);
     return *this;
   }
 
@@ -280,7 +138,8 @@ class Coordinator {
   //! waits for that stop to finish, then starts afresh.
   //! Throws: lock_error, with path() the lock file's (see Backend::error_path()), or for a
   //! network backend an empty path() and target() its Backend::network_target(), if the
-  //! options are invalid (errc::bad_configuration, naming the field), the lock file cannot
+  //! options are invalid (errc::bad_configuration, naming the field; also on_startup on a
+  //! backend without a startup barrier, naming the backend), the lock file cannot
   //! be opened or locked, or the coordinator thread cannot be created (its errno, such as
   //! EAGAIN when RLIMIT_NPROC or the cgroup's pids.max is reached), or this object is a copy
   //! of a running Coordinator inherited through fork() (operation_not_permitted). A
@@ -301,13 +160,14 @@ class Coordinator {
   //! Leaves the election: a primary runs on_demoted, then releases so another standby is
   //! promoted at once; a waiting standby stops waiting. Returns within milliseconds unless
   //! a callback is still running, whatever the host did to the wakeup signal since start().
-  //! Safe to call twice, and from a callback. Not async-signal-safe: a signal handler calls
-  //! request_stop() instead.
+  //! One exception: a PostgreSQL backend looking up its server's name (libpq's resolver is
+  //! not interruptible) finishes that lookup first. Safe to call twice, and from a callback. Not
+  //! async-signal-safe: a signal handler calls request_stop() instead.
   void stop() noexcept { stop(StopScope::worker); }
   //! As stop(); StopScope::whole_server leaves the note described at StopScope.
   void stop(StopScope scope) noexcept {
     if (inherited_across_fork()) return;
-    if (scope == StopScope::whole_server) whole_server_stop_.store(true);
+    if (scope == StopScope::whole_server) stop_.whole_server.store(true);
     if (on_coordinator_thread()) {  // the stop completes once the callback returns
       request_stop(scope);
       return;
@@ -318,7 +178,7 @@ class Coordinator {
   }
 
   //! Asks the Coordinator to stop, without waiting: async-signal-safe (lock-free atomics, a
-  //! futex wake, and the backend's interrupt()), so a SIGTERM handler may call it.
+  //! futex wake, and Interrupter::interrupt()), so a SIGTERM handler may call it.
   //! In WaitMode::background_thread the coordinator thread then leaves by itself: a primary
   //! runs on_demoted and releases at once (on that thread), a standby stops waiting.
   //! In WaitMode::polled the next poll(), stop(), start() or the destructor completes it
@@ -332,12 +192,7 @@ class Coordinator {
   //! Async-signal-safe: the note is written later, by the thread that completes the stop.
   void request_stop(StopScope scope) noexcept {
     const int saved = errno;
-    if (!inherited_across_fork()) {
-      if (scope == StopScope::whole_server) whole_server_stop_.store(true);
-      stop_requested_.store(true);
-      wakeups_.bump_and_wake();
-      if (options_.wait == WaitMode::background_thread && running_.load()) backend_->interrupt();
-    }
+    if (!inherited_across_fork()) stop_.request(scope == StopScope::whole_server);
     errno = saved;
   }
 
@@ -347,39 +202,10 @@ class Coordinator {
   //! (on_startup, on_promoted, on_demoted) run inside it, so it takes as long as they do.
   //! Completes a stop asked by request_stop(). From a callback it returns at once.
   void poll() noexcept {
-    if (options_.wait != WaitMode::polled || inherited_across_fork() || on_coordinator_thread())
-      return;
+    if (inherited_across_fork() || on_coordinator_thread()) return;
     control_guard control(*this, std::try_to_lock);
     if (!control.owns_lock() || !running_) return;
-    if (stop_requested_.load()) {
-      complete_stop();
-      return;
-    }
-    if (kept_out_) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (!backend_->held()) {
-      if (now < next_attempt_) return;
-      try {
-        if (backend_->try_acquire()) {
-          backoff_ = options_.retry_backoff_min;
-          promote();
-        }
-      } catch (const std::exception& error) {
-        report_retry(error);
-        backend_->reset();
-        next_attempt_ = detail::deadline_after(backoff_);
-        backoff_ = doubled_backoff(backoff_);
-      }
-    } else if (promotion_deferred_) {
-      if (now >= deferred_until_) {
-        promotion_deferred_ = false;
-        if (still_held_after_deferral()) take_role();
-      }
-    } else if (now >= next_verify_) {
-      next_verify_ = detail::deadline_after(backend_->verify_interval());
-      if (!verify()) demote_and_reset("the lock was lost");
-    }
-    finish_stop_requested_by_callback();
+    driver_->poll(kept_out_);
   }
 
   //! Primary only in the process that started the Coordinator (never in a child of fork()),
@@ -397,8 +223,14 @@ class Coordinator {
   //! process. A host checks "still valid for the next N ms" with
   //! `remaining_validity() > N` before a write; never compute `valid_until() - now`, which
   //! overflows while not primary. Safe from any thread, and async-signal-safe.
+  //! While primary: the local steady_clock instant until which this process may act as the
+  //! primary (the backend's Backend::valid_until(): time_point::max() for a lock file, the
+  //! lease's deadline for Redis and PostgreSQL). time_point::min() when not primary in this
+  //! process. A host checks "still valid for the next N ms" with
+  //! `remaining_validity() > N` before a write; never compute `valid_until() - now`, which
+  //! overflows while not primary. Safe from any thread, and async-signal-safe.
   std::chrono::steady_clock::time_point valid_until() const noexcept {
-    if (role_.load() != Role::primary || inherited_across_fork())
+    if (machine_.role() != Role::primary || inherited_across_fork())
       return std::chrono::steady_clock::time_point::min();
     return backend_->valid_until();
   }
@@ -415,21 +247,15 @@ class Coordinator {
   }
   //! True from start() until stop() or request_stop(). Async-signal-safe.
   bool running() const noexcept {
-    if (!running_.load() || stop_requested_.load()) return false;
+    if (!running_.load() || stop_.requested.load()) return false;
     return !inherited_across_fork();
   }
   const Backend& backend() const noexcept { return *backend_; }
-  //! The startup barrier of this start() (before the first one, with the default
-  //! generation: of the calling process's master), or nullopt when the backend offers no
-  //! place for its marker.
-  std::optional<StartupBarrier> startup_barrier() const {
-    {
-      std::lock_guard<std::mutex> guard(barrier_mutex_);
-      if (barrier_) return barrier_;
-    }
-    if (startup_marker_base_.empty()) return std::nullopt;
-    return StartupBarrier(startup_marker_base_, StartupBarrier::master_generation(),
-                          options_.lock.allow_foreign_owner);
+  //! The startup barrier's record of this start() (before the first one, with the default
+  //! generation: of the calling process's master), or nullptr when the backend keeps none
+  //! (see Backend::startup_barrier()). For FileBackend, a StartupBarrier.
+  std::shared_ptr<const GenerationMarker> startup_barrier() const {
+    return machine_.startup_barrier();
   }
   //! The backend's fencing token of the current hold (0 for lock files, and in a child of
   //! fork()). Safe from any thread, and async-signal-safe.
@@ -442,8 +268,8 @@ class Coordinator {
   //! `timeout`; returns whether they completed. Workers started after completion return
   //! at once. Waiters keep waiting across a failover in the middle of the tasks. The wait
   //! ends at an absolute deadline, however many signals arrive.
-  //! Throws: lock_error if the marker could not be read until the deadline (see
-  //! StartupBarrier::wait_for()).
+  //! Throws: lock_error if the record could not be read until the deadline (see
+  //! wait_for_generation()).
   bool wait_for_startup(std::chrono::milliseconds timeout) const {
     detail::start_failure f;
     const bool done = await_startup(timeout, f);
@@ -494,59 +320,22 @@ class Coordinator {
   //! completes once the callback (or that call) returns.
   bool on_coordinator_thread() const noexcept {
     const auto me = std::this_thread::get_id();
-    return coordinator_thread_.load() == me || callback_thread_.load() == me ||
+    return machine_.coordinator_thread.load() == me || machine_.callback_thread.load() == me ||
            control_owner_.load() == me;
   }
 
-  //! Completes a stop: a polled Coordinator leaves here (on_demoted, release); the thread is
-  //! asked to leave and joined. Requires control_mutex_ and running_.
+  //! Completes a stop: the driver finishes the role machine (on_demoted, release) and
+  //! stops. Requires control_mutex_ and running_.
   void complete_stop() noexcept {
-    stop_requested_.store(true);
-    if (options_.wait == WaitMode::polled) {
-      finish();
-    } else {
-      end_thread();
-    }
+    stop_.requested.store(true);
+    driver_->finish();
     running_ = false;
   }
 
-  //! Wakes the coordinator thread and waits until it has left, interrupting the backend's
-  //! wait every millisecond: a signal sent just before the thread enters its blocking call
-  //! is lost, and FileBackend::interrupt() also undoes a host's change to the signal's
-  //! handler. Requires control_mutex_ and stop_requested_.
-  void end_thread() noexcept {
-    if (!thread_started_) return;
-    wakeups_.bump_and_wake();
-    while (thread_done_.load() == 0) {
-      backend_->interrupt();
-      thread_done_.wait_while(0, detail::deadline_after(std::chrono::milliseconds(1)));
-    }
-    ::pthread_join(thread_, nullptr);
-    thread_started_ = false;
-  }
-
-  //! Polled mode: completes a stop() that a callback asked for. Requires control_mutex_.
-  void finish_stop_requested_by_callback() noexcept {
-    if (options_.wait != WaitMode::polled || !stop_requested_.load() || !running_) return;
-    finish();
-    running_ = false;
-  }
-
-  //! Formats only when there is a sink; a sink that throws loses its line, nothing else.
-  template <typename... Args>
-  void log(LogLevel level, fmt::format_string<Args...> format, Args&&... args) const noexcept {
-    if (!options_.lock.log) return;
-    try {
-      options_.lock.log(level, fmt::format(format, std::forward<Args>(args)...));
-    } catch (...) {
-    }
-  }
-
-  //! Throws the lock_error that `f` describes: the backend's own as it was thrown, else one
-  //! naming the marker, the network target or the lock file's path.
+  //! Throws the lock_error that `f` describes: the backend's own (or its barrier's) as it
+  //! was thrown, else one naming the network target or the lock file's path.
   [[noreturn]] void raise(const detail::start_failure& f) const {
     if (f.thrown) std::rethrow_exception(f.thrown);
-    if (!f.marker.empty()) throw lock_error(f.operation, f.marker, f.code, f.explanation);
     if (auto target = backend_->network_target(); !target.empty())
       throw lock_error(f.operation, lock_error::network_target{std::move(target)}, f.code,
                        f.explanation);
@@ -557,57 +346,11 @@ class Coordinator {
   bool await_startup(std::chrono::milliseconds timeout, detail::start_failure& f) const noexcept {
     try {
       const auto barrier = startup_barrier();
-      if (!barrier) return false;
-      detail::failure read;
-      const bool done = barrier->wait(timeout, read);
-      if (read) {
-        f.marker = barrier->marker_path();
-        f.set(read.code, read.operation, read.explanation);
-      }
-      return done;
+      return barrier && wait_for_generation(*barrier, timeout);
     } catch (...) {
       f.set_from_current_exception("wait for the startup of");
     }
     return false;
-  }
-
-  //! Sets `f` to errc::bad_configuration naming the first bad field; false if there is one.
-  bool check_options(detail::start_failure& f) const {
-    constexpr const char* operation = "start the coordinator for";
-    const auto invalid = make_error_code(errc::bad_configuration);
-    const auto& o = options_;
-    if (o.health_check_interval <= std::chrono::milliseconds::zero())
-      return f.set(invalid, operation,
-                   fmt::format("CoordinatorOptions::health_check_interval is {} ms; it must be "
-                               "positive",
-                               o.health_check_interval.count()));
-    if (o.retry_backoff_min <= std::chrono::milliseconds::zero())
-      return f.set(
-          invalid, operation,
-          fmt::format("CoordinatorOptions::retry_backoff_min is {} ms; it must be positive",
-                      o.retry_backoff_min.count()));
-    if (o.retry_backoff_max < o.retry_backoff_min)
-      return f.set(invalid, operation,
-                   fmt::format("CoordinatorOptions::retry_backoff_max ({} ms) is less than "
-                               "CoordinatorOptions::retry_backoff_min ({} ms)",
-                               o.retry_backoff_max.count(), o.retry_backoff_min.count()));
-    if (o.server_stop_grace < std::chrono::milliseconds::zero())
-      return f.set(invalid, operation,
-                   fmt::format("CoordinatorOptions::server_stop_grace is {} ms; it must not be "
-                               "negative",
-                               o.server_stop_grace.count()));
-    if (o.server_stop_grace > max_server_stop_grace)
-      return f.set(invalid, operation,
-                   fmt::format("CoordinatorOptions::server_stop_grace is {} ms; it must not be "
-                               "longer than {} ms (max_server_stop_grace)",
-                               o.server_stop_grace.count(), max_server_stop_grace.count()));
-    if (o.wakeup_signal != 0 && !detail::usable_wakeup_signal(o.wakeup_signal))
-      return f.set(invalid, operation,
-                   fmt::format("CoordinatorOptions::wakeup_signal {} cannot be used: 0 picks "
-                               "SIGRTMIN+5, or choose a signal from SIGRTMIN to SIGRTMAX that the "
-                               "host does not use",
-                               o.wakeup_signal));
-    return true;
   }
 
   //! The engine of both start(): returns true once started, or sets `f` and leaves
@@ -616,8 +359,9 @@ class Coordinator {
     try {
       return begin_or_fail(f);
     } catch (...) {
-      // Only allocations and the host's log sink throw in begin_or_fail(), before anything
-      // was started; what the backend throws is caught there.
+      // Only allocations, the host's log sink and the backend's startup barrier throw in
+      // begin_or_fail() before anything was started; what the backend throws later is
+      // caught there.
       f.set_from_current_exception("start the coordinator for");
     }
     return false;
@@ -635,26 +379,23 @@ class Coordinator {
     control_guard control(*this);
     if (inherited_across_fork()) {
       // A copy of a Coordinator the parent had stopped: nothing of it runs here.
-      thread_started_ = false;
-      coordinator_thread_.store(std::thread::id());
-      callback_thread_.store(std::thread::id());
+      driver_->forget_inherited();
+      machine_.callback_thread.store(std::thread::id());
     } else if (running_) {
-      if (!stop_requested_.load()) return true;
+      if (!stop_.requested.load()) return true;
       // A callback or request_stop() asked to stop: complete that stop (the thread runs
       // on_demoted first), then start afresh.
       complete_stop();
     }
-    if (!check_options(f)) return false;
-    // Formatted once, while no thread runs, so that log lines need no allocation.
-    description_ = backend_->describe();
-    read_default_startup_generation();
-    // The scope first: a request_stop(whole_server) from a signal handler racing this start()
-    // sets it before stop_requested_, so it keeps its scope.
-    whole_server_stop_.store(false);
-    stop_requested_.store(false);
-    promotion_deferred_ = false;
-    thread_done_.store_and_wake(0);
-    role_.store(Role::secondary);
+    if (!detail::check_coordinator_options(options_, f)) return false;
+    machine_.prepare_start();
+    if (machine_.startup && !machine_.offers_barrier())
+      return f.set(make_error_code(errc::bad_configuration), operation,
+                   fmt::format("on_startup is set, but the backend ({}) keeps no startup barrier, "
+                               "so the tasks could not run once per generation: run them "
+                               "elsewhere, or use a backend that keeps one",
+                               machine_.description()));
+    stop_.reset();
     {
       detail::failure kept;
       kept_out_ = detail::kept_out_by_operator(options_.lock, kept);
@@ -663,14 +404,14 @@ class Coordinator {
     started_in_.store(::getpid());
     if (kept_out_) {
       running_ = true;
-      log(LogLevel::info,
-          "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a standby)",
-          ::getpid(), description_);
+      machine_.log(LogLevel::info,
+                   "workerlock: pid={} role=secondary {} (WORKERLOCK_ROLE=secondary; not a "
+                   "standby)",
+                   ::getpid(), machine_.description());
       return true;
     }
     bool held = false;
     try {
-      backend_->clear_interrupt();
       backend_->prepare();
       held = backend_->try_acquire();
     } catch (...) {
@@ -678,335 +419,26 @@ class Coordinator {
       f.set_from_current_exception(operation);
       return false;
     }
-    // The host's signal mask, for the callbacks (the coordinator thread blocks every signal).
-    ::pthread_sigmask(SIG_SETMASK, nullptr, &host_mask_);
-    if (held && server_stop_deferral() <= std::chrono::steady_clock::now())
-      role_.store(Role::primary);  // on_promoted follows, here or on the thread
+    machine_.started(held);
     running_ = true;
-    backoff_ = options_.retry_backoff_min;
-    next_attempt_ = std::chrono::steady_clock::now();
-    next_verify_ = detail::deadline_after(backend_->verify_interval());
-    if (!held)
-      log(LogLevel::info, "workerlock: pid={} role=secondary {} (standby)", ::getpid(),
-          description_);
-    if (options_.wait == WaitMode::polled) {
-      if (held) promote();
-      finish_stop_requested_by_callback();
-      return true;
-    }
-    // The thread blocks every signal (the backend unblocks the one it needs, and callbacks
-    // run with host_mask_), so the host's signals are delivered to its own threads.
-    sigset_t all;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
-    promote_on_thread_start_ = held;
-    const int rc = ::pthread_create(&thread_, nullptr, &thread_main, this);
-    ::pthread_sigmask(SIG_SETMASK, &host_mask_, nullptr);
-    if (rc != 0) {
-      running_ = false;
-      backend_->reset();
-      role_.store(Role::secondary);
-      return f.set(std::error_code(rc, std::system_category()), "start the coordinator thread for",
-                   "pthread_create failed: the process, its user (RLIMIT_NPROC) or its cgroup "
-                   "(pids.max) may have reached its limit of threads, or memory ran out");
-    }
-    thread_started_ = true;
-    return true;
-  }
-
-  static void* thread_main(void* self) noexcept {
-    static_cast<Coordinator*>(self)->run();
-    return nullptr;
-  }
-
-  void run() noexcept {
-    coordinator_thread_.store(std::this_thread::get_id());
-    if (promote_on_thread_start_) promote();
-    while (!stop_requested_.load()) {
-      if (!backend_->held()) {
-        bool got = false;
-        try {
-          got = backend_->wait_acquire();
-        } catch (const std::exception& error) {
-          report_retry(error);
-          backend_->reset();
-          sleep_unless_stopped(backoff_);
-          backoff_ = doubled_backoff(backoff_);
-          continue;
-        }
-        if (stop_requested_.load()) break;
-        if (got) {
-          backoff_ = options_.retry_backoff_min;
-          promote();
-        }
-      } else {
-        sleep_unless_stopped(backend_->verify_interval());
-        if (stop_requested_.load()) break;
-        if (!verify()) demote_and_reset("the lock was lost");
-      }
-    }
-    finish();
-    coordinator_thread_.store(std::thread::id());
-    thread_done_.store_and_wake(1);
-  }
-
-  //! Leaving: a promoted primary runs on_demoted; a hold won just as stop() came in, or
-  //! deferred after a whole-server stop, is released without callbacks, since on_promoted
-  //! never ran for it. A whole-server stop leaves its note before the release.
-  void finish() noexcept {
-    const bool note =
-        whole_server_stop_.load() && options_.server_stop_grace > std::chrono::milliseconds::zero();
-    if (role_.load() == Role::primary) {
-      demote(note ? "stopped with the whole server" : "stopped", note);
-    } else {
-      // A hold never promoted: a deferred one keeps the note it deferred on (rewriting it
-      // would extend the time without a primary at each stop); a hold won just as the stop
-      // came, with no current note, leaves one.
-      if (note && backend_->held() && server_stop_deferral() <= std::chrono::steady_clock::now())
-        backend_->note_server_stopping();
-      backend_->release();
-    }
-    promotion_deferred_ = false;
-  }
-
-  bool verify() noexcept {
-    try {
-      return backend_->verify_held();
-    } catch (const std::exception& error) {
-      log(LogLevel::warning, "workerlock: pid={} cannot verify the hold on {}: {}", ::getpid(),
-          description_, error.what());
-      return false;
-    }
-  }
-
-  //! Sleeps for `duration` (saturated: milliseconds::max() is forever) or until a stop is
-  //! asked, whichever comes first.
-  void sleep_unless_stopped(std::chrono::milliseconds duration) noexcept {
-    sleep_until_unless_stopped(detail::deadline_after(duration));
-  }
-  void sleep_until_unless_stopped(std::chrono::steady_clock::time_point deadline) noexcept {
-    for (;;) {
-      const auto seen = wakeups_.load();
-      if (stop_requested_.load() || detail::monotonic_clock::now() >= deadline) return;
-      wakeups_.wait_while(seen, deadline);
-    }
-  }
-
-  //! `backoff` doubled, up to retry_backoff_max, without overflowing.
-  std::chrono::milliseconds doubled_backoff(std::chrono::milliseconds backoff) const noexcept {
-    return backoff > options_.retry_backoff_max / 2
-               ? options_.retry_backoff_max
-               : std::min(backoff * 2, options_.retry_backoff_max);
-  }
-
-  void report_retry(const std::exception& error) const {
-    log(LogLevel::warning, "workerlock: pid={} standby: {}; retrying in {} ms", ::getpid(),
-        error.what(), backoff_.count());
-  }
-
-  //! Runs `callback` with the host's signal mask (on the coordinator thread, which
-  //! otherwise blocks every signal), so that the threads it starts inherit that mask. The
-  //! wakeup signal cannot interrupt it: FileBackend sends it only during its wait, and
-  //! drains a late one before returning. An exception is logged and swallowed.
-  //! Returns: whether the callback returned normally.
-  bool invoke(const Callback& callback, const char* name) noexcept {
-    if (!callback) return true;
-    const auto outer = callback_thread_.exchange(std::this_thread::get_id());
-    const bool on_thread = options_.wait == WaitMode::background_thread &&
-                           coordinator_thread_.load() == std::this_thread::get_id();
-    sigset_t own;
-    if (on_thread) ::pthread_sigmask(SIG_SETMASK, &host_mask_, &own);
-    bool returned = false;
-    try {
-      callback();
-      returned = true;
-    } catch (const std::exception& error) {
-      log(LogLevel::error, "workerlock: pid={} {} threw: {}", ::getpid(), name, error.what());
-    } catch (...) {
-      log(LogLevel::error, "workerlock: pid={} {} threw a non-standard exception", ::getpid(),
-          name);
-    }
-    if (on_thread) ::pthread_sigmask(SIG_SETMASK, &own, nullptr);
-    callback_thread_.store(outer);
-    return returned;
-  }
-
-  //! A new hold. Takes the primary role, unless the previous primary noted a whole-server
-  //! stop less than server_stop_grace ago: then this worker holds the lock without running
-  //! callbacks until the grace has passed (polled: a later poll() takes the role), and a
-  //! stop during the grace releases it without callbacks (see finish()).
-  void promote() noexcept {
-    const auto until = server_stop_deferral();
-    const auto now = std::chrono::steady_clock::now();
-    if (until > now) {
-      role_.store(Role::secondary);
-      log(LogLevel::info,
-          "workerlock: pid={} holds {} but defers on_promoted by {} ms: the previous primary "
-          "stopped with the whole server",
-          ::getpid(), description_,
-          std::chrono::ceil<std::chrono::milliseconds>(until - now).count());
-      if (options_.wait == WaitMode::polled) {
-        promotion_deferred_ = true;
-        deferred_until_ = until;
-        return;
-      }
-      sleep_until_unless_stopped(until);
-      if (stop_requested_.load()) return;  // finish() releases without callbacks
-      if (!still_held_after_deferral()) return;
-    }
-    take_role();
-  }
-
-  //! After a deferral: whether this worker still holds the lock (the file may have been
-  //! replaced or deleted meanwhile). If not, releases it without callbacks (on_promoted
-  //! never ran) so that the standby machinery takes the lock anew.
-  bool still_held_after_deferral() noexcept {
-    if (verify()) return true;
-    log(LogLevel::warning,
-        "workerlock: pid={} {}: the lock was lost during the deferral after a whole-server "
-        "stop; releasing without callbacks",
-        ::getpid(), description_);
-    backend_->release();
+    if (driver_->launch(held, f)) return true;
+    running_ = false;
     backend_->reset();
+    machine_.abandon_start();
     return false;
   }
 
-  //! Until when a new hold defers its promotion: the note of a whole-server stop plus
-  //! server_stop_grace; time_point::min() when there is no recent note. A note dated in the
-  //! future (another boot's clock) is ignored.
-  std::chrono::steady_clock::time_point server_stop_deferral() const noexcept {
-    const auto none = std::chrono::steady_clock::time_point::min();
-    if (options_.server_stop_grace <= std::chrono::milliseconds::zero()) return none;
-    const auto noted = backend_->server_stop_noted();
-    if (!noted || *noted > std::chrono::steady_clock::now()) return none;
-    // Saturated: check_options() bounds the grace, but the note's date is anyone's.
-    const auto room = std::chrono::steady_clock::time_point::max() - *noted;
-    if (std::chrono::duration_cast<std::chrono::nanoseconds>(options_.server_stop_grace) >= room)
-      return std::chrono::steady_clock::time_point::max();
-    return *noted + options_.server_stop_grace;
-  }
-
-  void take_role() noexcept {
-    role_.store(Role::primary);
-    log(LogLevel::info, "workerlock: pid={} role=primary {}", ::getpid(), description_);
-    bool completed = false;
-    if (startup_ && barrier_ && !read_startup_marker(completed)) return;  // stepped down
-    if (startup_ && barrier_ && !completed) {
-      std::error_code ec;
-      if (invoke(startup_, "on_startup")) barrier_->complete(ec);
-      if (ec) {
-        log(LogLevel::error, "workerlock: pid={} cannot mark startup complete in {}: {}",
-            ::getpid(), barrier_->marker_path().native(), ec.message());
-      }
-    } else if (startup_ && !barrier_) {
-      invoke(startup_, "on_startup");
-    }
-    invoke(promoted_, "on_promoted");
-  }
-
-  //! With the default generation, reads it anew at each start(), in this worker: a
-  //! Coordinator built in the master (a global, say) must not take the master's parent
-  //! (pid 1 under systemd) for the master. Requires control_mutex_ and no running thread.
-  void read_default_startup_generation() {
-    if (startup_marker_base_.empty() || !options_.startup_generation.empty()) return;
-    StartupBarrier fresh(startup_marker_base_, StartupBarrier::master_generation(),
-                         options_.lock.allow_foreign_owner);
-    std::lock_guard<std::mutex> guard(barrier_mutex_);
-    barrier_ = std::move(fresh);
-  }
-
-  //! Whether a primary completed the startup tasks in this generation. An unreadable marker
-  //! is no answer, and running the tasks on it could run them twice: then this worker
-  //! steps down instead, and the result is false.
-  bool read_startup_marker(bool& completed) noexcept {
-    detail::failure f;
-    completed = barrier_->query(f);
-    if (f) {
-      step_down_for_unreadable_marker(f);
-      return false;
-    }
-    startup_backoff_ = options_.retry_backoff_min;
-    return true;
-  }
-
-  //! Releases the lock without callbacks (on_promoted never ran) and lets the standby
-  //! machinery try again after a backoff: another standby, or this one once the marker
-  //! can be read. The pause ends at once on stop().
-  void step_down_for_unreadable_marker(const detail::failure& f) noexcept {
-    const auto pause = startup_backoff_;
-    startup_backoff_ = doubled_backoff(startup_backoff_);
-    const bool explained = f.explanation != nullptr && *f.explanation != '\0';
-    log(LogLevel::error,
-        "workerlock: pid={} cannot {} '{}'{}{}{}: {}; on_startup not run, stepping down and "
-        "retrying in {} ms",
-        ::getpid(), f.operation, barrier_->marker_path().native(), explained ? " (" : "",
-        explained ? f.explanation : "", explained ? ")" : "", f.code.message(), pause.count());
-    backend_->release();
-    role_.store(Role::secondary);
-    log(LogLevel::info, "workerlock: pid={} role=secondary {} (the startup marker cannot be read)",
-        ::getpid(), description_);
-    if (options_.wait == WaitMode::polled) {
-      next_attempt_ = detail::deadline_after(pause);
-    } else {
-      sleep_unless_stopped(pause);
-    }
-  }
-
-  //! on_demoted first, then release: the successor never overlaps with us.
-  //! `note`: leave the note of a whole-server stop before releasing.
-  void demote(const char* reason, bool note = false) noexcept {
-    invoke(demoted_, "on_demoted");
-    if (note) backend_->note_server_stopping();
-    backend_->release();
-    role_.store(Role::secondary);
-    log(LogLevel::info, "workerlock: pid={} role=secondary {} ({})", ::getpid(), description_,
-        reason);
-  }
-
-  void demote_and_reset(const char* reason) noexcept {
-    log(LogLevel::warning, "workerlock: pid={} {}: {}; stepping down", ::getpid(), description_,
-        reason);
-    demote(reason);
-    backend_->reset();
-  }
-
   std::unique_ptr<Backend> backend_;
-  std::string description_;
   CoordinatorOptions options_;
-  std::filesystem::path startup_marker_base_;  // empty: the backend offers no marker
-  std::optional<StartupBarrier> barrier_;      // written by begin() under barrier_mutex_
-  mutable std::mutex barrier_mutex_;
-  Callback promoted_;
-  Callback demoted_;
-  Callback startup_;
+  detail::stop_signal stop_;
+  detail::role_machine machine_;      // drives backend_; reads options_ and stop_
+  std::atomic<bool> running_{false};  // written under control_mutex_; running() reads it
+  std::unique_ptr<detail::coordinator_driver> driver_;  // the thread, or poll()
 
   std::mutex control_mutex_;                      // serializes start(), stop() and poll()
   std::atomic<std::thread::id> control_owner_{};  // the thread holding control_mutex_
-  std::atomic<bool> running_{false};  // written under control_mutex_; running() reads it
   bool kept_out_ = false;
-  std::atomic<Role> role_{Role::secondary};
-  std::atomic<bool> stop_requested_{false};
-  std::atomic<bool> whole_server_stop_{false};  // the stop asked is StopScope::whole_server
-  std::atomic<pid_t> started_in_{0};            // the process that last started it; 0 before
-
-  // The coordinator thread: a plain pthread, so that a copy inherited through fork() is a
-  // handle to forget (a std::thread's would terminate the child when destroyed).
-  pthread_t thread_{};
-  bool thread_started_ = false;           // created and not yet joined; under control_mutex_
-  bool promote_on_thread_start_ = false;  // start() won the lock; set before the thread runs
-  std::atomic<std::thread::id> coordinator_thread_{};
-  std::atomic<std::thread::id> callback_thread_{};
-  detail::futex_word thread_done_;  // 1 once the thread left its loop
-  detail::futex_word wakeups_;      // bumped by every stop request; the thread sleeps on it
-
-  // Retry state; touched only by the thread driving the backend.
-  std::chrono::milliseconds backoff_{10};
-  std::chrono::steady_clock::time_point next_attempt_{};
-  std::chrono::steady_clock::time_point next_verify_{};
-  std::chrono::milliseconds startup_backoff_;  // after an unreadable startup marker
-  bool promotion_deferred_ = false;  // polled: held, waiting for deferred_until_ (see promote())
-  std::chrono::steady_clock::time_point deferred_until_{};
-  sigset_t host_mask_{};  // the signal mask of start()'s caller, for callbacks on the thread
+  std::atomic<pid_t> started_in_{0};  // the process that last started it; 0 before
 };
 
 }  // namespace workerlock

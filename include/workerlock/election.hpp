@@ -15,10 +15,10 @@
 
 #include <fmt/format.h>
 
-#include "detail/record.hpp"
+#include "detail/lock_handle.hpp"
 #include "detail/registry.hpp"
+#include "detail/role_override.hpp"
 #include "error.hpp"
-#include "holder.hpp"
 #include "options.hpp"
 #include "role.hpp"
 #include "worker_lock.hpp"
@@ -177,56 +177,28 @@ inline void warn_if_elected_before_fork(const std::filesystem::path& path, const
           ::getpid(), parent, path.native()));
 }
 
-//! The operator override: WORKERLOCK_ROLE=secondary keeps this worker out of the election.
-//! Forcing primary by environment is refused, since that is how duplicate work comes back.
-inline bool kept_out_by_operator(const Options& options, failure& f) noexcept {
-  const char* forced = options.honour_role_override ? std::getenv("WORKERLOCK_ROLE") : nullptr;
-  const std::string_view value = forced != nullptr ? forced : "";
-  if (value == "secondary") return true;
-  if (value == "primary") {
-    f.set(errc::role_override_refused, "elect a primary on",
-          "WORKERLOCK_ROLE=primary is refused: forcing primary is how singleton work comes to run "
-          "twice; "
-          "unset it, or set WORKERLOCK_ROLE=secondary to keep this worker out of the election");
-  } else if (!value.empty() && value != "auto") {
-    f.set(errc::bad_configuration, "elect a primary on",
-          "WORKERLOCK_ROLE must be unset, 'auto' or 'secondary'");
-  }
-  return false;
-}
-
-//! Reads the current holder's pid from the record, through our own open descriptor.
-inline pid_t recorded_holder_pid(const WorkerLock& lock) {
-  const auto* s = worker_lock_access::state(lock);
-  if (s == nullptr || s->fd < 0) return 0;
-  char buffer[max_record_size];
-  const auto got = retry_on_eintr([&] { return ::pread(s->fd, buffer, sizeof buffer, 0); });
-  if (got <= 0) return 0;
-  const auto record = parse_record(std::string_view(buffer, static_cast<std::size_t>(got)));
-  return record ? record->pid : 0;
-}
-
 //! The election behind both forms of is_primary_worker(). An error lands in `f` only: it is
 //! reported once, by the caller (thrown, or through an error_code), never also logged.
 inline Election elect(const std::filesystem::path& requested, const Options& options, failure& f) {
   const pid_t me = ::getpid();
-  Election result(ElectedRole(Role::secondary, me), WorkerLock(requested, options));
-  const auto& path = result.lock.path();  // absolute, as the handle resolved it
+  lock_handle lock(requested, options);
+  const auto& path = lock.path();  // absolute, as the handle resolved it
+  const auto secondary = [&] {
+    return Election(ElectedRole(Role::secondary, me), WorkerLock(std::move(lock)));
+  };
 
   if (kept_out_by_operator(options, f)) {
-    worker_lock_access::state(result.lock)->kept_out_by_operator = true;
+    lock.keep_out_by_operator();
     log_line(options, LogLevel::info,
              fmt::format("workerlock: pid={} role=secondary path={} (WORKERLOCK_ROLE=secondary)",
                          me, path.native()));
-    return result;
+    return secondary();
   }
-  if (f) return result;
+  if (f) return secondary();
 
   warn_if_elected_before_fork(path, options);
-  const bool won = worker_lock_access::acquire(result.lock, wait_mode::try_once, f);
-  if (f) return result;
-  const ElectedRole elected(won ? Role::primary : Role::secondary, me);
-  result.role = elected;
+  const bool won = lock.acquire(wait_mode::try_once, f);
+  if (f) return secondary();
   if (options.log) {
     if (won) {
       log_line(options, LogLevel::info,
@@ -235,10 +207,11 @@ inline Election elect(const std::filesystem::path& requested, const Options& opt
     } else {
       log_line(options, LogLevel::info,
                fmt::format("workerlock: pid={} role=secondary path={} mechanism={} holder={}", me,
-                           path.native(), options.mechanism, recorded_holder_pid(result.lock)));
+                           path.native(), options.mechanism, lock.recorded_holder_pid()));
     }
   }
-  return result;
+  return Election(ElectedRole(won ? Role::primary : Role::secondary, me),
+                  WorkerLock(std::move(lock)));
 }
 
 }  // namespace detail

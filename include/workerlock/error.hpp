@@ -38,40 +38,40 @@ class errc_category final : public std::error_category {
   const char* name() const noexcept override { return "workerlock"; }
 
   std::string message(int value) const override {
-    switch (static_cast<errc>(value)) {
-      case errc::role_override_refused:
-        return "role override refused";
-      case errc::kept_out_by_operator:
-        return "kept out of the election by the operator";
-      case errc::foreign_owner:
-        return "owned by someone else";
-      case errc::not_held:
-        return "the lock is not held by this handle";
-      case errc::lease_lost:
-        return "lease lost";
-      case errc::bad_configuration:
-        return "bad configuration";
-    }
-    return "unknown workerlock error";
+    const auto* entry = find(value);
+    return entry != nullptr ? entry->message : "unknown workerlock error";
   }
 
   std::error_condition default_error_condition(int value) const noexcept override {
-    switch (static_cast<errc>(value)) {
-      case errc::role_override_refused:
-      case errc::kept_out_by_operator:
-      case errc::foreign_owner:
-      case errc::not_held:
-        return std::make_error_condition(std::errc::operation_not_permitted);
-      case errc::lease_lost:
-        return std::make_error_condition(std::errc::timed_out);
-      case errc::bad_configuration:
-        return std::make_error_condition(std::errc::invalid_argument);
-    }
-    return std::error_condition(value, *this);
+    const auto* entry = find(value);
+    if (entry == nullptr) return std::error_condition(value, *this);
+    return std::make_error_condition(entry->natural);
   }
 
   bool equivalent(const std::error_code& code, int value) const noexcept override {
     return code.category() == *this && code.value() == value;
+  }
+
+ private:
+  //! Each condition once: its message, and the std::errc it compares equal to.
+  struct entry {
+    errc code;
+    const char* message;
+    std::errc natural;
+  };
+  static const entry* find(int value) noexcept {
+    static constexpr entry entries[] = {
+        {errc::role_override_refused, "role override refused", std::errc::operation_not_permitted},
+        {errc::kept_out_by_operator, "kept out of the election by the operator",
+         std::errc::operation_not_permitted},
+        {errc::foreign_owner, "owned by someone else", std::errc::operation_not_permitted},
+        {errc::not_held, "the lock is not held by this handle", std::errc::operation_not_permitted},
+        {errc::lease_lost, "lease lost", std::errc::timed_out},
+        {errc::bad_configuration, "bad configuration", std::errc::invalid_argument},
+    };
+    for (const auto& e : entries)
+      if (static_cast<int>(e.code) == value) return &e;
+    return nullptr;
   }
 };
 

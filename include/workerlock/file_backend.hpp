@@ -1,10 +1,9 @@
 // workerlock/file_backend.hpp: FileBackend, the Coordinator's backend on a local lock
-// file: a WorkerLock whose blocking wait a signal can interrupt.
+// file: a lock handle whose blocking wait a signal can interrupt.
 #pragma once
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 
@@ -17,61 +16,31 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <fmt/format.h>
 
 #include "backend.hpp"
-#include "detail/lock_file.hpp"
+#include "detail/lock_handle.hpp"
+#include "detail/process_identity.hpp"
+#include "detail/wakeup_signal.hpp"
 #include "error.hpp"
+#include "interrupter.hpp"
 #include "options.hpp"
-#include "worker_lock.hpp"
+#include "startup_barrier.hpp"
 
 namespace workerlock {
 
-namespace detail {
-
-//! Whether `signal` may serve as the coordinator's wakeup signal: a signal number of this
-//! system other than SIGKILL and SIGSTOP (which take no handler) and the signals the kernel
-//! sends for faults (a no-op handler there would turn a crash into an endless loop).
-inline bool usable_wakeup_signal(int signal) noexcept {
-  if (signal <= 0 || signal > SIGRTMAX) return false;
-  switch (signal) {
-    case SIGKILL:
-    case SIGSTOP:
-    case SIGSEGV:
-    case SIGBUS:
-    case SIGFPE:
-    case SIGILL:
-    case SIGTRAP:
-    case SIGSYS:
-    case SIGABRT:
-      return false;
-    default:
-      return true;
-  }
-}
-
-//! "SIGRTMIN+5 (signal 39)", "SIGUSR1 (signal 10)": a signal named for log lines.
-inline std::string signal_name(int signal) {
-  if (signal >= SIGRTMIN && signal <= SIGRTMAX)
-    return fmt::format("SIGRTMIN+{} (signal {})", signal - SIGRTMIN, signal);
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
-  if (const char* abbreviation = ::sigabbrev_np(signal); abbreviation != nullptr)
-    return fmt::format("SIG{} (signal {})", abbreviation, signal);
-#endif
-  return fmt::format("signal {}", signal);
-}
-
-}  // namespace detail
-
-//! Holds the primary role through a WorkerLock on `path`. A standby sleeps in the kernel's
-//! blocking lock call; interrupt() wakes it with `wakeup_signal`, whose handler (a no-op,
-//! installed without SA_RESTART) prepare() installs. If the host replaces that handler later
-//! (SIG_IGN, its own handler, SA_RESTART), interrupt() puts workerlock's back, so a stop
-//! still ends the wait, and the waiting thread logs an error naming the signal.
-class FileBackend final : public Backend {
+//! Holds the primary role through a lock on `path`. A standby sleeps in the kernel's
+//! blocking lock call; the Interrupter passed to wait_acquire() wakes it with
+//! `wakeup_signal`, whose handler (a no-op, installed without SA_RESTART) prepare()
+//! installs. If the host replaces that handler later (SIG_IGN, its own handler,
+//! SA_RESTART), an interrupt puts workerlock's back, so a stop still ends the wait, and the
+//! waiting thread logs an error naming the signal.
+class FileBackend final : public Backend, private Interrupter::Kick {
  public:
   //! wakeup_signal 0 picks SIGRTMIN + 5.
   FileBackend(std::filesystem::path path, Options options = {}, int wakeup_signal = 0,
@@ -118,27 +87,33 @@ class FileBackend final : public Backend {
       throw lock_error(operation, lock_.path(), {errno, std::system_category()});
   }
 
-  bool try_acquire() override { return note_hold(lock_.try_lock()); }
+  bool try_acquire() override {
+    detail::failure f;
+    const bool held = lock_.acquire(detail::wait_mode::try_once, f);
+    f.throw_if_failed(lock_.path());
+    return note_hold(held);
+  }
 
   //! Unblocks the wakeup signal only for the duration of the blocking call, so that the
-  //! signal never interrupts the host's own system calls (in callbacks, say).
-  bool wait_acquire() override {
+  //! signal never interrupts the host's own system calls (in callbacks, say). While it
+  //! waits, `interrupter`'s interrupt() sends the wakeup signal to this thread (see kick()).
+  bool wait_acquire(Interrupter& interrupter) override {
     sigset_t wakeup;
     sigemptyset(&wakeup);
     sigaddset(&wakeup, wakeup_signal_);
-    waiter_.store(::pthread_self());
-    waiting_.store(true);
-    ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
+    waiter_ = ::pthread_self();
     detail::failure f;
     bool held = false;
-    if (!interrupted_.load()) {
-      held = detail::worker_lock_access::acquire(lock_, detail::wait_mode::block_interruptibly, f);
+    {
+      // The scope ends only once no interrupt() is still about to signal this thread, so
+      // it never signals a thread that left (or was joined).
+      Interrupter::KickScope kick(interrupter, *this);
+      ::pthread_sigmask(SIG_UNBLOCK, &wakeup, nullptr);
+      if (!interrupter.interrupted()) {
+        held = lock_.acquire(detail::wait_mode::block_interruptibly, f);
+      }
+      ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
     }
-    ::pthread_sigmask(SIG_BLOCK, &wakeup, nullptr);
-    waiting_.store(false);
-    // An interrupt() that saw waiting_ may still be about to signal this thread: stay alive
-    // (and this the waiting thread) until it has, so it never signals a joined thread.
-    while (signalling_.load() != 0) ::sched_yield();
     // A wakeup sent just as the wait ended is pending now: drain it, so that it cannot
     // interrupt a system call of the host's callbacks, which run with the wakeup signal
     // unblocked (the host's own mask).
@@ -150,30 +125,21 @@ class FileBackend final : public Backend {
     return note_hold(held);
   }
 
-  //! A signal sent just before the waiter enters the kernel is lost; callers repeat it
-  //! until the wait returns (Coordinator::stop() does, every millisecond). If the host
-  //! replaced workerlock's handler of the wakeup signal (which would leave the wait
-  //! uninterrupted, or kill the process under SIG_DFL), it is put back first.
-  //! Async-signal-safe: atomics, sigaction() and pthread_kill() only.
-  void interrupt() noexcept override {
-    interrupted_.store(true);
-    signalling_.fetch_add(1);
-    if (waiting_.load()) {
-      reinstall_handler_if_replaced();
-      ::pthread_kill(waiter_.load(), wakeup_signal_);
-    }
-    signalling_.fetch_sub(1);
-  }
-  void clear_interrupt() noexcept override { interrupted_.store(false); }
-
   //! The path must still name the file we hold: a removed or replaced file would let a
-  //! second process lock a new one. Errors other than ENOENT keep the role.
+  //! second process lock a new one. Returns false when it names nothing (ENOENT) or another
+  //! file. Throws: lock_error when it cannot be looked at (EACCES, EIO...): the
+  //! lock is still ours, and a lock file does not expire (valid_until() is max()), so the
+  //! Coordinator keeps the role and looks again.
   bool verify_held() override {
-    const auto* s = detail::worker_lock_access::state(lock_);
-    if (s == nullptr || !s->owned) return false;
+    if (!lock_.owns_lock()) return false;
     struct stat st {};
-    if (::lstat(lock_.path().c_str(), &st) != 0) return errno != ENOENT;
-    return st.st_dev == s->dev && st.st_ino == s->ino;
+    if (::lstat(lock_.path().c_str(), &st) != 0) {
+      const int e = errno;
+      if (e == ENOENT) return false;
+      throw lock_error("check the lock file", lock_.path(), {e, std::system_category()},
+                       "its path cannot be looked at; the lock is kept");
+    }
+    return lock_.holds_file(st.st_dev, st.st_ino);
   }
   std::chrono::milliseconds verify_interval() const noexcept override {
     return health_check_interval_;
@@ -181,12 +147,12 @@ class FileBackend final : public Backend {
 
   void release() noexcept override {
     held_in_.store(0);
-    std::error_code ignored;
-    lock_.unlock(ignored);
+    detail::failure ignored;
+    lock_.release(ignored);
   }
   void reset() noexcept override {
     release();
-    if (auto* s = detail::worker_lock_access::state(lock_)) detail::close_file(*s);
+    lock_.close();
   }
 
   bool held() const noexcept override { return lock_.owns_lock(); }
@@ -263,13 +229,28 @@ class FileBackend final : public Backend {
   std::string describe() const override { return fmt::format("path={}", lock_.path().native()); }
   //! The lock file's path.
   std::filesystem::path error_path() const override { return lock_.path(); }
-  std::filesystem::path startup_marker_base() const override { return lock_.path(); }
+  //! The marker file `<path>.startup` (see StartupBarrier).
+  std::unique_ptr<GenerationMarker> startup_barrier(const std::string& generation) const override {
+    // The marker's name check also covers the whole-server note `<path>.stopped`.
+    static_assert(std::string_view(".stopped").size() <= detail::startup_marker_suffix.size());
+    return std::make_unique<StartupBarrier>(lock_.path(), generation,
+                                            lock_.options().allow_foreign_owner);
+  }
 
-  const WorkerLock& lock() const noexcept { return lock_; }
+  const detail::lock_handle& lock() const noexcept { return lock_; }
   int wakeup_signal() const noexcept { return wakeup_signal_; }
 
  private:
   static void ignore_signal(int) noexcept {}
+
+  //! Interrupter::Kick: the interrupt of a wait_acquire() in progress. If the host replaced
+  //! workerlock's handler of the wakeup signal (which would leave the wait uninterrupted, or
+  //! kill the process under SIG_DFL), it is put back first. Async-signal-safe: sigaction()
+  //! and pthread_kill() only.
+  void kick() noexcept override {
+    reinstall_handler_if_replaced();
+    ::pthread_kill(waiter_, wakeup_signal_);
+  }
 
   //! The note: 20 digits of nanoseconds, a newline, the 36 characters of the boot id, a
   //! newline.
@@ -289,13 +270,11 @@ class FileBackend final : public Backend {
   static void read_boot_id(char (&boot)[boot_id_size + 1]) noexcept {
     std::memset(boot, '-', boot_id_size);
     boot[boot_id_size] = '\0';
-    const int fd = detail::retry_on_eintr(
-        [] { return ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC); });
-    if (fd < 0) return;
-    char read_id[boot_id_size] = {};
-    if (detail::retry_on_eintr([&] { return ::read(fd, read_id, boot_id_size); }) == boot_id_size)
-      std::memcpy(boot, read_id, boot_id_size);
-    ::close(fd);
+    try {
+      const std::string& id = detail::boot_id();
+      if (id.size() == boot_id_size) std::memcpy(boot, id.data(), boot_id_size);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory reading it: no boot id
+    }
   }
 
   //! Logs a whole-server note that could not be written: `error` (an errno, or 0) and `why`.
@@ -376,14 +355,11 @@ class FileBackend final : public Backend {
     }
   }
 
-  WorkerLock lock_;
+  detail::lock_handle lock_;
   std::string stop_note_;  // <path>.stopped: the note of a whole-server stop
   int wakeup_signal_;
   std::chrono::milliseconds health_check_interval_;
-  std::atomic<bool> interrupted_{false};
-  std::atomic<bool> waiting_{false};
-  std::atomic<int> signalling_{0};  // interrupt() calls between seeing waiting_ and signalling
-  std::atomic<pthread_t> waiter_{};
+  pthread_t waiter_{};  // the thread in wait_acquire(); published by its Interrupter::KickScope
   std::atomic<pid_t> held_in_{0};  // the process holding the lock through this backend
   mutable std::atomic<int> replaced_{none};
 };

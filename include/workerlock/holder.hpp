@@ -20,7 +20,7 @@
 
 #include "detail/posix.hpp"
 #include "detail/proc_locks.hpp"
-#include "detail/proc_stat.hpp"
+#include "detail/process_identity.hpp"
 #include "detail/record.hpp"
 #include "detail/registry.hpp"
 #include "error.hpp"
@@ -116,10 +116,8 @@ inline file_look look_at_file(const std::filesystem::path& path, dev_t dev, ino_
   ssize_t got = -1;
   const auto examine = [&](int fd) {
     look.looked = true;
-#ifdef F_OFD_GETLK
     auto probe = whole_file(F_WRLCK);
     if (::fcntl(fd, F_OFD_GETLK, &probe) == 0) look.conflict = probe;
-#endif
     if (locked_as_far_as_known || look.conflict.l_type != F_UNLCK || look.held_through_it)
       got = retry_on_eintr([&] { return ::pread(fd, buffer, sizeof buffer, 0); });
   };

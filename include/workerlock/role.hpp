@@ -10,7 +10,8 @@
 
 #include <fmt/format.h>
 
-#include "options.hpp"
+#include "detail/dependent_false.hpp"
+#include "detail/enum_formatter.hpp"
 
 // The message of every refused read of a temporary Election's role (static_assert needs a
 // string literal).
@@ -129,12 +130,7 @@ using ElectedRole = detail::elected_role<void>;
 }  // namespace workerlock
 
 template <>
-struct fmt::formatter<workerlock::Role> : fmt::formatter<std::string_view> {
-  template <typename FormatContext>
-  auto format(workerlock::Role role, FormatContext& ctx) const -> decltype(ctx.out()) {
-    return fmt::formatter<std::string_view>::format(workerlock::to_string(role), ctx);
-  }
-};
+struct fmt::formatter<workerlock::Role> : workerlock::detail::enum_formatter<workerlock::Role> {};
 
 template <>
 struct fmt::formatter<workerlock::ElectedRole> : fmt::formatter<workerlock::Role> {

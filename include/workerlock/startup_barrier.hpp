@@ -24,12 +24,11 @@
 #include "detail/deadline.hpp"
 #include "detail/lock_file.hpp"
 #include "detail/posix.hpp"
-#include "detail/proc_stat.hpp"
+#include "detail/process_identity.hpp"
 #include "error.hpp"
+#include "generation_marker.hpp"
 
 namespace workerlock {
-
-class Coordinator;
 
 namespace detail {
 
@@ -72,10 +71,11 @@ inline std::uint64_t temporary_name_bits() noexcept {
 
 }  // namespace detail
 
-//! A marker file next to the lock, `<lock path>.startup`, holding the generation whose
-//! startup tasks completed. The primary calls complete() after its tasks; every worker may
-//! wait_for() it. A new generation (by default: a new master process) starts incomplete,
-//! so tasks run again after a restart of the whole server but not after a failover.
+//! FileBackend's GenerationMarker: a marker file next to the lock, `<lock path>.startup`,
+//! holding the generation whose startup tasks completed. The primary calls complete() after its
+//! tasks; every worker may wait_for() it. A new generation (by default: a new master process)
+//! starts incomplete, so tasks run again after a restart of the whole server but not after a
+//! failover.
 //!
 //! The marker gets the lock file's protections: it is never followed if it is a symbolic
 //! link, never opened in a way that can block (a FIFO), must be a regular file of at most
@@ -83,22 +83,15 @@ inline std::uint64_t temporary_name_bits() noexcept {
 //! /run/lock or /tmp it must not belong to another ordinary user (who could otherwise
 //! write the right generation there and make the primary skip its tasks). A marker that
 //! breaks these rules, or cannot be read at all, is an error, never an answer.
-class StartupBarrier {
+class StartupBarrier final : public GenerationMarker {
  public:
   //! The longest generation accepted, in bytes.
-  static constexpr std::size_t max_generation_size = 256;
+  static constexpr std::size_t max_generation_size = detail::max_generation_size;
 
   //! The default generation: the parent (the pre-fork master) pid and its start time, so
   //! workers respawned by the same master share it and a restarted master does not.
   //! Read it in the worker: in the master itself it names the master's own parent.
-  static std::string master_generation() {
-    const pid_t master = ::getppid();
-    const std::string start_time =
-        detail::proc_stat_start_time(
-            detail::read_proc_file(fmt::format("/proc/{}/stat", master).c_str()))
-            .value_or("0");
-    return fmt::format("master={}:{}", master, start_time);
-  }
+  static std::string master_generation() { return detail::master_generation(); }
 
   //! Effects: a barrier on the marker `<lock_path>.startup` for `generation`. Nothing is
   //! read or written yet. `allow_foreign_owner` accepts a marker owned by another user in a
@@ -125,29 +118,20 @@ class StartupBarrier {
   //! Throws: lock_error (errc::bad_configuration, equal to std::errc::invalid_argument) naming
   //! `marker` if `generation` is not a valid generation.
   static void check_generation(std::string_view generation, const std::filesystem::path& marker) {
-    const char* problem = nullptr;
-    if (generation.empty()) {
-      problem = "startup_generation is empty";
-    } else if (generation.size() > max_generation_size) {
-      static_assert(max_generation_size == 256, "keep the explanation in step");
-      problem = "startup_generation is longer than 256 bytes";
-    } else if (generation.find('\n') != std::string_view::npos) {
-      problem = "startup_generation holds a newline";
-    } else if (generation.find('\0') != std::string_view::npos) {
-      problem = "startup_generation holds a NUL byte";
-    }
-    if (problem != nullptr)
+    if (const char* problem = detail::generation_problem(generation))
       throw lock_error("set up the startup marker", marker,
                        make_error_code(errc::bad_configuration), problem);
   }
 
   const std::filesystem::path& marker_path() const noexcept { return marker_; }
   const std::string& generation() const noexcept { return generation_; }
+  //! The marker's path, quoted: "'/run/app/primary.lock.startup'".
+  std::string describe() const override { return fmt::format("'{}'", marker_.native()); }
 
   //! Returns: true when the marker names this generation; false when it names another one
   //! or does not exist.
   //! Throws: lock_error when the marker cannot be read or is refused (see the class).
-  bool completed() const {
+  bool completed() const override {
     detail::failure f;
     const bool done = query(f);
     f.throw_if_failed(marker_);
@@ -166,7 +150,7 @@ class StartupBarrier {
   //! (O_EXCL | O_NOFOLLOW) and renames it over the marker, so a reader sees the old marker
   //! or the new one, never half of one.
   //! Throws: lock_error.
-  void complete() {
+  void complete() override {
     detail::failure f;
     write_marker(f);
     f.throw_if_failed(marker_);
@@ -196,8 +180,6 @@ class StartupBarrier {
   }
 
  private:
-  friend class Coordinator;  // logs the explanation of a failed read
-
   //! The implementation of completed(): false with `f` set on an error.
   bool query(detail::failure& f) const noexcept {
     constexpr const char* operation = "read startup marker";
@@ -313,16 +295,10 @@ class StartupBarrier {
   }
 
   bool wait(std::chrono::milliseconds timeout, detail::failure& f) const noexcept {
-    const auto deadline = detail::deadline_after(timeout);
-    auto pause = std::chrono::milliseconds(1);
-    for (;;) {
+    return detail::poll_until_done(timeout, [&]() noexcept {
       f = detail::failure{};
-      if (query(f)) return true;
-      const auto now = detail::monotonic_clock::now();
-      if (now >= deadline) return false;
-      detail::sleep_until(deadline - now > pause ? now + pause : deadline);
-      pause = std::min(pause * 2, std::chrono::milliseconds(20));
-    }
+      return query(f);
+    });
   }
 
   std::filesystem::path marker_;

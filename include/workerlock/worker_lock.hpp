@@ -12,7 +12,8 @@
 #include <fmt/format.h>
 
 #include "detail/deadline.hpp"
-#include "detail/lock_file.hpp"
+#include "detail/dependent_false.hpp"
+#include "detail/lock_handle.hpp"
 #include "error.hpp"
 #include "options.hpp"
 
@@ -24,10 +25,6 @@
   "workerlock::is_primary_worker(...);"
 
 namespace workerlock {
-
-namespace detail {
-struct worker_lock_access;
-}
 
 //! A handle on the advisory lock of one file. Constructing it touches nothing; the file is
 //! opened (and created 0644, never truncated) on the first lock attempt, and stays open so
@@ -62,30 +59,18 @@ class WorkerLock {
   //! If the current directory cannot be determined (it was removed, say), every lock
   //! attempt fails with a lock_error that says so.
   explicit WorkerLock(std::filesystem::path path, Options options = {})
-      : state_(std::make_unique<detail::lock_state>()) {
-    state_->path = make_absolute(std::move(path), unresolved_path_errno_);
-    state_->options = std::move(options);
-    detail::registry_guard reg;
-    reg->link(state_.get());
-  }
+      : handle_(std::move(path), std::move(options)) {}
 
-  WorkerLock(WorkerLock&& other) noexcept
-      : state_(std::move(other.state_)), unresolved_path_errno_(other.unresolved_path_errno_) {}
+  //! Wraps a handle the library's own parts (the election) have already used.
+  explicit WorkerLock(detail::lock_handle handle) noexcept : handle_(std::move(handle)) {}
 
-  WorkerLock& operator=(WorkerLock&& other) noexcept {
-    if (this != &other) {
-      dispose();
-      state_ = std::move(other.state_);
-      unresolved_path_errno_ = other.unresolved_path_errno_;
-    }
-    return *this;
-  }
-
+  WorkerLock(WorkerLock&&) noexcept = default;
+  WorkerLock& operator=(WorkerLock&&) noexcept = default;
   WorkerLock(const WorkerLock&) = delete;
   WorkerLock& operator=(const WorkerLock&) = delete;
 
   //! Releases the lock if held and closes the file. Never throws.
-  ~WorkerLock() { dispose(); }
+  ~WorkerLock() = default;
 
   //! Blocks until the lock is held. Restarts after signals (EINTR).
   //! With Mechanism::posix, a wait the kernel refuses as a deadlock (EDEADLK: the holder's
@@ -94,12 +79,12 @@ class WorkerLock {
   //! Throws: lock_error on any error other than waiting.
   void lock() {
     detail::failure f;
-    acquire(detail::wait_mode::block, f);
+    handle_.acquire(detail::wait_mode::block, f);
     f.throw_if_failed(path());
   }
   void lock(std::error_code& ec) noexcept {
     detail::failure f;
-    acquire(detail::wait_mode::block, f);
+    handle_.acquire(detail::wait_mode::block, f);
     ec = f.code;
   }
 
@@ -109,13 +94,13 @@ class WorkerLock {
   //! handle holds nothing.
   [[nodiscard]] bool try_lock() {
     detail::failure f;
-    const bool held = acquire(detail::wait_mode::try_once, f);
+    const bool held = handle_.acquire(detail::wait_mode::try_once, f);
     f.throw_if_failed(path());
     return held;
   }
   [[nodiscard]] bool try_lock(std::error_code& ec) noexcept {
     detail::failure f;
-    const bool held = acquire(detail::wait_mode::try_once, f);
+    const bool held = handle_.acquire(detail::wait_mode::try_once, f);
     ec = f.code;
     return held;
   }
@@ -139,7 +124,7 @@ class WorkerLock {
   template <typename Clock, typename Duration>
   [[nodiscard]] bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     detail::failure f;
-    const bool held = acquire_before(detail::to_monotonic(deadline), f);
+    const bool held = handle_.acquire_before(detail::to_monotonic(deadline), f);
     f.throw_if_failed(path());
     return held;
   }
@@ -147,7 +132,7 @@ class WorkerLock {
   [[nodiscard]] bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline,
                                     std::error_code& ec) noexcept {
     detail::failure f;
-    const bool held = acquire_before(detail::to_monotonic(deadline), f);
+    const bool held = handle_.acquire_before(detail::to_monotonic(deadline), f);
     ec = f.code;
     return held;
   }
@@ -160,10 +145,10 @@ class WorkerLock {
   //! Options::log. unlock(ec) reports that failure instead, and logs nothing.
   void unlock() noexcept {
     detail::failure f;
-    if (state_) detail::release(*state_, f);
+    handle_.release(f);
     if (f) {
       try {
-        detail::log_line(state_->options, LogLevel::warning,
+        detail::log_line(handle_.options(), LogLevel::warning,
                          fmt::format("workerlock: pid={} warning: {}; the descriptor was closed, "
                                      "which frees the lock",
                                      ::getpid(), lock_error(f.operation, path(), f.code).what()));
@@ -173,7 +158,7 @@ class WorkerLock {
   }
   void unlock(std::error_code& ec) noexcept {
     detail::failure f;
-    if (state_) detail::release(*state_, f);
+    handle_.release(f);
     ec = f.code;
   }
 
@@ -186,21 +171,19 @@ class WorkerLock {
   //! std::errc::operation_not_permitted.
   void unlock_and_remove() {
     detail::failure f;
-    remove(f);
+    handle_.release_and_remove(f);
     f.throw_if_failed(path());
   }
   void unlock_and_remove(std::error_code& ec) noexcept {
     detail::failure f;
-    remove(f);
+    handle_.release_and_remove(f);
     ec = f.code;
   }
 
   //! True while this handle, in this process, holds the lock. Asking a temporary handle
   //! (is_primary_worker(...).lock.owns_lock()) does not compile: its lock is released at
   //! the end of the statement.
-  bool owns_lock() const& noexcept {
-    return state_ && state_->owned && !state_->copied_from_another_process();
-  }
+  bool owns_lock() const& noexcept { return handle_.owns_lock(); }
   template <typename T = void>
   bool owns_lock() const&& noexcept {
     static_assert(detail::dependent_false<T>, WORKERLOCK_DETAIL_TEMPORARY_LOCK_MESSAGE);
@@ -213,117 +196,21 @@ class WorkerLock {
     return false;
   }
 
-  const std::filesystem::path& path() const noexcept {
-    static const std::filesystem::path empty;
-    return state_ ? state_->path : empty;
-  }
-  const Options& options() const noexcept {
-    static const Options defaults;
-    return state_ ? state_->options : defaults;
-  }
+  const std::filesystem::path& path() const noexcept { return handle_.path(); }
+  const Options& options() const noexcept { return handle_.options(); }
   Mechanism mechanism() const noexcept { return options().mechanism; }
 
   //! The open descriptor, or -1 before the first attempt. Closing it breaks the handle, and
   //! a dup() of it would keep an OFD or flock lock alive after the handle is destroyed.
   //! In a copy of the process that inherited the handle, -1.
-  int native_handle() const noexcept {
-    return state_ && !state_->copied_from_another_process() ? state_->fd : -1;
-  }
+  int native_handle() const noexcept { return handle_.native_handle(); }
 
   //! True if this handle was copied into this process by fork() or a raw clone (there it
   //! owns nothing, and its inherited descriptor is closed or will be on its next use).
-  bool inherited_across_fork() const noexcept {
-    return state_ && (state_->inherited || state_->copied_from_another_process());
-  }
+  bool inherited_across_fork() const noexcept { return handle_.inherited_across_fork(); }
 
  private:
-  friend struct detail::worker_lock_access;
-
-  bool acquire(detail::wait_mode mode, detail::failure& f) noexcept {
-    if (!state_) {
-      f.set(EINVAL, "lock", "the handle is empty (default-constructed or moved from)");
-      return false;
-    }
-    if (unresolved_path_errno_ != 0) {
-      f.set(unresolved_path_errno_, "lock",
-            "the path is relative and the current directory could not be determined when the "
-            "handle was made, so it names no file for sure; use an absolute path");
-      return false;
-    }
-    return detail::acquire(*state_, mode, f);
-  }
-
-  //! Retries with backoff until `deadline`; every sleep ends at an absolute time, so a
-  //! signal that cuts one short never restarts it.
-  bool acquire_before(detail::monotonic_clock::time_point deadline, detail::failure& f) noexcept {
-    constexpr std::chrono::microseconds longest_pause(5000);
-    std::chrono::microseconds pause(50);
-    for (;;) {
-      if (acquire(detail::wait_mode::try_once, f) || f) return !f;
-      const auto now = detail::monotonic_clock::now();
-      if (now >= deadline) return false;
-      detail::sleep_until(deadline - now > pause ? now + pause : deadline);
-      pause = std::min(pause * 2, longest_pause);
-    }
-  }
-
-  //! `path` made absolute against the current directory; unchanged (and `error` set to the
-  //! errno) when the current directory is unknown. An empty path stays empty.
-  static std::filesystem::path make_absolute(std::filesystem::path path, int& error) {
-    error = 0;
-    if (path.empty() || path.is_absolute()) return path;
-    std::error_code ec;
-    auto directory = std::filesystem::current_path(ec);
-    if (ec) {
-      error = ec.value();
-      return path;
-    }
-    // "./a.lock" gives "/cwd/a.lock"; nothing else is normalized (a ".." after a symbolic
-    // link means what the kernel says it means).
-    auto part = path.begin();
-    while (part != path.end() && *part == "." && std::next(part) != path.end()) ++part;
-    for (; part != path.end(); ++part) directory /= *part;
-    return directory;
-  }
-
-  void remove(detail::failure& f) noexcept {
-    if (!state_) {
-      f.set(EINVAL, "remove lock file", "the handle is empty (default-constructed or moved from)");
-      return;
-    }
-    detail::release_and_remove(*state_, f);
-  }
-
-  void dispose() noexcept {
-    if (!state_) return;
-    // Closing our only descriptor releases an OFD or flock lock by itself; a POSIX lock's
-    // descriptor may be shared with sibling handles, so release it explicitly.
-    if (state_->options.mechanism == Mechanism::posix) {
-      detail::failure ignored;
-      detail::release(*state_, ignored);
-    }
-    {
-      detail::registry_guard reg;  // sibling POSIX handles read `owned` under this mutex
-      state_->owned = false;
-      detail::close_registered(*reg.operator->(), *state_);
-      reg->unlink(state_.get());
-    }
-    state_.reset();
-  }
-
-  std::unique_ptr<detail::lock_state> state_;
-  int unresolved_path_errno_ = 0;  // errno of getcwd() when a relative path stayed relative
+  detail::lock_handle handle_;
 };
-
-namespace detail {
-//! Lets the library's own components (the election, the coordinator) reach the state.
-struct worker_lock_access {
-  static lock_state* state(WorkerLock& lock) noexcept { return lock.state_.get(); }
-  static const lock_state* state(const WorkerLock& lock) noexcept { return lock.state_.get(); }
-  static bool acquire(WorkerLock& lock, wait_mode mode, failure& f) noexcept {
-    return lock.acquire(mode, f);
-  }
-};
-}  // namespace detail
 
 }  // namespace workerlock

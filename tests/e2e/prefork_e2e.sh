@@ -16,24 +16,22 @@
 #          connections of killed workers (at most KILLS x connections);
 #        - SIGTERM ends the master with status 0 and no worker survives it.
 #   2. --no-coordination writes about N x the ticks of a coordinated run of the same length
-#      (asserted: >= 0.6 x N x).
+#      (asserted: >= 0.5 x N x).
 #   3. a second server on the same lock (another port) stays secondary until the first exits,
 #      then takes over and continues the numbering in the shared report.
 #   4. bad options, and an unusable lock path, exit non-zero with a message before forking.
 # Knobs (environment): WRK, LOAD_SECONDS (default 24), KILLS (default 6), TICK (0.2),
-# FAILOVER_BOUND (1.0 s), CONNECTIONS (16), PHASES ("1 2 3 4"), KEEP_TMP (keep the logs),
-# STRICT_TIMING.
-# Wall-clock checks (gaps, rates, failover time) only mean something when the test gets the
-# CPU: when another load swamps the machine (1-min load average > CPUs + 8, more than this
-# test creates), a failed timing check is reported as WARN instead of FAIL, unless
-# STRICT_TIMING is set. Correctness checks (numbering, agreement, exit status) always count.
+# FAILOVER_BOUND (3.0 s), CONNECTIONS (16), PHASES ("1 2 3 4"), KEEP_TMP (keep the logs).
+# Every check counts. The wall-clock bounds (gaps, rates) are wide enough to hold on a loaded
+# 2-core machine under ASan: they prove that the work moved and kept going, not how fast;
+# failover speed is measured by tests/bench (run-bench.sh failover).
 set -uo pipefail
 
 BIN="${1:?usage: prefork_e2e.sh path/to/workerlock_prefork_server}"
 WRK="${WRK:-wrk}"
 WORKERS=4
 TICK="${TICK:-0.2}"
-FAILOVER_BOUND="${FAILOVER_BOUND:-1.0}"
+FAILOVER_BOUND="${FAILOVER_BOUND:-3.0}"
 LOAD_SECONDS="${LOAD_SECONDS:-24}"
 KILLS="${KILLS:-6}"
 CONNECTIONS="${CONNECTIONS:-16}"
@@ -79,27 +77,6 @@ check() { # check "description" command...
   local what="$1"
   shift
   if "$@"; then pass "$what"; else fail "$what"; fi
-}
-overloaded() {
-  local load cpus pressure
-  load="$(cut -d' ' -f1 /proc/loadavg)"
-  cpus="$(nproc)"
-  pressure="$(sed -n 's/^some avg10=\([0-9.]*\) avg60=\([0-9.]*\).*/, CPU pressure avg60 \2%/p' /proc/pressure/cpu 2>/dev/null)"
-  OVERLOAD_NOTE="machine overloaded: load average $load on $cpus CPUs$pressure"
-  [[ -z "${STRICT_TIMING:-}" ]] && awk -v l="$load" -v n="$cpus" 'BEGIN { exit !(l > n + 8) }'
-}
-WARNINGS=0
-timing_check() { # timing_check "description" command...: a wall-clock bound
-  local what="$1"
-  shift
-  if "$@"; then
-    pass "$what"
-  elif overloaded; then
-    printf '  WARN  %s (not counted: %s)\n' "$what" "$OVERLOAD_NOTE"
-    WARNINGS=$((WARNINGS + 1))
-  else
-    fail "$what"
-  fi
 }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }  # float a <= b
 
@@ -321,11 +298,11 @@ for ((k = 1; k <= KILLS; k++)); do
     echo "  kill $k: SIGKILL primary $victim -> no new holder within 5 s"
   fi
 done
-timing_check "every SIGKILLed primary was replaced by another holder within 5 s ($KILLS kills)" test "$FAILOVER_FAILS" -eq 0
+check "every SIGKILLed primary was replaced by another holder within 5 s ($KILLS kills)" test "$FAILOVER_FAILS" -eq 0
 # The kills must land under load, or "requests kept being served" would prove nothing.
 wrk_alive=0
 kill -0 "$WRK_PID" 2>/dev/null && wrk_alive=1
-timing_check "wrk was still running after the last kill (load lasted through every failover)" test "$wrk_alive" -eq 1
+check "wrk was still running after the last kill (load lasted through every failover)" test "$wrk_alive" -eq 1
 
 # Keep sampling until wrk is done.
 while kill -0 "$WRK_PID" 2>/dev/null; do
@@ -391,7 +368,7 @@ echo "          max gap between ticks ${R_MAXGAP}s, max gap at a handoff ${R_MAX
 echo "          ticks per worker pid: $(ticks_per_pid "$REPORT1")"
 check "every report line is well formed" test "$R_BAD" -eq 0
 check "tick numbers strictly increase by 1 (no tick written twice or by two workers)" test "$R_BREAKS" -eq 0 -a "$R_DUPS" -eq 0
-timing_check "no gap between consecutive ticks exceeds ${limit}s (max ${R_MAXGAP}s)" le "$R_MAXGAP" "$limit"
+check "no gap between consecutive ticks exceeds ${limit}s (max ${R_MAXGAP}s)" le "$R_MAXGAP" "$limit"
 check "the work moved at every kill ($R_HANDOFFS handoffs >= ${#KILLED[@]})" test "$R_HANDOFFS" -ge "${#KILLED[@]}"
 # Killed and SIGHUP-replaced workers never come back, so with one primary at a time each
 # pid's ticks form one unbroken run; two primaries would interleave.
@@ -414,10 +391,10 @@ for i in "${!KILLED[@]}"; do
   DELAYS+="${delay}s "
 done
 echo "          SIGKILL -> first tick by another worker: ${DELAYS:-}"
-timing_check "after every SIGKILL the next tick came within tick + $FAILOVER_BOUND s (worst ${worst_delay}s)" le "$worst_delay" "$limit"
-timing_check "ticks kept their rate ($R_LINES >= 80% of ${R_SPAN}s / ${TICK}s)" \
-  awk -v n="$R_LINES" -v e="$R_SPAN" -v t="$TICK" 'BEGIN { exit !(n >= 0.8 * e / t) }'
-timing_check "no more ticks than one scheduler writes ($R_LINES <= ${R_SPAN}s / ${TICK}s + 2)" \
+check "after every SIGKILL the next tick came within tick + $FAILOVER_BOUND s (worst ${worst_delay}s)" le "$worst_delay" "$limit"
+check "ticks kept their rate ($R_LINES >= 50% of ${R_SPAN}s / ${TICK}s)" \
+  awk -v n="$R_LINES" -v e="$R_SPAN" -v t="$TICK" 'BEGIN { exit !(n >= 0.5 * e / t) }'
+check "no more ticks than one scheduler writes ($R_LINES <= ${R_SPAN}s / ${TICK}s + 2)" \
   awk -v n="$R_LINES" -v e="$R_SPAN" -v t="$TICK" 'BEGIN { exit !(n <= e / t + 2) }'
 
 fi # phase 1
@@ -452,8 +429,8 @@ for mode in coordinated uncoordinated; do
   echo "    ticks per worker pid: $(ticks_per_pid "$TMP/$mode.log")"
 done
 ratio="$(awk -v u="${RATE[uncoordinated]}" -v c="${RATE[coordinated]}" 'BEGIN { printf "%.2f", (c > 0 ? u / c : 0) }')"
-timing_check "--no-coordination runs the job ~${WORKERS}x as often (ratio $ratio >= 0.6 x $WORKERS)" \
-  awk -v r="$ratio" -v n="$WORKERS" 'BEGIN { exit !(r >= 0.6 * n) }'
+check "--no-coordination runs the job ~${WORKERS}x as often (ratio $ratio >= 0.5 x $WORKERS)" \
+  awk -v r="$ratio" -v n="$WORKERS" 'BEGIN { exit !(r >= 0.5 * n) }'
 
 fi # phase 2
 
@@ -502,7 +479,7 @@ check "second server exited with status 0 (got $STOP_RC)" test "$STOP_RC" = 0
 analyse_report "$REPORT3"
 echo "  shared report: $R_LINES ticks, $R_HANDOFFS handoffs, max gap ${R_MAXGAP}s; ticks per pid: $(ticks_per_pid "$REPORT3")"
 check "the numbering continued across the two servers (no break, no repeat)" test "$R_BREAKS" -eq 0 -a "$R_DUPS" -eq 0 -a "$R_BAD" -eq 0
-timing_check "the second server's ticks follow the first's without a gap over ${limit}s (max ${R_MAXGAP}s)" le "$R_MAXGAP" "$limit"
+check "the second server's ticks follow the first's without a gap over ${limit}s (max ${R_MAXGAP}s)" le "$R_MAXGAP" "$limit"
 
 fi # phase 3
 
@@ -557,7 +534,6 @@ check "--help exits 0 (got $help_rc) and documents the report format" \
 fi # phase 4
 
 echo
-((WARNINGS > 0)) && echo "prefork_e2e: $WARNINGS timing checks not counted ($OVERLOAD_NOTE)"
 if ((FAILURES > 0)); then
   echo "prefork_e2e: FAILED ($FAILURES checks)"
   exit 1

@@ -2,6 +2,10 @@
 // three lock primitives behind one interface. Nothing here throws.
 #pragma once
 
+#if !defined(__linux__)
+#error "workerlock is Linux only: it relies on OFD locks, /proc, statx, eventfd and pidfds"
+#endif
+
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -72,13 +76,8 @@ inline int acquire_once(int fd, Mechanism mechanism, bool blocking) noexcept {
       return ::fcntl(fd, blocking ? F_SETLKW : F_SETLK, &range);
     }
     case Mechanism::ofd: {
-#ifdef F_OFD_SETLK
       auto range = whole_file(F_WRLCK);
       return ::fcntl(fd, blocking ? F_OFD_SETLKW : F_OFD_SETLK, &range);
-#else
-      errno = ENOTSUP;
-      return -1;
-#endif
     }
   }
   errno = EINVAL;
@@ -95,13 +94,8 @@ inline int release_once(int fd, Mechanism mechanism) noexcept {
       return retry_on_eintr([&] { return ::fcntl(fd, F_SETLK, &range); });
     }
     case Mechanism::ofd: {
-#ifdef F_OFD_SETLK
       auto range = whole_file(F_UNLCK);
       return retry_on_eintr([&] { return ::fcntl(fd, F_OFD_SETLK, &range); });
-#else
-      errno = ENOTSUP;
-      return -1;
-#endif
     }
   }
   errno = EINVAL;

@@ -22,7 +22,7 @@
 
 #include "../options.hpp"
 #include "posix.hpp"
-#include "proc_stat.hpp"
+#include "process_identity.hpp"
 
 namespace workerlock::detail {
 

@@ -2,9 +2,7 @@
 // its parser. Line 1 is the bare pid (pidfile style), then key=value lines.
 #pragma once
 
-#include <sys/stat.h>
 #include <sys/types.h>
-#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,7 +12,6 @@
 #include <cstring>
 #include <ctime>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,7 +20,7 @@
 #include <fmt/format.h>
 
 #include "../options.hpp"
-#include "registry.hpp"
+#include "process_identity.hpp"
 
 namespace workerlock::detail {
 
@@ -42,30 +39,6 @@ struct record_fields {
   std::uint64_t pid_namespace = 0;
   std::string mechanism;
 };
-
-//! Host name and pid-namespace inode of this process, looked up once per process.
-struct process_identity {
-  char host[65] = {};
-  std::uint64_t pid_namespace = 0;
-};
-
-inline process_identity current_identity() noexcept {
-  static std::mutex mutex;
-  static pid_t cached_for = 0;
-  static process_identity cached;
-  const pid_t me = ::getpid();
-  std::lock_guard<std::mutex> guard(mutex);
-  if (cached_for != me) {
-    process_identity fresh;
-    struct utsname names {};
-    if (::uname(&names) == 0) std::snprintf(fresh.host, sizeof fresh.host, "%s", names.nodename);
-    struct stat ns {};
-    if (::stat("/proc/self/ns/pid", &ns) == 0) fresh.pid_namespace = ns.st_ino;
-    cached = fresh;
-    cached_for = me;
-  }
-  return cached;
-}
 
 //! Looks up, once per process, what a record needs from the system: the host name, the pid
 //! namespace and the C library's time zone data (gmtime_r loads it on first use: about ten

@@ -6,11 +6,11 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <cerrno>
 #include <filesystem>
 
 #include "../options.hpp"
+#include "fork_layer.hpp"
+#include "posix.hpp"
 
 namespace workerlock::detail {
 
@@ -45,50 +45,23 @@ struct lock_state {
   bool copied_from_another_process() const noexcept { return process != ::getpid(); }
 };
 
-//! Guards every lock_state's fd, link and registration. fork() takes it (pthread_atfork
-//! prepare handler), so no child is ever forked between an open() and its registration.
-//! A copy of the process made without the atfork handlers (syscall(SYS_fork), clone()) is
-//! noticed by pid: its first registry_guard disowns every inherited state (see adopt()).
-class registry {
+//! Guards every lock_state's fd, link and registration. It is the fork layer's lock-file
+//! hook: fork() takes its mutex (before_fork), so no child is ever forked between an open()
+//! and its registration, and a child of fork() or a raw copy of the process (see
+//! fork_layer.hpp) disowns every inherited state (see disown_copies()).
+class registry final : public fork_hook {
  public:
   static registry& instance() noexcept {
-    static registry the_registry;
-    return the_registry;
+    static registry* the_registry = new registry();  // never destroyed: fork() may come late
+    return *the_registry;
   }
 
-  registry(const registry&) = delete;
-  registry& operator=(const registry&) = delete;
-
-  //! Takes the mutex. A raw copy of the process may have copied it locked by a thread that
-  //! does not exist in the copy; such a mutex is re-initialized rather than waited for ever.
-  void lock() noexcept {
-    const pid_t me = ::getpid();
-    if (::pthread_mutex_trylock(&mutex_) != 0) {
-      const pid_t holder = locked_in_.load(std::memory_order_acquire);
-      if (holder != 0 && holder != me) {
-        // Locked in the process this one was copied from: nobody here can unlock it.
-        const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
-        mutex_ = fresh;
-      }
-      ::pthread_mutex_lock(&mutex_);
-    }
-    locked_in_.store(me, std::memory_order_release);
-  }
-  void unlock() noexcept {
-    locked_in_.store(0, std::memory_order_release);
-    ::pthread_mutex_unlock(&mutex_);
-  }
-
-  //! Requires the mutex. In a copy of the process made without the atfork handlers, closes
-  //! every descriptor inherited from the original and marks its states as owning nothing.
-  void adopt() noexcept {
-    const pid_t me = locked_in_.load(std::memory_order_relaxed);  // set by lock()
-    if (process_ != me) disown_copies(me);
-  }
+  void lock() noexcept { ::pthread_mutex_lock(&mutex_); }
+  void unlock() noexcept { ::pthread_mutex_unlock(&mutex_); }
 
   // Both require the mutex.
   void link(lock_state* state) noexcept {
-    state->process = process_;
+    state->process = ::getpid();
     state->prev = nullptr;
     state->next = head_;
     if (head_ != nullptr) head_->prev = state;
@@ -109,21 +82,25 @@ class registry {
     return nullptr;
   }
 
- private:
-  registry() noexcept : process_(::getpid()) {
-    ::pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
-  }
-
-  static void before_fork() noexcept { instance().lock(); }
-  static void after_fork_in_parent() noexcept { instance().unlock(); }
+  void before_fork() noexcept override { lock(); }
+  void after_fork_in_parent() noexcept override { unlock(); }
 
   // A child of fork() must not keep the parent's lock alive (OFD and flock locks belong to
   // the open file, which the child shares) nor believe it holds it.
-  static void after_fork_in_child() noexcept {
-    auto& self = instance();
-    self.disown_copies(::getpid());
-    self.unlock();
+  void after_fork_in_child() noexcept override {
+    disown_copies(::getpid());
+    unlock();
   }
+
+  // The mutex may have been copied locked by a thread that does not exist in the copy.
+  void adopt_raw_copy() noexcept override {
+    const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    mutex_ = fresh;
+    disown_copies(::getpid());
+  }
+
+ private:
+  registry() noexcept : fork_hook(fork_order::lock_files) { fork_layer::add(*this); }
 
   // Closes every inherited descriptor, each once (POSIX handles share one). A POSIX lock is
   // never inherited, and closing the copy's duplicate of an OFD or flock descriptor leaves
@@ -144,18 +121,9 @@ class registry {
       s->forked_from = parent;
       s->process = me;
     }
-    process_ = me;
-  }
-
-  static void close_keep_errno(int fd) noexcept {
-    const int saved = errno;
-    ::close(fd);
-    errno = saved;
   }
 
   pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
-  std::atomic<pid_t> locked_in_{0};  // the process whose thread holds mutex_, or 0
-  pid_t process_ = 0;                // the process whose states the list holds
   lock_state* head_ = nullptr;
 };
 
@@ -164,8 +132,8 @@ class registry_guard {
  public:
   //! Takes the mutex; in a raw copy of the process, first disowns the inherited states.
   registry_guard() noexcept : registry_(registry::instance()) {
+    fork_layer::adopt_raw_copy();
     registry_.lock();
-    registry_.adopt();
   }
   ~registry_guard() { registry_.unlock(); }
   registry_guard(const registry_guard&) = delete;

@@ -1,19 +1,18 @@
-// tests/test_coordinator.cpp: Coordinator failover, handover, SIGSTOP, the startup barrier,
-// robustness and idle cost, proven with real forked worker processes.
-//
-// Every worker is a child process (wltest::fork_child) that runs a Coordinator and reports
-// through one Cluster in anonymous shared memory; the parent only sends commands and makes
-// the assertions. The two-primaries checker is Checker::holder, an atomic pid: on_promoted
-// moves it from 0 (or from the pid the parent SIGKILLed) to its own pid, on_demoted moves it
-// back to 0; any other transition is a violation. on_demoted may sleep before it leaves, so
-// a lock released before on_demoted returned would let a standby in while the holder is set.
-#include <catch2/catch.hpp>
-
+// tests/test_coordinator.cpp: Coordinator: failover, callbacks, stop paths, configuration, polled
+// mode. Helpers live in tests/support/; every test forks real processes where it needs more than
+// one.
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,12 +22,16 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -42,733 +45,18 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
-#include "fault_injection.hpp"
-#include "support.hpp"
-
-namespace {
-
-namespace fs = std::filesystem;
-using namespace std::chrono_literals;
-using std::chrono::milliseconds;
-using workerlock::Coordinator;
-using workerlock::CoordinatorOptions;
-using workerlock::LogLevel;
-using workerlock::Mechanism;
-using workerlock::Role;
-using workerlock::WaitMode;
-
-static_assert(std::atomic<pid_t>::is_always_lock_free);
-static_assert(std::atomic<std::int64_t>::is_always_lock_free);
-static_assert(std::atomic<std::size_t>::is_always_lock_free);
-
-constexpr int kMaxSlots = 128;           // worker processes per Harness
-constexpr int kMaxEpochs = 128;          // SIGKILLs per Harness, plus the first election
-constexpr std::size_t kLogBytes = 1024;  // warning and error lines kept per worker
-constexpr auto kChildLifetime = 60s;     // a worker gives up (exit 70) after this long
-constexpr int kChildTimedOut = 70;
-constexpr int kTimedOut = -2;         // Children::wait had to SIGKILL the child
-constexpr int kNotAcknowledged = -3;  // the worker never acknowledged the exit command
-constexpr int kPrimary = static_cast<int>(Role::primary);
-constexpr int kSecondary = static_cast<int>(Role::secondary);
-
-std::int64_t now_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-
-double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
-  return static_cast<double>(to_ns - from_ns) / 1e6;
-}
-
-const char* mode_name(WaitMode mode) {
-  return mode == WaitMode::polled ? "polled" : "background_thread";
-}
-
-int count_threads() {
-  std::error_code ec;
-  int n = 0;
-  for (fs::directory_iterator it("/proc/self/task", ec), end; !ec && it != end; it.increment(ec))
-    ++n;
-  return n;
-}
-
-//! Sleeps until `flag` is set or `deadline` passes.
-void wait_flag(const std::atomic<bool>& flag, std::chrono::steady_clock::time_point deadline) {
-  while (!flag.load() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(1ms);
-}
-
-// ----------------------------------------------------------------------------------------
-// Shared memory
-// ----------------------------------------------------------------------------------------
-
-//! The two-primaries checker (see the top of the file).
-struct Checker {
-  std::atomic<pid_t> holder{0};
-  std::atomic<pid_t> killed{0};  // set by the parent BEFORE it SIGKILLs a holder
-  std::atomic<int> promotions{0};
-  std::atomic<int> demotions{0};
-  std::atomic<int> violations{0};
-  std::atomic<pid_t> violation_by{0};
-  std::atomic<pid_t> violation_against{0};
-
-  void promoted(pid_t me) {
-    pid_t expected = 0;
-    if (!holder.compare_exchange_strong(expected, me)) {
-      const pid_t previous = expected;
-      // Taking over from a holder that the parent SIGKILLed is the one legal overwrite.
-      if (previous == me || previous != killed.load() ||
-          !holder.compare_exchange_strong(expected, me)) {
-        violation(me, previous);
-      }
-    }
-    promotions.fetch_add(1);
-  }
-  void demoted(pid_t me) {
-    pid_t expected = me;
-    if (!holder.compare_exchange_strong(expected, 0)) violation(me, expected);
-    demotions.fetch_add(1);
-  }
-  void violation(pid_t by, pid_t against) {
-    if (violations.fetch_add(1) == 0) {
-      violation_by.store(by);
-      violation_against.store(against);
-    }
-  }
-};
-
-enum class Cmd : int { none, stop, start, destroy, stop_concurrently, exit };
-enum ThreadKind : int { kNoThread = 0, kMainThread = 1, kPollerThread = 2, kOtherThread = 3 };
-
-//! What one worker process reports. Written by that worker, read by the parent.
-struct WorkerSlot {
-  std::atomic<pid_t> pid{0};
-  std::atomic<int> started{0};
-  std::atomic<int> role{-1};     // Role as int, refreshed by the worker's main loop
-  std::atomic<int> running{-1};  // Coordinator::running(), refreshed likewise
-  std::atomic<int> role_after_start{-1};
-  std::atomic<std::uint64_t> heartbeat{0};
-  std::atomic<std::uint64_t> polls{0};  // poll() calls made (polled mode)
-  std::atomic<std::int64_t> first_poll_ns{0};
-  std::atomic<int> threads{0};
-  std::atomic<int> start_failures{0};
-
-  std::atomic<int> promoted{0};
-  std::atomic<int> demoted{0};
-  std::atomic<int> nested{0};  // a callback began while another one of this worker ran
-  std::atomic<int> promoted_on{kNoThread};
-  std::atomic<int> demoted_on{kNoThread};
-  std::atomic<std::int64_t> promoted_ns{0};
-  std::atomic<std::int64_t> demoted_ns{0};
-
-  std::atomic<int> cmd{0};
-  std::atomic<int> cmd_seq{0};
-  std::atomic<int> ack_seq{0};
-  std::atomic<int> was_primary_at_stop{-1};
-  std::atomic<std::int64_t> stop_begin_ns{0};
-  std::atomic<std::int64_t> stop_end_ns{0};
-
-  std::atomic<int> wait_result{-1};  // wait_for_startup(): -1 still waiting, 0 false, 1 true
-  std::atomic<std::int64_t> wait_began_ns{0};
-  std::atomic<std::int64_t> wait_returned_ns{0};
-
-  std::atomic<std::int64_t> value[8]{};  // free-form results of custom child bodies
-
-  std::atomic<int> infos{0};
-  std::atomic<int> warnings{0};
-  std::atomic<int> errors{0};
-  std::atomic<std::size_t> log_used{0};
-  char log[kLogBytes] = {};
-
-  std::string log_text() const { return std::string(log, std::min(log_used.load(), kLogBytes)); }
-  double stop_ms() const { return ms_between(stop_begin_ns.load(), stop_end_ns.load()); }
-};
-
-struct Cluster {
-  Checker check;
-  std::atomic<int> epoch{0};  // number of SIGKILLs sent so far
-  std::atomic<int> promotions_in_epoch[kMaxEpochs]{};
-  std::atomic<std::int64_t> promoted_ns_in_epoch[kMaxEpochs]{};
-  std::atomic<bool> go{false};  // releases a worker held in its first on_promoted
-
-  std::atomic<int> task_runs{0};  // on_startup entered
-  std::atomic<int> task_completions{0};
-  std::atomic<pid_t> task_runner[8]{};
-  std::atomic<bool> let_first_task_finish{false};
-  std::atomic<std::int64_t> task_done_ns{0};
-
-  WorkerSlot slots[kMaxSlots];
-};
-
-//! A log sink that counts lines per level and keeps warning and error lines.
-workerlock::LogSink recording_sink(WorkerSlot& slot) {
-  return [&slot](LogLevel level, std::string_view line) {
-    static std::mutex mutex;  // callbacks of one worker may log from two threads
-    std::lock_guard<std::mutex> guard(mutex);
-    switch (level) {
-      case LogLevel::info:
-        slot.infos.fetch_add(1);
-        return;
-      case LogLevel::warning:
-        slot.warnings.fetch_add(1);
-        break;
-      case LogLevel::error:
-        slot.errors.fetch_add(1);
-        break;
-    }
-    std::size_t used = slot.log_used.load();
-    for (const char ch : line) {
-      if (used + 1 >= kLogBytes) break;
-      slot.log[used++] = ch;
-    }
-    if (used < kLogBytes) slot.log[used++] = '\n';
-    slot.log_used.store(used);
-  };
-}
-
-CoordinatorOptions options_for(WaitMode mode, WorkerSlot& slot,
-                               Mechanism mechanism = workerlock::default_mechanism) {
-  CoordinatorOptions options;
-  options.lock = workerlock::Options{}.with(mechanism);
-  options.lock.log = recording_sink(slot);
-  options.wait = mode;
-  return options;
-}
-
-// ----------------------------------------------------------------------------------------
-// Child processes
-// ----------------------------------------------------------------------------------------
-
-//! Forked children; whatever is still alive at scope exit is SIGKILLed and reaped, so a
-//! failed REQUIRE never leaves workers behind.
-class Children {
- public:
-  Children() = default;
-  Children(const Children&) = delete;
-  Children& operator=(const Children&) = delete;
-  ~Children() { kill_all(); }
-
-  template <typename F>
-  pid_t spawn(F&& body) {
-    const pid_t pid = wltest::fork_child([&body]() -> int {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      ::unsetenv("WORKERLOCK_ROLE");  // the operator override is set only where a test asks
-      return body();
-    });
-    live_.push_back(pid);
-    return pid;
-  }
-
-  //! The exit code as wltest::wait_exit_code() reports it; kTimedOut if the child had to be
-  //! killed after `timeout`.
-  int wait(pid_t pid, milliseconds timeout = 10s) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int status = 0;
-    bool timed_out = false;
-    for (;;) {
-      const pid_t got = ::waitpid(pid, &status, WNOHANG);
-      if (got == pid) break;
-      if (got < 0 && errno != EINTR) return -1;
-      if (std::chrono::steady_clock::now() >= deadline) {
-        ::kill(pid, SIGKILL);
-        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-        }
-        timed_out = true;
-        break;
-      }
-      std::this_thread::sleep_for(200us);
-    }
-    live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end());
-    if (timed_out) return kTimedOut;
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return -1;
-  }
-
-  void kill_all() noexcept {
-    for (const pid_t pid : live_) ::kill(pid, SIGKILL);
-    for (const pid_t pid : live_) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-    }
-    live_.clear();
-  }
-
- private:
-  std::vector<pid_t> live_;
-};
-
-//! How a generic worker behaves (see worker_main).
-struct Plan {
-  WaitMode mode = WaitMode::background_thread;
-  Mechanism mechanism = workerlock::default_mechanism;
-  milliseconds poll_every{2};    // main-loop period; poll() interval in polled mode
-  bool poll_on_thread = false;   // polled: poll() on a dedicated thread, start()/stop() on main
-  milliseconds demote_delay{0};  // on_demoted sleeps this long before it leaves the checker
-  bool blocker = false;          // hold a plain WorkerLock instead of running a Coordinator
-  bool kept_out = false;         // WORKERLOCK_ROLE=secondary
-  bool hold_first_promotion = false;  // the first on_promoted waits for Cluster::go
-  bool stop_in_first_promoted = false;
-  bool throw_in_first_promoted = false;
-  bool stop_in_demoted = false;
-  bool throw_in_demoted = false;
-  bool with_startup = false;          // on_startup: the shared task (see worker_main)
-  bool startup_throws_first = false;  // the first task run throws instead of blocking
-  milliseconds startup_wait{0};       // > 0: a thread calls wait_for_startup(startup_wait)
-  std::string generation;             // CoordinatorOptions::startup_generation
-};
-
-struct CallbackScope {
-  CallbackScope(std::atomic<int>& depth, WorkerSlot& slot) : depth_(depth) {
-    if (depth_.fetch_add(1) != 0) slot.nested.fetch_add(1);
-  }
-  ~CallbackScope() { depth_.fetch_sub(1); }
-  CallbackScope(const CallbackScope&) = delete;
-  CallbackScope& operator=(const CallbackScope&) = delete;
-
- private:
-  std::atomic<int>& depth_;
-};
-
-//! Runs commands from the parent until Cmd::exit.
-template <typename Handler>
-int command_loop(WorkerSlot& me, milliseconds period, Handler&& handle) {
-  const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
-  int handled = 0;
-  for (;;) {
-    handle(Cmd::none);
-    me.heartbeat.fetch_add(1);
-    const int seq = me.cmd_seq.load();
-    if (seq != handled) {
-      const auto cmd = static_cast<Cmd>(me.cmd.load());
-      if (cmd != Cmd::exit) handle(cmd);
-      me.threads.store(count_threads());
-      handled = seq;
-      me.ack_seq.store(seq);
-      if (cmd == Cmd::exit) return 0;
-    }
-    if (std::chrono::steady_clock::now() > deadline) ::_exit(kChildTimedOut);
-    std::this_thread::sleep_for(period);
-  }
-}
-
-int blocker_main(WorkerSlot& me, const fs::path& path, const Plan& plan) {
-  workerlock::WorkerLock lock(path, workerlock::Options{}.with(plan.mechanism).silent());
-  lock.lock();
-  me.role.store(kPrimary);
-  me.started.store(1);
-  return command_loop(me, plan.poll_every, [](Cmd) {});
-}
-
-//! A worker process: a Coordinator whose callbacks feed the checker, driven by commands.
-int worker_main(Cluster& cl, int id, const fs::path& path, const Plan& plan) {
-  WorkerSlot& me = cl.slots[id];
-  me.pid.store(::getpid());
-  if (plan.blocker) return blocker_main(me, path, plan);
-  if (plan.kept_out) ::setenv("WORKERLOCK_ROLE", "secondary", 1);
-
-  const std::thread::id main_id = std::this_thread::get_id();
-  std::atomic<std::thread::id> poller_id{std::thread::id()};
-  const auto thread_kind = [&]() -> int {
-    const auto self = std::this_thread::get_id();
-    if (self == main_id) return kMainThread;
-    if (self == poller_id.load()) return kPollerThread;
-    return kOtherThread;
-  };
-  std::atomic<int> depth{0};
-  const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
-
-  CoordinatorOptions options = options_for(plan.mode, me, plan.mechanism);
-  options.startup_generation = plan.generation;
-  auto coordinator = std::make_unique<Coordinator>(path, options);
-  Coordinator* const self = coordinator.get();
-
-  self->on_promoted([&] {
-    CallbackScope scope(depth, me);
-    me.promoted_on.store(thread_kind());
-    cl.check.promoted(me.pid.load());
-    const int epoch = std::min(cl.epoch.load(), kMaxEpochs - 1);
-    cl.promoted_ns_in_epoch[epoch].store(now_ns());
-    cl.promotions_in_epoch[epoch].fetch_add(1);
-    me.promoted_ns.store(now_ns());
-    const int n = me.promoted.fetch_add(1) + 1;
-    if (n == 1 && plan.hold_first_promotion) wait_flag(cl.go, deadline);
-    if (n == 1 && plan.stop_in_first_promoted) self->stop();
-    if (n == 1 && plan.throw_in_first_promoted) throw std::runtime_error("boom from on_promoted");
-  });
-  self->on_demoted([&] {
-    CallbackScope scope(depth, me);
-    me.demoted_on.store(thread_kind());
-    if (plan.demote_delay.count() > 0) std::this_thread::sleep_for(plan.demote_delay);
-    cl.check.demoted(me.pid.load());
-    me.demoted_ns.store(now_ns());
-    me.demoted.fetch_add(1);
-    if (plan.stop_in_demoted) self->stop();
-    if (plan.throw_in_demoted) throw 42;
-  });
-  if (plan.with_startup) {
-    // The startup task: run 1 blocks until the parent lets it finish (or throws), later
-    // runs finish at once.
-    self->on_startup([&] {
-      const int run = cl.task_runs.fetch_add(1) + 1;
-      if (run <= 8) cl.task_runner[run - 1].store(::getpid());
-      if (run == 1 && plan.startup_throws_first) throw std::runtime_error("boom from on_startup");
-      if (run == 1) wait_flag(cl.let_first_task_finish, deadline);
-      cl.task_done_ns.store(now_ns());
-      cl.task_completions.fetch_add(1);
-    });
-  }
-
-  try {
-    self->start();
-  } catch (const std::exception&) {
-    me.start_failures.fetch_add(1);
-    return 10;
-  }
-  me.role_after_start.store(static_cast<int>(self->role()));
-  me.threads.store(count_threads());
-  me.started.store(1);
-
-  std::thread waiter;
-  if (plan.startup_wait.count() > 0) {
-    waiter = std::thread([&] {
-      me.wait_began_ns.store(now_ns());
-      const bool completed = self->wait_for_startup(plan.startup_wait);
-      me.wait_returned_ns.store(now_ns());
-      me.wait_result.store(completed ? 1 : 0);
-    });
-  }
-  std::atomic<bool> poller_quit{false};
-  std::thread poller;
-  const auto start_poller = [&] {
-    if (plan.mode != WaitMode::polled || !plan.poll_on_thread || poller.joinable()) return;
-    poller_quit.store(false);
-    poller = std::thread([&] {
-      poller_id.store(std::this_thread::get_id());
-      if (me.first_poll_ns.load() == 0) me.first_poll_ns.store(now_ns());
-      while (!poller_quit.load()) {
-        self->poll();
-        me.polls.fetch_add(1);
-        std::this_thread::sleep_for(plan.poll_every);
-      }
-    });
-  };
-  const auto stop_poller = [&] {
-    if (!poller.joinable()) return;
-    poller_quit.store(true);
-    poller.join();
-  };
-  const auto refresh = [&] {
-    if (!coordinator) return;
-    me.role.store(static_cast<int>(coordinator->role()));
-    me.running.store(coordinator->running() ? 1 : 0);
-  };
-  start_poller();
-
-  const int code = command_loop(me, plan.poll_every, [&](Cmd cmd) {
-    switch (cmd) {
-      case Cmd::none:
-        if (coordinator && plan.mode == WaitMode::polled && !plan.poll_on_thread) {
-          if (me.first_poll_ns.load() == 0) me.first_poll_ns.store(now_ns());
-          coordinator->poll();
-          me.polls.fetch_add(1);
-        }
-        break;
-      case Cmd::stop:
-        stop_poller();
-        if (coordinator) {
-          me.was_primary_at_stop.store(coordinator->role() == Role::primary ? 1 : 0);
-          me.stop_begin_ns.store(now_ns());
-          coordinator->stop();
-          me.stop_end_ns.store(now_ns());
-        }
-        break;
-      case Cmd::start:
-        if (coordinator) {
-          try {
-            coordinator->start();
-          } catch (const std::exception&) {
-            me.start_failures.fetch_add(1);
-          }
-          start_poller();
-        }
-        break;
-      case Cmd::destroy:
-        stop_poller();
-        if (waiter.joinable()) waiter.join();
-        if (coordinator) {
-          me.was_primary_at_stop.store(coordinator->role() == Role::primary ? 1 : 0);
-          me.stop_begin_ns.store(now_ns());
-          coordinator.reset();  // the destructor, without stop()
-          me.stop_end_ns.store(now_ns());
-        }
-        break;
-      case Cmd::stop_concurrently:
-        stop_poller();
-        if (coordinator) {
-          std::atomic<int> ready{0};
-          std::atomic<bool> go{false};
-          const auto racer = [&] {
-            ready.fetch_add(1);
-            while (!go.load()) std::this_thread::yield();
-            coordinator->stop();
-          };
-          std::thread first(racer);
-          std::thread second(racer);
-          while (ready.load() < 2) std::this_thread::yield();
-          me.was_primary_at_stop.store(coordinator->role() == Role::primary ? 1 : 0);
-          me.stop_begin_ns.store(now_ns());
-          go.store(true);
-          first.join();
-          second.join();
-          me.stop_end_ns.store(now_ns());
-        }
-        break;
-      case Cmd::exit:
-        break;
-    }
-    refresh();
-  });
-  stop_poller();
-  if (waiter.joinable()) waiter.join();
-  coordinator.reset();
-  return code;
-}
-
-//! A lock directory, the shared Cluster and the worker processes of one scenario.
-class Harness {
- public:
-  Harness() = default;
-  Harness(const Harness&) = delete;
-  Harness& operator=(const Harness&) = delete;
-
-  Cluster& cl() { return *shared_; }
-  WorkerSlot& slot(int id) { return shared_->slots[id]; }
-  const fs::path& path() const { return path_; }
-  const std::string& generation() const { return generation_; }
-  const fs::path& dir() const { return dir_.path(); }
-
-  //! Forks a generic worker; returns its slot.
-  int spawn(Plan plan) {
-    if (plan.generation.empty()) plan.generation = generation_;
-    return spawn_body([this, plan](int id) { return worker_main(*shared_, id, path_, plan); });
-  }
-
-  //! Forks a custom child body(id) -> exit code; returns its slot.
-  int spawn_body(const std::function<int(int)>& body) {
-    const int id = used_++;
-    if (id >= kMaxSlots) throw std::logic_error("too many workers in one Harness");
-    shared_->slots[id].pid.store(children_.spawn([&] { return body(id); }));
-    return id;
-  }
-
-  pid_t pid(int id) { return slot(id).pid.load(); }
-
-  //! Sends a command and waits for the worker to acknowledge it (the command has run).
-  bool command(int id, Cmd cmd, milliseconds timeout = 10s) {
-    WorkerSlot& s = slot(id);
-    s.cmd.store(static_cast<int>(cmd));
-    const int seq = s.cmd_seq.fetch_add(1) + 1;
-    return wltest::eventually([&] { return s.ack_seq.load() == seq; }, timeout);
-  }
-
-  bool started(int id, milliseconds timeout = 10s) {
-    return wltest::eventually([&] { return slot(id).started.load() == 1; }, timeout);
-  }
-
-  //! The slot whose pid is the checker's holder, or -1.
-  int holder_slot() {
-    const pid_t holder = cl().check.holder.load();
-    if (holder == 0) return -1;
-    for (int id = 0; id < used_; ++id)
-      if (slot(id).pid.load() == holder) return id;
-    return -1;
-  }
-
-  int wait_exit(int id, milliseconds timeout = 10s) { return children_.wait(pid(id), timeout); }
-
-  //! Asks the worker to leave, then returns its exit code.
-  int exit_worker(int id, milliseconds timeout = 10s) {
-    if (!command(id, Cmd::exit, timeout)) {
-      children_.wait(pid(id), 0ms);
-      return kNotAcknowledged;
-    }
-    return wait_exit(id, timeout);
-  }
-
-  int used() const { return used_; }
-
- private:
-  wltest::TempDir dir_;
-  fs::path path_ = dir_ / "primary.lock";
-  wltest::Shared<Cluster> shared_;
-  Children children_;  // declared last: its destructor kills the workers first
-  int used_ = 0;
-  std::string generation_ = fmt::format("wltest-{}-{}", ::getpid(), now_ns());
-};
-
-struct Percentiles {
-  std::size_t n = 0;
-  double p50 = 0;
-  double p99 = 0;
-  double max = 0;
-};
-
-Percentiles percentiles(std::vector<double> values) {
-  Percentiles p;
-  if (values.empty()) return p;
-  std::sort(values.begin(), values.end());
-  p.n = values.size();
-  const auto at = [&](double q) {
-    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(values.size())));
-    return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
-  };
-  p.p50 = at(0.50);
-  p.p99 = at(0.99);
-  p.max = values.back();
-  return p;
-}
-
-void report(const std::string& line) {
-  std::printf("[coordinator] %s\n", line.c_str());
-  std::fflush(stdout);
-}
-
-//! Context switches (voluntary + nonvoluntary) from a /proc .../status file, or -1.
-long context_switches(const fs::path& status) {
-  std::ifstream in(status);
-  if (!in) return -1;
-  long total = 0;
-  int found = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    for (const char* key : {"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"}) {
-      if (line.rfind(key, 0) == 0) {
-        total += std::stol(line.substr(std::strlen(key)));
-        ++found;
-      }
-    }
-  }
-  return found == 2 ? total : -1;
-}
-
-long process_context_switches(pid_t pid) {
-  long total = 0;
-  std::error_code ec;
-  for (fs::directory_iterator it(fmt::format("/proc/{}/task", pid), ec), end; !ec && it != end;
-       it.increment(ec)) {
-    const long n = context_switches(it->path() / "status");
-    if (n < 0) return -1;
-    total += n;
-  }
-  return ec ? -1 : total;
-}
-
-// ----------------------------------------------------------------------------------------
-// 1. SIGKILL failover
-// ----------------------------------------------------------------------------------------
-
-//! 8 workers; `kills` times: wait for exactly one promotion, SIGKILL the holder, fork a
-//! replacement. Appends kill()->on_promoted latencies (µs) to `latencies_us`.
-void sigkill_failover(WaitMode mode, Mechanism mechanism, int kills,
-                      std::vector<double>& latencies_us) {
-  INFO("mode " << mode_name(mode) << ", mechanism " << workerlock::to_string(mechanism));
-  REQUIRE(kills < kMaxEpochs - 1);
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
-  plan.mechanism = mechanism;
-  plan.poll_every = 2ms;
-  std::vector<int> live;
-  for (int i = 0; i < 8; ++i) live.push_back(h.spawn(plan));
-
-  std::int64_t kill_ns = 0;
-  for (int epoch = 0;; ++epoch) {
-    INFO("after " << epoch << " kills");
-    // Generous: on a machine with ~25 runnable tasks per CPU a SIGKILLed process itself
-    // waits long for the CPU time to exit; failover_test bounds p99 instead.
-    REQUIRE(wltest::eventually([&] { return cl.promotions_in_epoch[epoch].load() >= 1; }, 5s));
-    if (epoch > 0) {
-      latencies_us.push_back(static_cast<double>(cl.promoted_ns_in_epoch[epoch].load() - kill_ns) /
-                             1e3);
-    }
-    const int victim = h.holder_slot();
-    REQUIRE(victim >= 0);
-    REQUIRE(std::find(live.begin(), live.end(), victim) != live.end());
-    REQUIRE(cl.promotions_in_epoch[epoch].load() == 1);
-    REQUIRE(cl.check.violations.load() == 0);
-    // The kernel agrees: the holder record names the promoted worker.
-    const auto holder = workerlock::lock_holder(h.path());
-    REQUIRE(holder.has_value());
-    REQUIRE(holder->pid == h.pid(victim));
-    if (epoch == kills) break;
-
-    cl.check.killed.store(h.pid(victim));
-    cl.epoch.store(epoch + 1);
-    kill_ns = now_ns();
-    REQUIRE(::kill(h.pid(victim), SIGKILL) == 0);
-    REQUIRE(h.wait_exit(victim) == 128 + SIGKILL);
-    live.erase(std::find(live.begin(), live.end(), victim));
-    live.push_back(h.spawn(plan));
-  }
-
-  std::this_thread::sleep_for(50ms);  // a late second promotion would show up here
-  for (int epoch = 0; epoch <= kills; ++epoch) {
-    INFO("epoch " << epoch);
-    CHECK(cl.promotions_in_epoch[epoch].load() == 1);
-  }
-  CHECK(cl.check.promotions.load() == kills + 1);
-  INFO("violation by pid " << cl.check.violation_by.load() << " against live holder "
-                           << cl.check.violation_against.load());
-  CHECK(cl.check.violations.load() == 0);
-
-  // Standbys leave first, then the primary, which demotes once.
-  const int primary = h.holder_slot();
-  REQUIRE(primary >= 0);
-  for (const int id : live) {
-    if (id != primary) CHECK(h.exit_worker(id) == 0);
-  }
-  CHECK(h.exit_worker(primary) == 0);
-  CHECK(cl.check.demotions.load() == 1);
-  CHECK(cl.check.holder.load() == 0);
-  CHECK(cl.check.violations.load() == 0);
-  for (int id = 0; id < h.used(); ++id) {
-    INFO("worker " << id << " log: " << h.slot(id).log_text());
-    CHECK(h.slot(id).warnings.load() + h.slot(id).errors.load() == 0);
-    CHECK(h.slot(id).nested.load() == 0);
-  }
-}
-
-void failover_test(WaitMode mode) {
-  const auto began = std::chrono::steady_clock::now();
-  // 100 SIGKILLs per wait mode, 200 in the suite; OFD (the default) takes most of them.
-  const std::pair<Mechanism, int> runs[] = {
-      {Mechanism::ofd, 60}, {Mechanism::posix, 20}, {Mechanism::flock, 20}};
-  std::vector<double> all;
-  for (const auto& [mechanism, kills] : runs) {
-    std::vector<double> latencies;
-    sigkill_failover(mode, mechanism, kills, latencies);
-    const auto p = percentiles(latencies);
-    report(fmt::format(
-        "failover {}/{}: n={} kill->on_promoted p50={:.0f} us p99={:.0f} us max={:.0f} us",
-        mode_name(mode), workerlock::to_string(mechanism), p.n, p.p50, p.p99, p.max));
-    all.insert(all.end(), latencies.begin(), latencies.end());
-  }
-  const auto p = percentiles(all);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-  report(fmt::format("failover {} (all): n={} p50={:.0f} us p99={:.0f} us max={:.0f} us, {:.1f} s",
-                     mode_name(mode), p.n, p.p50, p.p99, p.max, seconds));
-  CHECK(p.n == 100);
-  CHECK(p.p99 < 2e6);     // a sanity bound only; the figures are reported
-  CHECK(seconds < 60.0);  // the runtime budget of this test
-}
+#include "support/coordinator_lab.hpp"
+#include "support/lifecycle_lab.hpp"
+#include "support/lock_file_lab.hpp"
+
+using namespace wltest;
+using namespace wltest::coordinator_lab;
+using namespace wltest::lifecycle_lab;
+using namespace wltest::lock_file_lab;
 
 TEST_CASE(
     "coordinator: SIGKILLed primary promotes exactly one standby per kill (background_thread)",
@@ -780,10 +68,6 @@ TEST_CASE("coordinator: SIGKILLed primary promotes exactly one standby per kill 
           "[coordinator][failover]") {
   failover_test(WaitMode::polled);
 }
-
-// ----------------------------------------------------------------------------------------
-// 2. Graceful stop and rolling restart
-// ----------------------------------------------------------------------------------------
 
 TEST_CASE("coordinator: graceful stop() of the primary hands over to exactly one standby",
           "[coordinator]") {
@@ -895,10 +179,6 @@ TEST_CASE("coordinator: rolling restart of every worker never has two primaries"
   CHECK(cl.check.violations.load() == 0);
 }
 
-// ----------------------------------------------------------------------------------------
-// 3. SIGSTOP
-// ----------------------------------------------------------------------------------------
-
 TEST_CASE("coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resumes it as primary",
           "[coordinator]") {
   const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
@@ -945,327 +225,6 @@ TEST_CASE("coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resum
     if (id != primary) CHECK(h.exit_worker(id) == 0);
 }
 
-// ----------------------------------------------------------------------------------------
-// 4. Startup barrier
-// ----------------------------------------------------------------------------------------
-
-Plan startup_plan(WaitMode mode, milliseconds wait) {
-  Plan plan;
-  plan.mode = mode;
-  plan.with_startup = true;
-  plan.startup_wait = wait;
-  return plan;
-}
-
-int spawn_blocker(Harness& h) {
-  Plan blocker;
-  blocker.blocker = true;
-  const int id = h.spawn(blocker);
-  REQUIRE(h.started(id));
-  return id;
-}
-
-TEST_CASE(
-    "coordinator: startup barrier with secondaries started before and during and after the tasks",
-    "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
-  INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  const Plan plan = startup_plan(mode, 10s);
-  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
-
-  // Before: a plain lock holder keeps both workers standby while they start waiting.
-  const int blocker = spawn_blocker(h);
-  const int a = h.spawn(plan);
-  const int b = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
-  std::this_thread::sleep_for(100ms);
-  CHECK(cl.task_runs.load() == 0);
-  CHECK(h.slot(a).wait_result.load() == -1);
-  CHECK(h.slot(b).wait_result.load() == -1);
-  REQUIRE(h.exit_worker(blocker) == 0);
-  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
-
-  // During: the task of the new primary is blocked.
-  const int c = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(c); }));
-  std::this_thread::sleep_for(150ms);
-  for (const int id : {a, b, c}) CHECK(h.slot(id).wait_result.load() == -1);
-  CHECK(cl.check.promotions.load() == 0);  // on_promoted runs after the tasks
-  CHECK(cl.task_completions.load() == 0);
-
-  cl.let_first_task_finish.store(true);
-  REQUIRE(wltest::eventually(
-      [&] {
-        return h.slot(a).wait_result.load() != -1 && h.slot(b).wait_result.load() != -1 &&
-               h.slot(c).wait_result.load() != -1;
-      },
-      5s));
-  const std::int64_t done_ns = cl.task_done_ns.load();
-  for (const int id : {a, b, c}) {
-    INFO("waiter " << id);
-    CHECK(h.slot(id).wait_result.load() == 1);
-    CHECK(h.slot(id).wait_returned_ns.load() >= done_ns);
-  }
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
-
-  // After: returns true at once.
-  const int d = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return h.slot(d).wait_result.load() != -1; }, 5s));
-  CHECK(h.slot(d).wait_result.load() == 1);
-  const double after_ms =
-      ms_between(h.slot(d).wait_began_ns.load(), h.slot(d).wait_returned_ns.load());
-  report(
-      fmt::format("startup barrier {}: wait_for_startup() after completion returned in {:.3f} ms",
-                  mode_name(mode), after_ms));
-  CHECK(after_ms < 50.0);
-
-  // Nobody runs the tasks again, not even the next primary after a handover.
-  const int runner = h.holder_slot();
-  REQUIRE(runner >= 0);
-  REQUIRE(h.command(runner, Cmd::stop));
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
-  std::this_thread::sleep_for(100ms);
-  CHECK(cl.task_runs.load() == 1);
-  CHECK(cl.task_completions.load() == 1);
-  CHECK(workerlock::StartupBarrier(h.path(), h.generation()).completed());
-  CHECK_FALSE(workerlock::StartupBarrier(h.path(), h.generation() + "-next").completed());
-  CHECK(cl.check.violations.load() == 0);
-  for (const int id : {a, b, c, d}) CHECK(h.exit_worker(id) == 0);
-}
-
-TEST_CASE("coordinator: startup barrier when the primary is SIGKILLed mid-task",
-          "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
-  INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  const Plan plan = startup_plan(mode, 10s);
-  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
-
-  const int blocker = spawn_blocker(h);
-  const int a = h.spawn(plan);
-  const int b = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
-  REQUIRE(h.exit_worker(blocker) == 0);
-  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
-  const int c = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(c); }));
-  std::this_thread::sleep_for(100ms);
-
-  const pid_t first_runner = cl.task_runner[0].load();
-  int victim = -1;
-  for (const int id : {a, b}) {
-    if (h.pid(id) == first_runner) victim = id;
-  }
-  REQUIRE(victim >= 0);
-  for (const int id : {a, b, c}) CHECK(h.slot(id).wait_result.load() == -1);
-  cl.check.killed.store(first_runner);
-  REQUIRE(::kill(first_runner, SIGKILL) == 0);
-  REQUIRE(h.wait_exit(victim) == 128 + SIGKILL);
-
-  REQUIRE(wltest::eventually([&] { return cl.task_completions.load() == 1; }, 5s));
-  std::vector<int> survivors;
-  for (const int id : {a, b, c})
-    if (id != victim) survivors.push_back(id);
-  REQUIRE(wltest::eventually(
-      [&] {
-        return std::all_of(survivors.begin(), survivors.end(),
-                           [&](int id) { return h.slot(id).wait_result.load() != -1; });
-      },
-      5s));
-  for (const int id : survivors) {
-    INFO("waiter " << id);
-    CHECK(h.slot(id).wait_result.load() == 1);
-    CHECK(h.slot(id).wait_returned_ns.load() >= cl.task_done_ns.load());
-  }
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }, 5s));
-  std::this_thread::sleep_for(100ms);
-  CHECK(cl.task_runs.load() == 2);
-  CHECK(cl.task_completions.load() == 1);
-  CHECK(cl.task_runner[1].load() != first_runner);
-  CHECK(cl.check.holder.load() == cl.task_runner[1].load());
-  CHECK(cl.check.violations.load() == 0);
-  for (const int id : survivors) CHECK(h.exit_worker(id) == 0);
-}
-
-TEST_CASE(
-    "coordinator: wait_for_startup() returns false after about the timeout if no primary completes",
-    "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
-  INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  const int stuck = h.spawn(startup_plan(mode, 0ms));  // primary, its task never finishes
-  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
-  const int waiter = h.spawn(startup_plan(mode, 300ms));
-  REQUIRE(wltest::eventually([&] { return h.slot(waiter).wait_result.load() != -1; }, 3s));
-  CHECK(h.slot(waiter).wait_result.load() == 0);
-  const double waited_ms =
-      ms_between(h.slot(waiter).wait_began_ns.load(), h.slot(waiter).wait_returned_ns.load());
-  report(fmt::format("startup barrier {}: wait_for_startup(300 ms) returned false after {:.1f} ms",
-                     mode_name(mode), waited_ms));
-  CHECK(waited_ms >= 295.0);
-  CHECK(waited_ms < 700.0);
-  CHECK(cl.task_runs.load() == 1);
-  CHECK(cl.task_completions.load() == 0);
-  cl.let_first_task_finish.store(true);
-  REQUIRE(wltest::eventually([&] { return cl.task_completions.load() == 1; }, 5s));
-  CHECK(h.exit_worker(waiter) == 0);
-  CHECK(h.exit_worker(stuck) == 0);
-}
-
-namespace {
-
-//! Field 22 of /proc/self/stat read by whitespace tokens (an independent parse).
-std::string own_start_time() {
-  std::ifstream stat("/proc/self/stat");
-  std::string line;
-  std::getline(stat, line);
-  std::istringstream fields(line.substr(line.rfind(')') + 1));
-  std::string field;
-  for (int number = 3; number <= 22; ++number) fields >> field;
-  return field;
-}
-
-struct GenerationBoard {
-  char generation[2][128] = {};
-  std::atomic<int> startup_runs{0};
-  std::atomic<int> primaries{0};
-};
-
-}  // namespace
-
-TEST_CASE(
-    "coordinator: the default startup generation is the master's pid and start time, stable "
-    "while the master's memory changes",
-    "[coordinator][startup]") {
-  wltest::Shared<GenerationBoard> board;
-  wltest::TempDir dir;
-  const auto path = dir / "generation.lock";
-  const std::string expected = fmt::format("master={}:{}", ::getpid(), own_start_time());
-  REQUIRE(expected != fmt::format("master={}:0", ::getpid()));
-
-  // A worker with the default generation runs the startup tasks once and completes them.
-  Children children;
-  const auto worker = [&](int index) {
-    return children.spawn([&, index] {
-      const auto generation = workerlock::StartupBarrier::master_generation();
-      std::snprintf(board->generation[index], sizeof board->generation[index], "%s",
-                    generation.c_str());
-      CoordinatorOptions options;
-      options.lock.log = nullptr;
-      Coordinator coordinator(path, options);
-      coordinator.on_startup([&] { board->startup_runs.fetch_add(1); });
-      coordinator.on_promoted([&] { board->primaries.fetch_add(1); });
-      coordinator.start();
-      if (coordinator.role() != Role::primary) return 2;
-      return coordinator.wait_for_startup(5s) ? 0 : 3;
-    });
-  };
-  REQUIRE(children.wait(worker(0)) == 0);
-  // The master grows by 512 MiB of address space (its vsize, field 23, changes) between the
-  // first worker and its replacement: the generation must not.
-  void* grown = ::mmap(nullptr, 512u << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  REQUIRE(grown != MAP_FAILED);
-  const int replacement = children.wait(worker(1));
-  ::munmap(grown, 512u << 20);
-  REQUIRE(replacement == 0);
-
-  CHECK(std::string(board->generation[0]) == expected);
-  CHECK(std::string(board->generation[1]) == expected);
-  CHECK(board->primaries.load() == 2);
-  CHECK(board->startup_runs.load() == 1);  // the replacement found the tasks complete
-}
-
-TEST_CASE("coordinator: /proc/PID/stat start time survives spaces and parentheses in the name",
-          "[coordinator][startup]") {
-  using workerlock::detail::proc_stat_start_time;
-  std::string line = "4242 (a b) c)) S";
-  for (int field = 4; field <= 21; ++field) line += fmt::format(" {}", field * 10);
-  line += " 987654 123456789 33";  // 22 starttime, 23 vsize, 24 rss
-  CHECK(proc_stat_start_time(line) == std::optional<std::string>("987654"));
-  CHECK_FALSE(proc_stat_start_time("4242 (name) S 1 2").has_value());
-  CHECK_FALSE(proc_stat_start_time("no parenthesis").has_value());
-}
-
-// ----------------------------------------------------------------------------------------
-// 5. Robustness
-// ----------------------------------------------------------------------------------------
-
-namespace {
-
-//! One Coordinator worker and one plain lock holder, for the lock-file trouble tests.
-struct TroubleBoard {
-  std::atomic<int> promotions{0};
-  std::atomic<int> demotions{0};
-  std::atomic<int> role{-1};
-  std::atomic<bool> exit{false};
-  std::atomic<int> warnings{0};  // warning and error lines of the worker's sink
-  char first_warning[512] = {};
-  std::atomic<int> holder_state{0};  // the plain holder: 1 holds, 2 failed
-  std::atomic<bool> holder_release{false};
-};
-
-//! Child body: a Coordinator on `path` that counts its role changes and warnings in `board`,
-//! polls in polled mode, and stops when board.exit is set. `after_start`, if given, runs once
-//! start() returned; the worker exits with 21 if it returns false.
-int trouble_worker(TroubleBoard& board, const fs::path& path, CoordinatorOptions options,
-                   const std::function<bool()>& after_start = {}) {
-  options.lock.log = [&board](LogLevel level, std::string_view line) {
-    if (level == LogLevel::info) return;
-    if (board.warnings.fetch_add(1) == 0)
-      std::snprintf(board.first_warning, sizeof board.first_warning, "%.*s",
-                    static_cast<int>(line.size()), line.data());
-  };
-  Coordinator coordinator(path, options);
-  coordinator.on_promoted([&] { board.promotions.fetch_add(1); });
-  coordinator.on_demoted([&] { board.demotions.fetch_add(1); });
-  coordinator.start();
-  if (after_start && !after_start()) return 21;
-  board.role.store(static_cast<int>(coordinator.role()));
-  const auto deadline = std::chrono::steady_clock::now() + kChildLifetime;
-  while (!board.exit.load() && std::chrono::steady_clock::now() < deadline) {
-    if (options.wait == WaitMode::polled) coordinator.poll();
-    board.role.store(static_cast<int>(coordinator.role()));
-    std::this_thread::sleep_for(5ms);
-  }
-  coordinator.stop();
-  return coordinator.running() ? 1 : 0;
-}
-
-//! Child body: a plain WorkerLock on `path`, held until board.holder_release.
-int trouble_holder(TroubleBoard& board, const fs::path& path) {
-  workerlock::WorkerLock lock(path, workerlock::Options{}.silent());
-  if (!lock.try_lock()) {
-    board.holder_state.store(2);
-    return 1;
-  }
-  board.holder_state.store(1);
-  wait_flag(board.holder_release, std::chrono::steady_clock::now() + kChildLifetime);
-  return 0;
-}
-
-//! Starts trouble_holder() in a child and waits until it holds `path`.
-pid_t spawn_plain_primary(Children& children, TroubleBoard& board, const fs::path& path) {
-  const pid_t primary = children.spawn([&] { return trouble_holder(board, path); });
-  REQUIRE(wltest::eventually([&] { return board.holder_state.load() != 0; }, 5s));
-  REQUIRE(board.holder_state.load() == 1);
-  return primary;
-}
-
-//! Options for the trouble tests that count retries: a short backoff, 10 to 80 ms.
-CoordinatorOptions quick_retry_options(WaitMode mode) {
-  CoordinatorOptions options;
-  options.wait = mode;
-  options.retry_backoff_min = 10ms;
-  options.retry_backoff_max = 80ms;
-  return options;
-}
-
-}  // namespace
-
 TEST_CASE(
     "coordinator: a primary whose lock file is deleted steps down at its health check, "
     "logs it and rejoins as a standby",
@@ -1303,10 +262,10 @@ TEST_CASE(
   std::this_thread::sleep_for(200ms);
   CHECK(board->promotions.load() == 1);
   board->holder_release.store(true);
-  REQUIRE(children.wait(newcomer) == 0);
+  REQUIRE(children.wait(newcomer, 10s) == 0);
   REQUIRE(wltest::eventually([&] { return board->promotions.load() == 2; }, 5s));
   board->exit.store(true);
-  CHECK(children.wait(worker) == 0);
+  CHECK(children.wait(worker, 10s) == 0);
   CHECK(board->demotions.load() == 2);
 }
 
@@ -1334,7 +293,7 @@ TEST_CASE(
   // next attempt cannot open the path: an error, reported and retried, never a promotion.
   fs::remove_all(lock_dir);
   board->holder_release.store(true);
-  REQUIRE(children.wait(primary) == 0);
+  REQUIRE(children.wait(primary, 10s) == 0);
   REQUIRE(wltest::eventually([&] { return board->warnings.load() >= 3; }, 5s));
   const int warnings_before = board->warnings.load();
   std::this_thread::sleep_for(400ms);
@@ -1355,60 +314,8 @@ TEST_CASE(
   REQUIRE(wltest::eventually([&] { return board->promotions.load() == 1; }, 5s));
   CHECK(workerlock::lock_holder(path).value_or(workerlock::Holder{}).pid == standby);
   board->exit.store(true);
-  CHECK(children.wait(standby) == 0);
+  CHECK(children.wait(standby, 10s) == 0);
   CHECK(board->demotions.load() == 1);
-}
-
-TEST_CASE(
-    "coordinator: a worker whose holder record cannot be written (EIO) logs it, retries with "
-    "backoff, is never promoted, and keeps nobody else out",
-    "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
-  INFO("mode " << mode_name(mode));
-  wltest::TempDir dir;
-  const auto path = dir / "eio.lock";
-  wltest::Shared<TroubleBoard> board;
-  Children children;
-
-  // The primary: a plain lock, held until told.
-  const pid_t primary = spawn_plain_primary(children, *board, path);
-
-  // A standby whose disk then starts failing: from the moment start() has returned, every
-  // pwrite() of its process fails with EIO (a seccomp filter: the kernel refuses the real
-  // call, and the library's own error path runs). Then the primary leaves.
-  const auto options = quick_retry_options(mode);
-  const pid_t faulty = children.spawn([&] {
-    return trouble_worker(*board, path, options,
-                          [] { return wltest::fail_syscall(SCMP_SYS(pwrite64), EIO); });
-  });
-  REQUIRE(wltest::eventually([&] { return board->role.load() == kSecondary; }, 5s));
-  board->holder_release.store(true);
-  REQUIRE(children.wait(primary) == 0);
-  REQUIRE(wltest::eventually([&] { return board->warnings.load() >= 3; }, 5s));
-  const std::string warning = board->first_warning;
-  INFO("first warning: " << warning);
-  CHECK(warning.find(path.string()) != std::string::npos);
-  CHECK(warning.find("write holder record") != std::string::npos);
-  CHECK(warning.find("Input/output error") != std::string::npos);
-  CHECK(warning.find("retrying in") != std::string::npos);
-  CHECK(board->promotions.load() == 0);
-  CHECK(board->role.load() == kSecondary);
-
-  // Between its attempts it holds nothing: another worker becomes primary (here the test
-  // process itself, which can write its record), and the faulty one keeps trying, quietly
-  // waiting while the lock is held.
-  workerlock::WorkerLock healthy(path, workerlock::Options{}.silent());
-  REQUIRE(wltest::eventually([&] { return healthy.try_lock(); }, 2s));
-  CHECK(workerlock::lock_holder(path).value_or(workerlock::Holder{}).pid == ::getpid());
-  std::this_thread::sleep_for(200ms);
-  CHECK(board->promotions.load() == 0);
-  healthy.unlock();
-  const int warnings_before = board->warnings.load();
-  REQUIRE(wltest::eventually([&] { return board->warnings.load() > warnings_before; }, 5s));
-  CHECK(board->promotions.load() == 0);
-  board->exit.store(true);
-  CHECK(children.wait(faulty) == 0);
-  CHECK(board->demotions.load() == 0);
 }
 
 TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
@@ -1429,9 +336,9 @@ TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
     std::int64_t worst_immediate = 0;
     std::int64_t worst_restarted = 0;
     const auto timed_stop = [](Coordinator& c, std::int64_t& worst) {
-      const auto began = now_ns();
+      const auto began = mono_ns();
       c.stop();
-      worst = std::max(worst, now_ns() - began);
+      worst = std::max(worst, mono_ns() - began);
     };
     for (int round = 0; round < 10; ++round) {  // waiting in the kernel for a while
       Coordinator c(path, options);
@@ -1962,35 +869,6 @@ TEST_CASE("coordinator: stop() after a restart never signals an unrelated thread
   CHECK(h.slot(id).value[0].load() == 0);
 }
 
-// ----------------------------------------------------------------------------------------
-// 6. Idle cost
-// ----------------------------------------------------------------------------------------
-
-//! A worker whose main thread sleeps in sigwait() until SIGTERM; value[0] = coordinator tid.
-int idle_worker(WorkerSlot& me, const fs::path& path) {
-  sigset_t term;
-  sigemptyset(&term);
-  sigaddset(&term, SIGTERM);
-  ::pthread_sigmask(SIG_BLOCK, &term, nullptr);
-  std::atomic<int> promotions{0};
-  Coordinator c(path, options_for(WaitMode::background_thread, me));
-  c.on_promoted([&] { promotions.fetch_add(1); });
-  c.start();
-  const pid_t self = ::getpid();
-  if (!wltest::eventually([&] { return count_threads() == 2; }, 5s)) return 5;
-  for (const auto& entry : fs::directory_iterator("/proc/self/task")) {
-    const pid_t tid = static_cast<pid_t>(std::stol(entry.path().filename().string()));
-    if (tid != self) me.value[0].store(tid);
-  }
-  me.role.store(static_cast<int>(c.role()));
-  me.started.store(1);
-  int received = 0;
-  sigwait(&term, &received);
-  me.promoted.store(promotions.load());
-  c.stop();
-  return 0;
-}
-
 TEST_CASE("coordinator: a waiting background_thread standby makes no context switches while idle",
           "[coordinator][idle]") {
   Harness h;
@@ -2032,10 +910,6 @@ TEST_CASE("coordinator: a waiting background_thread standby makes no context swi
   CHECK(h.slot(standby).promoted.load() == 0);
 }
 
-// ----------------------------------------------------------------------------------------
-// 7. Polled mode
-// ----------------------------------------------------------------------------------------
-
 TEST_CASE(
     "coordinator: polled mode promotes within a few poll intervals and calls back on the polling "
     "thread",
@@ -2065,13 +939,13 @@ TEST_CASE(
     REQUIRE(victim >= 0);
     cl.check.killed.store(h.pid(victim));
     cl.epoch.store(kill);
-    const auto kill_ns = now_ns();
+    const auto kill_ns = mono_ns();
     REQUIRE(::kill(h.pid(victim), SIGKILL) == 0);
     // The victim dies (and its lock is released) just before it becomes a zombie; exiting
     // itself can take long, e.g. unmapping ASan's shadow memory, so poll latency counts
     // from the reap.
     REQUIRE(h.wait_exit(victim) == 128 + SIGKILL);
-    const auto reaped_ns = now_ns();
+    const auto reaped_ns = mono_ns();
     REQUIRE(wltest::eventually([&] { return cl.promotions_in_epoch[kill].load() >= 1; }, 5s));
     const std::int64_t promoted_ns = cl.promoted_ns_in_epoch[kill].load();
     const int successor = h.holder_slot();
@@ -2079,7 +953,7 @@ TEST_CASE(
     // "A few poll intervals" counts the intervals that really passed: on a loaded machine
     // (or under a sanitizer) sleep_for(10 ms) between polls takes longer than 10 ms.
     WorkerSlot& next = h.slot(successor);
-    const double observed_ms = ms_between(next.first_poll_ns.load(), now_ns()) /
+    const double observed_ms = ms_between(next.first_poll_ns.load(), mono_ns()) /
                                static_cast<double>(std::max<std::uint64_t>(1, next.polls.load()));
     const double after_death_ms = std::max(0.0, ms_between(reaped_ns, promoted_ns));
     latencies_ms.push_back(ms_between(kill_ns, promoted_ns));
@@ -2113,4 +987,583 @@ TEST_CASE(
   for (const int id : live) CHECK(h.exit_worker(id) == 0);
 }
 
-}  // namespace
+TEST_CASE("coordinator: every public call from a callback returns without deadlock",
+          "[coordinator][coordinator_lifecycle][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<CallbackReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    CallbackReport& r = *report;
+    Coordinator c(path, options_for(mode, r.log));
+    std::atomic<int> round{0};
+    const auto poll_until = [&](auto condition) {
+      for (int i = 0; i < 2500 && !condition(); ++i) {
+        c.poll();
+        std::this_thread::sleep_for(2ms);
+      }
+      return condition();
+    };
+    c.on_promoted([&] {
+      r.promoted.fetch_add(1);
+      if (round.load() == 0) {
+        c.start();  // running: nothing to do
+        c.poll();
+        r.role_in_promoted.store(static_cast<int>(c.role()));
+        r.running_in_promoted.store(c.running() ? 1 : 0);
+        (void)c.fencing_token();
+        (void)c.wait_for_startup(1ms);
+        r.calls_returned.fetch_add(1);
+      } else if (round.load() == 1) {
+        c.stop();   // completes when this callback returns
+        c.start();  // still running until then: nothing to do
+        c.poll();
+        r.calls_returned.fetch_add(1);
+      }
+    });
+    c.on_demoted([&] {
+      r.demoted.fetch_add(1);
+      c.start();
+      c.poll();
+      c.stop();
+      r.role_in_demoted.store(static_cast<int>(c.role()));
+      r.calls_returned.fetch_add(1);
+    });
+    // Round 0: callbacks call start(), poll() and the getters; stop() runs on_demoted.
+    c.start();
+    if (!poll_until([&] { return r.promoted.load() == 1; })) return 3;
+    c.stop();
+    if (r.demoted.load() != 1) return 4;
+    // Round 1: on_promoted calls stop(), then start().
+    round.store(1);
+    c.start();
+    if (!poll_until([&] { return r.demoted.load() == 2; })) return 5;
+    if (!poll_until([&] { return !c.running(); })) return 6;
+    r.running_after_callback_stop.store(c.running() ? 1 : 0);
+    // Round 2: start() afresh after the stop a callback asked for.
+    round.store(2);
+    c.start();
+    if (!poll_until([&] { return r.promoted.load() == 3; })) return 7;
+    r.restarted_role.store(static_cast<int>(c.role()));
+    c.stop();
+    return 0;
+  });
+  const int code = finish_worker(children, worker, 15s);
+  CallbackReport& r = *report;
+  INFO(r.log.contents());
+  REQUIRE(code == 0);  // kHung: a call from a callback deadlocked
+  CHECK(r.role_in_promoted.load() == kPrimary);
+  CHECK(r.running_in_promoted.load() == 1);
+  CHECK(r.role_in_demoted.load() == kPrimary);  // on_demoted runs before the release
+  CHECK(r.calls_returned.load() == 5);          // 2 x on_promoted, 3 x on_demoted
+  CHECK(r.running_after_callback_stop.load() == 0);
+  CHECK(r.restarted_role.load() == kPrimary);
+  CHECK(r.promoted.load() == 3);
+  CHECK(r.demoted.load() == 3);
+  CHECK(lock_is_free(path));
+}
+
+TEST_CASE(
+    "coordinator: stop() returns although the host replaced the wakeup signal's "
+    "handler after start()",
+    "[coordinator][coordinator_lifecycle][threads]") {
+  const HostChange change =
+      GENERATE(HostChange::ignore, HostChange::restarting_handler, HostChange::default_action);
+  INFO("change " << static_cast<int>(change)
+                 << " (0 SIG_IGN, 1 a handler with SA_RESTART, 2 SIG_DFL)");
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<SignalReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    SignalReport& r = *report;
+    workerlock::WorkerLock other(path, workerlock::Options{}.silent());  // excludes c
+    other.lock();
+    Coordinator c(path, options_for(WaitMode::background_thread, r.log));
+    c.start();
+    if (c.role() != Role::secondary) return 3;
+    pid_t tid = 0;
+    if (!wltest::eventually([&] { return (tid = other_thread()) != 0; }, 5s)) return 4;
+    // The coordinator thread sleeps in the kernel's blocking lock call.
+    if (!wltest::eventually([&] { return thread_in_syscall(tid, SYS_fcntl); }, 5s)) return 5;
+    r.waiting.store(1);
+    const int wakeup = SIGRTMIN + 5;
+    struct sigaction host {};
+    sigemptyset(&host.sa_mask);
+    if (change == HostChange::ignore) {
+      host.sa_handler = SIG_IGN;
+    } else if (change == HostChange::default_action) {
+      host.sa_handler = SIG_DFL;
+    } else {
+      host.sa_handler = &host_handler;
+      host.sa_flags = SA_RESTART;
+    }
+    if (::sigaction(wakeup, &host, nullptr) != 0) return 6;
+    const auto began = std::chrono::steady_clock::now();
+    c.stop();
+    r.stop_ms.store(static_cast<long long>(ms_since(began)));
+    other.unlock();
+    return 0;
+  });
+  const int code = finish_worker(children, worker, 15s);
+  SignalReport& r = *report;
+  const std::string log = r.log.contents();
+  INFO(log);
+  REQUIRE(code == 0);  // kHung: stop() never returned; 128 + signal: SIG_DFL killed it
+  CHECK(r.waiting.load() == 1);
+  CHECK(r.stop_ms.load() < 5000);
+  CHECK(r.log.errors.load() == 1);
+  CHECK(log.find("SIGRTMIN+5") != std::string::npos);
+}
+
+TEST_CASE(
+    "coordinator: request_stop() from a SIGTERM handler releases the lock without a "
+    "hang",
+    "[coordinator][coordinator_lifecycle][threads]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<SigtermReport> report;
+  wltest::Children children;
+  // Polled: the worker starts as a standby and is promoted inside poll(); there, while
+  // poll() holds the Coordinator's state but runs no callback, the log sink receives the
+  // "role=primary" line and waits until the SIGTERM handler has run.
+  workerlock::WorkerLock holder(path, workerlock::Options{}.silent());
+  if (mode == WaitMode::polled) REQUIRE(holder.try_lock());
+  const pid_t worker = children.spawn([&]() -> int {
+    SigtermReport& r = *report;
+    auto options = options_for(mode, r.log);
+    if (mode == WaitMode::polled) {
+      options.lock.log = [&r](LogLevel level, std::string_view line) {
+        r.log.add(level, line);
+        if (line.find("role=primary") == std::string_view::npos) return;
+        r.phase.store(1);
+        const bool handled = wltest::eventually([] { return sigterm_handled.load() == 1; }, 10s);
+        r.handled_inside_poll.store(handled ? 1 : 0);
+      };
+    }
+    Coordinator c(path, options);
+    c.on_promoted([&] { r.promoted.fetch_add(1); });
+    c.on_demoted([&] { r.demoted.fetch_add(1); });
+    sigterm_target.store(&c);
+    struct sigaction term {};
+    term.sa_handler = &stop_on_sigterm;
+    sigemptyset(&term.sa_mask);
+    if (::sigaction(SIGTERM, &term, nullptr) != 0) return 3;
+    c.start();
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    if (mode == WaitMode::background_thread) {
+      if (!wait_for_value(r.promoted, 1, 5s)) return 4;
+      r.phase.store(1);
+      while (sigterm_handled.load() == 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);  // idle: the handler interrupts this sleep
+      if (!wltest::eventually([&] { return r.demoted.load() == 1; }, 30s)) return 5;
+    } else {
+      while (c.running() && std::chrono::steady_clock::now() < deadline) {
+        c.poll();
+        std::this_thread::sleep_for(2ms);
+      }
+    }
+    r.running_after.store(c.running() ? 1 : 0);
+    r.role_after.store(static_cast<int>(c.role()));
+    const auto began = std::chrono::steady_clock::now();
+    c.stop();
+    r.stop_ms.store(static_cast<long long>(ms_since(began)));
+    sigterm_target.store(nullptr);
+    return 0;
+  });
+  if (mode == WaitMode::polled) {
+    std::this_thread::sleep_for(20ms);
+    holder.unlock();  // the worker's next poll() promotes it
+  }
+  REQUIRE(wait_for_value(report->phase, 1));
+  REQUIRE(::kill(worker, SIGTERM) == 0);
+  const bool released = wltest::eventually([&] { return lock_is_free(path); }, 5s);
+  const int code = finish_worker(children, worker, 15s);
+  SigtermReport& r = *report;
+  INFO(r.log.contents());
+  REQUIRE(code == 0);  // kHung: the stop hung
+  CHECK(released);
+  CHECK(r.promoted.load() == 1);
+  CHECK(r.demoted.load() == 1);
+  if (mode == WaitMode::polled) CHECK(r.handled_inside_poll.load() == 1);
+  CHECK(r.running_after.load() == 0);
+  CHECK(r.role_after.load() == kSecondary);
+  CHECK(r.stop_ms.load() < 3000);
+}
+
+TEST_CASE("coordinator: start() rejects bad options with a lock_error naming the field",
+          "[coordinator][coordinator_lifecycle]") {
+  const auto with = [](auto change) {
+    CoordinatorOptions options;
+    options.wait = WaitMode::polled;
+    options.lock.log = nullptr;
+    change(options);
+    return options;
+  };
+  const OptionCase cases[] = {
+      {"health_check_interval", with([](auto& o) { o.health_check_interval = 0ms; })},
+      {"health_check_interval", with([](auto& o) { o.health_check_interval = -5ms; })},
+      {"retry_backoff_min", with([](auto& o) { o.retry_backoff_min = 0ms; })},
+      {"retry_backoff_min", with([](auto& o) { o.retry_backoff_min = -1ms; })},
+      {"retry_backoff_max", with([](auto& o) { o.retry_backoff_max = 5ms; })},
+      {"retry_backoff_max", with([](auto& o) { o.retry_backoff_max = -1ms; })},
+      {"wakeup_signal", with([](auto& o) { o.wakeup_signal = -1; })},
+      {"wakeup_signal", with([](auto& o) { o.wakeup_signal = 1000; })},
+      {"wakeup_signal", with([](auto& o) { o.wakeup_signal = SIGKILL; })},
+      {"wakeup_signal", with([](auto& o) { o.wakeup_signal = SIGSEGV; })},
+      {"server_stop_grace", with([](auto& o) { o.server_stop_grace = -1ms; })},
+      // Longer than max_server_stop_grace: milliseconds::max() used to overflow the note's
+      // date plus the grace and silently turn the deferral off.
+      {"server_stop_grace",
+       with([](auto& o) { o.server_stop_grace = std::chrono::milliseconds::max(); })},
+      {"server_stop_grace",
+       with([](auto& o) { o.server_stop_grace = workerlock::max_server_stop_grace + 1ms; })},
+  };
+  constexpr int n = static_cast<int>(sizeof cases / sizeof cases[0]);
+  static_assert(n + 1 <= ValidationReport::kCases);
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<ValidationReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    ValidationReport& r = *report;
+    const auto check = [&](int i, Coordinator& c, const char* field) {
+      try {
+        c.start();
+      } catch (const workerlock::lock_error& error) {
+        r.threw_lock_error[i].store(1);
+        r.code_invalid[i].store(error.code() == std::errc::invalid_argument ? 1 : 0);
+        r.names_field[i].store(std::string(error.what()).find(field) != std::string::npos);
+        r.path_is_lock_path[i].store(error.path() == path ? 1 : 0);
+      } catch (...) {
+      }
+      r.stayed_secondary[i].store(c.role() == Role::secondary && !c.running());
+      std::error_code ec;
+      c.start(ec);
+      r.ec_invalid[i].store(ec == std::errc::invalid_argument);
+      c.stop();
+    };
+    for (int i = 0; i < n; ++i) {
+      Coordinator c(path, cases[i].options);
+      check(i, c, cases[i].field);
+    }
+    // A FileBackend built by the caller checks its own arguments.
+    {
+      const auto options = with([](auto&) {});
+      Coordinator c(std::make_unique<workerlock::FileBackend>(path, options.lock, 0, 0ms), options);
+      check(n, c, "health_check_interval");
+    }
+    r.cases.store(n + 1);
+    // Nothing was held: a valid configuration (the longest grace) wins the free lock.
+    Coordinator valid(
+        path, with([](auto& o) { o.server_stop_grace = workerlock::max_server_stop_grace; }));
+    valid.start();
+    r.valid_start_role.store(static_cast<int>(valid.role()));
+    valid.stop();
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  ValidationReport& r = *report;
+  REQUIRE(r.cases.load() == n + 1);
+  for (int i = 0; i <= n; ++i) {
+    INFO("case " << i << ": " << (i < n ? cases[i].field : "FileBackend health_check_interval"));
+    CHECK(r.threw_lock_error[i].load() == 1);
+    CHECK(r.code_invalid[i].load() == 1);
+    CHECK(r.names_field[i].load() == 1);
+    CHECK(r.path_is_lock_path[i].load() == 1);
+    CHECK(r.stayed_secondary[i].load() == 1);
+    CHECK(r.ec_invalid[i].load() == 1);
+  }
+  CHECK(r.valid_start_role.load() == kPrimary);
+}
+
+TEST_CASE("coordinator: a huge health_check_interval is a long sleep, not a busy loop",
+          "[coordinator][coordinator_lifecycle][threads]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<HugeIntervalReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    HugeIntervalReport& r = *report;
+    auto options = options_for(WaitMode::background_thread, r.log);
+    options.health_check_interval = milliseconds::max();
+    options.retry_backoff_min = milliseconds::max();
+    options.retry_backoff_max = milliseconds::max();
+    Coordinator c(path, options);
+    c.on_demoted([&] { r.demoted.fetch_add(1); });
+    c.start();
+    r.role.store(static_cast<int>(c.role()));
+    std::this_thread::sleep_for(50ms);  // the thread runs on_promoted and goes to sleep
+    const long long before = process_cpu_us();
+    std::this_thread::sleep_for(500ms);
+    r.cpu_us.store(process_cpu_us() - before);
+    const auto began = std::chrono::steady_clock::now();
+    c.stop();
+    r.stop_ms.store(static_cast<long long>(ms_since(began)));
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  HugeIntervalReport& r = *report;
+  INFO(r.log.contents());
+  CHECK(r.role.load() == kPrimary);
+  CHECK(r.cpu_us.load() < 100000);  // a busy loop burns most of the 500 ms
+  CHECK(r.stop_ms.load() < 3000);
+  CHECK(r.demoted.load() == 1);
+  CHECK(lock_is_free(path));
+}
+
+TEST_CASE(
+    "coordinator: in polled mode huge intervals and backoffs are long waits, never "
+    "an overflow into a check or retry on every poll()",
+    "[coordinator][coordinator_lifecycle]") {
+  // health_check_interval = milliseconds::max(): a deleted lock file is never looked at, so
+  // the primary stays primary while poll() runs (an overflowed comparison checked it on every
+  // poll() and stepped down). retry_backoff = milliseconds::max() after an unreadable startup
+  // marker: one error line, not one per poll() (an overflowed deadline lay in the past).
+  const int scenario = GENERATE(0, 1);
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  if (scenario == 1) REQUIRE(::mkfifo((path.string() + ".startup").c_str(), 0600) == 0);
+  wltest::Shared<HugeIntervalReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    HugeIntervalReport& r = *report;
+    auto options = options_for(WaitMode::polled, r.log);
+    options.health_check_interval = milliseconds::max();
+    options.retry_backoff_min = milliseconds::max();
+    options.retry_backoff_max = milliseconds::max();
+    options.startup_generation = "generation-1";
+    Coordinator c(path, options);
+    c.on_startup([] {}).on_demoted([&] { r.demoted.fetch_add(1); });
+    c.start();
+    if (scenario == 0) fs::remove(path);
+    const auto until = std::chrono::steady_clock::now() + 300ms;
+    while (std::chrono::steady_clock::now() < until) {
+      c.poll();
+      std::this_thread::sleep_for(2ms);
+    }
+    r.role.store(static_cast<int>(c.role()));
+    c.stop();
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  HugeIntervalReport& r = *report;
+  INFO("scenario " << scenario << "\n" << r.log.contents());
+  if (scenario == 0) {
+    CHECK(r.role.load() == kPrimary);
+    CHECK(r.log.warnings.load() == 0);
+    CHECK(r.demoted.load() == 1);  // by stop()
+  } else {
+    CHECK(r.role.load() == kSecondary);
+    CHECK(r.log.errors.load() == 1);
+    CHECK(r.demoted.load() == 0);
+  }
+}
+
+TEST_CASE("coordinator: lock_error::path() of a failed start() is the lock file's path",
+          "[coordinator][coordinator_lifecycle]") {
+  wltest::TempDir dir;
+  const fs::path path = dir / "primary.lock";
+  wltest::Shared<PathReport> report;
+  wltest::Children children;
+  const pid_t worker = children.spawn([&]() -> int {
+    PathReport& r = *report;
+    ::setenv("WORKERLOCK_ROLE", "primary", 1);  // refused: forcing primary is an error
+    CoordinatorOptions options;
+    options.wait = WaitMode::polled;
+    options.lock.log = nullptr;
+    Coordinator c(path, options);
+    try {
+      c.start();
+    } catch (const workerlock::lock_error& error) {
+      r.threw.store(1);
+      r.path_is_lock_path.store(error.path() == path ? 1 : 0);
+      r.code_is_eperm.store(error.code().value() == EPERM ? 1 : 0);
+      std::strncpy(r.reported_path, error.path().c_str(), sizeof r.reported_path - 1);
+    }
+    r.role.store(static_cast<int>(c.role()));
+    return 0;
+  });
+  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  PathReport& r = *report;
+  INFO("lock_error::path(): " << r.reported_path);
+  CHECK(r.threw.load() == 1);
+  CHECK(r.path_is_lock_path.load() == 1);
+  CHECK(r.code_is_eperm.load() == 1);
+  CHECK(r.role.load() == kSecondary);
+  CHECK(lock_is_free(path));
+}
+
+TEST_CASE("coordinator: a Coordinator primary that chdir()s stays the only primary",
+          "[lock_file][threads]") {
+  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+  INFO("mechanism=" << workerlock::to_string(m));
+  wltest::TempDir dir;
+  const auto home = dir / "home";
+  const auto elsewhere = dir / "elsewhere";
+  fs::create_directory(home);
+  fs::create_directory(elsewhere);
+  wltest::Shared<PrimaryCount> count;
+  Children children;
+
+  // Worker 0 becomes primary, then chdir()s; worker 1 waits as a standby.
+  const auto worker = [&](int who) {
+    if (::chdir(home.c_str()) != 0) return 2;
+    CoordinatorOptions options;
+    options.lock = quiet(m);
+    options.health_check_interval = 20ms;
+    Coordinator coordinator("coordinated.lock", options);
+    coordinator.on_promoted([&] { count->promoted(who); });
+    coordinator.on_demoted([&] { count->demoted(who); });
+    coordinator.start();
+    count->step[who].store(1);
+    if (who == 0) {
+      if (coordinator.role() != Role::primary) return 3;
+      if (::chdir(elsewhere.c_str()) != 0) return 4;
+      count->step[who].store(2);
+    }
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (!count->quit.load() && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(1ms);
+    coordinator.stop();
+    return 0;
+  };
+  const pid_t primary = children.spawn([&] { return worker(0); });
+  REQUIRE(reach(count->step[0], 2));
+  const pid_t standby = children.spawn([&] { return worker(1); });
+  REQUIRE(reach(count->step[1], 1));
+
+  // Fifty health checks of the primary in its new directory.
+  std::this_thread::sleep_for(1000ms);
+  CHECK(count->violations.load() == 0);
+  CHECK(count->promotions[0].load() == 1);
+  CHECK(count->demotions[0].load() == 0);
+  CHECK(count->promotions[1].load() == 0);
+  CHECK_FALSE(fs::exists(elsewhere / "coordinated.lock"));
+
+  // The standby really waits on the same file: it takes over when the primary dies.
+  count->primaries.fetch_sub(1);  // the primary's on_demoted will never run
+  ::kill(primary, SIGKILL);
+  CHECK(wait_or_kill(children, primary, 10s) == 128 + SIGKILL);
+  CHECK(wltest::eventually([&] { return count->promotions[1].load() == 1; }, 10s));
+  count->quit.store(true);
+  CHECK(wait_or_kill(children, standby, 20s) == 0);
+  CHECK(count->violations.load() == 0);
+}
+
+TEST_CASE("coordinator: Coordinator stop() then a rename then start() never makes two primaries",
+          "[lock_file]") {
+  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+  INFO("mechanism=" << workerlock::to_string(m));
+  wltest::TempDir dir;
+  const auto path = dir / "coordinated.lock";
+  struct Board {
+    std::atomic<int> step{0};
+    std::atomic<int> role_after_restart{-1};
+    std::atomic<int> other_held{0};
+  };
+  wltest::Shared<Board> board;
+  Children children;
+  const pid_t worker = children.spawn([&] {
+    CoordinatorOptions options;
+    options.lock = quiet(m);
+    options.wait = WaitMode::polled;  // no thread: start() decides at once
+    Coordinator coordinator(path, options);
+    coordinator.start();
+    if (coordinator.role() != Role::primary) return 2;
+    coordinator.stop();
+    board->step.store(1);
+    if (!reach(board->step, 2, 20s)) return 3;
+    coordinator.start();
+    board->role_after_restart.store(coordinator.role() == Role::primary ? 1 : 0);
+    board->step.store(3);
+    if (!reach(board->step, 4, 20s)) return 4;
+    coordinator.stop();
+    return 0;
+  });
+  REQUIRE(reach(board->step, 1));
+  REQUIRE(::rename(path.c_str(), (dir / "renamed.lock").c_str()) == 0);
+  const pid_t other = children.spawn([&] {
+    WorkerLock lock(path, quiet(m));
+    if (!lock.try_lock()) return 2;
+    board->other_held.store(1);
+    return reach(board->step, 4, 20s) ? 0 : 3;
+  });
+  REQUIRE(reach(board->other_held, 1));
+  board->step.store(2);
+  REQUIRE(reach(board->step, 3));
+  CHECK(board->role_after_restart.load() == 0);
+  board->step.store(4);
+  CHECK(wait_or_kill(children, worker, 10s) == 0);
+  CHECK(wait_or_kill(children, other, 10s) == 0);
+}
+
+TEST_CASE(
+    "coordinator: two processes with two posix Coordinators each fail over at once and quietly",
+    "[lock_file][threads]") {
+  wltest::TempDir dir;
+  const fs::path files[2] = {dir / "one.lock", dir / "two.lock"};
+  wltest::Shared<CrossBoard> board;
+  Children children;
+
+  // Process p is primary on file p and then a standby on the other file.
+  const auto process = [&](int p) {
+    CoordinatorOptions options;
+    options.lock = quiet(Mechanism::posix);
+    options.lock.log = [&](LogLevel level, std::string_view line) {
+      if (level != LogLevel::info) {
+        board->warnings.fetch_add(1);
+        board->warning.set(line);
+      }
+    };
+    std::vector<std::unique_ptr<Coordinator>> coordinators;
+    for (int n = 0; n < 2; ++n) {
+      const int f = n == 0 ? p : 1 - p;
+      auto c = std::make_unique<Coordinator>(files[f], options);
+      c->on_promoted([&, f] {
+        board->promoted_ms[p][f].store(now_ms());
+        board->primary_on[p][f].store(1);
+      });
+      c->on_demoted([&, f] { board->primary_on[p][f].store(0); });
+      c->start();
+      coordinators.push_back(std::move(c));
+      board->step[p].store(n + 1);
+      if (n == 0 && !reach(board->step[p], 10 + n, 20s)) return 2;  // wait for the parent's go
+    }
+    while (!board->quit.load()) std::this_thread::sleep_for(1ms);
+    return 0;
+  };
+  const pid_t first = children.spawn([&] { return process(0); });
+  REQUIRE(reach(board->step[0], 1));  // primary on one.lock
+  const pid_t second = children.spawn([&] { return process(1); });
+  REQUIRE(reach(board->step[1], 1));  // primary on two.lock
+  // on_promoted may still be running on the coordinator thread when start() returns.
+  REQUIRE(wltest::eventually([&] { return board->primary_on[0][0].load() == 1; }));
+  REQUIRE(wltest::eventually([&] { return board->primary_on[1][1].load() == 1; }));
+  board->step[0].store(10);  // first: standby on two.lock, blocked in the kernel
+  REQUIRE(reach(board->step[0], 2));
+  struct stat two {};
+  REQUIRE(::stat(files[1].c_str(), &two) == 0);
+  REQUIRE(wltest::eventually([&] { return blocked_waiters_on(two.st_ino) >= 1; }));
+  board->step[1].store(10);  // second: standby on one.lock, which the kernel calls a deadlock
+  REQUIRE(reach(board->step[1], 2));
+  std::this_thread::sleep_for(1500ms);  // long enough for several retries
+  CHECK(board->primary_on[1][0].load() == 0);
+  CHECK(board->primary_on[0][1].load() == 0);
+
+  const auto killed_ms = now_ms();
+  ::kill(first, SIGKILL);
+  CHECK(wait_or_kill(children, first, 10s) == 128 + SIGKILL);
+  REQUIRE(wltest::eventually([&] { return board->primary_on[1][0].load() == 1; }, 10s));
+  const auto failover_ms = board->promoted_ms[1][0].load() - killed_ms;
+  INFO("failover took " << failover_ms << " ms");
+  CHECK(failover_ms < 2000);
+  INFO("warning: " << board->warning.str());
+  CHECK(board->warnings.load() == 0);
+  board->quit.store(true);
+  CHECK(wait_or_kill(children, second, 20s) == 0);
+}

@@ -32,8 +32,8 @@
 
 #include <workerlock/workerlock.hpp>
 
-#include "raw_fork.hpp"
-#include "support.hpp"
+#include "support/raw_fork.hpp"
+#include "support/common.hpp"
 
 namespace {
 

@@ -49,11 +49,11 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
-#include "partition_lab.hpp"
-#include "paused_holder.hpp"
-#include "postgres_server.hpp"
-#include "raw_fork.hpp"
-#include "support.hpp"
+#include "support/partition_lab.hpp"
+#include "support/paused_holder.hpp"
+#include "support/postgres_server.hpp"
+#include "support/raw_fork.hpp"
+#include "support/common.hpp"
 
 // A resolver that hangs for one host name, as one whose server does not answer: this
 // executable's getaddrinfo() comes first in the symbol lookup, so libpq's lookups reach it;

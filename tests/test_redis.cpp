@@ -33,11 +33,11 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/redis.hpp>
 
-#include "partition_lab.hpp"
-#include "paused_holder.hpp"
-#include "raw_fork.hpp"
-#include "redis_server.hpp"
-#include "support.hpp"
+#include "support/partition_lab.hpp"
+#include "support/paused_holder.hpp"
+#include "support/raw_fork.hpp"
+#include "support/redis_server.hpp"
+#include "support/common.hpp"
 
 namespace {
 

@@ -74,7 +74,7 @@
 
 #include <workerlock/workerlock.hpp>
 
-#include "../support.hpp"
+#include "../support/common.hpp"
 #include "bench_support.hpp"
 
 #ifndef F_OFD_SETLKW

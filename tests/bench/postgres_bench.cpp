@@ -1,5 +1,5 @@
 // tests/bench/postgres_bench.cpp: PostgresBackend latency and failover time against a
-// throwaway cluster (tests/postgres_server.hpp). Prints a Markdown report on stdout.
+// throwaway cluster (tests/support/postgres_server.hpp). Prints a Markdown report on stdout.
 //
 //   postgres_bench [--iterations N] [--runs N] [--quick]
 //
@@ -38,7 +38,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
-#include "../postgres_server.hpp"
+#include "../support/postgres_server.hpp"
 
 namespace {
 

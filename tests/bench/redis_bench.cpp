@@ -41,7 +41,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/redis.hpp>
 
-#include "../redis_server.hpp"
+#include "../support/redis_server.hpp"
 #include "bench_support.hpp"
 
 namespace {

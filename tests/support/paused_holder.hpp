@@ -1,5 +1,5 @@
-// tests/paused_holder.hpp: a network-backend holder stopped with SIGSTOP past its lease, and
-// what a thread in it reads from role() and the backend the moment it runs again.
+// tests/support/paused_holder.hpp: a network-backend holder stopped with SIGSTOP past its lease,
+// and what a thread in it reads from role() and the backend the moment it runs again.
 #pragma once
 
 #include <signal.h>
@@ -14,7 +14,7 @@
 
 #include <workerlock/coordinator.hpp>
 
-#include "support.hpp"
+#include "common.hpp"
 
 namespace wltest {
 

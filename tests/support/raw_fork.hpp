@@ -1,4 +1,4 @@
-// tests/raw_fork.hpp: copies of the test process made by syscall(SYS_fork), which runs no
+// tests/support/raw_fork.hpp: copies of the test process made by syscall(SYS_fork), which runs no
 // pthread_atfork handler, and how such a copy is ended and waited for.
 #pragma once
 
@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "support.hpp"
+#include "common.hpp"
 
 namespace wltest {
 

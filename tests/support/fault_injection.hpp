@@ -1,5 +1,5 @@
-// tests/fault_injection.hpp: makes the kernel fail chosen system calls of this process with a
-// chosen errno (a seccomp filter), so error paths are tested with no mock layer in the library.
+// tests/support/fault_injection.hpp: makes the kernel fail chosen system calls of this process with
+// a chosen errno (a seccomp filter), so error paths are tested with no mock layer in the library.
 #pragma once
 
 #include <seccomp.h>

@@ -1,5 +1,6 @@
-// tests/partition_lab.hpp: a network partition for tests, for real: this process in a network
-// namespace of its own, joined to a child's namespace (a second host) by a veth link to cut.
+// tests/support/partition_lab.hpp: a network partition for tests, for real: this process in a
+// network namespace of its own, joined to a child's namespace (a second host) by a veth link to
+// cut.
 #pragma once
 
 #include <fcntl.h>
@@ -19,7 +20,7 @@
 
 #include <fmt/format.h>
 
-#include "support.hpp"
+#include "common.hpp"
 
 namespace wltest {
 

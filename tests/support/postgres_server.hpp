@@ -1,4 +1,4 @@
-// tests/postgres_server.hpp: a throwaway PostgreSQL cluster for tests and the PostgreSQL
+// tests/support/postgres_server.hpp: a throwaway PostgreSQL cluster for tests and the PostgreSQL
 // benchmark: initdb into a fresh temporary directory, listening on 127.0.0.1 on a free port
 // and on a Unix socket in that directory, fsync off, stopped (pg_ctl stop -m immediate) and
 // removed by the destructor. It can also listen on one more address and trust one more

@@ -1,4 +1,4 @@
-// tests/redis_server.hpp: a throwaway redis-server for tests and the Redis benchmark. It
+// tests/support/redis_server.hpp: a throwaway redis-server for tests and the Redis benchmark. It
 // listens on 127.0.0.1 on a free port, keeps its files in a fresh temporary directory, never
 // persists anything (--save '' --appendonly no), and is stopped by the destructor, or by
 // the kernel when the thread that started it dies (PR_SET_PDEATHSIG), so a test killed by a

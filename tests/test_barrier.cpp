@@ -1,262 +1,260 @@
-// tests/test_startup_barrier.cpp: forked-process tests of the startup barrier: hostile markers,
-// read errors at promotion, signal storms, size limits and the default generation.
-//
-// Every risky step runs in a forked child that reports through shared memory; the parent
-// kills a child that outlives a generous watchdog and fails, so a hang is a failure.
-#include <catch2/catch.hpp>
-
+// tests/test_barrier.cpp: StartupBarrier and wait_for_startup(): markers, generations, errors.
+// Helpers live in tests/support/; every test forks real processes where it needs more than one.
 #include <fcntl.h>
 #include <grp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/inotify.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <set>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 
 #include <workerlock/workerlock.hpp>
 
-#include "fault_injection.hpp"
-#include "support.hpp"
+#include "support/barrier_lab.hpp"
+#include "support/coordinator_lab.hpp"
 
-namespace {
+using namespace wltest;
+using namespace wltest::coordinator_lab;
+using namespace wltest::barrier_lab;
 
-namespace fs = std::filesystem;
-using namespace std::chrono_literals;
-using Catch::Matchers::Contains;
-using wltest::Children;
-using workerlock::Coordinator;
-using workerlock::CoordinatorOptions;
-using workerlock::lock_error;
-using workerlock::LogLevel;
-using workerlock::Role;
-using workerlock::StartupBarrier;
-using workerlock::WaitMode;
+TEST_CASE("startup barrier: with secondaries started before and during and after the tasks",
+          "[coordinator][startup]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  Harness h;
+  Cluster& cl = h.cl();
+  const Plan plan = startup_plan(mode, 10s);
+  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
 
-constexpr uid_t nobody = 65534;
-constexpr auto kWatchdog = 10s;  // a child still running after this is hung
+  // Before: a plain lock holder keeps both workers standby while they start waiting.
+  const int blocker = spawn_blocker(h);
+  const int a = h.spawn(plan);
+  const int b = h.spawn(plan);
+  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
+  std::this_thread::sleep_for(100ms);
+  CHECK(cl.task_runs.load() == 0);
+  CHECK(h.slot(a).wait_result.load() == -1);
+  CHECK(h.slot(b).wait_result.load() == -1);
+  REQUIRE(h.exit_worker(blocker) == 0);
+  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
 
-//! Waits for a child of `children` for at most `timeout`; kills it after that. Returns its
-//! exit code, or -1 if it had to be killed (it hung).
-int wait_or_kill(Children& children, pid_t pid, std::chrono::milliseconds timeout = kWatchdog) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (;;) {
-    siginfo_t info{};
-    // WNOWAIT: look without reaping, so Children::wait() reaps it (and forgets the pid).
-    if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
-        info.si_pid == pid)
-      return children.wait(pid);
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      children.wait(pid);
-      return -1;
-    }
-    std::this_thread::sleep_for(1ms);
+  // During: the task of the new primary is blocked.
+  const int c = h.spawn(plan);
+  REQUIRE(wltest::eventually([&] { return waiting(c); }));
+  std::this_thread::sleep_for(150ms);
+  for (const int id : {a, b, c}) CHECK(h.slot(id).wait_result.load() == -1);
+  CHECK(cl.check.promotions.load() == 0);  // on_promoted runs after the tasks
+  CHECK(cl.task_completions.load() == 0);
+
+  cl.let_first_task_finish.store(true);
+  REQUIRE(wltest::eventually(
+      [&] {
+        return h.slot(a).wait_result.load() != -1 && h.slot(b).wait_result.load() != -1 &&
+               h.slot(c).wait_result.load() != -1;
+      },
+      5s));
+  const std::int64_t done_ns = cl.task_done_ns.load();
+  for (const int id : {a, b, c}) {
+    INFO("waiter " << id);
+    CHECK(h.slot(id).wait_result.load() == 1);
+    CHECK(h.slot(id).wait_returned_ns.load() >= done_ns);
   }
+  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
+
+  // After: returns true at once.
+  const int d = h.spawn(plan);
+  REQUIRE(wltest::eventually([&] { return h.slot(d).wait_result.load() != -1; }, 5s));
+  CHECK(h.slot(d).wait_result.load() == 1);
+  const double after_ms =
+      ms_between(h.slot(d).wait_began_ns.load(), h.slot(d).wait_returned_ns.load());
+  report(
+      fmt::format("startup barrier {}: wait_for_startup() after completion returned in {:.3f} ms",
+                  mode_name(mode), after_ms));
+  CHECK(after_ms < 50.0);
+
+  // Nobody runs the tasks again, not even the next primary after a handover.
+  const int runner = h.holder_slot();
+  REQUIRE(runner >= 0);
+  REQUIRE(h.command(runner, Cmd::stop));
+  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
+  std::this_thread::sleep_for(100ms);
+  CHECK(cl.task_runs.load() == 1);
+  CHECK(cl.task_completions.load() == 1);
+  CHECK(workerlock::StartupBarrier(h.path(), h.generation()).completed());
+  CHECK_FALSE(workerlock::StartupBarrier(h.path(), h.generation() + "-next").completed());
+  CHECK(cl.check.violations.load() == 0);
+  for (const int id : {a, b, c, d}) CHECK(h.exit_worker(id) == 0);
 }
 
-//! The contents of a regular file; "" for anything else (never blocks on a planted FIFO).
-std::string slurp(const fs::path& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(fs::symlink_status(path, ec))) return "";
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+TEST_CASE("startup barrier: when the primary is SIGKILLed mid-task", "[coordinator][startup]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  Harness h;
+  Cluster& cl = h.cl();
+  const Plan plan = startup_plan(mode, 10s);
+  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
+
+  const int blocker = spawn_blocker(h);
+  const int a = h.spawn(plan);
+  const int b = h.spawn(plan);
+  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
+  REQUIRE(h.exit_worker(blocker) == 0);
+  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
+  const int c = h.spawn(plan);
+  REQUIRE(wltest::eventually([&] { return waiting(c); }));
+  std::this_thread::sleep_for(100ms);
+
+  const pid_t first_runner = cl.task_runner[0].load();
+  int victim = -1;
+  for (const int id : {a, b}) {
+    if (h.pid(id) == first_runner) victim = id;
+  }
+  REQUIRE(victim >= 0);
+  for (const int id : {a, b, c}) CHECK(h.slot(id).wait_result.load() == -1);
+  cl.check.killed.store(first_runner);
+  REQUIRE(::kill(first_runner, SIGKILL) == 0);
+  REQUIRE(h.wait_exit(victim) == 128 + SIGKILL);
+
+  REQUIRE(wltest::eventually([&] { return cl.task_completions.load() == 1; }, 5s));
+  std::vector<int> survivors;
+  for (const int id : {a, b, c})
+    if (id != victim) survivors.push_back(id);
+  REQUIRE(wltest::eventually(
+      [&] {
+        return std::all_of(survivors.begin(), survivors.end(),
+                           [&](int id) { return h.slot(id).wait_result.load() != -1; });
+      },
+      5s));
+  for (const int id : survivors) {
+    INFO("waiter " << id);
+    CHECK(h.slot(id).wait_result.load() == 1);
+    CHECK(h.slot(id).wait_returned_ns.load() >= cl.task_done_ns.load());
+  }
+  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }, 5s));
+  std::this_thread::sleep_for(100ms);
+  CHECK(cl.task_runs.load() == 2);
+  CHECK(cl.task_completions.load() == 1);
+  CHECK(cl.task_runner[1].load() != first_runner);
+  CHECK(cl.check.holder.load() == cl.task_runner[1].load());
+  CHECK(cl.check.violations.load() == 0);
+  for (const int id : survivors) CHECK(h.exit_worker(id) == 0);
 }
 
-void spit(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
+TEST_CASE(
+    "startup barrier: wait_for_startup() returns false after about the timeout if no primary "
+    "completes",
+    "[coordinator][startup]") {
+  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+  INFO("mode " << mode_name(mode));
+  Harness h;
+  Cluster& cl = h.cl();
+  const int stuck = h.spawn(startup_plan(mode, 0ms));  // primary, its task never finishes
+  REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
+  const int waiter = h.spawn(startup_plan(mode, 300ms));
+  REQUIRE(wltest::eventually([&] { return h.slot(waiter).wait_result.load() != -1; }, 3s));
+  CHECK(h.slot(waiter).wait_result.load() == 0);
+  const double waited_ms =
+      ms_between(h.slot(waiter).wait_began_ns.load(), h.slot(waiter).wait_returned_ns.load());
+  report(fmt::format("startup barrier {}: wait_for_startup(300 ms) returned false after {:.1f} ms",
+                     mode_name(mode), waited_ms));
+  CHECK(waited_ms >= 295.0);
+  CHECK(waited_ms < 700.0);
+  CHECK(cl.task_runs.load() == 1);
+  CHECK(cl.task_completions.load() == 0);
+  cl.let_first_task_finish.store(true);
+  REQUIRE(wltest::eventually([&] { return cl.task_completions.load() == 1; }, 5s));
+  CHECK(h.exit_worker(waiter) == 0);
+  CHECK(h.exit_worker(stuck) == 0);
 }
 
-fs::path marker_of(const fs::path& lock) { return fs::path(lock.native() + ".startup"); }
+TEST_CASE(
+    "startup barrier: the default startup generation is the master's pid and start time, stable "
+    "while the master's memory changes",
+    "[coordinator][startup]") {
+  wltest::Shared<GenerationBoard> board;
+  wltest::TempDir dir;
+  const auto path = dir / "generation.lock";
+  const std::string expected = fmt::format("master={}:{}", ::getpid(), own_start_time());
+  REQUIRE(expected != fmt::format("master={}:0", ::getpid()));
 
-//! Drops every group and becomes `uid` (gid = uid). Only root can do this.
-bool become(uid_t uid) {
-  return ::setgroups(0, nullptr) == 0 && ::setgid(uid) == 0 && ::setuid(uid) == 0 &&
-         ::geteuid() == uid;
-}
-
-//! What one worker child saw, for the parent's assertions.
-struct WorkerBoard {
-  std::atomic<int> startup_runs{0};
-  std::atomic<int> promotions{0};
-  std::atomic<int> role_after_start{-1};
-  std::atomic<int> errors{0};  // error lines of the log sink
-  std::atomic<long> stop_ms{-1};
-  std::atomic<int> step{0};  // how far the child got
-  char first_error[1024] = {};
-};
-
-//! A log sink that counts error lines in `board` and keeps the first.
-workerlock::LogSink error_sink(WorkerBoard& board) {
-  return [&board](LogLevel level, std::string_view line) {
-    if (level != LogLevel::error) return;
-    if (board.errors.fetch_add(1) == 0)
-      std::snprintf(board.first_error, sizeof board.first_error, "%.*s",
-                    static_cast<int>(line.size()), line.data());
+  // A worker with the default generation runs the startup tasks once and completes them.
+  Children children;
+  const auto worker = [&](int index) {
+    return children.spawn([&, index] {
+      const auto generation = workerlock::StartupBarrier::master_generation();
+      std::snprintf(board->generation[index], sizeof board->generation[index], "%s",
+                    generation.c_str());
+      CoordinatorOptions options;
+      options.lock.log = nullptr;
+      Coordinator coordinator(path, options);
+      coordinator.on_startup([&] { board->startup_runs.fetch_add(1); });
+      coordinator.on_promoted([&] { board->primaries.fetch_add(1); });
+      coordinator.start();
+      if (coordinator.role() != Role::primary) return 2;
+      return coordinator.wait_for_startup(5s) ? 0 : 3;
+    });
   };
+  REQUIRE(children.wait(worker(0), 10s) == 0);
+  // The master grows by 512 MiB of address space (its vsize, field 23, changes) between the
+  // first worker and its replacement: the generation must not.
+  void* grown = ::mmap(nullptr, 512u << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(grown != MAP_FAILED);
+  const int replacement = children.wait(worker(1), 10s);
+  ::munmap(grown, 512u << 20);
+  REQUIRE(replacement == 0);
+
+  CHECK(std::string(board->generation[0]) == expected);
+  CHECK(std::string(board->generation[1]) == expected);
+  CHECK(board->primaries.load() == 2);
+  CHECK(board->startup_runs.load() == 1);  // the replacement found the tasks complete
 }
 
-CoordinatorOptions options_for(WaitMode mode, WorkerBoard& board, std::string generation) {
-  CoordinatorOptions options;
-  options.wait = mode;
-  options.lock.log = error_sink(board);
-  options.startup_generation = std::move(generation);
-  options.retry_backoff_min = 5ms;
-  options.retry_backoff_max = 40ms;
-  return options;
+TEST_CASE("startup barrier: /proc/PID/stat start time survives spaces and parentheses in the name",
+          "[coordinator][startup]") {
+  using workerlock::detail::proc_stat_start_time;
+  std::string line = "4242 (a b) c)) S";
+  for (int field = 4; field <= 21; ++field) line += fmt::format(" {}", field * 10);
+  line += " 987654 123456789 33";  // 22 starttime, 23 vsize, 24 rss
+  CHECK(proc_stat_start_time(line) == std::optional<std::string>("987654"));
+  CHECK_FALSE(proc_stat_start_time("4242 (name) S 1 2").has_value());
+  CHECK_FALSE(proc_stat_start_time("no parenthesis").has_value());
 }
-
-void count_callbacks(Coordinator& coordinator, WorkerBoard& board) {
-  coordinator.on_startup([&board] { board.startup_runs.fetch_add(1); });
-  coordinator.on_promoted([&board] { board.promotions.fetch_add(1); });
-}
-
-//! Keeps `coordinator` running for `duration`, polling in polled mode.
-void run_for(Coordinator& coordinator, WaitMode mode, std::chrono::milliseconds duration) {
-  const auto until = std::chrono::steady_clock::now() + duration;
-  while (std::chrono::steady_clock::now() < until) {
-    if (mode == WaitMode::polled) coordinator.poll();
-    std::this_thread::sleep_for(2ms);
-  }
-}
-
-long stop_and_time(Coordinator& coordinator) {
-  const auto before = std::chrono::steady_clock::now();
-  coordinator.stop();
-  return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                               std::chrono::steady_clock::now() - before)
-                               .count());
-}
-
-//! From now on, in this process, openat() fails with `error` when it opens read-only with
-//! O_NOFOLLOW, as the startup marker's read does (and the lock file's read-write open, the
-//! temporary file's write-only one and fopen() do not). A seccomp filter: irreversible, so
-//! call it in a forked child. Returns false if it could not be installed.
-bool fail_read_only_nofollow_opens(int error) {
-  return wltest::SyscallFilter()
-      .on(SCMP_SYS(openat), SCMP_ACT_ERRNO(error),
-          {wltest::low_bits_equal(2, O_RDONLY | O_NOFOLLOW, O_ACCMODE | O_NOFOLLOW)})
-      .install(true);
-}
-
-enum class Planted { fifo, symlink, directory, oversized };
-
-const char* name_of(Planted kind) {
-  switch (kind) {
-    case Planted::fifo:
-      return "a FIFO";
-    case Planted::symlink:
-      return "a symbolic link to a completed marker";
-    case Planted::directory:
-      return "a directory";
-    case Planted::oversized:
-      return "a file larger than any generation";
-  }
-  return "?";
-}
-
-//! Puts `kind` at `marker`. The symbolic link points to a file that names `generation`,
-//! so following it would wrongly skip the tasks.
-void plant(Planted kind, const fs::path& marker, const std::string& generation) {
-  switch (kind) {
-    case Planted::fifo:
-      REQUIRE(::mkfifo(marker.c_str(), 0644) == 0);
-      break;
-    case Planted::symlink: {
-      const fs::path target = marker.parent_path() / "elsewhere";
-      spit(target, generation + "\n");
-      REQUIRE(::symlink(target.c_str(), marker.c_str()) == 0);
-      break;
-    }
-    case Planted::directory:
-      REQUIRE(::mkdir(marker.c_str(), 0755) == 0);
-      break;
-    case Planted::oversized:
-      spit(marker, generation + "\n" + std::string(4096, 'x'));
-      break;
-  }
-}
-
-//! Child body: a Coordinator on `lock` whose marker is hostile. The primary must step down
-//! without running any callback, log why, stay out while the marker stays, stop promptly,
-//! and, once the marker is gone, be promoted and run the tasks once.
-int hostile_marker_worker(WorkerBoard& board, const fs::path& lock, WaitMode mode,
-                          const std::string& generation) {
-  Coordinator coordinator(lock, options_for(mode, board, generation));
-  count_callbacks(coordinator, board);
-  coordinator.start();
-  board.step.store(1);
-  board.role_after_start.store(static_cast<int>(coordinator.role()));
-  run_for(coordinator, mode, 150ms);  // several retries, each refused
-  board.step.store(2);
-  if (board.startup_runs.load() != 0 || board.promotions.load() != 0) return 11;
-  // Removed: the next attempt reads "not completed" and runs the tasks.
-  std::error_code ignored;
-  fs::remove_all(marker_of(lock), ignored);
-  const bool promoted = wltest::eventually([&] {
-    if (mode == WaitMode::polled) coordinator.poll();
-    return board.promotions.load() == 1;
-  });
-  board.step.store(3);
-  board.stop_ms.store(stop_and_time(coordinator));
-  if (!promoted) return 12;
-  return board.startup_runs.load() == 1 ? 0 : 13;
-}
-
-void check_hostile_marker(WaitMode mode) {
-  for (const Planted kind :
-       {Planted::fifo, Planted::symlink, Planted::directory, Planted::oversized}) {
-    INFO("marker: " << name_of(kind)
-                    << ", mode: " << (mode == WaitMode::polled ? "polled" : "background_thread"));
-    wltest::TempDir dir;
-    const fs::path lock = dir / "app.lock";
-    const std::string generation = "hostile-marker-test";
-    plant(kind, marker_of(lock), generation);
-    wltest::Shared<WorkerBoard> board;
-    Children children;
-    const pid_t worker =
-        children.spawn([&] { return hostile_marker_worker(*board, lock, mode, generation); });
-    const int code = wait_or_kill(children, worker);
-    INFO("exit code " << code << " (-1: hung, killed), step " << board->step.load()
-                      << ", first error: " << board->first_error);
-    CHECK(code == 0);
-    CHECK(board->role_after_start.load() != -1);
-    CHECK(board->errors.load() >= 1);
-    CHECK_THAT(std::string(board->first_error), Contains(marker_of(lock).native()));
-    CHECK_THAT(std::string(board->first_error), Contains("on_startup not run"));
-    CHECK(board->startup_runs.load() == 1);  // only once the marker was removed
-    CHECK(board->promotions.load() == 1);
-    CHECK(board->stop_ms.load() >= 0);
-    CHECK(board->stop_ms.load() < 1000);
-    CHECK(slurp(marker_of(lock)) == generation + "\n");
-    if (kind == Planted::symlink) CHECK(slurp(dir / "elsewhere") == generation + "\n");
-  }
-}
-
-}  // namespace
 
 TEST_CASE(
     "startup barrier: a FIFO, a symbolic link, a directory or an oversized file at the marker "
@@ -553,60 +551,6 @@ TEST_CASE(
   CHECK(board->barrier_ms.load() < 5000);
   CHECK(board->coordinator_ms.load() >= 299);
   CHECK(board->coordinator_ms.load() < 5000);
-}
-
-TEST_CASE(
-    "startup barrier: EMFILE while reading the marker at promotion never re-runs completed "
-    "tasks",
-    "[startup_barrier][faults]") {
-  wltest::TempDir dir;
-  const fs::path lock = dir / "emfile.lock";
-  const std::string generation = "emfile-test";
-  StartupBarrier(lock, generation).complete();  // a primary completed the tasks earlier
-  wltest::Shared<WorkerBoard> board;
-  wltest::Shared<WorkerBoard> successor;
-  Children children;
-  // The kernel fails the marker's open with EMFILE (only read-only O_NOFOLLOW opens, which
-  // only the marker's read uses): the worker must step down, not take it for "not completed".
-  const pid_t faulty = children.spawn([&]() -> int {
-    Coordinator coordinator(lock, options_for(WaitMode::polled, *board, generation));
-    count_callbacks(coordinator, *board);
-    if (!fail_read_only_nofollow_opens(EMFILE)) return 10;
-    board->step.store(1);
-    coordinator.start();
-    board->step.store(2);
-    board->role_after_start.store(static_cast<int>(coordinator.role()));
-    run_for(coordinator, WaitMode::polled, 100ms);  // retries, each still EMFILE
-    board->stop_ms.store(stop_and_time(coordinator));
-    return coordinator.role() == Role::secondary ? 0 : 11;
-  });
-  const int code = wait_or_kill(children, faulty);
-  INFO("exit code " << code << " (-1: hung), step " << board->step.load()
-                    << ", first error: " << board->first_error);
-  CHECK(code == 0);
-  CHECK(board->startup_runs.load() == 0);  // the tasks had completed: never again
-  CHECK(board->promotions.load() == 0);
-  CHECK(board->role_after_start.load() != -1);
-  CHECK(board->errors.load() >= 2);  // it retried, and said so each time
-  CHECK_THAT(std::string(board->first_error), Contains(marker_of(lock).native()));
-  CHECK_THAT(std::string(board->first_error), Contains("read startup marker"));
-  CHECK_THAT(std::string(board->first_error), Contains("EMFILE"));
-  CHECK(board->stop_ms.load() >= 0);
-  CHECK(board->stop_ms.load() < 1000);
-  CHECK(slurp(marker_of(lock)) == generation + "\n");
-
-  // Without the fault, the next worker reads the marker and skips the tasks.
-  const pid_t next = children.spawn([&]() -> int {
-    Coordinator coordinator(lock, options_for(WaitMode::polled, *successor, generation));
-    count_callbacks(coordinator, *successor);
-    coordinator.start();
-    coordinator.stop();
-    return 0;
-  });
-  CHECK(wait_or_kill(children, next) == 0);
-  CHECK(successor->promotions.load() == 1);
-  CHECK(successor->startup_runs.load() == 0);
-  CHECK(successor->errors.load() == 0);
 }
 
 TEST_CASE(

@@ -1,4 +1,4 @@
-// tests/support.hpp: helpers for tests that fork real processes: temporary directories,
+// tests/support/common.hpp: helpers for tests that fork real processes: temporary directories,
 // children whose exit codes the parent checks, and shared memory for their bookkeeping.
 #pragma once
 
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -112,27 +113,50 @@ inline int wait_all_failures(const std::vector<pid_t>& pids) {
   return failures;
 }
 
+//! What Children::wait(pid, timeout) returns when the child had to be SIGKILLed.
+inline constexpr int kTimedOut = -2;
+
+//! Tag for Children(adopt_orphans): see there.
+struct AdoptOrphans {};
+inline constexpr AdoptOrphans adopt_orphans{};
+
 //! Forked children of one test; any child still running when the test leaves (a failed
-//! REQUIRE, say) is killed and reaped, so no test leaves a process behind.
+//! REQUIRE, say) is killed and reaped, so no test leaves a process behind. Only pids that are
+//! still unreaped children of this process are ever signalled, so a pid was never reused.
 class Children {
  public:
   Children() = default;
+  //! Also makes this process the subreaper of its descendants for the scope, so grandchildren
+  //! orphaned by a killed child are reparented here and can be watch()ed and reaped by pid.
+  explicit Children(AdoptOrphans)
+      : subreaper_(::prctl(PR_SET_CHILD_SUBREAPER, 1L, 0L, 0L, 0L) == 0) {}
   Children(const Children&) = delete;
   Children& operator=(const Children&) = delete;
   ~Children() {
-    for (const pid_t pid : live_) {
-      ::kill(pid, SIGKILL);
-      wltest::wait_exit_code(pid);
-    }
+    kill_all();
+    if (subreaper_) ::prctl(PR_SET_CHILD_SUBREAPER, 0L, 0L, 0L, 0L);
+  }
+
+  //! Whether Children(adopt_orphans) made this process a subreaper.
+  bool is_subreaper() const { return subreaper_; }
+
+  //! Takes care of `pid`, forked some other way (a grandchild, say): it is killed and reaped
+  //! at scope exit like a spawned child. Only real pids are watched: kill(0 or -1, ...) would
+  //! hit whole process groups.
+  pid_t watch(pid_t pid) {
+    if (pid > 0) live_.push_back(pid);
+    return pid;
   }
 
   //! Forks a child running body(); the child dies with the test process (PR_SET_PDEATHSIG),
-  //! so an interrupted run leaves no child spinning at a start line.
+  //! so an interrupted run leaves no child spinning at a start line. The child starts without
+  //! the operator override $WORKERLOCK_ROLE: a test that wants it sets it in the child.
   template <typename F>
   pid_t spawn(F&& body) {
     const pid_t parent = ::getpid();
     const pid_t pid = wltest::fork_child([&]() -> int {
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) return 98;
+      ::unsetenv("WORKERLOCK_ROLE");
       return body();
     });
     live_.push_back(pid);
@@ -142,8 +166,38 @@ class Children {
   //! Waits for one child; returns its exit code (128 + signal when killed).
   int wait(pid_t pid) {
     const int code = wltest::wait_exit_code(pid);
-    live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end());
+    forget(pid);
     return code;
+  }
+
+  //! Waits up to `timeout` for one child: its exit code (128 + signal when killed), or
+  //! kTimedOut if it had to be SIGKILLed because it did not finish in time.
+  int wait(pid_t pid, std::chrono::milliseconds timeout) {
+    if (pid <= 0) return -1;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    bool timed_out = false;
+    for (;;) {
+      const pid_t got = ::waitpid(pid, &status, WNOHANG);
+      if (got == pid) break;
+      if (got < 0 && errno != EINTR) {
+        forget(pid);
+        return -1;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        ::kill(pid, SIGKILL);
+        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        timed_out = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    forget(pid);
+    if (timed_out) return kTimedOut;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return -1;
   }
 
   //! Waits for every remaining child; returns how many did not exit with 0.
@@ -153,9 +207,53 @@ class Children {
     return failures;
   }
 
+  //! Sends `signal_number` to a child and returns how it ended (as wait(pid, 30 s)).
+  int kill_and_reap(pid_t pid, int signal_number = SIGKILL) {
+    if (pid <= 0) return -1;
+    ::kill(pid, signal_number);
+    return wait(pid, std::chrono::seconds(30));
+  }
+
+  //! SIGKILLs and reaps every child still running.
+  void kill_all() noexcept {
+    for (const pid_t pid : live_) ::kill(pid, SIGKILL);
+    for (const pid_t pid : live_) {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
+    live_.clear();
+  }
+
  private:
+  void forget(pid_t pid) { live_.erase(std::remove(live_.begin(), live_.end(), pid), live_.end()); }
+
+  bool subreaper_ = false;
   std::vector<pid_t> live_;
 };
+
+//! One child of a Children, for a test that forks just one: Child c(body); c.pid(); c.wait().
+//! Killed and reaped if the test leaves before waiting for it.
+class Child {
+ public:
+  template <typename F>
+  explicit Child(F&& body) : pid_(children_.spawn(std::forward<F>(body))) {}
+
+  pid_t pid() const { return pid_; }
+  //! Its exit code (128 + signal when killed).
+  int wait() { return children_.wait(pid_); }
+
+ private:
+  Children children_;
+  pid_t pid_;
+};
+
+//! Runs `body` in a child and returns its exit code.
+template <typename F>
+int run_child(F&& body) {
+  Child child(std::forward<F>(body));
+  return child.wait();
+}
 
 //! Polls `condition` every 100 µs until it holds or `timeout` passes.
 template <typename F>

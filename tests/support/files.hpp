@@ -1,0 +1,64 @@
+// tests/support/files.hpp: small file and option helpers shared by the tests: whole-file
+// reads and writes, silent Options, another user to become, a step counter to wait for.
+#pragma once
+
+#include <grp.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <string_view>
+
+#include <workerlock/workerlock.hpp>
+
+#include "common.hpp"
+
+namespace wltest {
+
+//! Options that log nothing, with mechanism `m`.
+inline workerlock::Options quiet(workerlock::Mechanism m = workerlock::default_mechanism) {
+  return workerlock::Options{}.with(m).silent();
+}
+
+//! The whole content of `path` ("" if it cannot be read).
+inline std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+//! Replaces the content of `path` with `bytes`; whether that worked.
+inline bool write_file(const std::filesystem::path& path, std::string_view bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  return static_cast<bool>(out);
+}
+
+//! Waits until `step` reaches `value` or `timeout` passes.
+inline bool reach(const std::atomic<int>& step, int value,
+                  std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  return eventually([&] { return step.load() >= value; }, timeout);
+}
+
+//! Which file a path or descriptor names: device and inode.
+struct FileId {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  bool operator==(const FileId& o) const { return dev == o.dev && ino == o.ino; }
+};
+
+//! The unprivileged user a root test becomes (nobody).
+inline constexpr uid_t nobody = 65534;
+
+//! Drops every group and becomes `uid` (gid = uid). Only root can do this.
+inline bool become(uid_t uid) {
+  return ::setgroups(0, nullptr) == 0 && ::setgid(uid) == 0 && ::setuid(uid) == 0 &&
+         ::geteuid() == uid && ::getegid() == uid;
+}
+
+}  // namespace wltest

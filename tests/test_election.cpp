@@ -393,7 +393,7 @@ TEST_CASE("election: after a SIGKILL of the primary a waiting sibling acquires w
   const double latency_ms = static_cast<double>(takeover->acquired_ns.load() - kill_ns) / 1e6;
   INFO("kill -> acquisition: " << latency_ms << " ms");
   CHECK(latency_ms >= 0.0);
-  CHECK(latency_ms < 100.0);
+  CHECK(latency_ms < 1000.0);  // woken by the kernel, not by a timeout; speed: tests/bench
 }
 
 TEST_CASE("election: stale lock files never block an election", "[election]") {

@@ -284,7 +284,7 @@ TEST_CASE(
   const auto latency_ms = to_ms(steady_clock::now() - killed_at);
   INFO("kill -> acquisition: " << latency_ms << " ms");
   REQUIRE(got);
-  CHECK(latency_ms < 100.0);
+  CHECK(latency_ms < 1000.0);  // woken by the kernel, not by a timeout; speed: tests/bench
   const auto holder = workerlock::lock_holder(path);
   REQUIRE(holder.has_value());
   CHECK(holder->pid == ::getpid());

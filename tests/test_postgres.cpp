@@ -49,11 +49,12 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
+#include "support/clock.hpp"
+#include "support/common.hpp"
 #include "support/partition_lab.hpp"
 #include "support/paused_holder.hpp"
 #include "support/postgres_server.hpp"
 #include "support/raw_fork.hpp"
-#include "support/common.hpp"
 
 // A resolver that hangs for one host name, as one whose server does not answer: this
 // executable's getaddrinfo() comes first in the symbol lookup, so libpq's lookups reach it;
@@ -96,15 +97,8 @@ wltest::PostgresServer& server() {
   return *instance;
 }
 
-std::int64_t mono_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
-
-double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
-  return static_cast<double>(to_ns - from_ns) / 1e6;
-}
+using wltest::mono_ns;
+using wltest::ms_between;
 
 //! A lock name of its own for each test, so they never see each other's locks.
 std::string fresh_name(const char* what) {
@@ -1031,6 +1025,7 @@ TEST_CASE("postgres: keepalives and tcp_user_timeout are in force on both ends o
   // Server side: the backend processes serving the two sessions, which free the lock when
   // the holder's host goes silent.
   if (::geteuid() != 0) {
+    if (wltest::in_ci()) FAIL("not root: pidfd_getfd of the server's sockets is not permitted");
     WARN("not root: pidfd_getfd of the server's sockets is not permitted; server side unchecked");
   } else {
     for (const int session : {backend.lock_session_pid(), backend.fence_session_pid()}) {
@@ -1349,7 +1344,7 @@ TEST_CASE(
   WL_REQUIRE_POSTGRES_SERVER();
   if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
     if (wltest::server_required("WORKERLOCK_REQUIRE_POSTGRES")) FAIL(why);
-    WARN(why << ": partition test skipped");
+    wltest::skip_test(why);
     return;
   }
   wltest::PartitionLab lab;

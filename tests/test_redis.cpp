@@ -33,11 +33,12 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/redis.hpp>
 
+#include "support/clock.hpp"
+#include "support/common.hpp"
 #include "support/partition_lab.hpp"
 #include "support/paused_holder.hpp"
 #include "support/raw_fork.hpp"
 #include "support/redis_server.hpp"
-#include "support/common.hpp"
 
 namespace {
 
@@ -52,15 +53,8 @@ using workerlock::Role;
 #define WL_REQUIRE_REDIS_SERVER() \
   WLTEST_REQUIRE_SERVER(wltest::RedisServer, "WORKERLOCK_REQUIRE_REDIS")
 
-std::int64_t mono_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
-
-double ms_between(std::int64_t from_ns, std::int64_t to_ns) {
-  return static_cast<double>(to_ns - from_ns) / 1e6;
-}
+using wltest::mono_ns;
+using wltest::ms_between;
 
 //! A key of its own for each test, so they never see each other's leases.
 std::string fresh_key(const char* name) {
@@ -1207,10 +1201,8 @@ TEST_CASE("redis: the holder demotes before anyone else is promoted when Redis s
     stall = [&] { server.command({"CLIENT", "PAUSE", "3000"}); };
   }
   SECTION("DEBUG SLEEP 2") {
-    if (wltest::RedisServer::major_version() < 7) {
-      WARN("DEBUG SLEEP needs --enable-debug-command (Redis >= 7); skipped");
-      return;
-    }
+    WLTEST_SKIP_UNLESS(wltest::RedisServer::major_version() >= 7,
+                       "DEBUG SLEEP needs --enable-debug-command (Redis >= 7)");
     what = "DEBUG SLEEP 2";
     stall = [&] { server.command({"DEBUG", "SLEEP", "2"}, 10s); };  // blocks Redis and us
   }
@@ -1265,7 +1257,7 @@ TEST_CASE(
   WL_REQUIRE_REDIS_SERVER();
   if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
     if (wltest::server_required("WORKERLOCK_REQUIRE_REDIS")) FAIL(why);
-    WARN(why << ": partition test skipped");
+    wltest::skip_test(why);
     return;
   }
   wltest::PartitionLab lab;

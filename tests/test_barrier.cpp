@@ -48,14 +48,15 @@
 
 #include "support/barrier_lab.hpp"
 #include "support/coordinator_lab.hpp"
+#include "support/fixtures.hpp"
 
 using namespace wltest;
 using namespace wltest::coordinator_lab;
 using namespace wltest::barrier_lab;
 
-TEST_CASE("startup barrier: with secondaries started before and during and after the tasks",
-          "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "startup barrier: with secondaries started before and during and after the tasks",
+                 "[coordinator][startup]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -122,8 +123,8 @@ TEST_CASE("startup barrier: with secondaries started before and during and after
   for (const int id : {a, b, c, d}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE("startup barrier: when the primary is SIGKILLed mid-task", "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode, "startup barrier: when the primary is SIGKILLed mid-task",
+                 "[coordinator][startup]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -176,11 +177,11 @@ TEST_CASE("startup barrier: when the primary is SIGKILLed mid-task", "[coordinat
   for (const int id : survivors) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "startup barrier: wait_for_startup() returns false after about the timeout if no primary "
     "completes",
     "[coordinator][startup]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();

@@ -50,6 +50,8 @@
 #include <workerlock/workerlock.hpp>
 
 #include "support/coordinator_lab.hpp"
+#include "support/coordinator_measure.hpp"
+#include "support/fixtures.hpp"
 #include "support/lifecycle_lab.hpp"
 #include "support/lock_file_lab.hpp"
 
@@ -69,9 +71,9 @@ TEST_CASE("coordinator: SIGKILLed primary promotes exactly one standby per kill 
   failover_test(WaitMode::polled);
 }
 
-TEST_CASE("coordinator: graceful stop() of the primary hands over to exactly one standby",
-          "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: graceful stop() of the primary hands over to exactly one standby",
+                 "[coordinator]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -120,8 +122,9 @@ TEST_CASE("coordinator: graceful stop() of the primary hands over to exactly one
   CHECK(cl.check.violations.load() == 0);
 }
 
-TEST_CASE("coordinator: rolling restart of every worker never has two primaries", "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: rolling restart of every worker never has two primaries",
+                 "[coordinator]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -179,9 +182,10 @@ TEST_CASE("coordinator: rolling restart of every worker never has two primaries"
   CHECK(cl.check.violations.load() == 0);
 }
 
-TEST_CASE("coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resumes it as primary",
-          "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
+    "coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resumes it as primary",
+    "[coordinator]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -225,11 +229,11 @@ TEST_CASE("coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resum
     if (id != primary) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator: a primary whose lock file is deleted steps down at its health check, "
     "logs it and rejoins as a standby",
     "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const auto path = dir / "deleted.lock";
@@ -269,11 +273,11 @@ TEST_CASE(
   CHECK(board->demotions.load() == 2);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator: a standby whose lock directory vanished logs the error, retries with "
     "backoff and is promoted once the directory is back",
     "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const auto lock_dir = dir / "run";
@@ -318,9 +322,9 @@ TEST_CASE(
   CHECK(board->demotions.load() == 1);
 }
 
-TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
-          "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: stop() on a waiting standby returns within 100 ms",
+                 "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Plan plan;
@@ -328,7 +332,7 @@ TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
   const int primary = h.spawn(plan);
   REQUIRE(wltest::eventually([&] { return h.cl().check.promotions.load() == 1; }));
   const fs::path path = h.path();
-  const int standby = h.spawn_body([&h, &path, mode](int id) {
+  const int standby = h.spawn_body([&h, &path, this](int id) {
     WorkerSlot& me = h.slot(id);
     std::atomic<int> promotions{0};
     const auto options = options_for(mode, me);
@@ -388,11 +392,11 @@ TEST_CASE("coordinator: stop() on a waiting standby returns within 100 ms",
   CHECK(h.exit_worker(primary) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator: destruction without stop() hands over from a primary and quietly leaves a "
     "standby",
     "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -426,8 +430,8 @@ TEST_CASE(
   CHECK(cl.check.violations.load() == 0);
 }
 
-TEST_CASE("coordinator: start() twice is harmless", "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() twice is harmless",
+                 "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -464,8 +468,8 @@ TEST_CASE("coordinator: start() twice is harmless", "[coordinator][threads]") {
   for (const int id : {a, b}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE("coordinator: start() after stop() re-joins the election", "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() after stop() re-joins the election",
+                 "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -500,9 +504,10 @@ TEST_CASE("coordinator: start() after stop() re-joins the election", "[coordinat
   CHECK(cl.check.holder.load() == 0);
 }
 
-TEST_CASE("coordinator: throwing callbacks are logged through the sink and the machinery continues",
-          "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
+    "coordinator: throwing callbacks are logged through the sink and the machinery continues",
+    "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
 
   SECTION("on_promoted and on_demoted throw") {
@@ -573,10 +578,10 @@ TEST_CASE("coordinator: throwing callbacks are logged through the sink and the m
   }
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator: a callback that calls stop() does not deadlock and another worker is promoted",
     "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Plan plain;
   plain.mode = mode;
@@ -648,8 +653,8 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("coordinator: stop() called concurrently from two threads", "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: stop() called concurrently from two threads",
+                 "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -686,15 +691,15 @@ TEST_CASE("coordinator: stop() called concurrently from two threads", "[coordina
   for (const int id : {a, b, c}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator: a lock path that cannot be opened makes start() throw lock_error and nothing "
     "runs",
     "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   Harness h;
   const fs::path missing = h.dir() / "missing-directory" / "primary.lock";
-  const int id = h.spawn_body([&h, &missing, mode](int slot) {
+  const int id = h.spawn_body([&h, &missing, this](int slot) {
     WorkerSlot& me = h.slot(slot);
     std::atomic<int> callbacks{0};
     Coordinator c(missing, options_for(mode, me));
@@ -740,9 +745,9 @@ TEST_CASE(
   CHECK_FALSE(fs::exists(missing.parent_path()));
 }
 
-TEST_CASE("coordinator: WORKERLOCK_ROLE=secondary keeps a Coordinator out of the election",
-          "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: WORKERLOCK_ROLE=secondary keeps a Coordinator out of the election",
+                 "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   Cluster& cl = h.cl();
@@ -771,13 +776,14 @@ TEST_CASE("coordinator: WORKERLOCK_ROLE=secondary keeps a Coordinator out of the
   CHECK(h.exit_worker(k) == 0);
 }
 
-TEST_CASE("coordinator: start() that wins a free lock reports role() primary as soon as it returns",
-          "[coordinator][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
+    "coordinator: start() that wins a free lock reports role() primary as soon as it returns",
+    "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
   Harness h;
   const fs::path path = h.path();
-  const int id = h.spawn_body([&h, &path, mode](int slot) {
+  const int id = h.spawn_body([&h, &path, this](int slot) {
     WorkerSlot& me = h.slot(slot);
     int not_primary = 0;
     std::atomic<int> promotions{0};
@@ -987,9 +993,9 @@ TEST_CASE(
   for (const int id : live) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE("coordinator: every public call from a callback returns without deadlock",
-          "[coordinator][coordinator_lifecycle][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: every public call from a callback returns without deadlock",
+                 "[coordinator][coordinator_lifecycle][threads]") {
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";
@@ -1118,11 +1124,10 @@ TEST_CASE(
   CHECK(log.find("SIGRTMIN+5") != std::string::npos);
 }
 
-TEST_CASE(
-    "coordinator: request_stop() from a SIGTERM handler releases the lock without a "
-    "hang",
-    "[coordinator][coordinator_lifecycle][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator: request_stop() from a SIGTERM handler releases the lock without a "
+                 "hang",
+                 "[coordinator][coordinator_lifecycle][threads]") {
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";
@@ -1398,11 +1403,10 @@ TEST_CASE("coordinator: lock_error::path() of a failed start() is the lock file'
   CHECK(lock_is_free(path));
 }
 
-TEST_CASE("coordinator: a Coordinator primary that chdir()s stays the only primary",
-          "[lock_file][threads]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "coordinator: a Coordinator primary that chdir()s stays the only primary",
+                 "[lock_file][threads]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   const auto home = dir / "home";
   const auto elsewhere = dir / "elsewhere";
   fs::create_directory(home);
@@ -1414,7 +1418,7 @@ TEST_CASE("coordinator: a Coordinator primary that chdir()s stays the only prima
   const auto worker = [&](int who) {
     if (::chdir(home.c_str()) != 0) return 2;
     CoordinatorOptions options;
-    options.lock = quiet(m);
+    options.lock = quiet(mechanism);
     options.health_check_interval = 20ms;
     Coordinator coordinator("coordinated.lock", options);
     coordinator.on_promoted([&] { count->promoted(who); });
@@ -1455,12 +1459,11 @@ TEST_CASE("coordinator: a Coordinator primary that chdir()s stays the only prima
   CHECK(count->violations.load() == 0);
 }
 
-TEST_CASE("coordinator: Coordinator stop() then a rename then start() never makes two primaries",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "coordinated.lock";
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "coordinator: Coordinator stop() then a rename then start() never makes two primaries",
+    "[lock_file]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   struct Board {
     std::atomic<int> step{0};
     std::atomic<int> role_after_restart{-1};
@@ -1470,7 +1473,7 @@ TEST_CASE("coordinator: Coordinator stop() then a rename then start() never make
   Children children;
   const pid_t worker = children.spawn([&] {
     CoordinatorOptions options;
-    options.lock = quiet(m);
+    options.lock = quiet(mechanism);
     options.wait = WaitMode::polled;  // no thread: start() decides at once
     Coordinator coordinator(path, options);
     coordinator.start();
@@ -1488,7 +1491,7 @@ TEST_CASE("coordinator: Coordinator stop() then a rename then start() never make
   REQUIRE(reach(board->step, 1));
   REQUIRE(::rename(path.c_str(), (dir / "renamed.lock").c_str()) == 0);
   const pid_t other = children.spawn([&] {
-    WorkerLock lock(path, quiet(m));
+    WorkerLock lock(path, quiet(mechanism));
     if (!lock.try_lock()) return 2;
     board->other_held.store(1);
     return reach(board->step, 4, 20s) ? 0 : 3;

@@ -32,8 +32,9 @@
 
 #include <workerlock/workerlock.hpp>
 
-#include "support/raw_fork.hpp"
 #include "support/common.hpp"
+#include "support/fixtures.hpp"
+#include "support/raw_fork.hpp"
 
 namespace {
 
@@ -145,11 +146,11 @@ class UnprovableLease final : public FakeLease {
 
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: role() reads secondary as soon as the lease's local deadline passes, "
     "before on_demoted runs",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   auto backend = std::make_unique<FakeLease>();
   FakeLease& lease = *backend;
@@ -337,11 +338,11 @@ std::string current_mask() {
 
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: callbacks, and the threads they start, run with the host's signal "
     "mask",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   std::string host, in_promoted, in_thread, in_demoted;
@@ -508,11 +509,11 @@ struct TwoWorkers {
 
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a whole-server stop never promotes a standby that is stopped "
     "during the grace",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   const std::chrono::milliseconds grace =
       20s;  // far longer than the test needs: the standby is stopped in it
@@ -536,9 +537,10 @@ TEST_CASE(
   CHECK(probe.try_lock());
 }
 
-TEST_CASE("coordinator contract: a rolling stop hands over at once, whole-server stops aside",
-          "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
+    "coordinator contract: a rolling stop hands over at once, whole-server stops aside",
+    "[coordinator][coordinator_contract]") {
   INFO("mode " << mode_name(mode));
   const std::chrono::milliseconds grace = 20s;
   TwoWorkers w(mode, StopScope::worker, StopScope::worker, grace);
@@ -555,11 +557,11 @@ TEST_CASE("coordinator contract: a rolling stop hands over at once, whole-server
   CHECK(b.demoted.load() == 1);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: after a whole-server stop, a standby that is not stopped is "
     "promoted once the grace has passed",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   const std::chrono::milliseconds grace = 1s;
   TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
@@ -577,11 +579,11 @@ TEST_CASE(
   CHECK(b.demoted.load() == 1);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a deferred standby stopped with whole_server keeps the original "
     "note, so the time without a primary is bounded by one grace",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   const std::chrono::milliseconds grace = 6s;
   const auto grace_ns = std::chrono::nanoseconds(grace).count();
@@ -623,11 +625,11 @@ TEST_CASE(
   CHECK(children.wait(pb) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a deferred standby whose lock file was replaced during the grace "
     "never runs on_promoted on the stale file",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   const std::chrono::milliseconds grace = 2s;
   TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
@@ -678,11 +680,11 @@ int run_with_fifo_note(const fs::path& path, WaitMode mode, bool fifo_before_sta
 
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a FIFO at the whole-server note's path hangs neither start() nor "
     "stop(whole_server)",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   const bool fifo_before_start = GENERATE(true, false);
   INFO("mode " << mode_name(mode)
                << (fifo_before_start ? ", FIFO before start()"
@@ -792,11 +794,11 @@ TEST_CASE(
   c.stop();
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: start() refuses on_startup on a backend that keeps no startup "
     "barrier, naming the backend",
     "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;
@@ -829,11 +831,10 @@ TEST_CASE(
   plain.stop();
 }
 
-TEST_CASE(
-    "coordinator contract: a backend's own startup barrier runs on_startup once per "
-    "generation",
-    "[coordinator][coordinator_contract]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "coordinator contract: a backend's own startup barrier runs on_startup once per "
+                 "generation",
+                 "[coordinator][coordinator_contract]") {
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;
@@ -856,11 +857,11 @@ TEST_CASE(
   }
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a check that cannot tell keeps the role until the lease's deadline, "
     "then steps down",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;
@@ -1011,11 +1012,11 @@ class ThrowsInts final : public FakeLease {
 };
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a check that fails at once near the lease's end is retried after a "
     "backoff, not in a loop, and steps down at the deadline",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;
@@ -1051,11 +1052,11 @@ TEST_CASE(
   c.stop();
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a backend that throws something that is no std::exception is "
     "logged and retried, and a check that throws one steps down at the deadline",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;
@@ -1116,11 +1117,11 @@ class LeaseWithIntThrowingBarrier final : public FakeLease {
 };
 }  // namespace
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "coordinator contract: a startup barrier that throws something that is no std::exception "
     "is logged: an unreadable record steps down and retries, a failed complete() still promotes",
     "[coordinator][coordinator_contract][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   CoordinatorOptions options;
   options.wait = mode;

@@ -50,6 +50,7 @@
 
 #include "support/contract_lab.hpp"
 #include "support/election_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/lock_file_lab.hpp"
 #include "support/race_lab.hpp"
 
@@ -311,14 +312,12 @@ TEST_CASE("election: 16 children x 1000 rounds elect exactly one primary every r
   CHECK(r.failed_workers == 0);
 }
 
-TEST_CASE("election: 16-way races for each mechanism", "[election]") {
-  const Mechanism m = GENERATE(Mechanism::posix, Mechanism::flock, Mechanism::ofd);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
+TEST_CASE_METHOD(wltest::EachMechanism, "election: 16-way races for each mechanism", "[election]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
 
   // 50 rounds among 16 long-lived workers.
   wltest::Shared<ArenaBoard> arena;
-  const auto a = run_arena(*arena, dir.path(), 16, 50, quiet(m));
+  const auto a = run_arena(*arena, dir.path(), 16, 50, quiet(mechanism));
   INFO(fmt::format("arena: {} rounds in {:.2f} s; first problem: {}", a.rounds_run, a.seconds,
                    a.first_problem));
   CHECK(a.first_problem.empty());
@@ -330,32 +329,31 @@ TEST_CASE("election: 16-way races for each mechanism", "[election]") {
   for (int round = 0; round < 2; ++round) {
     const int n = 16;
     const auto path = dir / fmt::format("fork-{}.lock", round);
-    const auto r = run_race(*board, path, n, quiet(m));
+    const auto r = run_race(*board, path, n, quiet(mechanism));
     INFO("fresh children: n=" << n << " round=" << round << " " << r.problem());
     REQUIRE(r.problem().empty());
-    const auto after = check_after_race(path, r.winner, m);
+    const auto after = check_after_race(path, r.winner, mechanism);
     INFO(after);
     CHECK(after.empty());
   }
 }
 
-TEST_CASE("election: after a SIGKILL of the primary a waiting sibling acquires within 100 ms",
-          "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "election: after a SIGKILL of the primary a waiting sibling acquires within 100 ms",
+    "[election]") {
   // 0: a try_lock() loop, 1: blocking lock(), 2: try_lock_for()
   const int style = GENERATE(0, 1, 2);
-  INFO("mechanism=" << workerlock::to_string(m) << " waiter style=" << style);
-  wltest::TempDir dir;
-  const auto path = dir / "kill.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism) << " waiter style=" << style);
   wltest::Shared<HolderBoard> board;
   wltest::Shared<TakeoverBoard> takeover;
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
 
   const pid_t waiter = children.spawn([&] {
-    auto [role, lock] = workerlock::is_primary_worker(path, quiet(m));
+    auto [role, lock] = workerlock::is_primary_worker(path, quiet(mechanism));
     if (role != Role::secondary) return takeover->diag.fail("waiter became primary while held");
     takeover->waiting.store(1);
     bool got = false;
@@ -396,11 +394,9 @@ TEST_CASE("election: after a SIGKILL of the primary a waiting sibling acquires w
   CHECK(latency_ms < 1000.0);  // woken by the kernel, not by a timeout; speed: tests/bench
 }
 
-TEST_CASE("election: stale lock files never block an election", "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism, "election: stale lock files never block an election",
+                 "[election]") {
   const int kind = GENERATE(range(0, 10));
-  wltest::TempDir dir;
-  const auto path = dir / "stale.lock";
   Children children;
   Gate wake_sleeper;
   pid_t sleeper = 0;  // a live, unrelated process that sleeps through the election
@@ -451,12 +447,13 @@ TEST_CASE("election: stale lock files never block an election", "[election]") {
     }
     case 4:
       description = "record naming the live parent";
-      REQUIRE(
-          write_file(path, make_record(::getpid(), now, workerlock::to_string(m), host_name())));
+      REQUIRE(write_file(
+          path, make_record(::getpid(), now, workerlock::to_string(mechanism), host_name())));
       break;
     case 5:
       description = "record naming a live sleeping child";
-      REQUIRE(write_file(path, make_record(sleeper, now, workerlock::to_string(m), host_name())));
+      REQUIRE(write_file(path,
+                         make_record(sleeper, now, workerlock::to_string(mechanism), host_name())));
       break;
     case 6:
       description = "bare pidfile line naming the live parent";
@@ -468,15 +465,15 @@ TEST_CASE("election: stale lock files never block an election", "[election]") {
       break;
     case 8:
       description = "record naming a dead pid";
-      REQUIRE(
-          write_file(path, make_record(dead, now - 10min, workerlock::to_string(m), host_name())));
+      REQUIRE(write_file(
+          path, make_record(dead, now - 10min, workerlock::to_string(mechanism), host_name())));
       break;
     default:
       description = "record of another host and pid namespace";
       REQUIRE(write_file(path, make_record(1, now, "ofd", "elsewhere.example")));
       break;
   }
-  INFO("mechanism=" << workerlock::to_string(m) << " stale file: " << description);
+  INFO("mechanism=" << workerlock::to_string(mechanism) << " stale file: " << description);
   // A file that holds no record (garbage, another tool's pidfile) is locked but never written.
   const bool foreign = kind != 0 && (kind < 4 || kind == 6 || kind == 7);
   const std::string before = read_file(path);
@@ -489,13 +486,13 @@ TEST_CASE("election: stale lock files never block an election", "[election]") {
   CHECK_FALSE(workerlock::lock_holder(path).has_value());
 
   wltest::Shared<RaceBoard> board;
-  const auto r = run_race(*board, path, 4, quiet(m), !foreign);
+  const auto r = run_race(*board, path, 4, quiet(mechanism), !foreign);
   INFO(r.problem());
   CHECK(r.problem().empty());
   if (foreign) {
     CHECK(read_file(path) == before);
   } else {
-    const auto after = check_after_race(path, r.winner, m);
+    const auto after = check_after_race(path, r.winner, mechanism);
     INFO(after);
     CHECK(after.empty());
   }

@@ -62,6 +62,7 @@
 #include "support/barrier_lab.hpp"
 #include "support/coordinator_lab.hpp"
 #include "support/file_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/lifecycle_lab.hpp"
 
 using namespace wltest;
@@ -191,11 +192,11 @@ TEST_CASE(
   }
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachWaitMode,
     "faults: a worker whose holder record cannot be written (EIO) logs it, retries with "
     "backoff, is never promoted, and keeps nobody else out",
     "[coordinator]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const auto path = dir / "eio.lock";

@@ -171,9 +171,8 @@ TEST_CASE(
   CHECK(other_process_try(path, mechanism) == kBusy);
 }
 
-TEST_CASE("fork: a child forked by the primary reads role() secondary",
-          "[coordinator][coordinator_lifecycle][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode, "fork: a child forked by the primary reads role() secondary",
+                 "[coordinator][coordinator_lifecycle][threads]") {
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";
@@ -250,11 +249,10 @@ TEST_CASE("fork: a child forked by the primary reads role() secondary",
   CHECK(r.lock_free_while_held.load() == 0);
 }
 
-TEST_CASE(
-    "fork: start() on a forked copy throws while the parent runs it and starts "
-    "afresh once the parent stopped it",
-    "[coordinator][coordinator_lifecycle][threads]") {
-  const WaitMode mode = GENERATE(WaitMode::background_thread, WaitMode::polled);
+TEST_CASE_METHOD(wltest::EachWaitMode,
+                 "fork: start() on a forked copy throws while the parent runs it and starts "
+                 "afresh once the parent stopped it",
+                 "[coordinator][coordinator_lifecycle][threads]") {
   INFO("mode " << mode_name(mode));
   wltest::TempDir dir;
   const fs::path path = dir / "primary.lock";

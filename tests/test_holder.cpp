@@ -65,6 +65,7 @@
 
 #include "support/election_lab.hpp"
 #include "support/file_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/fork_lab.hpp"
 #include "support/holder_lab.hpp"
 
@@ -238,16 +239,15 @@ TEST_CASE("lock_holder: returns nullopt for an unlocked file with a valid record
   }
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
     "lock_holder: after a SIGKILL of the primary lock_holder reports nobody until the parent takes "
     "over",
     "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   // With a helper: the primary forked a child (no exec) that outlives it.
   const bool with_helper = GENERATE(false, true);
-  INFO("mechanism=" << workerlock::to_string(m) << " primary forked a helper: " << with_helper);
-  wltest::TempDir dir;
-  const auto path = dir / "kill2.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism)
+                    << " primary forked a helper: " << with_helper);
   wltest::Shared<HolderBoard> board;
   struct HelperCleanup {
     HolderBoard& board;
@@ -258,7 +258,7 @@ TEST_CASE(
   } helper_cleanup{*board};
   board->fork_helper.store(with_helper);
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
   if (with_helper) REQUIRE(board->helper.load() > 0);
@@ -277,7 +277,7 @@ TEST_CASE(
   CHECK_FALSE(workerlock::lock_holder(path, ec).has_value());
   CHECK_FALSE(ec);
 
-  WorkerLock mine(path, quiet(m));
+  WorkerLock mine(path, quiet(mechanism));
   bool got = false;
   while (!(got = mine.try_lock()) && steady_clock::now() - killed_at < 5s) {
   }
@@ -299,7 +299,7 @@ TEST_CASE(
   // close-releases trap): another process still cannot take it.
   wltest::Shared<Diag> diag;
   const pid_t prober = children.spawn([&] {
-    WorkerLock other(path, quiet(m));
+    WorkerLock other(path, quiet(mechanism));
     if (other.try_lock()) return diag->fail("took the lock the parent still holds");
     return 0;
   });
@@ -308,17 +308,15 @@ TEST_CASE(
   CHECK(mine.owns_lock());
 }
 
-TEST_CASE("lock_holder: does not attribute a lock to the stale record of a dead holder",
-          "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "stale-holder.lock";
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "lock_holder: does not attribute a lock to the stale record of a dead holder",
+                 "[election]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   Children children;
 
   // An earlier primary writes its record, then exits.
   wltest::Shared<HolderBoard> first;
-  const pid_t old = spawn_primary(children, *first, path, quiet(m));
+  const pid_t old = spawn_primary(children, *first, path, quiet(mechanism));
   INFO(first->diag.message());
   REQUIRE(first->state.load() == 1);
   first->release.store(true);
@@ -330,7 +328,7 @@ TEST_CASE("lock_holder: does not attribute a lock to the stale record of a dead 
 
   // Now a process that writes no record holds the lock (write_holder_record = false, or any
   // program that only locks the file). The dead process's record is still in the file.
-  Options no_record = quiet(m);
+  Options no_record = quiet(mechanism);
   no_record.write_holder_record = false;
   wltest::Shared<HolderBoard> second;
   const pid_t current = spawn_primary(children, *second, path, no_record);
@@ -348,13 +346,13 @@ TEST_CASE("lock_holder: does not attribute a lock to the stale record of a dead 
   CHECK_FALSE(holder->recorded);
   CHECK_FALSE(holder->acquired.has_value());
   // holder.hpp: the kernel keeps no pid for an OFD lock of a program that wrote no record.
-  if (m == Mechanism::ofd) {
+  if (mechanism == Mechanism::ofd) {
     CHECK_FALSE(holder->pid.has_value());
     CHECK(holder->pid_unknown == workerlock::Holder::PidUnknown::ofd_lock_without_record);
   } else {
     CHECK(holder->pid == current);
   }
-  CHECK(holder->mechanism == m);
+  CHECK(holder->mechanism == mechanism);
 
   second->release.store(true);
   CHECK(children.wait(current) == 0);

@@ -47,22 +47,21 @@
 #include <workerlock/workerlock.hpp>
 
 #include "support/election_lab.hpp"
+#include "support/fixtures.hpp"
 #include "support/lock_file_lab.hpp"
 
 using namespace wltest;
 using namespace wltest::election_lab;
 using namespace wltest::lock_file_lab;
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
     "holder record: the primary's pid and acquired time via file text and cat and lock_holder",
     "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "holder.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::Shared<HolderBoard> board;
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
 
@@ -80,7 +79,7 @@ TEST_CASE(
   CHECK(seconds_apart(record->acquired, system_clock::now()) < 1.0);
   CHECK(record->host == host_name());
   CHECK(record->pid_namespace == pid_namespace_inode());
-  CHECK(record->mechanism == workerlock::to_string(m));
+  CHECK(record->mechanism == workerlock::to_string(mechanism));
 
   // Through cat(1), as an operator would look.
   CHECK(run_command("cat " + shell_quote(path.string())) == text);
@@ -99,7 +98,7 @@ TEST_CASE(
   REQUIRE(holder->acquired.has_value());
   CHECK(seconds_apart(*holder->acquired, system_clock::now()) < 1.0);
   CHECK(*holder->acquired == record->acquired);
-  CHECK(holder->mechanism == m);
+  CHECK(holder->mechanism == mechanism);
   CHECK(holder->host == host_name());
   CHECK(holder->pid_namespace == pid_namespace_inode());
 
@@ -110,16 +109,14 @@ TEST_CASE(
   CHECK(read_file(path) == text);
 }
 
-TEST_CASE("holder record: 20 secondaries leave the primary's record byte-for-byte intact",
-          "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "keep.lock";
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "holder record: 20 secondaries leave the primary's record byte-for-byte intact",
+                 "[election]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::Shared<HolderBoard> board;
   wltest::Shared<SecondaryBoard> others;
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
 
@@ -136,7 +133,7 @@ TEST_CASE("holder record: 20 secondaries leave the primary's record byte-for-byt
     pids.push_back(children.spawn([&] {
       all_forked.pass();
       others->start.arrive_and_wait();
-      auto [role, lock] = workerlock::is_primary_worker(path, quiet(m));
+      auto [role, lock] = workerlock::is_primary_worker(path, quiet(mechanism));
       if (role != Role::secondary) return others->diag.fail("became primary while another holds");
       if (lock.owns_lock()) return others->diag.fail("secondary's handle owns the lock");
       if (lock.try_lock()) return others->diag.fail("try_lock() succeeded while another holds");
@@ -172,16 +169,15 @@ TEST_CASE("holder record: 20 secondaries leave the primary's record byte-for-byt
   CHECK(children.wait(primary) == 0);
 }
 
-TEST_CASE("holder record: a longer stale record is shrunk to exactly the new record",
-          "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "holder record: a longer stale record is shrunk to exactly the new record",
+                 "[election]") {
   const int kind = GENERATE(0, 1, 2);  // a file without any record is never written
-  wltest::TempDir dir;
-  const auto path = dir / "shrink.lock";
   std::string stale;
   switch (kind) {
     case 0:  // a well-formed record, longer only by its pid's digits (4194303 is pid_max)
-      stale = make_record(4194303, system_clock::now() - 1h, workerlock::to_string(m), host_name());
+      stale = make_record(4194303, system_clock::now() - 1h, workerlock::to_string(mechanism),
+                          host_name());
       break;
     case 1:  // a well-formed record with a long host name
       stale = make_record(4194303, system_clock::now() - 1h, "flock", std::string(300, 'h'));
@@ -191,12 +187,12 @@ TEST_CASE("holder record: a longer stale record is shrunk to exactly the new rec
           make_record(1, system_clock::now(), "posix", host_name()) + std::string(5000, 'x') + "\n";
       break;
   }
-  INFO("mechanism=" << workerlock::to_string(m) << " stale kind=" << kind);
+  INFO("mechanism=" << workerlock::to_string(mechanism) << " stale kind=" << kind);
   REQUIRE(write_file(path, stale));
 
   wltest::Shared<HolderBoard> board;
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
 
@@ -207,7 +203,7 @@ TEST_CASE("holder record: a longer stale record is shrunk to exactly the new rec
   const auto record = parse_exact_record(text);  // exactly one record, nothing after it
   REQUIRE(record.has_value());
   CHECK(record->pid == primary);
-  CHECK(record->mechanism == workerlock::to_string(m));
+  CHECK(record->mechanism == workerlock::to_string(mechanism));
   CHECK(seconds_apart(record->acquired, system_clock::now()) < 1.0);
   const auto holder = workerlock::lock_holder(path);
   REQUIRE(holder.has_value());
@@ -218,12 +214,12 @@ TEST_CASE("holder record: a longer stale record is shrunk to exactly the new rec
   CHECK(children.wait(primary) == 0);
 }
 
-TEST_CASE("holder record: a file that is not a lock file is locked but never truncated or written",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "holder record: a file that is not a lock file is locked but never truncated or written",
+    "[lock_file]") {
   const int kind = GENERATE(range(0, 4));
-  wltest::TempDir dir;
-  const auto path = dir / "important.conf";
+  const auto conf = dir / "important.conf";
   std::string content;
   switch (kind) {
     case 0:  // a configuration file that $WORKERLOCK_PATH named by mistake
@@ -241,21 +237,21 @@ TEST_CASE("holder record: a file that is not a lock file is locked but never tru
       content = "hello";
       break;
   }
-  INFO("mechanism=" << workerlock::to_string(m) << " kind=" << kind);
-  REQUIRE(write_file(path, content));
+  INFO("mechanism=" << workerlock::to_string(mechanism) << " kind=" << kind);
+  REQUIRE(write_file(conf, content));
   const timespec long_ago[2] = {{1000000000, 0}, {1000000000, 0}};
-  REQUIRE(::utimensat(AT_FDCWD, path.c_str(), long_ago, 0) == 0);
+  REQUIRE(::utimensat(AT_FDCWD, conf.c_str(), long_ago, 0) == 0);
 
   wltest::Shared<ForeignBoard> board;
   Children children;
   constexpr int workers = 4;
   for (int i = 0; i < workers; ++i) {
     children.spawn([&] {
-      ::setenv("WORKERLOCK_PATH", path.c_str(), 1);
+      ::setenv("WORKERLOCK_PATH", conf.c_str(), 1);
       Options options;
-      options.mechanism = m;
+      options.mechanism = mechanism;
       options.log = [&](LogLevel level, std::string_view line) {
-        if (level == LogLevel::warning && line.find(path.native()) != std::string_view::npos) {
+        if (level == LogLevel::warning && line.find(conf.native()) != std::string_view::npos) {
           board->warnings_naming_path.fetch_add(1);
           board->warning.set(line);
         }
@@ -282,18 +278,18 @@ TEST_CASE("holder record: a file that is not a lock file is locked but never tru
   CHECK(board->warnings_naming_path.load() == 1);
   INFO("warning: " << board->warning.str());
   CHECK_THAT(board->warning.str(), Catch::Matchers::Contains("not a workerlock lock file"));
-  CHECK(probe(path, m) == 1);
+  CHECK(probe(conf, mechanism) == 1);
   struct stat during {};
-  REQUIRE(::stat(path.c_str(), &during) == 0);
+  REQUIRE(::stat(conf.c_str(), &during) == 0);
   CHECK(during.st_mtim.tv_sec == 1000000000);
-  CHECK(read_file(path) == content);
+  CHECK(read_file(conf) == content);
   board->release.store(true);
   CHECK(children.wait_all_failures() == 0);
-  CHECK(read_file(path) == content);
+  CHECK(read_file(conf) == content);
 
   // unlock_and_remove() releases it but never deletes it.
   const auto problem = in_child([&]() -> std::string {
-    WorkerLock lock(path, quiet(m));
+    WorkerLock lock(conf, quiet(mechanism));
     if (!lock.try_lock()) return "try_lock failed";
     std::error_code ec;
     lock.unlock_and_remove(ec);
@@ -302,8 +298,8 @@ TEST_CASE("holder record: a file that is not a lock file is locked but never tru
     return {};
   });
   CHECK(problem == "");
-  CHECK(read_file(path) == content);
-  CHECK(probe(path, m) == 0);
+  CHECK(read_file(conf) == content);
+  CHECK(probe(conf, mechanism) == 0);
 }
 
 TEST_CASE("holder record: an empty file or one holding a record still gets the holder record",

@@ -444,25 +444,24 @@ TEST_CASE("WorkerLock: unlock_and_remove() refusals carry errc::not_held and err
   CHECK(std::filesystem::exists(foreign_path));
 }
 
-TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock across processes",
-          "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: composes with std::unique_lock and std::scoped_lock across processes",
+                 "[election]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   const auto path_a = dir / "a.lock";
   const auto path_b = dir / "b.lock";
   wltest::Shared<StepBoard> board;
   Children children;
 
   SECTION("std::unique_lock: lock and unlock seen from a forked child") {
-    WorkerLock handle(path_a, quiet(m));
+    WorkerLock handle(path_a, quiet(mechanism));
     std::unique_lock<WorkerLock> guard(handle);
     REQUIRE(guard.owns_lock());
     REQUIRE(handle.owns_lock());
     const pid_t child = children.spawn([&] {
       auto& b = *board;
       if (handle.owns_lock()) return b.diag.fail("inherited handle claims the lock");
-      WorkerLock mine(path_a, quiet(m));
+      WorkerLock mine(path_a, quiet(mechanism));
       if (mine.try_lock()) return b.diag.fail("try_lock succeeded while the parent holds it");
       const auto holder = workerlock::lock_holder(path_a);
       if (!holder || holder->pid != ::getppid())
@@ -496,11 +495,11 @@ TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock acros
   }
 
   SECTION("std::scoped_lock over two files waits for another process and excludes it") {
-    WorkerLock a(path_a, quiet(m));
-    WorkerLock b(path_b, quiet(m));
+    WorkerLock a(path_a, quiet(mechanism));
+    WorkerLock b(path_b, quiet(mechanism));
     // A child holds b for a while; the scoped_lock must wait for it.
     const pid_t holder_child = children.spawn([&] {
-      WorkerLock theirs(path_b, quiet(m));
+      WorkerLock theirs(path_b, quiet(mechanism));
       if (!theirs.try_lock()) return board->diag.fail("could not take b");
       board->step.store(1);
       std::this_thread::sleep_for(150ms);
@@ -517,8 +516,8 @@ TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock acros
       CHECK(children.wait(holder_child) == 0);
       wltest::Shared<Diag> diag;
       const pid_t prober = children.spawn([&] {
-        WorkerLock pa(path_a, quiet(m));
-        WorkerLock pb(path_b, quiet(m));
+        WorkerLock pa(path_a, quiet(mechanism));
+        WorkerLock pb(path_b, quiet(mechanism));
         if (pa.try_lock()) return diag->fail("a free inside the scoped_lock");
         if (pb.try_lock()) return diag->fail("b free inside the scoped_lock");
         return 0;
@@ -530,8 +529,8 @@ TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock acros
     CHECK_FALSE(b.owns_lock());
     wltest::Shared<Diag> diag;
     const pid_t prober = children.spawn([&] {
-      WorkerLock pa(path_a, quiet(m));
-      WorkerLock pb(path_b, quiet(m));
+      WorkerLock pa(path_a, quiet(mechanism));
+      WorkerLock pb(path_b, quiet(mechanism));
       if (!pa.try_lock()) return diag->fail("a still held after the scoped_lock");
       if (!pb.try_lock()) return diag->fail("b still held after the scoped_lock");
       return 0;
@@ -541,21 +540,19 @@ TEST_CASE("WorkerLock: composes with std::unique_lock and std::scoped_lock acros
   }
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
     "WorkerLock: try_lock_for times out while another process holds the lock and succeeds once "
     "released",
     "[election]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "timeout.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   wltest::Shared<HolderBoard> board;
   Children children;
-  const pid_t primary = spawn_primary(children, *board, path, quiet(m));
+  const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
   INFO(board->diag.message());
   REQUIRE(board->state.load() == 1);
 
-  WorkerLock mine(path, quiet(m));
+  WorkerLock mine(path, quiet(mechanism));
   auto t0 = steady_clock::now();
   CHECK_FALSE(mine.try_lock_for(300ms));
   auto elapsed = steady_clock::now() - t0;
@@ -1055,11 +1052,11 @@ TEST_CASE_METHOD(
   CHECK(book->exclusion.entries > book->other_process_entries);
 }
 
-TEST_CASE("WorkerLock: a relative path is resolved at construction so chdir() changes nothing",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "WorkerLock: a relative path is resolved at construction so chdir() changes nothing",
+    "[lock_file]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
   const auto first = dir / "first";
   const auto second = dir / "second";
   fs::create_directory(first);
@@ -1078,7 +1075,7 @@ TEST_CASE("WorkerLock: a relative path is resolved at construction so chdir() ch
       return 1;
     };
     if (::chdir(first.c_str()) != 0) return fail("chdir");
-    WorkerLock lock("./w.lock", quiet(m));
+    WorkerLock lock("./w.lock", quiet(mechanism));
     if (lock.path() != first / "w.lock") return fail("path() is " + lock.path().string());
     if (::chdir(second.c_str()) != 0) return fail("chdir");
     if (!lock.try_lock()) return fail("first try_lock failed");
@@ -1096,7 +1093,7 @@ TEST_CASE("WorkerLock: a relative path is resolved at construction so chdir() ch
   REQUIRE(reach(board->step, 1));
   INFO(board->problem.str());
   REQUIRE(board->step.load() == 1);
-  CHECK(probe(first / "w.lock", m) == 1);  // another process sees it held
+  CHECK(probe(first / "w.lock", mechanism) == 1);  // another process sees it held
   CHECK_FALSE(fs::exists(second / "w.lock"));
   CHECK_FALSE(fs::exists(fs::path("/w.lock")));
   board->step.store(2);
@@ -1131,15 +1128,13 @@ TEST_CASE("WorkerLock: a relative path without a current directory fails with a 
   CHECK(problem == "");
 }
 
-TEST_CASE("WorkerLock: a handle never re-locks its old file after a rename or a relink",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: a handle never re-locks its old file after a rename or a relink",
+                 "[lock_file]") {
   const int how = GENERATE(0, 1);      // 0: rename away, 1: hard link elsewhere, then unlink
   const int call = GENERATE(0, 1, 2);  // 0: try_lock, 1: try_lock_for, 2: lock
-  INFO("mechanism=" << workerlock::to_string(m) << " how=" << (how == 0 ? "rename" : "relink")
-                    << " call=" << call);
-  wltest::TempDir dir;
-  const auto path = dir / "moved.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism)
+                    << " how=" << (how == 0 ? "rename" : "relink") << " call=" << call);
   const auto moved_to = dir / "old.lock";
 
   struct Board {
@@ -1152,7 +1147,7 @@ TEST_CASE("WorkerLock: a handle never re-locks its old file after a rename or a 
   wltest::Shared<Board> board;
   Children children;
   const pid_t first = children.spawn([&] {
-    WorkerLock lock(path, quiet(m));
+    WorkerLock lock(path, quiet(mechanism));
     if (!lock.try_lock()) return 2;
     lock.unlock();  // the descriptor stays open for the next attempt
     board->step.store(1);
@@ -1186,7 +1181,7 @@ TEST_CASE("WorkerLock: a handle never re-locks its old file after a rename or a 
   };
   wltest::Shared<Second> second;
   const pid_t other = children.spawn([&] {
-    WorkerLock lock(path, quiet(m));
+    WorkerLock lock(path, quiet(mechanism));
     if (!lock.try_lock()) return 2;
     second->held.store(1);
     const auto give_up = std::chrono::steady_clock::now() + 20s;
@@ -1217,13 +1212,13 @@ TEST_CASE("WorkerLock: a handle never re-locks its old file after a rename or a 
   CHECK(wait_or_kill(children, first, 10s) == 0);
 }
 
-TEST_CASE("WorkerLock: with standard streams closed the lock file never takes descriptor 0 1 or 2",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "WorkerLock: with standard streams closed the lock file never takes descriptor 0 1 or 2",
+    "[lock_file]") {
   const int closed = GENERATE(0, 2);  // 0: stdin, stdout and stderr all closed; 2: only stderr
-  INFO("mechanism=" << workerlock::to_string(m) << " closed=" << (closed == 0 ? "0,1,2" : "2"));
-  wltest::TempDir dir;
-  const auto path = dir / "streams.lock";
+  INFO("mechanism=" << workerlock::to_string(mechanism)
+                    << " closed=" << (closed == 0 ? "0,1,2" : "2"));
   struct Board {
     std::atomic<int> step{0};
     std::atomic<int> fd{-100};
@@ -1238,7 +1233,7 @@ TEST_CASE("WorkerLock: with standard streams closed the lock file never takes de
     }
     ::close(2);
     Options options;  // the default sink: one line to stderr after the election
-    options.mechanism = m;
+    options.mechanism = mechanism;
     auto [role, lock] = workerlock::is_primary_worker(path, options);
     board->role.store(role == Role::primary ? 1 : 0);
     board->fd.store(lock.native_handle());
@@ -1251,7 +1246,7 @@ TEST_CASE("WorkerLock: with standard streams closed the lock file never takes de
   REQUIRE(reach(board->step, 1));
   CHECK(board->role.load() == 1);
   CHECK(board->fd.load() > 2);
-  CHECK(probe(path, m) == 1);  // still held after freopen()
+  CHECK(probe(path, mechanism) == 1);  // still held after freopen()
   const auto text = read_file(path);
   INFO("lock file: " << text);
   CHECK(text.rfind(std::to_string(child) + "\n", 0) == 0);  // the record, not a log line
@@ -1260,13 +1255,11 @@ TEST_CASE("WorkerLock: with standard streams closed the lock file never takes de
   CHECK(wait_or_kill(children, child, 10s) == 0);
 }
 
-TEST_CASE("WorkerLock: try_lock_for ends on time under a 50 microsecond signal storm",
-          "[lock_file]") {
-  const Mechanism m = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
-  INFO("mechanism=" << workerlock::to_string(m));
-  wltest::TempDir dir;
-  const auto path = dir / "storm.lock";
-  WorkerLock holder(path, quiet(m));
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: try_lock_for ends on time under a 50 microsecond signal storm",
+                 "[lock_file]") {
+  INFO("mechanism=" << workerlock::to_string(mechanism));
+  WorkerLock holder(path, quiet(mechanism));
   REQUIRE(holder.try_lock());
   struct Board {
     std::atomic<int> got{-1};
@@ -1280,7 +1273,7 @@ TEST_CASE("WorkerLock: try_lock_for ends on time under a 50 microsecond signal s
     sigemptyset(&action.sa_mask);
     action.sa_flags = 0;  // no SA_RESTART
     if (::sigaction(SIGALRM, &action, nullptr) != 0) return 2;
-    WorkerLock lock(path, quiet(m));
+    WorkerLock lock(path, quiet(mechanism));
     const itimerval storm{{0, 50}, {0, 50}};
     if (::setitimer(ITIMER_REAL, &storm, nullptr) != 0) return 3;
     const auto start = std::chrono::steady_clock::now();

@@ -1,225 +1,31 @@
-// tests/support/coordinator_lab.hpp: Coordinator workers in forked children and the shared board
-// that records their callbacks.
+// tests/support/coordinator_lab.hpp: Coordinator workers in forked children, the Harness that
+// drives them, and the workers of the startup-barrier and lock-file trouble tests.
 #pragma once
 
-#include <pthread.h>
-#include <signal.h>
-#include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <cmath>
-#include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <thread>
-#include <utility>
-#include <vector>
 
 #include <fmt/format.h>
 #include <catch2/catch.hpp>
-
 #include <workerlock/workerlock.hpp>
 
-#include "common.hpp"
-#include "fault_injection.hpp"
-
 #include "clock.hpp"
-#include "files.hpp"
+#include "common.hpp"
+#include "coordinator_board.hpp"
 #include "names.hpp"
 
 namespace wltest::coordinator_lab {
-
-namespace fs = std::filesystem;
-using namespace std::chrono_literals;
-using std::chrono::milliseconds;
-using workerlock::Coordinator;
-using workerlock::CoordinatorOptions;
-using workerlock::LogLevel;
-using workerlock::Mechanism;
-using workerlock::Role;
-using workerlock::WaitMode;
-
-static_assert(std::atomic<pid_t>::is_always_lock_free);
-static_assert(std::atomic<std::int64_t>::is_always_lock_free);
-static_assert(std::atomic<std::size_t>::is_always_lock_free);
-
-inline constexpr int kMaxSlots = 128;           // worker processes per Harness
-inline constexpr int kMaxEpochs = 128;          // SIGKILLs per Harness, plus the first election
-inline constexpr std::size_t kLogBytes = 1024;  // warning and error lines kept per worker
-inline constexpr auto kChildLifetime = 60s;     // a worker gives up (exit 70) after this long
-inline constexpr int kChildTimedOut = 70;
-inline constexpr int kNotAcknowledged = -3;  // the worker never acknowledged the exit command
-
-inline int count_threads() {
-  std::error_code ec;
-  int n = 0;
-  for (fs::directory_iterator it("/proc/self/task", ec), end; !ec && it != end; it.increment(ec))
-    ++n;
-  return n;
-}
-
-//! Sleeps until `flag` is set or `deadline` passes.
-inline void wait_flag(const std::atomic<bool>& flag,
-                      std::chrono::steady_clock::time_point deadline) {
-  while (!flag.load() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(1ms);
-}
-
-// ----------------------------------------------------------------------------------------
-// Shared memory
-// ----------------------------------------------------------------------------------------
-
-//! The two-primaries checker (see the top of the file).
-struct Checker {
-  std::atomic<pid_t> holder{0};
-  std::atomic<pid_t> killed{0};  // set by the parent BEFORE it SIGKILLs a holder
-  std::atomic<int> promotions{0};
-  std::atomic<int> demotions{0};
-  std::atomic<int> violations{0};
-  std::atomic<pid_t> violation_by{0};
-  std::atomic<pid_t> violation_against{0};
-
-  void promoted(pid_t me) {
-    pid_t expected = 0;
-    if (!holder.compare_exchange_strong(expected, me)) {
-      const pid_t previous = expected;
-      // Taking over from a holder that the parent SIGKILLed is the one legal overwrite.
-      if (previous == me || previous != killed.load() ||
-          !holder.compare_exchange_strong(expected, me)) {
-        violation(me, previous);
-      }
-    }
-    promotions.fetch_add(1);
-  }
-  void demoted(pid_t me) {
-    pid_t expected = me;
-    if (!holder.compare_exchange_strong(expected, 0)) violation(me, expected);
-    demotions.fetch_add(1);
-  }
-  void violation(pid_t by, pid_t against) {
-    if (violations.fetch_add(1) == 0) {
-      violation_by.store(by);
-      violation_against.store(against);
-    }
-  }
-};
-
-enum class Cmd : int { none, stop, start, destroy, stop_concurrently, exit };
-enum ThreadKind : int { kNoThread = 0, kMainThread = 1, kPollerThread = 2, kOtherThread = 3 };
-
-//! What one worker process reports. Written by that worker, read by the parent.
-struct WorkerSlot {
-  std::atomic<pid_t> pid{0};
-  std::atomic<int> started{0};
-  std::atomic<int> role{-1};     // Role as int, refreshed by the worker's main loop
-  std::atomic<int> running{-1};  // Coordinator::running(), refreshed likewise
-  std::atomic<int> role_after_start{-1};
-  std::atomic<std::uint64_t> heartbeat{0};
-  std::atomic<std::uint64_t> polls{0};  // poll() calls made (polled mode)
-  std::atomic<std::int64_t> first_poll_ns{0};
-  std::atomic<int> threads{0};
-  std::atomic<int> start_failures{0};
-
-  std::atomic<int> promoted{0};
-  std::atomic<int> demoted{0};
-  std::atomic<int> nested{0};  // a callback began while another one of this worker ran
-  std::atomic<int> promoted_on{kNoThread};
-  std::atomic<int> demoted_on{kNoThread};
-  std::atomic<std::int64_t> promoted_ns{0};
-  std::atomic<std::int64_t> demoted_ns{0};
-
-  std::atomic<int> cmd{0};
-  std::atomic<int> cmd_seq{0};
-  std::atomic<int> ack_seq{0};
-  std::atomic<int> was_primary_at_stop{-1};
-  std::atomic<std::int64_t> stop_begin_ns{0};
-  std::atomic<std::int64_t> stop_end_ns{0};
-
-  std::atomic<int> wait_result{-1};  // wait_for_startup(): -1 still waiting, 0 false, 1 true
-  std::atomic<std::int64_t> wait_began_ns{0};
-  std::atomic<std::int64_t> wait_returned_ns{0};
-
-  std::atomic<std::int64_t> value[8]{};  // free-form results of custom child bodies
-
-  std::atomic<int> infos{0};
-  std::atomic<int> warnings{0};
-  std::atomic<int> errors{0};
-  std::atomic<std::size_t> log_used{0};
-  char log[kLogBytes] = {};
-
-  std::string log_text() const { return std::string(log, std::min(log_used.load(), kLogBytes)); }
-  double stop_ms() const { return ms_between(stop_begin_ns.load(), stop_end_ns.load()); }
-};
-
-struct Cluster {
-  Checker check;
-  std::atomic<int> epoch{0};  // number of SIGKILLs sent so far
-  std::atomic<int> promotions_in_epoch[kMaxEpochs]{};
-  std::atomic<std::int64_t> promoted_ns_in_epoch[kMaxEpochs]{};
-  std::atomic<bool> go{false};  // releases a worker held in its first on_promoted
-
-  std::atomic<int> task_runs{0};  // on_startup entered
-  std::atomic<int> task_completions{0};
-  std::atomic<pid_t> task_runner[8]{};
-  std::atomic<bool> let_first_task_finish{false};
-  std::atomic<std::int64_t> task_done_ns{0};
-
-  WorkerSlot slots[kMaxSlots];
-};
-
-//! A log sink that counts lines per level and keeps warning and error lines.
-inline workerlock::LogSink recording_sink(WorkerSlot& slot) {
-  return [&slot](LogLevel level, std::string_view line) {
-    static std::mutex mutex;  // callbacks of one worker may log from two threads
-    std::lock_guard<std::mutex> guard(mutex);
-    switch (level) {
-      case LogLevel::info:
-        slot.infos.fetch_add(1);
-        return;
-      case LogLevel::warning:
-        slot.warnings.fetch_add(1);
-        break;
-      case LogLevel::error:
-        slot.errors.fetch_add(1);
-        break;
-    }
-    std::size_t used = slot.log_used.load();
-    for (const char ch : line) {
-      if (used + 1 >= kLogBytes) break;
-      slot.log[used++] = ch;
-    }
-    if (used < kLogBytes) slot.log[used++] = '\n';
-    slot.log_used.store(used);
-  };
-}
-
-inline CoordinatorOptions options_for(WaitMode mode, WorkerSlot& slot,
-                                      Mechanism mechanism = workerlock::default_mechanism) {
-  CoordinatorOptions options;
-  options.lock = workerlock::Options{}.with(mechanism);
-  options.lock.log = recording_sink(slot);
-  options.wait = mode;
-  return options;
-}
 
 // ----------------------------------------------------------------------------------------
 // Child processes
@@ -534,166 +340,13 @@ class Harness {
   std::string generation_ = fmt::format("wltest-{}-{}", ::getpid(), mono_ns());
 };
 
-struct Percentiles {
-  std::size_t n = 0;
-  double p50 = 0;
-  double p99 = 0;
-  double max = 0;
-};
-
-inline Percentiles percentiles(std::vector<double> values) {
-  Percentiles p;
-  if (values.empty()) return p;
-  std::sort(values.begin(), values.end());
-  p.n = values.size();
-  const auto at = [&](double q) {
-    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(values.size())));
-    return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
-  };
-  p.p50 = at(0.50);
-  p.p99 = at(0.99);
-  p.max = values.back();
-  return p;
-}
-
 inline void report(const std::string& line) {
   std::printf("[coordinator] %s\n", line.c_str());
   std::fflush(stdout);
 }
 
-//! Context switches (voluntary + nonvoluntary) from a /proc .../status file, or -1.
-inline long context_switches(const fs::path& status) {
-  std::ifstream in(status);
-  if (!in) return -1;
-  long total = 0;
-  int found = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    for (const char* key : {"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"}) {
-      if (line.rfind(key, 0) == 0) {
-        total += std::stol(line.substr(std::strlen(key)));
-        ++found;
-      }
-    }
-  }
-  return found == 2 ? total : -1;
-}
-
-inline long process_context_switches(pid_t pid) {
-  long total = 0;
-  std::error_code ec;
-  for (fs::directory_iterator it(fmt::format("/proc/{}/task", pid), ec), end; !ec && it != end;
-       it.increment(ec)) {
-    const long n = context_switches(it->path() / "status");
-    if (n < 0) return -1;
-    total += n;
-  }
-  return ec ? -1 : total;
-}
-
 // ----------------------------------------------------------------------------------------
-// 1. SIGKILL failover
-// ----------------------------------------------------------------------------------------
-
-//! 8 workers; `kills` times: wait for exactly one promotion, SIGKILL the holder, fork a
-//! replacement. Appends kill()->on_promoted latencies (µs) to `latencies_us`.
-inline void sigkill_failover(WaitMode mode, Mechanism mechanism, int kills,
-                             std::vector<double>& latencies_us) {
-  INFO("mode " << mode_name(mode) << ", mechanism " << workerlock::to_string(mechanism));
-  REQUIRE(kills < kMaxEpochs - 1);
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
-  plan.mechanism = mechanism;
-  plan.poll_every = 2ms;
-  std::vector<int> live;
-  for (int i = 0; i < 8; ++i) live.push_back(h.spawn(plan));
-
-  std::int64_t kill_ns = 0;
-  for (int epoch = 0;; ++epoch) {
-    INFO("after " << epoch << " kills");
-    // Generous: on a machine with ~25 runnable tasks per CPU a SIGKILLed process itself
-    // waits long for the CPU time to exit; failover_test bounds p99 instead.
-    REQUIRE(wltest::eventually([&] { return cl.promotions_in_epoch[epoch].load() >= 1; }, 5s));
-    if (epoch > 0) {
-      latencies_us.push_back(static_cast<double>(cl.promoted_ns_in_epoch[epoch].load() - kill_ns) /
-                             1e3);
-    }
-    const int victim = h.holder_slot();
-    REQUIRE(victim >= 0);
-    REQUIRE(std::find(live.begin(), live.end(), victim) != live.end());
-    REQUIRE(cl.promotions_in_epoch[epoch].load() == 1);
-    REQUIRE(cl.check.violations.load() == 0);
-    // The kernel agrees: the holder record names the promoted worker.
-    const auto holder = workerlock::lock_holder(h.path());
-    REQUIRE(holder.has_value());
-    REQUIRE(holder->pid == h.pid(victim));
-    if (epoch == kills) break;
-
-    cl.check.killed.store(h.pid(victim));
-    cl.epoch.store(epoch + 1);
-    kill_ns = mono_ns();
-    REQUIRE(::kill(h.pid(victim), SIGKILL) == 0);
-    REQUIRE(h.wait_exit(victim) == 128 + SIGKILL);
-    live.erase(std::find(live.begin(), live.end(), victim));
-    live.push_back(h.spawn(plan));
-  }
-
-  std::this_thread::sleep_for(50ms);  // a late second promotion would show up here
-  for (int epoch = 0; epoch <= kills; ++epoch) {
-    INFO("epoch " << epoch);
-    CHECK(cl.promotions_in_epoch[epoch].load() == 1);
-  }
-  CHECK(cl.check.promotions.load() == kills + 1);
-  INFO("violation by pid " << cl.check.violation_by.load() << " against live holder "
-                           << cl.check.violation_against.load());
-  CHECK(cl.check.violations.load() == 0);
-
-  // Standbys leave first, then the primary, which demotes once.
-  const int primary = h.holder_slot();
-  REQUIRE(primary >= 0);
-  for (const int id : live) {
-    if (id != primary) CHECK(h.exit_worker(id) == 0);
-  }
-  CHECK(h.exit_worker(primary) == 0);
-  CHECK(cl.check.demotions.load() == 1);
-  CHECK(cl.check.holder.load() == 0);
-  CHECK(cl.check.violations.load() == 0);
-  for (int id = 0; id < h.used(); ++id) {
-    INFO("worker " << id << " log: " << h.slot(id).log_text());
-    CHECK(h.slot(id).warnings.load() + h.slot(id).errors.load() == 0);
-    CHECK(h.slot(id).nested.load() == 0);
-  }
-}
-
-inline void failover_test(WaitMode mode) {
-  const auto began = std::chrono::steady_clock::now();
-  // 100 SIGKILLs per wait mode, 200 in the suite; OFD (the default) takes most of them.
-  const std::pair<Mechanism, int> runs[] = {
-      {Mechanism::ofd, 60}, {Mechanism::posix, 20}, {Mechanism::flock, 20}};
-  std::vector<double> all;
-  for (const auto& [mechanism, kills] : runs) {
-    std::vector<double> latencies;
-    sigkill_failover(mode, mechanism, kills, latencies);
-    const auto p = percentiles(latencies);
-    report(fmt::format(
-        "failover {}/{}: n={} kill->on_promoted p50={:.0f} us p99={:.0f} us max={:.0f} us",
-        mode_name(mode), workerlock::to_string(mechanism), p.n, p.p50, p.p99, p.max));
-    all.insert(all.end(), latencies.begin(), latencies.end());
-  }
-  const auto p = percentiles(all);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-  report(fmt::format("failover {} (all): n={} p50={:.0f} us p99={:.0f} us max={:.0f} us, {:.1f} s",
-                     mode_name(mode), p.n, p.p50, p.p99, p.max, seconds));
-  CHECK(p.n == 100);
-  CHECK(p.p99 < 2e6);     // a sanity bound only; the figures are reported
-  CHECK(seconds < 60.0);  // the runtime budget of this test
-}
-
-// ----------------------------------------------------------------------------------------
-// 4. Startup barrier
+// Startup barrier
 // ----------------------------------------------------------------------------------------
 
 inline Plan startup_plan(WaitMode mode, milliseconds wait) {
@@ -730,7 +383,7 @@ struct GenerationBoard {
 };
 
 // ----------------------------------------------------------------------------------------
-// 5. Robustness
+// Robustness
 // ----------------------------------------------------------------------------------------
 
 //! One Coordinator worker and one plain lock holder, for the lock-file trouble tests.
@@ -799,35 +452,6 @@ inline CoordinatorOptions quick_retry_options(WaitMode mode) {
   options.retry_backoff_min = 10ms;
   options.retry_backoff_max = 80ms;
   return options;
-}
-
-// ----------------------------------------------------------------------------------------
-// 6. Idle cost
-// ----------------------------------------------------------------------------------------
-
-//! A worker whose main thread sleeps in sigwait() until SIGTERM; value[0] = coordinator tid.
-inline int idle_worker(WorkerSlot& me, const fs::path& path) {
-  sigset_t term;
-  sigemptyset(&term);
-  sigaddset(&term, SIGTERM);
-  ::pthread_sigmask(SIG_BLOCK, &term, nullptr);
-  std::atomic<int> promotions{0};
-  Coordinator c(path, options_for(WaitMode::background_thread, me));
-  c.on_promoted([&] { promotions.fetch_add(1); });
-  c.start();
-  const pid_t self = ::getpid();
-  if (!wltest::eventually([&] { return count_threads() == 2; }, 5s)) return 5;
-  for (const auto& entry : fs::directory_iterator("/proc/self/task")) {
-    const pid_t tid = static_cast<pid_t>(std::stol(entry.path().filename().string()));
-    if (tid != self) me.value[0].store(tid);
-  }
-  me.role.store(static_cast<int>(c.role()));
-  me.started.store(1);
-  int received = 0;
-  sigwait(&term, &received);
-  me.promoted.store(promotions.load());
-  c.stop();
-  return 0;
 }
 
 }  // namespace wltest::coordinator_lab

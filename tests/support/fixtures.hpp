@@ -1,5 +1,5 @@
 // tests/support/fixtures.hpp: the setup that many process tests share, as Catch2 fixtures
-// (TEST_CASE_METHOD): one run per mechanism, a fresh directory with the lock path in it.
+// (TEST_CASE_METHOD): one run per mechanism or per Coordinator wait mode, a fresh directory.
 #pragma once
 
 #include <filesystem>
@@ -18,6 +18,12 @@ struct EachMechanism {
       workerlock::Mechanism::ofd, workerlock::Mechanism::posix, workerlock::Mechanism::flock);
   const TempDir dir;
   const std::filesystem::path path = dir / "primary.lock";
+};
+
+//! Runs the test once per Coordinator wait mode (a Catch2 generator), as `mode`.
+struct EachWaitMode {
+  const workerlock::WaitMode mode =
+      GENERATE(workerlock::WaitMode::background_thread, workerlock::WaitMode::polled);
 };
 
 //! EachMechanism, and `reaper`: Children(adopt_orphans), so this process is the subreaper of

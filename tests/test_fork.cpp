@@ -54,17 +54,14 @@ using namespace wltest::contract_lab;
 using namespace wltest::lifecycle_lab;
 using namespace wltest::fork_lab;
 
-TEST_CASE(
-    "fork: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
-    "remove the original's lock",
-    "[contract][raw_fork]") {
-  const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "fork: a copy made by syscall(SYS_fork) reads secondary and cannot release or "
+                 "remove the original's lock",
+                 "[contract][raw_fork]") {
   const std::string operation = GENERATE(as<std::string>{}, "read", "unlock", "unlock(ec)",
                                          "unlock_and_remove", "unlock_and_remove(ec)", "destroy",
                                          "move-assign", "try_lock", "try_lock_for", "lock_for ec");
   INFO("mechanism=" << workerlock::to_string(mechanism) << " operation=" << operation);
-  wltest::TempDir dir;
-  const auto path = dir / "raw.lock";
   std::optional<workerlock::Election> election;
   election.emplace(workerlock::is_primary_worker(path, quiet(mechanism)));
   REQUIRE(election->role == Role::primary);
@@ -735,17 +732,14 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
   CHECK(book->exclusion.entries == removers * iterations + book->cycler_hits);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanismReaped,
     "fork: a handle that waited on the removed file ends up holding the file the path names "
     "now",
     "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
   // Whether the waiter had already locked (and so verified) the old file once before.
   const bool verified_before = GENERATE(false, true);
   INFO(describe(mechanism) << " verified_before=" << verified_before);
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  wltest::Children reaper{wltest::adopt_orphans};
 
   struct Book {
     std::atomic<int> warmed_up{0};
@@ -871,13 +865,10 @@ TEST_CASE_METHOD(
   CHECK(book->holds_named_file == 1);
 }
 
-TEST_CASE("fork: lock keeps waiting through SIGUSR1 with and without SA_RESTART", "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(wltest::EachMechanismReaped,
+                 "fork: lock keeps waiting through SIGUSR1 with and without SA_RESTART", "[fork]") {
   const bool sa_restart = GENERATE(false, true);
   INFO(describe(mechanism) << " SA_RESTART=" << sa_restart);
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  wltest::Children reaper{wltest::adopt_orphans};
   constexpr int signals = 5;
 
   struct Book {
@@ -1005,15 +996,13 @@ TEST_CASE_METHOD(wltest::EachMechanismReaped,
   CHECK(successor.try_lock());
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
     "fork: POSIX trap: a sibling handle created tried and destroyed in the holder's process keeps "
     "the "
     "lock",
     "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
 
   WorkerLock holder(path, quiet(mechanism));
   REQUIRE(holder.try_lock());

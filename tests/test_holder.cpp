@@ -358,14 +358,11 @@ TEST_CASE_METHOD(wltest::EachMechanism,
   CHECK(children.wait(current) == 0);
 }
 
-TEST_CASE(
+TEST_CASE_METHOD(
+    wltest::EachMechanismReaped,
     "lock_holder: POSIX trap: called in the holding process it names the holder and keeps the lock",
     "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::posix, Mechanism::ofd, Mechanism::flock);
   INFO(describe(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "primary.lock";
-  wltest::Children reaper{wltest::adopt_orphans};
 
   WorkerLock holder(path, quiet(mechanism));
   REQUIRE(holder.try_lock());

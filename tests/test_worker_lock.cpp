@@ -299,14 +299,11 @@ TEST_CASE("WorkerLock: WorkerLock::unlock() is noexcept and so are the error_cod
   CHECK(noexcept(workerlock::default_lock_path(ec)));
 }
 
-TEST_CASE(
-    "WorkerLock: an unlock that fails under std::unique_lock neither terminates the "
-    "process nor keeps the lock",
-    "[contract][process]") {
-  const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: an unlock that fails under std::unique_lock neither terminates the "
+                 "process nor keeps the lock",
+                 "[contract][process]") {
   INFO("mechanism=" << workerlock::to_string(mechanism));
-  wltest::TempDir dir;
-  const auto path = dir / "unique.lock";
   struct Board {
     std::atomic<int> stage{0};  // 1: unlocked under unique_lock, 2: parent probed
     std::atomic<int> warnings{0};
@@ -351,13 +348,11 @@ TEST_CASE(
   CHECK(board->warnings.load() == 1);
 }
 
-TEST_CASE(
-    "WorkerLock: std::lock and std::scoped_lock over two WorkerLocks exclude across "
-    "racing forked workers",
-    "[contract][process]") {
-  const auto mechanism = GENERATE(Mechanism::ofd, Mechanism::flock, Mechanism::posix);
+TEST_CASE_METHOD(wltest::EachMechanism,
+                 "WorkerLock: std::lock and std::scoped_lock over two WorkerLocks exclude across "
+                 "racing forked workers",
+                 "[contract][process]") {
   INFO("mechanism=" << workerlock::to_string(mechanism));
-  wltest::TempDir dir;
   const auto path_a = dir / "a.lock";
   const auto path_b = dir / "b.lock";
   struct Board {
@@ -805,11 +800,11 @@ TEST_CASE_METHOD(wltest::EachMechanism,
   CHECK(probe_from_other_process(path, mechanism) == Probe::acquired);
 }
 
-TEST_CASE("WorkerLock: move-assigning over a handle that holds a lock releases that lock first",
-          "[fork]") {
-  const Mechanism mechanism = GENERATE(Mechanism::ofd, Mechanism::posix, Mechanism::flock);
+TEST_CASE_METHOD(
+    wltest::EachMechanism,
+    "WorkerLock: move-assigning over a handle that holds a lock releases that lock first",
+    "[fork]") {
   INFO(describe(mechanism));
-  wltest::TempDir dir;
   const auto first_path = dir / "first.lock";
   const auto second_path = dir / "second.lock";
 

@@ -130,6 +130,7 @@ struct Board {
   std::atomic<int> holder{0};
   std::atomic<int> promotions{0};
   std::atomic<int> overlaps{0};
+  std::atomic<int> killed{0};  // the holder the parent SIGKILLed last (stored before kill())
   std::atomic<std::int64_t> promoted_ns{0};
   std::atomic<bool> stop[256];
   Board() {
@@ -152,8 +153,10 @@ pid_t spawn_coordinator(const PostgresOptions& o, Board& board, int index) {
       board.promoted_ns.store(mono_ns());
       int expected = 0;
       if (!board.holder.compare_exchange_strong(expected, me)) {
-        if (::kill(expected, 0) == 0) {
-          // a SIGKILLed holder is a zombie until reaped; only count live ones
+        // A holder the parent has SIGKILLed runs no more user code, but until it is a zombie
+        // its /proc state still reads running (the kernel frees its sessions while it
+        // exits): only a holder that was not killed counts as a second primary.
+        if (expected != board.killed.load() && ::kill(expected, 0) == 0) {
           char path[64];
           std::snprintf(path, sizeof path, "/proc/%d/stat", expected);
           if (std::FILE* f = std::fopen(path, "re")) {
@@ -260,6 +263,7 @@ std::vector<double> failover(const wltest::PostgresServer& pg, PostgresOptions o
         throw std::runtime_error("no standby");
       const int victim = board->holder.load();
       const int before = board->promotions.load();
+      board->killed.store(victim);
       const auto t0 = mono_ns();
       ::kill(victim, SIGKILL);
       if (!eventually([&] { return board->promotions.load() == before + 1; }, 30s))

@@ -33,6 +33,7 @@
 #include <workerlock/workerlock.hpp>
 
 #include "support/common.hpp"
+#include "support/files.hpp"
 #include "support/fixtures.hpp"
 #include "support/raw_fork.hpp"
 
@@ -664,10 +665,7 @@ int run_with_fifo_note(const fs::path& path, WaitMode mode, bool fifo_before_sta
   CoordinatorOptions options;
   options.wait = mode;
   options.server_stop_grace = 20s;
-  options.lock.log = [&](LogLevel level, std::string_view line) {
-    if (level == LogLevel::warning && line.find(note) != std::string_view::npos)
-      lost_note_warnings.fetch_add(1);
-  };
+  options.lock.log = wltest::count_lines(LogLevel::warning, note, lost_note_warnings);
   Coordinator c(path, options);
   c.start();  // reads the note: a FIFO is no note
   if (c.role() != Role::primary) return 11;
@@ -866,10 +864,7 @@ TEST_CASE_METHOD(
   CoordinatorOptions options;
   options.wait = mode;
   std::atomic<int> warnings{0};
-  options.lock.log = [&](LogLevel level, std::string_view line) {
-    if (level == LogLevel::warning && line.find("cannot verify") != std::string_view::npos)
-      warnings.fetch_add(1);
-  };
+  options.lock.log = wltest::count_lines(LogLevel::warning, "cannot verify", warnings);
   auto backend = std::make_unique<UnprovableLease>();
   UnprovableLease& lease = *backend;
   Coordinator c(std::move(backend), options);
@@ -1023,10 +1018,7 @@ TEST_CASE_METHOD(
   options.retry_backoff_min = 10ms;
   options.retry_backoff_max = 20ms;
   std::atomic<int> late_lines{0};  // the step-down says how late the last check came
-  options.lock.log = [&](LogLevel level, std::string_view line) {
-    if (level == LogLevel::warning && line.find("its lease ran out") != std::string_view::npos)
-      late_lines.fetch_add(1);
-  };
+  options.lock.log = wltest::count_lines(LogLevel::warning, "its lease ran out", late_lines);
   auto backend = std::make_unique<RefusedRenewals>();
   RefusedRenewals& lease = *backend;
   const auto deadline = steady_clock::now() + RefusedRenewals::last_stretch + 200ms;
@@ -1063,10 +1055,7 @@ TEST_CASE_METHOD(
   options.retry_backoff_min = 10ms;
   options.retry_backoff_max = 20ms;
   std::atomic<int> unknown_lines{0};
-  options.lock.log = [&](LogLevel level, std::string_view line) {
-    if (level == LogLevel::warning && line.find("unknown type") != std::string_view::npos)
-      unknown_lines.fetch_add(1);
-  };
+  options.lock.log = wltest::count_lines(LogLevel::warning, "unknown type", unknown_lines);
   auto backend = std::make_unique<ThrowsInts>();
   ThrowsInts& lease = *backend;
   lease.deadline_ns.store(now_ns() + std::chrono::nanoseconds(200ms).count());
@@ -1127,10 +1116,7 @@ TEST_CASE_METHOD(
   options.wait = mode;
   options.startup_generation = "generation-1";
   std::atomic<int> unknown_errors{0};
-  options.lock.log = [&](LogLevel level, std::string_view line) {
-    if (level == LogLevel::error && line.find("unknown type") != std::string_view::npos)
-      unknown_errors.fetch_add(1);
-  };
+  options.lock.log = wltest::count_lines(LogLevel::error, "unknown type", unknown_errors);
   auto backend = std::make_unique<LeaseWithIntThrowingBarrier>();
   LeaseWithIntThrowingBarrier& lease = *backend;
   Coordinator c(std::move(backend), options);

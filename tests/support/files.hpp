@@ -25,6 +25,15 @@ inline workerlock::Options quiet(workerlock::Mechanism m = workerlock::default_m
   return workerlock::Options{}.with(m).silent();
 }
 
+//! A log sink that counts, in `count`, the lines of `level` that contain `needle`.
+inline workerlock::LogSink count_lines(workerlock::LogLevel level, std::string needle,
+                                       std::atomic<int>& count) {
+  return
+      [level, needle = std::move(needle), &count](workerlock::LogLevel l, std::string_view line) {
+        if (l == level && line.find(needle) != std::string_view::npos) count.fetch_add(1);
+      };
+}
+
 //! The whole content of `path` ("" if it cannot be read).
 inline std::string read_file(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);

@@ -20,7 +20,7 @@
 #   3. a second server on the same lock (another port) stays secondary until the first exits,
 #      then takes over and continues the numbering in the shared report.
 #   4. bad options, and an unusable lock path, exit non-zero with a message before forking.
-# Knobs (environment): WRK, LOAD_SECONDS (default 24), KILLS (default 6), TICK (0.2),
+# Knobs (environment): WRK, LOAD_SECONDS (default 18), KILLS (default 5), TICK (0.2),
 # FAILOVER_BOUND (3.0 s), CONNECTIONS (16), PHASES ("1 2 3 4"), KEEP_TMP (keep the logs).
 # Every check counts. The wall-clock bounds (gaps, rates) are wide enough to hold on a loaded
 # 2-core machine under ASan: they prove that the work moved and kept going, not how fast;
@@ -32,8 +32,8 @@ WRK="${WRK:-wrk}"
 WORKERS=4
 TICK="${TICK:-0.2}"
 FAILOVER_BOUND="${FAILOVER_BOUND:-3.0}"
-LOAD_SECONDS="${LOAD_SECONDS:-24}"
-KILLS="${KILLS:-6}"
+LOAD_SECONDS="${LOAD_SECONDS:-18}"
+KILLS="${KILLS:-5}"
 CONNECTIONS="${CONNECTIONS:-16}"
 PHASES="${PHASES:-1 2 3 4}"
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -42,7 +42,7 @@ phase() { [[ " $PHASES " == *" $1 "* ]]; }
 command -v curl >/dev/null || { echo "prefork_e2e: curl is required" >&2; exit 2; }
 command -v "$WRK" >/dev/null || { echo "prefork_e2e: wrk is required (apt-get install wrk)" >&2; exit 2; }
 ((KILLS >= 5)) || { echo "prefork_e2e: KILLS must be >= 5" >&2; exit 2; }
-((LOAD_SECONDS >= 20)) || { echo "prefork_e2e: LOAD_SECONDS must be >= 20" >&2; exit 2; }
+((LOAD_SECONDS >= 16)) || { echo "prefork_e2e: LOAD_SECONDS must be >= 16" >&2; exit 2; }
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/prefork-e2e.XXXXXX")"
 MASTERS=()   # every master this script started

@@ -35,6 +35,7 @@
 
 #include "support/clock.hpp"
 #include "support/common.hpp"
+#include "support/network_lab.hpp"
 #include "support/partition_lab.hpp"
 #include "support/paused_holder.hpp"
 #include "support/raw_fork.hpp"
@@ -53,8 +54,10 @@ using workerlock::Role;
 #define WL_REQUIRE_REDIS_SERVER() \
   WLTEST_REQUIRE_SERVER(wltest::RedisServer, "WORKERLOCK_REQUIRE_REDIS")
 
+using wltest::index_of;
 using wltest::mono_ns;
 using wltest::ms_between;
+using wltest::quiet_coordinator_options;
 
 //! A key of its own for each test, so they never see each other's leases.
 std::string fresh_key(const char* name) {
@@ -62,10 +65,12 @@ std::string fresh_key(const char* name) {
   return fmt::format("wltest:{}:{}:{}", name, ::getpid(), ++counter);
 }
 
-//! Gives `key` a fencing counter, so the first acquisition is not quarantined (a fresh key
-//! looks like data loss), with a value from the server's clock as the script would use.
-void seed_fence(const wltest::RedisServer& server, const std::string& key) {
+//! fresh_key(name) with a fencing counter, so the first acquisition is not quarantined (a
+//! fresh key looks like data loss), with a value from the server's clock as the script would use.
+std::string seeded_key(const wltest::RedisServer& server, const char* name) {
+  auto key = fresh_key(name);
   server.command({"SET", key + ":fence", "1000"});
+  return key;
 }
 
 RedisOptions options_for(const wltest::RedisServer& server, const std::string& key,
@@ -90,19 +95,6 @@ bool try_acquire_or_timeout(RedisBackend& backend) {
     WARN("try_acquire() timed out, retrying: " << e.what());
     return false;
   }
-}
-
-//! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
-int closed_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t size = sizeof address;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
-  ::close(fd);
-  return ntohs(address.sin_port);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,16 +198,6 @@ struct Checker {
   }
 };
 
-CoordinatorOptions quiet_coordinator_options() {
-  CoordinatorOptions co;
-  co.lock.log = nullptr;
-  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
-    co.lock.log = workerlock::stderr_sink;
-  co.retry_backoff_min = 10ms;
-  co.retry_backoff_max = 250ms;
-  return co;
-}
-
 //! A child running a Coordinator on a RedisBackend until checker.stop[index]; exit codes:
 //! 0 fine, 3 start() threw.
 int coordinator_child(const RedisOptions& options, Checker& checker, int index,
@@ -250,12 +232,6 @@ std::vector<pid_t> spawn_coordinators(int n, const RedisOptions& options, Checke
     pids.push_back(
         wltest::fork_child([&, i] { return coordinator_child(options, checker, i, line); }));
   return pids;
-}
-
-int index_of(const std::vector<pid_t>& pids, int pid) {
-  for (std::size_t i = 0; i < pids.size(); ++i)
-    if (pids[i] == pid) return static_cast<int>(i);
-  return -1;
 }
 
 void stop_all(Checker& checker, int n) {
@@ -508,23 +484,8 @@ TEST_CASE(
     "Coordinator::start()",
     "[redis]") {
   const auto expect_error = [](const RedisOptions& o, const char* text) {
-    INFO("expected: " << text);
-    RedisBackend backend(o);
-    try {
-      backend.prepare();
-      FAIL("prepare() did not throw");
-    } catch (const lock_error& e) {
-      CHECK_THAT(e.what(), Catch::Contains(text));
-      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
-      CHECK(e.code() == std::errc::invalid_argument);
-    }
-    CHECK_THROWS_AS(backend.try_acquire(), lock_error);
-    CHECK_FALSE(backend.held());
-    CHECK(backend.fencing_token() == 0);
-    Coordinator c(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
-    CHECK_THROWS_AS(c.start(), lock_error);
-    CHECK(c.role() == Role::secondary);
-    CHECK_FALSE(c.running());
+    wltest::check_bad_configuration<RedisBackend>(o, text,
+                                                  [](const RedisBackend&, const lock_error&) {});
   };
 
   RedisOptions o;
@@ -549,21 +510,14 @@ TEST_CASE(
   expect_error(o, "at least 10 ms");
 
   // No URL anywhere; then the URL from the environment.
-  const char* saved = std::getenv("WORKERLOCK_REDIS_URL");
-  const std::string saved_value = saved != nullptr ? saved : "";
-  ::unsetenv("WORKERLOCK_REDIS_URL");
-  expect_error(RedisOptions{}, "no Redis URL");
-  ::setenv("WORKERLOCK_REDIS_URL", "redis://10.1.2.3:7777/4", 1);
   {
+    wltest::ScopedEnvironmentVariable url_variable("WORKERLOCK_REDIS_URL", nullptr);
+    expect_error(RedisOptions{}, "no Redis URL");
+    url_variable.set("redis://10.1.2.3:7777/4");
     RedisBackend backend(RedisOptions{});
     CHECK(backend.options().url == "redis://10.1.2.3:7777/4");
     CHECK(backend.redacted_url() == "redis://10.1.2.3:7777/4");
     CHECK_NOTHROW(backend.prepare());
-  }
-  if (saved != nullptr) {
-    ::setenv("WORKERLOCK_REDIS_URL", saved_value.c_str(), 1);
-  } else {
-    ::unsetenv("WORKERLOCK_REDIS_URL");
   }
 
   // The defaults derived from the ttl.
@@ -605,7 +559,7 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
   };
 
   SECTION("connection refused") {
-    const int port = closed_port();
+    const int port = wltest::free_loopback_port();
     RedisOptions o;
     o.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", port);
     expect_failure(o, std::errc::connection_refused,
@@ -701,8 +655,7 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
 TEST_CASE("redis: acquire, renew, release, expiry and fencing tokens", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("basics");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "basics");
   const auto o = options_for(server, key);
   RedisBackend a(o);
   RedisBackend b(o);
@@ -831,8 +784,7 @@ TEST_CASE("redis: a fresh key or lost data keeps everybody out for one ttl (quar
 TEST_CASE("redis: a renewal never outlives the lease", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("deadline");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "deadline");
   auto o = options_for(server, key);
   o.verify_interval = 100ms;
   o.command_timeout = 790ms;  // 100 + 790 <= 1000 - 102
@@ -863,8 +815,7 @@ TEST_CASE("redis: Interrupter::interrupt() ends wait_acquire() promptly, even mi
           "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("interrupt");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "interrupt");
   const auto o = options_for(server, key, 5000ms);
   RedisBackend holder(o);
   REQUIRE(holder.try_acquire());
@@ -906,8 +857,7 @@ TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept
           "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("startup");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "startup");
   const auto o = options_for(server, key);
   std::atomic<int> startups{0};
   const auto run = [&](const char* generation, workerlock::WaitMode mode) {
@@ -971,8 +921,7 @@ TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept
 TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("polled");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "polled");
   const auto o = options_for(server, key);
   auto co = quiet_coordinator_options();
   co.wait = workerlock::WaitMode::polled;
@@ -1016,8 +965,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("keeps-role");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "keeps-role");
   // ttl 5 s: V = 1.67 s, C = 2.5 s, D = 0.5 s: a failed renewal leaves 2.8 s for the retry.
   const auto o = options_for(server, key, 5000ms);
   auto co = quiet_coordinator_options();
@@ -1061,8 +1009,7 @@ TEST_CASE("redis: 8 processes race and exactly one holds the lease", "[redis]") 
       std::atomic<bool> done{false};
     };
     for (int round = 0; round < 5; ++round) {
-      const auto key = fresh_key("race");
-      seed_fence(server, key);
+      const auto key = seeded_key(server, "race");
       const auto o = options_for(server, key, 5000ms);
       wltest::Shared<Race> race;
       std::vector<pid_t> pids;
@@ -1097,8 +1044,7 @@ TEST_CASE("redis: 8 processes race and exactly one holds the lease", "[redis]") 
   }
 
   SECTION("through Coordinator: one primary, handed over as the processes stop") {
-    const auto key = fresh_key("race-coordinator");
-    seed_fence(server, key);
+    const auto key = seeded_key(server, "race-coordinator");
     const auto o = options_for(server, key);
     wltest::Shared<Checker> checker;
     wltest::Shared<wltest::StartLine> line;
@@ -1138,8 +1084,7 @@ TEST_CASE("redis: SIGKILL of the holder: takeover time", "[redis]") {
   constexpr int n = 4;
   for (const bool fast : {true, false}) {
     INFO("fast_local_failover=" << fast);
-    const auto key = fresh_key("sigkill");
-    seed_fence(server, key);
+    const auto key = seeded_key(server, "sigkill");
     auto o = options_for(server, key);
     o.fast_local_failover = fast;
     wltest::Shared<Checker> checker;
@@ -1180,8 +1125,7 @@ TEST_CASE("redis: the holder demotes before anyone else is promoted when Redis s
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
   constexpr int n = 4;
-  const auto key = fresh_key("stall");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "stall");
   const auto o = options_for(server, key);
   wltest::Shared<Checker> checker;
 
@@ -1265,8 +1209,7 @@ TEST_CASE(
       {}, {"--bind", "127.0.0.1", wltest::PartitionLab::server_address, "--protected-mode", "no"}});
   wltest::Shared<Checker> checker;
   wltest::Children children;  // a failed REQUIRE must not leave the workers running
-  const auto key = fresh_key("partition");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "partition");
   const auto o = options_for(server, key, 2000ms);
 
   // The holder, on the far side of the link: a host of its own.
@@ -1344,18 +1287,14 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("stdio");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "stdio");
   const auto o = options_for(server, key);
   wltest::Shared<StreamsReport> report;
   // Exit codes: 0 fine, 1 not primary after start(), 2 a descriptor at 0-2, 3 cannot reopen
   // 0-2 on /dev/null, 4 demoted after the reopening and writes to stderr, 5 stop() left it
   // primary, 99 an exception.
-  const pid_t child = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
-    ::close(0);
-    ::close(1);
-    ::close(2);
+  // A hang becomes a failure: the child is killed after 20 s.
+  const int exit_code = wltest::run_without_standard_streams(20s, [&]() -> int {
     auto co = quiet_coordinator_options();
     co.wait = workerlock::WaitMode::polled;
     Coordinator c(std::make_unique<RedisBackend>(o), co);
@@ -1386,19 +1325,8 @@ TEST_CASE(
     c.stop();
     return c.role() == Role::primary ? 5 : 0;
   });
-  // A hang becomes a failure: the child is killed after the wait.
-  int status = 0;
-  const bool done =
-      wltest::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 20s);
-  if (!done) {
-    ::kill(child, SIGKILL);
-    wltest::wait_exit_code(child);
-  }
   INFO("step " << report->step.load() << ", descriptors at 0-2:" << report->left_open);
-  REQUIRE(done);
-  REQUIRE(WIFEXITED(status));
-  const int exit_code = WEXITSTATUS(status);
-  CHECK(exit_code == 0);
+  CHECK(exit_code == 0);  // -2: killed after 20 s; 128 + n: ended by signal n
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1419,10 +1347,6 @@ std::optional<Coordinator>& static_coordinator() {
   return coordinator;
 }
 
-RedisBackend& backend_of(Coordinator& c) {
-  return const_cast<RedisBackend&>(dynamic_cast<const RedisBackend&>(c.backend()));
-}
-
 //! What the holder saw; 1 = as it must be, 2 = not, 0 = not reached.
 struct RawForkReport {
   std::atomic<int> step{0};
@@ -1435,17 +1359,45 @@ struct RawForkReport {
   std::atomic<int> released_by_parent{0};
 };
 
-//! Runs `holder` in a child of the test, killed after 30 s so that a hang is a failure;
-//! returns its exit code.
-template <typename F>
-int run_holder(F&& holder) {
-  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
-  const pid_t pid = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    return holder();
-  });
-  return wait_or_kill(pid, std::chrono::seconds(30));
-}
+//! The holder of the raw-fork tests, in a child of the test: a Coordinator in
+//! static_coordinator(), whose lease the test reads from `key` on `server`.
+class RawForkHolder {
+ public:
+  RawForkHolder(const wltest::RedisServer& server, const std::string& key)
+      : server_(server), key_(key) {}
+
+  //! Starts the Coordinator: 0, or the holder's exit code 1 (not primary after start()) or 2
+  //! (the key does not hold the token).
+  int start(const RedisOptions& o, const CoordinatorOptions& co) {
+    auto& slot = static_coordinator();
+    slot.emplace(std::make_unique<RedisBackend>(o), co);
+    slot->start();
+    if (slot->role() != Role::primary) return 1;
+    token_ = backend().token();
+    return key_kept() == 1 ? 0 : 2;
+  }
+
+  Coordinator& coordinator() { return *static_coordinator(); }
+  RedisBackend& backend() { return wltest::backend_of<RedisBackend>(coordinator()); }
+
+  //! 1 when the key still holds the holder's token, else 2.
+  int key_kept() const { return server_.command({"GET", key_}) == token_ ? 1 : 2; }
+
+  //! Stops the Coordinator on the holder's own connection: 0, or the holder's exit code 4
+  //! (still primary after stop()); whether the key is gone then, into `released`.
+  int stop(std::atomic<int>& released) {
+    coordinator().stop();
+    if (coordinator().role() == Role::primary) return 4;
+    released = server_.command({"GET", key_}) == "(nil)" ? 1 : 2;
+    static_coordinator().reset();
+    return 0;
+  }
+
+ private:
+  const wltest::RedisServer& server_;
+  const std::string key_;
+  std::string token_;
+};
 
 }  // namespace
 
@@ -1455,32 +1407,26 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("rawfork");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "rawfork");
   // ttl 2 s: the holder's renewals here are explicit, and must not race the lease's end.
   const auto o = options_for(server, key, 2000ms);
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop().
-  const int holder = run_holder([&]() -> int {
+  const int holder = wltest::run_holder(30s, [&]() -> int {
     auto co = quiet_coordinator_options();
     co.wait = workerlock::WaitMode::polled;
-    auto& slot = static_coordinator();
-    slot.emplace(std::make_unique<RedisBackend>(o), co);
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    RedisBackend& backend = backend_of(c);
-    const std::string token = backend.token();
-    if (server.command({"GET", key}) != token) return 2;
+    RawForkHolder h(server, key);
+    if (const int code = h.start(o, co); code != 0) return code;
+    RedisBackend& backend = h.backend();
     report->step = 1;
 
     // A helper that calls exit(): the static Coordinator and its backend are destroyed.
     pid_t child = raw_fork();
     if (child < 0) return 3;
-    if (child == 0) std::exit(c.role() == Role::primary ? 1 : 0);
-    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
+    if (child == 0) std::exit(h.coordinator().role() == Role::primary ? 1 : 0);
+    report->exiting_child = wait_or_kill(child, 10s);
+    report->key_after_exit = h.key_kept();
     report->renewed_after_exit = backend.verify_held() ? 1 : 2;
     report->step = 2;
 
@@ -1498,20 +1444,16 @@ TEST_CASE(
       }
       backend.release();
       backend.reset();
-      slot.reset();
+      static_coordinator().reset();
       copy_exit(code);
     }
-    report->members_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_members = server.command({"GET", key}) == token ? 1 : 2;
+    report->members_child = wait_or_kill(child, 10s);
+    report->key_after_members = h.key_kept();
     report->renewed_after_members = backend.verify_held() ? 1 : 2;
     report->step = 3;
 
     // The holder's own connection still works: its release deletes the key.
-    c.stop();
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
-    slot.reset();
-    return 0;
+    return h.stop(report->released_by_parent);
   });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
@@ -1533,22 +1475,16 @@ TEST_CASE(
     "[redis][raw_fork]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("rawfork-thread");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "rawfork-thread");
   // ttl 10 s: the coordinator thread renews every 3.3 s and sleeps in between, so the copy
   // is made while it sleeps (a copy of a thread inside malloc could not exit).
   const auto o = options_for(server, key, 10000ms);
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop(), 5 demoted after the copy exited.
-  const int holder = run_holder([&]() -> int {
-    auto& slot = static_coordinator();
-    slot.emplace(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    const std::string token = backend_of(c).token();
-    if (server.command({"GET", key}) != token) return 2;
+  const int holder = wltest::run_holder(30s, [&]() -> int {
+    RawForkHolder h(server, key);
+    if (const int code = h.start(o, quiet_coordinator_options()); code != 0) return code;
     report->step = 1;
     const pid_t child = raw_fork();
     if (child < 0) return 3;
@@ -1556,19 +1492,16 @@ TEST_CASE(
       tsan_ignore_this_copy();
       // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
       // cannot stop the coordinator thread this copy lists but does not have.
-      const int code = c.role() == Role::primary ? 1 : 0;
-      slot.reset();
+      const int code = h.coordinator().role() == Role::primary ? 1 : 0;
+      static_coordinator().reset();
       copy_exit(code);
     }
-    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
+    report->exiting_child = wait_or_kill(child, 10s);
+    report->key_after_exit = h.key_kept();
     report->step = 2;
-    if (c.role() != Role::primary) return 5;
-    c.stop();  // releases on the holder's connection, from the coordinator thread
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
-    slot.reset();
-    return 0;
+    if (h.coordinator().role() != Role::primary) return 5;
+    // stop() releases on the holder's connection, from the coordinator thread.
+    return h.stop(report->released_by_parent);
   });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
@@ -1583,8 +1516,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("fork-closes");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "fork-closes");
   RedisBackend holder(options_for(server, key));
   REQUIRE(holder.try_acquire());
   const std::string name = fmt::format("name=workerlock:{}", ::getpid());
@@ -1622,8 +1554,7 @@ TEST_CASE("redis: valid_until() is the lease's local deadline, and min() while n
           "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("valid-until");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "valid-until");
   const auto o = options_for(server, key);
   RedisBackend a(o);
   const workerlock::Backend& as_backend = a;
@@ -1699,7 +1630,7 @@ TEST_CASE(
 
   // A refused connection: the errno.
   RedisOptions refused;
-  refused.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", closed_port());
+  refused.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", wltest::free_loopback_port());
   RedisBackend unreachable(refused);
   CHECK_THAT(unreachable.network_target(), Catch::StartsWith("redis://:***@127.0.0.1:"));
   code = network_error_code(unreachable, [&] { unreachable.try_acquire(); });
@@ -1707,8 +1638,7 @@ TEST_CASE(
 
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("errors");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "errors");
   const auto o = options_for(server, key);
 
   // A database the server does not have is bad configuration too.
@@ -1744,8 +1674,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("renewal-timeout");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "renewal-timeout");
   // command_timeout 500 ms, the lease valid for 10 s - D: the renewal gives up ~9 s before
   // the lease runs out.
   auto o = options_for(server, key, 10000ms);
@@ -1822,8 +1751,7 @@ TEST_CASE(
     "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("accessors");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "accessors");
   const auto o = options_for(server, key);
   Coordinator c[2] = {Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options()),
                       Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options())};
@@ -1893,8 +1821,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("paused-backend");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "paused-backend");
   const auto o = options_for(server, key);  // ttl 1 s
   wltest::Shared<wltest::PauseReport> report;
   const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
@@ -1915,8 +1842,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("paused-role");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "paused-role");
   const auto o = options_for(server, key);
   wltest::Shared<wltest::PauseReport> report;
   const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
@@ -1934,8 +1860,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("past-valid-until");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "past-valid-until");
   // The key lives 1 s past valid_until() (the drift margin): the check finds it still ours.
   auto o = options_for(server, key, 3000ms);
   o.drift_margin = 1000ms;

@@ -1,0 +1,133 @@
+// tests/support/network_lab.hpp: what the Redis and PostgreSQL backend tests share: a quiet
+// Coordinator's options, holders run in a child of the test, children with closed stdio, and
+// the checks of a refused configuration.
+#pragma once
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <catch2/catch.hpp>
+#include <workerlock/coordinator.hpp>
+
+#include "common.hpp"
+#include "raw_fork.hpp"
+
+namespace wltest {
+
+//! Coordinator options for tests: no log (WORKERLOCK_TEST_VERBOSE=1 logs to stderr), and a
+//! short retry backoff (10 to 250 ms), so that a test waits for the backend, not the backoff.
+inline workerlock::CoordinatorOptions quiet_coordinator_options() {
+  using namespace std::chrono_literals;
+  workerlock::CoordinatorOptions co;
+  co.lock.log = nullptr;
+  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
+    co.lock.log = workerlock::stderr_sink;
+  co.retry_backoff_min = 10ms;
+  co.retry_backoff_max = 250ms;
+  return co;
+}
+
+//! The position of `pid` in `pids`, -1 when it is not there.
+inline int index_of(const std::vector<pid_t>& pids, int pid) {
+  for (std::size_t i = 0; i < pids.size(); ++i)
+    if (pids[i] == pid) return static_cast<int>(i);
+  return -1;
+}
+
+//! The backend of `c`, as the type the test gave it.
+template <typename Backend>
+Backend& backend_of(workerlock::Coordinator& c) {
+  return const_cast<Backend&>(dynamic_cast<const Backend&>(c.backend()));
+}
+
+//! Runs `holder` in a child of the test (killed with the test), killed after `limit` so that a
+//! hang is a failure; returns its exit code as wait_or_kill() does.
+template <typename F>
+int run_holder(std::chrono::milliseconds limit, F&& holder) {
+  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
+  const pid_t pid = fork_child([&]() -> int {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    return holder();
+  });
+  return wait_or_kill(pid, limit);
+}
+
+//! Runs `body` in a child of the test whose descriptors 0, 1 and 2 are closed, killed after
+//! `limit` so that a hang is a failure; returns its exit code as wait_or_kill() does.
+template <typename F>
+int run_without_standard_streams(std::chrono::milliseconds limit, F&& body) {
+  return run_holder(limit, [&]() -> int {
+    ::close(0);
+    ::close(1);
+    ::close(2);
+    return body();
+  });
+}
+
+//! Sets (or with nullptr unsets) the environment variable `name`, and puts back what it was
+//! when it goes out of scope, also when a REQUIRE ends the test.
+class ScopedEnvironmentVariable {
+ public:
+  ScopedEnvironmentVariable(const char* name, const char* value) : name_(name) {
+    if (const char* saved = std::getenv(name)) saved_ = saved;
+    set(value);
+  }
+  ~ScopedEnvironmentVariable() { set(saved_ ? saved_->c_str() : nullptr); }
+  ScopedEnvironmentVariable(const ScopedEnvironmentVariable&) = delete;
+  ScopedEnvironmentVariable& operator=(const ScopedEnvironmentVariable&) = delete;
+
+  void set(const char* value) {
+    if (value != nullptr)
+      ::setenv(name_.c_str(), value, 1);
+    else
+      ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_;
+  std::optional<std::string> saved_;
+};
+
+//! What a network backend of type `Backend` does with the bad options `o`: prepare() throws a
+//! lock_error (std::errc::invalid_argument) whose what() contains `text` and never the password
+//! "topsecret", and for which `more_checks(backend, error)` holds; try_acquire() and
+//! wait_acquire() throw lock_error; nothing is held, no fencing token; a Coordinator on such a
+//! backend refuses start(), in both forms, and stays a secondary that is not running.
+template <typename Backend, typename Options, typename MoreChecks>
+void check_bad_configuration(const Options& o, const char* text, MoreChecks&& more_checks) {
+  INFO("expected: " << text);
+  Backend backend(o);
+  try {
+    backend.prepare();
+    FAIL("prepare() did not throw");
+  } catch (const workerlock::lock_error& e) {
+    CHECK_THAT(e.what(), Catch::Contains(text));
+    CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
+    CHECK(e.code() == std::errc::invalid_argument);
+    more_checks(backend, e);
+  }
+  CHECK_THROWS_AS(backend.try_acquire(), workerlock::lock_error);
+  workerlock::Interrupter never;  // never interrupted: only the error can end the wait
+  CHECK_THROWS_AS(backend.wait_acquire(never), workerlock::lock_error);
+  CHECK_FALSE(backend.held());
+  CHECK(backend.fencing_token() == 0);
+  workerlock::Coordinator c(std::make_unique<Backend>(o), quiet_coordinator_options());
+  CHECK_THROWS_AS(c.start(), workerlock::lock_error);
+  std::error_code ec;
+  c.start(ec);
+  CHECK(ec == std::errc::invalid_argument);
+  CHECK(c.role() == workerlock::Role::secondary);
+  CHECK_FALSE(c.running());
+}
+
+}  // namespace wltest

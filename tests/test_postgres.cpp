@@ -53,7 +53,6 @@
 #include "support/common.hpp"
 #include "support/network_lab.hpp"
 #include "support/partition_lab.hpp"
-#include "support/paused_holder.hpp"
 #include "support/postgres_server.hpp"
 #include "support/raw_fork.hpp"
 
@@ -1253,32 +1252,9 @@ TEST_CASE(
 
 TEST_CASE("postgres: Coordinator in WaitMode::polled", "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  auto o = fresh_options("polled");
-  auto co = quiet_coordinator_options();
-  co.wait = workerlock::WaitMode::polled;
-  Coordinator first(std::make_unique<PostgresBackend>(o), co);
-  Coordinator second(std::make_unique<PostgresBackend>(o), co);
-  int first_events = 0;
-  int second_promoted = 0;
-  first.on_promoted([&] { ++first_events; });
-  second.on_promoted([&] { ++second_promoted; });
-  first.start();
-  second.start();
-  CHECK(first.role() == Role::primary);
-  CHECK(second.role() == Role::secondary);
-  CHECK(first.fencing_token() > 0);
-  second.poll();
-  CHECK(second.role() == Role::secondary);
-  first.stop();
-  CHECK(wltest::eventually(
-      [&] {
-        second.poll();
-        return second.role() == Role::primary;
-      },
-      5s));
-  CHECK(second_promoted == 1);
-  CHECK(first_events == 1);
-  second.stop();
+  const auto o = fresh_options("polled");
+  // Two seconds of polling: the primary proves its hold, the standby stays out.
+  wltest::check_polled_handover([&] { return std::make_unique<PostgresBackend>(o); }, 2000ms, 5s);
 }
 
 // A partition, not a crash: the holder's host is cut off but its process lives on. The server
@@ -1540,6 +1516,21 @@ void check_raw_fork_report(int holder, const RawForkReport& report, int copies) 
   CHECK(report.released_by_parent.load() == 1);
 }
 
+//! Runs the holder of a raw-fork test in a child of the test, killed after 60 s: starts it
+//! (RawForkHolder::start()), runs `copies(holder)`, then stops it (RawForkHolder::stop()).
+//! Returns the first exit code that is not 0 of these three, else 0.
+template <typename F>
+int run_raw_fork_holder(const wltest::PostgresServer& pg, const PostgresOptions& o,
+                        RawForkReport& report, F&& copies) {
+  return wltest::run_holder(60s, [&]() -> int {
+    RawForkHolder holder(pg, o);
+    if (const int code = holder.start(); code != 0) return code;
+    report.step = 1;
+    if (const int code = copies(holder); code != 0) return code;
+    return holder.stop(report.released_by_parent);
+  });
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -1552,11 +1543,7 @@ TEST_CASE(
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 pg_locks does not show the
   // holder's sessions, 3 raw fork failed, 4 still primary after stop().
-  const int holder = wltest::run_holder(60s, [&]() -> int {
-    RawForkHolder h(pg, o);
-    if (const int code = h.start(); code != 0) return code;
-    report->step = 1;
-
+  const int holder = run_raw_fork_holder(pg, o, *report, [&](RawForkHolder& h) -> int {
     // A helper that destroys its copy, as exit() does with a static Coordinator.
     pid_t child = raw_fork();
     if (child < 0) return 3;
@@ -1582,9 +1569,7 @@ TEST_CASE(
     }
     h.check_after_copy(wait_or_kill(child, 10s), report->checks[1]);
     report->step = 3;
-
-    // The holder's own sessions still work: its release frees the lock.
-    return h.stop(report->released_by_parent);
+    return 0;  // then the holder's own sessions still work: its release frees the lock
   });
   check_raw_fork_report(holder, *report, 2);
 }
@@ -1601,10 +1586,7 @@ TEST_CASE(
   auto o = patient(fresh_options("rawfork-mutex"));
   wltest::Shared<RawForkReport> report;
   // Holder exit codes as in the test above.
-  const int holder = wltest::run_holder(60s, [&]() -> int {
-    RawForkHolder h(pg, o);
-    if (const int code = h.start(); code != 0) return code;
-    report->step = 1;
+  const int holder = run_raw_fork_holder(pg, o, *report, [&](RawForkHolder& h) -> int {
     // Another thread is inside a libpq call of some backend (it holds the process-wide
     // connection mutex) when the copy is made: the copy inherits the mutex locked.
     std::atomic<int> phase{0};  // 1: locked, 2: may unlock
@@ -1627,7 +1609,7 @@ TEST_CASE(
     if (child < 0) return 3;
     h.check_after_copy(child_code, report->checks[0]);
     report->step = 2;
-    return h.stop(report->released_by_parent);
+    return 0;
   });
   check_raw_fork_report(holder, *report, 1);
 }
@@ -1835,13 +1817,8 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-backend");
-  wltest::Shared<wltest::PauseReport> report;
-  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
-                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
-               << report->held_after_jump.load());
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());  // the SIGSTOP
-  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+  wltest::check_paused_backend_expired([&] { return std::make_unique<PostgresBackend>(o); }, 1500ms,
+                                       3500ms, 2500ms);
 }
 
 // Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
@@ -1853,13 +1830,8 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-role");
-  wltest::Shared<wltest::PauseReport> report;
-  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
-                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
-  CHECK(report->role_after_jump.load() == 0);
-  CHECK(report->primary_reads_after_jump.load() == 0);
+  wltest::check_paused_role_secondary([&] { return std::make_unique<PostgresBackend>(o); }, 1500ms,
+                                      3500ms, 2500ms);
 }
 
 // The mutex that fork() takes is never held while libpq resolves a host name: before, a

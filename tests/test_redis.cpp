@@ -37,7 +37,6 @@
 #include "support/common.hpp"
 #include "support/network_lab.hpp"
 #include "support/partition_lab.hpp"
-#include "support/paused_holder.hpp"
 #include "support/raw_fork.hpp"
 #include "support/redis_server.hpp"
 
@@ -921,42 +920,9 @@ TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept
 TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = seeded_key(server, "polled");
-  const auto o = options_for(server, key);
-  auto co = quiet_coordinator_options();
-  co.wait = workerlock::WaitMode::polled;
-  Coordinator first(std::make_unique<RedisBackend>(o), co);
-  Coordinator second(std::make_unique<RedisBackend>(o), co);
-  int promoted[2] = {0, 0};
-  int demoted[2] = {0, 0};
-  first.on_promoted([&] { ++promoted[0]; }).on_demoted([&] { ++demoted[0]; });
-  second.on_promoted([&] { ++promoted[1]; }).on_demoted([&] { ++demoted[1]; });
-  first.start();
-  second.start();
-  REQUIRE(first.role() == Role::primary);
-  REQUIRE(second.role() == Role::secondary);
-  const auto f1 = first.fencing_token();
+  const auto o = options_for(server, seeded_key(server, "polled"));
   // Two ttls of polling: the primary renews, the standby stays out.
-  const auto until = std::chrono::steady_clock::now() + 2000ms;
-  while (std::chrono::steady_clock::now() < until) {
-    first.poll();
-    second.poll();
-    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
-  }
-  CHECK(first.role() == Role::primary);
-  CHECK(second.role() == Role::secondary);
-  CHECK(promoted[0] == 1);
-  CHECK(demoted[0] == 0);
-  first.stop();
-  CHECK(demoted[0] == 1);
-  REQUIRE(wltest::eventually(
-      [&] {
-        second.poll();
-        return second.role() == Role::primary;
-      },
-      2s));
-  CHECK(second.fencing_token() > f1);
-  CHECK(promoted[1] == 1);
+  wltest::check_polled_handover([&] { return std::make_unique<RedisBackend>(o); }, 2000ms, 2s);
 }
 
 TEST_CASE(
@@ -1399,6 +1365,22 @@ class RawForkHolder {
   std::string token_;
 };
 
+//! Runs the holder of a raw-fork test in a child of the test, killed after 30 s: starts it on
+//! `o` and `co` (RawForkHolder::start()), runs `copies(holder)`, then stops it
+//! (RawForkHolder::stop()). Returns the first exit code that is not 0 of these three, else 0.
+template <typename F>
+int run_raw_fork_holder(const wltest::RedisServer& server, const std::string& key,
+                        const RedisOptions& o, const CoordinatorOptions& co, RawForkReport& report,
+                        F&& copies) {
+  return wltest::run_holder(30s, [&]() -> int {
+    RawForkHolder holder(server, key);
+    if (const int code = holder.start(o, co); code != 0) return code;
+    report.step = 1;
+    if (const int code = copies(holder); code != 0) return code;
+    return holder.stop(report.released_by_parent);
+  });
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -1413,13 +1395,10 @@ TEST_CASE(
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop().
-  const int holder = wltest::run_holder(30s, [&]() -> int {
-    auto co = quiet_coordinator_options();
-    co.wait = workerlock::WaitMode::polled;
-    RawForkHolder h(server, key);
-    if (const int code = h.start(o, co); code != 0) return code;
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  const int holder = run_raw_fork_holder(server, key, o, co, *report, [&](RawForkHolder& h) {
     RedisBackend& backend = h.backend();
-    report->step = 1;
 
     // A helper that calls exit(): the static Coordinator and its backend are destroyed.
     pid_t child = raw_fork();
@@ -1451,9 +1430,7 @@ TEST_CASE(
     report->key_after_members = h.key_kept();
     report->renewed_after_members = backend.verify_held() ? 1 : 2;
     report->step = 3;
-
-    // The holder's own connection still works: its release deletes the key.
-    return h.stop(report->released_by_parent);
+    return 0;  // then the holder's own connection still works: its release deletes the key
   });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
@@ -1482,10 +1459,8 @@ TEST_CASE(
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop(), 5 demoted after the copy exited.
-  const int holder = wltest::run_holder(30s, [&]() -> int {
-    RawForkHolder h(server, key);
-    if (const int code = h.start(o, quiet_coordinator_options()); code != 0) return code;
-    report->step = 1;
+  const auto co = quiet_coordinator_options();
+  const int holder = run_raw_fork_holder(server, key, o, co, *report, [&](RawForkHolder& h) {
     const pid_t child = raw_fork();
     if (child < 0) return 3;
     if (child == 0) {
@@ -1499,9 +1474,8 @@ TEST_CASE(
     report->exiting_child = wait_or_kill(child, 10s);
     report->key_after_exit = h.key_kept();
     report->step = 2;
-    if (h.coordinator().role() != Role::primary) return 5;
-    // stop() releases on the holder's connection, from the coordinator thread.
-    return h.stop(report->released_by_parent);
+    // Then stop() releases on the holder's connection, from the coordinator thread.
+    return h.coordinator().role() == Role::primary ? 0 : 5;
   });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
@@ -1821,16 +1795,9 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = seeded_key(server, "paused-backend");
-  const auto o = options_for(server, key);  // ttl 1 s
-  wltest::Shared<wltest::PauseReport> report;
-  const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
-                                        quiet_coordinator_options(), o.ttl, 3000ms, *report);
-  REQUIRE(code == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
-               << report->held_after_jump.load());
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());  // the SIGSTOP
-  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+  const auto o = options_for(server, seeded_key(server, "paused-backend"));  // ttl 1 s
+  wltest::check_paused_backend_expired([&] { return std::make_unique<RedisBackend>(o); }, o.ttl,
+                                       3000ms, 2000ms);
 }
 
 // Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
@@ -1842,16 +1809,9 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = seeded_key(server, "paused-role");
-  const auto o = options_for(server, key);
-  wltest::Shared<wltest::PauseReport> report;
-  const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
-                                        quiet_coordinator_options(), o.ttl, 3000ms, *report);
-  REQUIRE(code == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());
-  CHECK(report->role_after_jump.load() == 0);
-  CHECK(report->primary_reads_after_jump.load() == 0);
+  const auto o = options_for(server, seeded_key(server, "paused-role"));
+  wltest::check_paused_role_secondary([&] { return std::make_unique<RedisBackend>(o); }, o.ttl,
+                                      3000ms, 2000ms);
 }
 
 TEST_CASE(

@@ -1,6 +1,7 @@
 // tests/support/network_lab.hpp: what the Redis and PostgreSQL backend tests share: a quiet
 // Coordinator's options, holders run in a child of the test, children with closed stdio, and
-// the checks of a refused configuration.
+// the scenarios both backends must pass: a refused configuration, a polled handover, a paused
+// holder.
 #pragma once
 
 #include <signal.h>
@@ -14,12 +15,14 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include <catch2/catch.hpp>
 #include <workerlock/coordinator.hpp>
 
 #include "common.hpp"
+#include "paused_holder.hpp"
 #include "raw_fork.hpp"
 
 namespace wltest {
@@ -128,6 +131,78 @@ void check_bad_configuration(const Options& o, const char* text, MoreChecks&& mo
   CHECK(ec == std::errc::invalid_argument);
   CHECK(c.role() == workerlock::Role::secondary);
   CHECK_FALSE(c.running());
+}
+
+//! Two Coordinators in WaitMode::polled on backends from `make_backend()`: the first started is
+//! primary and stays so through `hold` of polling (it renews, the standby stays out), promoted
+//! once and never demoted; its stop() demotes it, and within `takeover` the standby's poll()
+//! promotes the standby, once, with a higher fencing token.
+template <typename MakeBackend>
+void check_polled_handover(MakeBackend make_backend, std::chrono::milliseconds hold,
+                           std::chrono::milliseconds takeover) {
+  using workerlock::Role;
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  workerlock::Coordinator first(make_backend(), co);
+  workerlock::Coordinator second(make_backend(), co);
+  int promoted[2] = {0, 0};
+  int demoted[2] = {0, 0};
+  first.on_promoted([&] { ++promoted[0]; }).on_demoted([&] { ++demoted[0]; });
+  second.on_promoted([&] { ++promoted[1]; }).on_demoted([&] { ++demoted[1]; });
+  first.start();
+  second.start();
+  REQUIRE(first.role() == Role::primary);
+  REQUIRE(second.role() == Role::secondary);
+  const auto f1 = first.fencing_token();
+  CHECK(f1 > 0);
+  const auto until = std::chrono::steady_clock::now() + hold;
+  while (std::chrono::steady_clock::now() < until) {
+    first.poll();
+    second.poll();
+    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
+  }
+  CHECK(first.role() == Role::primary);
+  CHECK(second.role() == Role::secondary);
+  CHECK(promoted[0] == 1);
+  CHECK(demoted[0] == 0);
+  first.stop();
+  CHECK(demoted[0] == 1);
+  REQUIRE(eventually(
+      [&] {
+        second.poll();
+        return second.role() == Role::primary;
+      },
+      takeover));
+  CHECK(second.fencing_token() > f1);
+  CHECK(promoted[1] == 1);
+  second.stop();
+}
+
+//! The backend half of "a paused holder's role ends on its own": pause_holder() pauses a holder
+//! on `make_backend()` for `pause`; the holder saw the pause as a jump of more than `seen`, and
+//! its backend's valid_until() had passed when it ran again.
+template <typename MakeBackend>
+void check_paused_backend_expired(MakeBackend make_backend, std::chrono::milliseconds jump,
+                                  std::chrono::milliseconds pause, std::chrono::milliseconds seen) {
+  Shared<PauseReport> report;
+  REQUIRE(pause_holder(make_backend, quiet_coordinator_options(), jump, pause, *report) == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
+               << report->held_after_jump.load());
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(seen).count());  // the SIGSTOP
+  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+}
+
+//! The Coordinator half: the paused holder's role() reads secondary the moment it runs again
+//! (it compares the backend's valid_until() with the clock), before on_demoted has returned.
+template <typename MakeBackend>
+void check_paused_role_secondary(MakeBackend make_backend, std::chrono::milliseconds jump,
+                                 std::chrono::milliseconds pause, std::chrono::milliseconds seen) {
+  Shared<PauseReport> report;
+  REQUIRE(pause_holder(make_backend, quiet_coordinator_options(), jump, pause, *report) == 0);
+  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
+  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(seen).count());
+  CHECK(report->role_after_jump.load() == 0);
+  CHECK(report->primary_reads_after_jump.load() == 0);
 }
 
 }  // namespace wltest

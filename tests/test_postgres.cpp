@@ -1516,21 +1516,6 @@ void check_raw_fork_report(int holder, const RawForkReport& report, int copies) 
   CHECK(report.released_by_parent.load() == 1);
 }
 
-//! Runs the holder of a raw-fork test in a child of the test, killed after 60 s: starts it
-//! (RawForkHolder::start()), runs `copies(holder)`, then stops it (RawForkHolder::stop()).
-//! Returns the first exit code that is not 0 of these three, else 0.
-template <typename F>
-int run_raw_fork_holder(const wltest::PostgresServer& pg, const PostgresOptions& o,
-                        RawForkReport& report, F&& copies) {
-  return wltest::run_holder(60s, [&]() -> int {
-    RawForkHolder holder(pg, o);
-    if (const int code = holder.start(); code != 0) return code;
-    report.step = 1;
-    if (const int code = copies(holder); code != 0) return code;
-    return holder.stop(report.released_by_parent);
-  });
-}
-
 }  // namespace
 
 TEST_CASE(
@@ -1543,34 +1528,36 @@ TEST_CASE(
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 pg_locks does not show the
   // holder's sessions, 3 raw fork failed, 4 still primary after stop().
-  const int holder = run_raw_fork_holder(pg, o, *report, [&](RawForkHolder& h) -> int {
-    // A helper that destroys its copy, as exit() does with a static Coordinator.
-    pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      h.destroy();
-      copy_exit(0);
-    }
-    h.check_after_copy(wait_or_kill(child, 10s), report->checks[0]);
-    report->step = 2;
+  const int holder = wltest::run_raw_fork_holder(
+      60s, [&] { return RawForkHolder(pg, o); }, *report,
+      [&](RawForkHolder& h) -> int {
+        // A helper that destroys its copy, as exit() does with a static Coordinator.
+        pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          h.destroy();
+          copy_exit(0);
+        }
+        h.check_after_copy(wait_or_kill(child, 10s), report->checks[0]);
+        report->step = 2;
 
-    // A copy that calls every member of its backend, then destroys it.
-    child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      PostgresBackend& backend = h.backend();
-      int code = 0;
-      if (backend.held() || backend.fencing_token() != 0) code = 1;
-      if (code == 0 && backend.verify_held()) code = 2;
-      backend.release();
-      backend.reset();
-      h.destroy();
-      copy_exit(code);
-    }
-    h.check_after_copy(wait_or_kill(child, 10s), report->checks[1]);
-    report->step = 3;
-    return 0;  // then the holder's own sessions still work: its release frees the lock
-  });
+        // A copy that calls every member of its backend, then destroys it.
+        child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          PostgresBackend& backend = h.backend();
+          int code = 0;
+          if (backend.held() || backend.fencing_token() != 0) code = 1;
+          if (code == 0 && backend.verify_held()) code = 2;
+          backend.release();
+          backend.reset();
+          h.destroy();
+          copy_exit(code);
+        }
+        h.check_after_copy(wait_or_kill(child, 10s), report->checks[1]);
+        report->step = 3;
+        return 0;  // then the holder's own sessions still work: its release frees the lock
+      });
   check_raw_fork_report(holder, *report, 2);
 }
 
@@ -1586,31 +1573,33 @@ TEST_CASE(
   auto o = patient(fresh_options("rawfork-mutex"));
   wltest::Shared<RawForkReport> report;
   // Holder exit codes as in the test above.
-  const int holder = run_raw_fork_holder(pg, o, *report, [&](RawForkHolder& h) -> int {
-    // Another thread is inside a libpq call of some backend (it holds the process-wide
-    // connection mutex) when the copy is made: the copy inherits the mutex locked.
-    std::atomic<int> phase{0};  // 1: locked, 2: may unlock
-    std::thread busy([&] {
-      workerlock::detail::pg_fork::guard guard;
-      phase.store(1);
-      while (phase.load() != 2) std::this_thread::sleep_for(1ms);
-    });
-    while (phase.load() != 1) std::this_thread::sleep_for(1ms);
-    const pid_t child = raw_fork();
-    if (child == 0) {
-      tsan_ignore_this_copy();
-      h.destroy();  // as exit() does with a static Coordinator
-      copy_exit(0);
-    }
-    // The copy ends in milliseconds; one stuck on the inherited mutex is killed after 5 s.
-    const int child_code = child < 0 ? -1 : wait_or_kill(child, 5s);
-    phase.store(2);
-    busy.join();
-    if (child < 0) return 3;
-    h.check_after_copy(child_code, report->checks[0]);
-    report->step = 2;
-    return 0;
-  });
+  const int holder = wltest::run_raw_fork_holder(
+      60s, [&] { return RawForkHolder(pg, o); }, *report,
+      [&](RawForkHolder& h) -> int {
+        // Another thread is inside a libpq call of some backend (it holds the process-wide
+        // connection mutex) when the copy is made: the copy inherits the mutex locked.
+        std::atomic<int> phase{0};  // 1: locked, 2: may unlock
+        std::thread busy([&] {
+          workerlock::detail::pg_fork::guard guard;
+          phase.store(1);
+          while (phase.load() != 2) std::this_thread::sleep_for(1ms);
+        });
+        while (phase.load() != 1) std::this_thread::sleep_for(1ms);
+        const pid_t child = raw_fork();
+        if (child == 0) {
+          tsan_ignore_this_copy();
+          h.destroy();  // as exit() does with a static Coordinator
+          copy_exit(0);
+        }
+        // The copy ends in milliseconds; one stuck on the inherited mutex is killed after 5 s.
+        const int child_code = child < 0 ? -1 : wait_or_kill(child, 5s);
+        phase.store(2);
+        busy.join();
+        if (child < 0) return 3;
+        h.check_after_copy(child_code, report->checks[0]);
+        report->step = 2;
+        return 0;
+      });
   check_raw_fork_report(holder, *report, 1);
 }
 

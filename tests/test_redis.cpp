@@ -1329,14 +1329,15 @@ struct RawForkReport {
 //! static_coordinator(), whose lease the test reads from `key` on `server`.
 class RawForkHolder {
  public:
-  RawForkHolder(const wltest::RedisServer& server, const std::string& key)
-      : server_(server), key_(key) {}
+  RawForkHolder(const wltest::RedisServer& server, const std::string& key, const RedisOptions& o,
+                const CoordinatorOptions& co)
+      : server_(server), key_(key), o_(o), co_(co) {}
 
   //! Starts the Coordinator: 0, or the holder's exit code 1 (not primary after start()) or 2
   //! (the key does not hold the token).
-  int start(const RedisOptions& o, const CoordinatorOptions& co) {
+  int start() {
     auto& slot = static_coordinator();
-    slot.emplace(std::make_unique<RedisBackend>(o), co);
+    slot.emplace(std::make_unique<RedisBackend>(o_), co_);
     slot->start();
     if (slot->role() != Role::primary) return 1;
     token_ = backend().token();
@@ -1362,24 +1363,10 @@ class RawForkHolder {
  private:
   const wltest::RedisServer& server_;
   const std::string key_;
+  const RedisOptions o_;
+  const CoordinatorOptions co_;
   std::string token_;
 };
-
-//! Runs the holder of a raw-fork test in a child of the test, killed after 30 s: starts it on
-//! `o` and `co` (RawForkHolder::start()), runs `copies(holder)`, then stops it
-//! (RawForkHolder::stop()). Returns the first exit code that is not 0 of these three, else 0.
-template <typename F>
-int run_raw_fork_holder(const wltest::RedisServer& server, const std::string& key,
-                        const RedisOptions& o, const CoordinatorOptions& co, RawForkReport& report,
-                        F&& copies) {
-  return wltest::run_holder(30s, [&]() -> int {
-    RawForkHolder holder(server, key);
-    if (const int code = holder.start(o, co); code != 0) return code;
-    report.step = 1;
-    if (const int code = copies(holder); code != 0) return code;
-    return holder.stop(report.released_by_parent);
-  });
-}
 
 }  // namespace
 
@@ -1397,41 +1384,43 @@ TEST_CASE(
   // token, 3 raw fork failed, 4 still primary after stop().
   auto co = quiet_coordinator_options();
   co.wait = workerlock::WaitMode::polled;
-  const int holder = run_raw_fork_holder(server, key, o, co, *report, [&](RawForkHolder& h) {
-    RedisBackend& backend = h.backend();
+  const int holder = wltest::run_raw_fork_holder(
+      30s, [&] { return RawForkHolder(server, key, o, co); }, *report,
+      [&](RawForkHolder& h) {
+        RedisBackend& backend = h.backend();
 
-    // A helper that calls exit(): the static Coordinator and its backend are destroyed.
-    pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) std::exit(h.coordinator().role() == Role::primary ? 1 : 0);
-    report->exiting_child = wait_or_kill(child, 10s);
-    report->key_after_exit = h.key_kept();
-    report->renewed_after_exit = backend.verify_held() ? 1 : 2;
-    report->step = 2;
+        // A helper that calls exit(): the static Coordinator and its backend are destroyed.
+        pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) std::exit(h.coordinator().role() == Role::primary ? 1 : 0);
+        report->exiting_child = wait_or_kill(child, 10s);
+        report->key_after_exit = h.key_kept();
+        report->renewed_after_exit = backend.verify_held() ? 1 : 2;
+        report->step = 2;
 
-    // A copy that calls every member of its backend, then destroys it.
-    child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      int code = 0;
-      if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
-      if (code == 0 && backend.verify_held()) code = 2;
-      {
-        workerlock::Interrupter interrupter;
-        interrupter.interrupt();
-        if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
-      }
-      backend.release();
-      backend.reset();
-      static_coordinator().reset();
-      copy_exit(code);
-    }
-    report->members_child = wait_or_kill(child, 10s);
-    report->key_after_members = h.key_kept();
-    report->renewed_after_members = backend.verify_held() ? 1 : 2;
-    report->step = 3;
-    return 0;  // then the holder's own connection still works: its release deletes the key
-  });
+        // A copy that calls every member of its backend, then destroys it.
+        child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          int code = 0;
+          if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
+          if (code == 0 && backend.verify_held()) code = 2;
+          {
+            workerlock::Interrupter interrupter;
+            interrupter.interrupt();
+            if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
+          }
+          backend.release();
+          backend.reset();
+          static_coordinator().reset();
+          copy_exit(code);
+        }
+        report->members_child = wait_or_kill(child, 10s);
+        report->key_after_members = h.key_kept();
+        report->renewed_after_members = backend.verify_held() ? 1 : 2;
+        report->step = 3;
+        return 0;  // then the holder's own connection still works: its release deletes the key
+      });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
   CHECK(report->exiting_child.load() == 0);
@@ -1460,23 +1449,25 @@ TEST_CASE(
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop(), 5 demoted after the copy exited.
   const auto co = quiet_coordinator_options();
-  const int holder = run_raw_fork_holder(server, key, o, co, *report, [&](RawForkHolder& h) {
-    const pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      tsan_ignore_this_copy();
-      // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
-      // cannot stop the coordinator thread this copy lists but does not have.
-      const int code = h.coordinator().role() == Role::primary ? 1 : 0;
-      static_coordinator().reset();
-      copy_exit(code);
-    }
-    report->exiting_child = wait_or_kill(child, 10s);
-    report->key_after_exit = h.key_kept();
-    report->step = 2;
-    // Then stop() releases on the holder's connection, from the coordinator thread.
-    return h.coordinator().role() == Role::primary ? 0 : 5;
-  });
+  const int holder = wltest::run_raw_fork_holder(
+      30s, [&] { return RawForkHolder(server, key, o, co); }, *report,
+      [&](RawForkHolder& h) {
+        const pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          tsan_ignore_this_copy();
+          // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
+          // cannot stop the coordinator thread this copy lists but does not have.
+          const int code = h.coordinator().role() == Role::primary ? 1 : 0;
+          static_coordinator().reset();
+          copy_exit(code);
+        }
+        report->exiting_child = wait_or_kill(child, 10s);
+        report->key_after_exit = h.key_kept();
+        report->step = 2;
+        // Then stop() releases on the holder's connection, from the coordinator thread.
+        return h.coordinator().role() == Role::primary ? 0 : 5;
+      });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
   CHECK(report->exiting_child.load() == 0);

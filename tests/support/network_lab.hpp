@@ -65,6 +65,23 @@ int run_holder(std::chrono::milliseconds limit, F&& holder) {
   return wait_or_kill(pid, limit);
 }
 
+//! Runs the holder of a raw-fork test in a child of the test, killed after `limit`: the holder
+//! from `make_holder()` starts (`start()`, 0 or an exit code), `report.step` becomes 1, then
+//! `copies(holder)` makes and checks the copies, then the holder stops
+//! (`stop(report.released_by_parent)`). Returns the first of the three codes that is not 0,
+//! else 0.
+template <typename MakeHolder, typename Report, typename Copies>
+int run_raw_fork_holder(std::chrono::milliseconds limit, MakeHolder make_holder, Report& report,
+                        Copies&& copies) {
+  return run_holder(limit, [&]() -> int {
+    auto holder = make_holder();
+    if (const int code = holder.start(); code != 0) return code;
+    report.step = 1;
+    if (const int code = copies(holder); code != 0) return code;
+    return holder.stop(report.released_by_parent);
+  });
+}
+
 //! Runs `body` in a child of the test whose descriptors 0, 1 and 2 are closed, killed after
 //! `limit` so that a hang is a failure; returns its exit code as wait_or_kill() does.
 template <typename F>

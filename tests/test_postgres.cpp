@@ -1005,33 +1005,15 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
   constexpr int n = 8;
   struct Shared {
     wltest::StartLine line;
-    std::atomic<int> winners{0};
-    std::atomic<int> attempted{0};
     std::atomic<int> in_critical{0};
     std::atomic<int> max_in_critical{0};
     std::atomic<int> completed{0};
   };
 
   for (int round = 0; round < 3; ++round) {
-    wltest::Shared<Shared> shared;
-    auto o = patient(fresh_options("race"));
-    std::vector<pid_t> pids;
-    for (int i = 0; i < n; ++i) {
-      pids.push_back(wltest::fork_child([&] {
-        PostgresBackend backend(o);
-        backend.prepare();
-        shared->line.arrive_and_wait();
-        const bool won = backend.try_acquire();
-        if (won) shared->winners.fetch_add(1);
-        shared->attempted.fetch_add(1);
-        wltest::eventually([&] { return shared->attempted.load() == n; },
-                           30s);  // hold until all tried
-        return 0;
-      }));
-    }
-    CHECK(shared->line.release_when(n));
-    CHECK(wltest::wait_all_failures(pids) == 0);
-    CHECK(shared->winners.load() == 1);
+    const auto o = patient(fresh_options("race"));
+    wltest::check_race_has_one_winner(
+        n, [&] { return std::make_unique<PostgresBackend>(o); }, 0ms);
   }
 
   // Blocking waits: everybody gets it once, never two at a time.
@@ -1265,11 +1247,7 @@ TEST_CASE(
     "takes over and the healed holder rejoins as a standby",
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
-    if (wltest::server_required("WORKERLOCK_REQUIRE_POSTGRES")) FAIL(why);
-    wltest::skip_test(why);
-    return;
-  }
+  WLTEST_REQUIRE_PARTITION_LAB("WORKERLOCK_REQUIRE_POSTGRES");
   wltest::PartitionLab lab;
   wltest::PostgresServer pg(wltest::PartitionLab::server_address, wltest::PartitionLab::network);
   wltest::Shared<Checker> checker;

@@ -968,44 +968,10 @@ TEST_CASE("redis: 8 processes race and exactly one holds the lease", "[redis]") 
   constexpr int n = 8;
 
   SECTION("RedisBackend directly") {
-    struct Race {
-      wltest::StartLine line;
-      std::atomic<int> winners{0};
-      std::atomic<int> errors{0};
-      std::atomic<bool> done{false};
-    };
     for (int round = 0; round < 5; ++round) {
-      const auto key = seeded_key(server, "race");
-      const auto o = options_for(server, key, 5000ms);
-      wltest::Shared<Race> race;
-      std::vector<pid_t> pids;
-      for (int i = 0; i < n; ++i) {
-        pids.push_back(wltest::fork_child([&] {
-          ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-          RedisBackend b(o);
-          b.prepare();
-          race->line.arrive_and_wait();
-          bool won = false;
-          try {
-            won = b.try_acquire();
-          } catch (const std::exception&) {
-            race->errors.fetch_add(1);
-            return 1;
-          }
-          if (won) race->winners.fetch_add(1);
-          while (!race->done.load()) std::this_thread::sleep_for(1ms);
-          if (won && !b.verify_held()) return 2;
-          b.release();
-          return 0;
-        }));
-      }
-      REQUIRE(race->line.release_when(n));
-      std::this_thread::sleep_for(300ms);
-      const int winners = race->winners.load();
-      race->done.store(true);
-      CHECK(wltest::wait_all_failures(pids) == 0);
-      CHECK(race->errors.load() == 0);
-      REQUIRE(winners == 1);
+      const auto o = options_for(server, seeded_key(server, "race"), 5000ms);
+      wltest::check_race_has_one_winner(
+          n, [&] { return std::make_unique<RedisBackend>(o); }, 300ms);
     }
   }
 
@@ -1165,11 +1131,7 @@ TEST_CASE(
     "after it, and the healed holder stays a standby",
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
-  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
-    if (wltest::server_required("WORKERLOCK_REQUIRE_REDIS")) FAIL(why);
-    wltest::skip_test(why);
-    return;
-  }
+  WLTEST_REQUIRE_PARTITION_LAB("WORKERLOCK_REQUIRE_REDIS");
   wltest::PartitionLab lab;
   wltest::RedisServer server(wltest::RedisServer::Config{
       {}, {"--bind", "127.0.0.1", wltest::PartitionLab::server_address, "--protected-mode", "no"}});

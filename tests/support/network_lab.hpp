@@ -1,16 +1,18 @@
 // tests/support/network_lab.hpp: what the Redis and PostgreSQL backend tests share: a quiet
 // Coordinator's options, holders run in a child of the test, children with closed stdio, and
-// the scenarios both backends must pass: a refused configuration, a polled handover, a paused
-// holder.
+// the scenarios both backends must pass: a race, a refused configuration, a polled handover, a
+// paused holder.
 #pragma once
 
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
@@ -148,6 +150,54 @@ void check_bad_configuration(const Options& o, const char* text, MoreChecks&& mo
   CHECK(ec == std::errc::invalid_argument);
   CHECK(c.role() == workerlock::Role::secondary);
   CHECK_FALSE(c.running());
+}
+
+//! `n` processes, each with a backend from `make_backend()` prepared beforehand, call
+//! try_acquire() at the same instant: none throws and exactly one wins. They keep what they got
+//! until every one has tried and `hold` has passed; then the winner's verify_held() is true.
+template <typename MakeBackend>
+void check_race_has_one_winner(int n, MakeBackend make_backend, std::chrono::milliseconds hold) {
+  struct Race {
+    StartLine line;
+    std::atomic<int> attempted{0};
+    std::atomic<int> winners{0};
+    std::atomic<int> errors{0};
+    std::atomic<bool> done{false};
+  };
+  Shared<Race> race;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; ++i) {
+    pids.push_back(fork_child([&] {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      auto backend = make_backend();
+      backend->prepare();
+      race->line.arrive_and_wait();
+      bool won = false;
+      try {
+        won = backend->try_acquire();
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "try_acquire() threw: %s\n", e.what());
+        race->errors.fetch_add(1);
+      }
+      if (won) race->winners.fetch_add(1);
+      race->attempted.fetch_add(1);
+      while (!race->done.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (won && !backend->verify_held()) return 2;
+      backend->release();
+      return race->errors.load() == 0 ? 0 : 1;
+    }));
+  }
+  const bool started = race->line.release_when(n);
+  const bool all_tried =
+      eventually([&] { return race->attempted.load() == n; }, std::chrono::seconds(30));
+  std::this_thread::sleep_for(hold);
+  const int winners = race->winners.load();
+  race->done.store(true);  // the children end before any REQUIRE below can end the test
+  CHECK(wait_all_failures(pids) == 0);
+  REQUIRE(started);
+  REQUIRE(all_tried);
+  CHECK(race->errors.load() == 0);
+  REQUIRE(winners == 1);
 }
 
 //! Two Coordinators in WaitMode::polled on backends from `make_backend()`: the first started is

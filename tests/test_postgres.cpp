@@ -1690,79 +1690,23 @@ TEST_CASE(
   auto& pg = server();
   auto o = patient(fresh_options("accessors"));
   o.verify_interval = 200ms;
-  Coordinator c[2] = {
-      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options()),
-      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options())};
-  std::atomic<int> promotions{0};
-  std::atomic<int> fence_violations{0};
-  std::atomic<std::uint64_t> last_token{0};
-  for (int i = 0; i < 2; ++i) {
-    c[i].on_promoted([&, i] {
-      const auto token = c[i].fencing_token();
-      if (token <= last_token.load()) fence_violations.fetch_add(1);
-      last_token.store(token);
-      promotions.fetch_add(1);
-    });
-  }
-  const auto backend_of = [&](int i) -> const PostgresBackend& {
-    return dynamic_cast<const PostgresBackend&>(c[i].backend());
-  };
-  std::atomic<bool> done{false};
-  std::atomic<long> rounds{0};
-  std::atomic<long> primary_reads[2] = {0, 0};
-  std::atomic<long> valid_reads[2] = {0, 0};
-  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
-  std::vector<std::thread> readers;
-  for (int r = 0; r < 2; ++r) {
-    readers.emplace_back([&, r] {
-      while (!done.load()) {
-        for (int i = 0; i < 2; ++i) {
-          const auto& backend = backend_of(i);
-          if (c[i].role() == Role::primary) primary_reads[i].fetch_add(1);
-          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
-          if (token > seen[r].load()) seen[r].store(token);
-          if (backend.valid_until() > std::chrono::steady_clock::now()) valid_reads[i].fetch_add(1);
-          (void)backend.held();
-          (void)backend.lock_session_pid();
-          (void)backend.fence_session_pid();
-          (void)backend.describe();
-          (void)backend.network_target();
+  wltest::check_accessors_during_failovers<PostgresBackend>(
+      [&] { return std::make_unique<PostgresBackend>(o); },
+      [&](Coordinator(&c)[2], int p, int n) {
+        if (n % 2 == 0) {
+          c[p].stop();  // its coordinator thread runs on_demoted and releases
+        } else {
+          // The server ends the holder's lock session: its coordinator thread notices at its
+          // next check, demotes and releases, all on that thread.
+          REQUIRE(pg.terminate(wltest::backend_of<PostgresBackend>(c[p]).lock_session_pid()));
         }
-        rounds.fetch_add(1);
-      }
-    });
-  }
-  c[0].start();
-  c[1].start();
-  constexpr int failovers = 6;
-  for (int n = 0; n < failovers; ++n) {
-    const int before = promotions.load();
-    REQUIRE(wltest::eventually(
-        [&] { return c[0].role() == Role::primary || c[1].role() == Role::primary; }, 20s));
-    const int p = c[0].role() == Role::primary ? 0 : 1;
-    std::this_thread::sleep_for(50ms);
-    if (n % 2 == 0) {
-      c[p].stop();  // its coordinator thread runs on_demoted and releases
-    } else {
-      // The server ends the holder's lock session: its coordinator thread notices at its
-      // next check, demotes and releases, all on that thread.
-      REQUIRE(pg.terminate(backend_of(p).lock_session_pid()));
-    }
-    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 20s));
-    if (n % 2 == 0) c[p].start();
-  }
-  done.store(true);
-  for (auto& t : readers) t.join();
-  c[0].stop();
-  c[1].stop();
-  CHECK(fence_violations.load() == 0);
-  CHECK(promotions.load() >= failovers + 1);
-  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
-  CHECK(rounds.load() > 0);
-  for (int i = 0; i < 2; ++i) {
-    CHECK(primary_reads[i].load() > 0);
-    CHECK(valid_reads[i].load() > 0);
-  }
+      },
+      [](const PostgresBackend& backend) {
+        (void)backend.held();
+        (void)backend.lock_session_pid();
+        (void)backend.fence_session_pid();
+      },
+      20s, 20s);
 }
 
 namespace {

@@ -1658,18 +1658,6 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   CHECK(std::string(reply->str, reply->len) == "PONG");
 }
 
-namespace {
-
-//! What the readers of the accessor test saw, per Coordinator.
-struct AccessorReads {
-  std::atomic<long> rounds{0};
-  std::atomic<long> primary_reads{0};
-  std::atomic<long> held_reads{0};
-  std::atomic<long> valid_reads{0};
-};
-
-}  // namespace
-
 // The rule: role(), fencing_token() and the lease's validity may be read from any thread at
 // any time. ThreadSanitizer (the tsan config runs [threads] tests) reports any unsynchronized
 // access between these reads and the coordinator threads' acquisitions and releases.
@@ -1678,68 +1666,14 @@ TEST_CASE(
     "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = seeded_key(server, "accessors");
-  const auto o = options_for(server, key);
-  Coordinator c[2] = {Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options()),
-                      Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options())};
-  std::atomic<int> promotions{0};
-  std::atomic<int> fence_violations{0};
-  std::atomic<std::uint64_t> last_token{0};
-  for (int i = 0; i < 2; ++i) {
-    c[i].on_promoted([&, i] {
-      const auto token = c[i].fencing_token();
-      if (token <= last_token.load()) fence_violations.fetch_add(1);
-      last_token.store(token);
-      promotions.fetch_add(1);
-    });
-  }
-  AccessorReads reads[2];
-  std::atomic<bool> done{false};
-  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
-  std::vector<std::thread> readers;
-  for (int r = 0; r < 2; ++r) {
-    readers.emplace_back([&, r] {
-      auto& max_seen = seen[r];
-      while (!done.load()) {
-        for (int i = 0; i < 2; ++i) {
-          const auto& backend = dynamic_cast<const RedisBackend&>(c[i].backend());
-          if (c[i].role() == Role::primary) reads[i].primary_reads.fetch_add(1);
-          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
-          if (token > max_seen.load()) max_seen.store(token);  // one writer per reader
-          if (backend.valid_until() > std::chrono::steady_clock::now()) reads[i].valid_reads++;
-          if (backend.lease_valid()) reads[i].held_reads++;
-          (void)backend.describe();
-          (void)backend.network_target();
-          reads[i].rounds++;
-        }
-      }
-    });
-  }
-  c[0].start();
-  c[1].start();
-  constexpr int failovers = 6;
-  for (int n = 0; n < failovers; ++n) {
-    const int before = promotions.load();
-    const int p = c[0].role() == Role::primary ? 0 : 1;
-    REQUIRE(c[p].role() == Role::primary);
-    std::this_thread::sleep_for(50ms);
-    c[p].stop();  // the coordinator thread runs on_demoted and releases; the other takes over
-    REQUIRE(wltest::eventually([&] { return c[1 - p].role() == Role::primary; }, 10s));
-    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 10s));
-    c[p].start();
-  }
-  done.store(true);
-  for (auto& t : readers) t.join();
-  c[0].stop();
-  c[1].stop();
-  CHECK(fence_violations.load() == 0);
-  CHECK(promotions.load() >= failovers + 1);
-  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
-  for (const auto& r : reads) {
-    CHECK(r.rounds.load() > 0);
-    CHECK(r.primary_reads.load() > 0);
-    CHECK(r.valid_reads.load() > 0);
-  }
+  const auto o = options_for(server, seeded_key(server, "accessors"));
+  wltest::check_accessors_during_failovers<RedisBackend>(
+      [&] { return std::make_unique<RedisBackend>(o); },
+      [](Coordinator(&c)[2], int p, int) {
+        c[p].stop();  // the coordinator thread runs on_demoted and releases; the other takes over
+        REQUIRE(wltest::eventually([&] { return c[1 - p].role() == Role::primary; }, 10s));
+      },
+      [](const RedisBackend& backend) { (void)backend.lease_valid(); }, 0ms, 10s);
 }
 
 TEST_CASE(

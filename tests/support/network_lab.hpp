@@ -1,15 +1,17 @@
 // tests/support/network_lab.hpp: what the Redis and PostgreSQL backend tests share: a quiet
 // Coordinator's options, holders run in a child of the test, children with closed stdio, and
-// the scenarios both backends must pass: a race, a refused configuration, a polled handover, a
-// paused holder.
+// the scenarios both backends must pass: a race, a refused configuration, a polled handover,
+// accessors read during failovers, a paused holder.
 #pragma once
 
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -243,6 +245,87 @@ void check_polled_handover(MakeBackend make_backend, std::chrono::milliseconds h
   CHECK(second.fencing_token() > f1);
   CHECK(promoted[1] == 1);
   second.stop();
+}
+
+//! Two Coordinators on backends from `make_backend()` hand the role over `failovers` times while
+//! two threads read role(), fencing_token() and the backend's fencing_token(), valid_until(),
+//! describe(), network_target() and `read_more(backend)` of both, in a loop (ThreadSanitizer
+//! checks these reads against the coordinator threads). Each time a primary is there within
+//! `primary_within`, `hand_over(c, p, n)` makes c[p] give up the role for the n-th time, a new
+//! promotion follows within `takeover`, and a stopped c[p] starts again. Fencing tokens only
+//! grow, no reader saw a token above the last one issued, and each Coordinator was read as
+//! primary and as valid at least once.
+template <typename Backend, typename MakeBackend, typename HandOver, typename ReadMore>
+void check_accessors_during_failovers(MakeBackend make_backend, HandOver hand_over,
+                                      ReadMore read_more, std::chrono::milliseconds primary_within,
+                                      std::chrono::milliseconds takeover) {
+  using workerlock::Role;
+  workerlock::Coordinator c[2] = {
+      workerlock::Coordinator(make_backend(), quiet_coordinator_options()),
+      workerlock::Coordinator(make_backend(), quiet_coordinator_options())};
+  std::atomic<int> promotions{0};
+  std::atomic<int> fence_violations{0};
+  std::atomic<std::uint64_t> last_token{0};
+  for (int i = 0; i < 2; ++i) {
+    c[i].on_promoted([&, i] {
+      const auto token = c[i].fencing_token();
+      if (token <= last_token.load()) fence_violations.fetch_add(1);
+      last_token.store(token);
+      promotions.fetch_add(1);
+    });
+  }
+  struct Reads {  // what the readers saw of one Coordinator
+    std::atomic<long> rounds{0};
+    std::atomic<long> primary{0};
+    std::atomic<long> valid{0};
+  };
+  Reads reads[2];
+  std::atomic<bool> done{false};
+  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.emplace_back([&, r] {
+      auto& max_seen = seen[r];
+      while (!done.load()) {
+        for (int i = 0; i < 2; ++i) {
+          const auto& backend = dynamic_cast<const Backend&>(c[i].backend());
+          if (c[i].role() == Role::primary) reads[i].primary.fetch_add(1);
+          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
+          if (token > max_seen.load()) max_seen.store(token);  // one writer per reader
+          if (backend.valid_until() > std::chrono::steady_clock::now()) reads[i].valid++;
+          read_more(backend);
+          (void)backend.describe();
+          (void)backend.network_target();
+          reads[i].rounds++;
+        }
+      }
+    });
+  }
+  c[0].start();
+  c[1].start();
+  constexpr int failovers = 6;
+  for (int n = 0; n < failovers; ++n) {
+    const int before = promotions.load();
+    REQUIRE(eventually([&] { return c[0].role() == Role::primary || c[1].role() == Role::primary; },
+                       primary_within));
+    const int p = c[0].role() == Role::primary ? 0 : 1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    hand_over(c, p, n);
+    REQUIRE(eventually([&] { return promotions.load() > before; }, takeover));
+    if (!c[p].running()) c[p].start();
+  }
+  done.store(true);
+  for (auto& t : readers) t.join();
+  c[0].stop();
+  c[1].stop();
+  CHECK(fence_violations.load() == 0);
+  CHECK(promotions.load() >= failovers + 1);
+  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
+  for (const auto& r : reads) {
+    CHECK(r.rounds.load() > 0);
+    CHECK(r.primary.load() > 0);
+    CHECK(r.valid.load() > 0);
+  }
 }
 
 //! The backend half of "a paused holder's role ends on its own": pause_holder() pauses a holder

@@ -1,7 +1,5 @@
-// tests/support/network_lab.hpp: what the Redis and PostgreSQL backend tests share: a quiet
-// Coordinator's options, holders run in a child of the test, children with closed stdio, and
-// the scenarios both backends must pass: a race, a refused configuration, a polled handover,
-// accessors read during failovers, a paused holder.
+// tests/support/network_lab.hpp: what the Redis and PostgreSQL tests share: holders run in a child,
+// and the scenarios both backends must pass, each written once and given a backend factory.
 #pragma once
 
 #include <signal.h>

@@ -51,8 +51,8 @@
 
 #include "support/clock.hpp"
 #include "support/common.hpp"
+#include "support/network_lab.hpp"
 #include "support/partition_lab.hpp"
-#include "support/paused_holder.hpp"
 #include "support/postgres_server.hpp"
 #include "support/raw_fork.hpp"
 
@@ -97,8 +97,10 @@ wltest::PostgresServer& server() {
   return *instance;
 }
 
+using wltest::index_of;
 using wltest::mono_ns;
 using wltest::ms_between;
+using wltest::quiet_coordinator_options;
 
 //! A lock name of its own for each test, so they never see each other's locks.
 std::string fresh_name(const char* what) {
@@ -119,6 +121,14 @@ PostgresOptions options_for(const std::string& name) {
   return o;
 }
 
+//! options_for(fresh_name(what)) without the restart grace: the cluster may be seconds old,
+//! and the grace has its own test.
+PostgresOptions fresh_options(const char* what) {
+  auto o = options_for(fresh_name(what));
+  o.restart_grace = 0ms;
+  return o;
+}
+
 //! For tests about exclusion, not time: no round trip gives up on a loaded machine (CI, a
 //! sanitizer build). The TCP timers grow with it, as the options require.
 PostgresOptions patient(PostgresOptions o) {
@@ -127,19 +137,6 @@ PostgresOptions patient(PostgresOptions o) {
   o.keepalives_idle = 30s;
   o.tcp_user_timeout = 30s;
   return o;
-}
-
-//! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
-int closed_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t size = sizeof address;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
-  ::close(fd);
-  return ntohs(address.sin_port);
 }
 
 //! True once `pid` has exited (a zombie counts as gone: it holds nothing).
@@ -214,16 +211,6 @@ struct Checker {
   }
 };
 
-CoordinatorOptions quiet_coordinator_options() {
-  CoordinatorOptions co;
-  co.lock.log = nullptr;
-  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
-    co.lock.log = workerlock::stderr_sink;
-  co.retry_backoff_min = 10ms;
-  co.retry_backoff_max = 250ms;
-  return co;
-}
-
 //! A child running a Coordinator on a PostgresBackend until checker.stop[index].
 //! Exit codes: 0 fine, 3 start() threw.
 int coordinator_child(const PostgresOptions& options, Checker& checker, int index,
@@ -243,12 +230,6 @@ int coordinator_child(const PostgresOptions& options, Checker& checker, int inde
   while (!checker.stop[index].load()) std::this_thread::sleep_for(2ms);
   c.stop();
   return 0;
-}
-
-int index_of(const std::vector<pid_t>& pids, int pid) {
-  for (std::size_t i = 0; i < pids.size(); ++i)
-    if (pids[i] == pid) return static_cast<int>(i);
-  return -1;
 }
 
 //! Sets every stop flag and reaps the children; returns how many did not exit with 0, not
@@ -445,36 +426,17 @@ TEST_CASE(
     "Coordinator::start()",
     "[postgres]") {
   const auto expect_error = [](const PostgresOptions& o, const char* text) {
-    INFO("expected: " << text);
-    PostgresBackend backend(o);
-    try {
-      backend.prepare();
-      FAIL("prepare() did not throw");
-    } catch (const lock_error& e) {
-      // The operation, the target (password redacted), the reason, on one line.
-      CHECK_THAT(e.what(), Catch::Contains("use the PostgreSQL lock on"));
-      CHECK_THAT(e.what(), Catch::Contains("'" + backend.network_target() + "'"));
-      CHECK_THAT(e.what(), Catch::Contains(text));
-      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
-      CHECK_THAT(e.what(), !Catch::Contains("\n"));
-      CHECK(e.operation() == "use the PostgreSQL lock on");
-      CHECK(e.code() == std::errc::invalid_argument);
-    }
-    CHECK_THROWS_AS(backend.try_acquire(), lock_error);
-    CHECK_THROWS_AS(wait_for_lock(backend), lock_error);
-    CHECK_FALSE(backend.held());
-    Coordinator c(std::make_unique<PostgresBackend>(o), quiet_coordinator_options());
-    CHECK_THROWS_AS(c.start(), lock_error);
-    std::error_code ec;
-    c.start(ec);
-    CHECK(ec == std::errc::invalid_argument);
-    CHECK(c.role() == Role::secondary);
-    CHECK_FALSE(c.running());
+    wltest::check_bad_configuration<PostgresBackend>(
+        o, text, [](const PostgresBackend& backend, const lock_error& e) {
+          // The operation, the target (password redacted), the reason, on one line.
+          CHECK_THAT(e.what(), Catch::Contains("use the PostgreSQL lock on"));
+          CHECK_THAT(e.what(), Catch::Contains("'" + backend.network_target() + "'"));
+          CHECK_THAT(e.what(), !Catch::Contains("\n"));
+          CHECK(e.operation() == "use the PostgreSQL lock on");
+        });
   };
 
-  const char* saved = std::getenv("WORKERLOCK_POSTGRES_URL");
-  const std::string saved_value = saved != nullptr ? saved : "";
-  ::unsetenv("WORKERLOCK_POSTGRES_URL");
+  wltest::ScopedEnvironmentVariable url_variable("WORKERLOCK_POSTGRES_URL", nullptr);
   expect_error(PostgresOptions{}, "no connection string");
 
   PostgresOptions o;
@@ -504,19 +466,11 @@ TEST_CASE(
   o.command_timeout = 5000ms;  // 2 * (1 s + 5 s) > 10 s: a cut-off holder could overlap
   expect_error(o, "exceeds the 10000 ms");
 
-  ::setenv("WORKERLOCK_POSTGRES_URL", "postgresql://app:topsecret@10.1.2.3:7777/app", 1);
-  {
-    PostgresBackend backend(PostgresOptions{});
-    CHECK(backend.options().conninfo == "postgresql://app:topsecret@10.1.2.3:7777/app");
-    CHECK(backend.redacted_conninfo() ==
-          "user=app password=*** dbname=app host=10.1.2.3 port=7777");
-    CHECK_NOTHROW(backend.prepare());
-  }
-  if (saved != nullptr) {
-    ::setenv("WORKERLOCK_POSTGRES_URL", saved_value.c_str(), 1);
-  } else {
-    ::unsetenv("WORKERLOCK_POSTGRES_URL");
-  }
+  url_variable.set("postgresql://app:topsecret@10.1.2.3:7777/app");
+  PostgresBackend backend(PostgresOptions{});
+  CHECK(backend.options().conninfo == "postgresql://app:topsecret@10.1.2.3:7777/app");
+  CHECK(backend.redacted_conninfo() == "user=app password=*** dbname=app host=10.1.2.3 port=7777");
+  CHECK_NOTHROW(backend.prepare());
 }
 
 // =============================================================================================
@@ -558,7 +512,8 @@ TEST_CASE(
 
   PostgresOptions o;
   o.name = fresh_name("errors");
-  o.conninfo = fmt::format("host=127.0.0.1 port={} dbname=postgres user=postgres", closed_port());
+  o.conninfo = fmt::format("host=127.0.0.1 port={} dbname=postgres user=postgres",
+                           wltest::free_loopback_port());
   never_primary(o, std::errc::connection_refused, "Connection refused");
 
   o.conninfo = pg.conninfo(wltest::PostgresServer::password_user, "wrong-topsecret");
@@ -597,8 +552,7 @@ TEST_CASE(
 TEST_CASE("postgres: try_acquire, verify, release, fencing tokens and pg_locks", "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("basics"));
-  o.restart_grace = 0ms;  // the cluster may be seconds old; the grace has its own test
+  auto o = fresh_options("basics");
   PostgresBackend a(o);
   PostgresBackend b(o);  // two sessions of one process exclude each other like two processes
 
@@ -657,8 +611,7 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("fence"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("fence");
   PostgresBackend a(o);
   PostgresBackend b(o);
   REQUIRE(a.try_acquire());
@@ -698,8 +651,7 @@ TEST_CASE(
   // W0 is still primary (W0 notices its lost fence session only at its next check).
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = patient(options_for(fresh_name("standby-lost-lock-session")));
-  o.restart_grace = 0ms;  // the cluster may be seconds old; the grace has its own test
+  auto o = patient(fresh_options("standby-lost-lock-session"));
   const auto key = PostgresBackend::key_for(o.name);
   const auto u = static_cast<std::uint64_t>(key);
   const auto hi = static_cast<std::int32_t>(u >> 32);
@@ -880,8 +832,7 @@ TEST_CASE(
     "[postgres][threads]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("wait"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("wait");
   PostgresBackend a(o);
   PostgresBackend b(o);
   REQUIRE(a.try_acquire());
@@ -1006,8 +957,7 @@ TEST_CASE("postgres: keepalives and tcp_user_timeout are in force on both ends o
           "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("keepalive"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("keepalive");
   // Not the defaults, and not the kernel's (7200 s idle, 75 s interval, 9 probes, no timeout).
   o.keepalives_idle = 7s;
   o.keepalives_interval = 2s;
@@ -1055,40 +1005,20 @@ TEST_CASE("postgres: 8 processes race: exactly one holder (PostgresBackend)", "[
   constexpr int n = 8;
   struct Shared {
     wltest::StartLine line;
-    std::atomic<int> winners{0};
-    std::atomic<int> attempted{0};
     std::atomic<int> in_critical{0};
     std::atomic<int> max_in_critical{0};
     std::atomic<int> completed{0};
   };
 
   for (int round = 0; round < 3; ++round) {
-    wltest::Shared<Shared> shared;
-    auto o = patient(options_for(fresh_name("race")));
-    o.restart_grace = 0ms;
-    std::vector<pid_t> pids;
-    for (int i = 0; i < n; ++i) {
-      pids.push_back(wltest::fork_child([&] {
-        PostgresBackend backend(o);
-        backend.prepare();
-        shared->line.arrive_and_wait();
-        const bool won = backend.try_acquire();
-        if (won) shared->winners.fetch_add(1);
-        shared->attempted.fetch_add(1);
-        wltest::eventually([&] { return shared->attempted.load() == n; },
-                           30s);  // hold until all tried
-        return 0;
-      }));
-    }
-    CHECK(shared->line.release_when(n));
-    CHECK(wltest::wait_all_failures(pids) == 0);
-    CHECK(shared->winners.load() == 1);
+    const auto o = patient(fresh_options("race"));
+    wltest::check_race_has_one_winner(
+        n, [&] { return std::make_unique<PostgresBackend>(o); }, 0ms);
   }
 
   // Blocking waits: everybody gets it once, never two at a time.
   wltest::Shared<Shared> shared;
-  auto o = patient(options_for(fresh_name("handover")));
-  o.restart_grace = 0ms;
+  auto o = patient(fresh_options("handover"));
   std::vector<pid_t> pids;
   for (int i = 0; i < n; ++i) {
     pids.push_back(wltest::fork_child([&] {
@@ -1210,8 +1140,7 @@ TEST_CASE(
     std::atomic<std::int64_t> promoted_ns{0};
   };
   wltest::Shared<Shared> shared;
-  auto o = options_for(fresh_name("fork"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("fork");
 
   const pid_t holder = wltest::fork_child([&] {
     auto backend = std::make_unique<PostgresBackend>(o);
@@ -1305,33 +1234,9 @@ TEST_CASE(
 
 TEST_CASE("postgres: Coordinator in WaitMode::polled", "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  auto o = options_for(fresh_name("polled"));
-  o.restart_grace = 0ms;
-  auto co = quiet_coordinator_options();
-  co.wait = workerlock::WaitMode::polled;
-  Coordinator first(std::make_unique<PostgresBackend>(o), co);
-  Coordinator second(std::make_unique<PostgresBackend>(o), co);
-  int first_events = 0;
-  int second_promoted = 0;
-  first.on_promoted([&] { ++first_events; });
-  second.on_promoted([&] { ++second_promoted; });
-  first.start();
-  second.start();
-  CHECK(first.role() == Role::primary);
-  CHECK(second.role() == Role::secondary);
-  CHECK(first.fencing_token() > 0);
-  second.poll();
-  CHECK(second.role() == Role::secondary);
-  first.stop();
-  CHECK(wltest::eventually(
-      [&] {
-        second.poll();
-        return second.role() == Role::primary;
-      },
-      5s));
-  CHECK(second_promoted == 1);
-  CHECK(first_events == 1);
-  second.stop();
+  const auto o = fresh_options("polled");
+  // Two seconds of polling: the primary proves its hold, the standby stays out.
+  wltest::check_polled_handover([&] { return std::make_unique<PostgresBackend>(o); }, 2000ms, 5s);
 }
 
 // A partition, not a crash: the holder's host is cut off but its process lives on. The server
@@ -1342,11 +1247,7 @@ TEST_CASE(
     "takes over and the healed holder rejoins as a standby",
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
-    if (wltest::server_required("WORKERLOCK_REQUIRE_POSTGRES")) FAIL(why);
-    wltest::skip_test(why);
-    return;
-  }
+  WLTEST_REQUIRE_PARTITION_LAB("WORKERLOCK_REQUIRE_POSTGRES");
   wltest::PartitionLab lab;
   wltest::PostgresServer pg(wltest::PartitionLab::server_address, wltest::PartitionLab::network);
   wltest::Shared<Checker> checker;
@@ -1460,17 +1361,13 @@ TEST_CASE(
     "clear error, and works once they are reopened",
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
-  auto o = patient(options_for(fresh_name("stdio")));
-  o.restart_grace = 0ms;
+  auto o = patient(fresh_options("stdio"));
   wltest::Shared<StreamsReport> report;
   // Exit codes: 0 fine, 1 acquired with a descriptor of the backend at 0-2, 2 refused with
   // another error, 3 not acquired once 0-2 were reopened, 4 a descriptor at 0-2 other than
   // /dev/null, 99 an exception.
-  const pid_t child = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
-    ::close(0);
-    ::close(1);
-    ::close(2);
+  // A hang becomes a failure: the child is killed after 60 s.
+  const int exit_code = wltest::run_without_standard_streams(60s, [&]() -> int {
     PostgresBackend backend(o);
     try {
       const bool acquired = backend.try_acquire();
@@ -1494,18 +1391,8 @@ TEST_CASE(
     backend.release();
     return 0;
   });
-  int status = 0;
-  const bool done =
-      wltest::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 60s);
-  if (!done) {
-    ::kill(child, SIGKILL);
-    wltest::wait_exit_code(child);
-  }
   INFO("error: " << report->error << "\ndescriptors at 0-2: " << report->left_open);
-  REQUIRE(done);
-  REQUIRE(WIFEXITED(status));
-  const int exit_code = WEXITSTATUS(status);
-  CHECK(exit_code == 0);
+  CHECK(exit_code == 0);  // -2: killed after 60 s; 128 + n: ended by signal n
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1518,22 +1405,6 @@ using wltest::copy_exit;
 using wltest::raw_fork;
 using wltest::tsan_ignore_this_copy;
 using wltest::wait_or_kill;
-
-//! Runs `holder` in a child of the test, killed after 60 s so that a hang is a failure;
-//! returns its exit code.
-template <typename F>
-int run_holder(F&& holder) {
-  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
-  const pid_t pid = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    return holder();
-  });
-  return wait_or_kill(pid, std::chrono::seconds(60));
-}
-
-PostgresBackend& backend_of(Coordinator& c) {
-  return const_cast<PostgresBackend&>(dynamic_cast<const PostgresBackend&>(c.backend()));
-}
 
 //! What the holder saw after each copy; 1 = as it must be, 2 = not, 0 = not reached.
 struct RawForkCheck {
@@ -1549,16 +1420,78 @@ struct RawForkReport {
   std::atomic<int> released_by_parent{0};
 };
 
-//! The holder's view after a copy ended, into `check`.
-void check_after_copy(const wltest::PostgresServer& pg, const PostgresOptions& o,
-                      PostgresBackend& backend, int lock_pid, int fence_pid, RawForkCheck& check) {
-  const auto key = PostgresBackend::key_for(o.name);
-  check.verified = backend.verify_held() ? 1 : 2;
-  check.locks_kept =
-      pg.lock_holder_pid(key, 1) == lock_pid && pg.lock_holder_pid(key, 2) == fence_pid ? 1 : 2;
-  PostgresBackend contender(o);
-  check.contender_refused = contender.try_acquire() ? 2 : 1;
-  contender.reset();
+//! The holder of the raw-fork tests, in a child of the test: a polled Coordinator on its own
+//! lock, kept in an optional that a copy empties as exit() empties a static Coordinator.
+class RawForkHolder {
+ public:
+  RawForkHolder(const wltest::PostgresServer& pg, const PostgresOptions& o) : pg_(pg), o_(o) {}
+
+  //! Starts the Coordinator: 0, or the holder's exit code 1 (not primary after start()) or 2
+  //! (pg_locks does not show the holder's sessions).
+  int start() {
+    auto co = quiet_coordinator_options();
+    co.wait = workerlock::WaitMode::polled;
+    slot_.emplace(std::make_unique<PostgresBackend>(o_), co);
+    slot_->start();
+    if (slot_->role() != Role::primary) return 1;
+    lock_pid_ = backend().lock_session_pid();
+    fence_pid_ = backend().fence_session_pid();
+    if (lock_pid_ == 0 || pg_.lock_holder_pid(key_, 1) != lock_pid_ ||
+        pg_.lock_holder_pid(key_, 2) != fence_pid_)
+      return 2;
+    return 0;
+  }
+
+  PostgresBackend& backend() { return wltest::backend_of<PostgresBackend>(*slot_); }
+
+  //! In a copy: destroys the copy's Coordinator, and with it its backend.
+  void destroy() { slot_.reset(); }
+
+  //! The holder's view after a copy ended with `child_code`, into `check`.
+  void check_after_copy(int child_code, RawForkCheck& check) {
+    check.child = child_code;
+    check.verified = backend().verify_held() ? 1 : 2;
+    check.locks_kept =
+        pg_.lock_holder_pid(key_, 1) == lock_pid_ && pg_.lock_holder_pid(key_, 2) == fence_pid_ ? 1
+                                                                                                : 2;
+    PostgresBackend contender(o_);
+    check.contender_refused = contender.try_acquire() ? 2 : 1;
+    contender.reset();
+  }
+
+  //! Stops the Coordinator on the holder's own sessions: 0, or the holder's exit code 4 (still
+  //! primary after stop()); whether the lock is free then, into `released`.
+  int stop(std::atomic<int>& released) {
+    slot_->stop();
+    if (slot_->role() == Role::primary) return 4;
+    released = pg_.lock_holder_pid(key_, 1) == 0 ? 1 : 2;
+    slot_.reset();
+    return 0;
+  }
+
+ private:
+  const wltest::PostgresServer& pg_;
+  const PostgresOptions o_;
+  const std::int64_t key_ = PostgresBackend::key_for(o_.name);
+  std::optional<Coordinator> slot_;
+  int lock_pid_ = 0;
+  int fence_pid_ = 0;
+};
+
+//! What a raw-fork test must see: the holder exited with 0, each of its `copies` exited with 0
+//! and left the holder's sessions and lock alone, and the holder's release freed the lock.
+void check_raw_fork_report(int holder, const RawForkReport& report, int copies) {
+  INFO("holder reached step " << report.step.load());
+  REQUIRE(holder == 0);
+  for (int i = 0; i < copies; ++i) {
+    const auto& check = report.checks[i];
+    INFO("copy " << i);
+    CHECK(check.child.load() == 0);
+    CHECK(check.verified.load() == 1);
+    CHECK(check.locks_kept.load() == 1);
+    CHECK(check.contender_refused.load() == 1);
+  }
+  CHECK(report.released_by_parent.load() == 1);
 }
 
 }  // namespace
@@ -1569,71 +1502,41 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = patient(options_for(fresh_name("rawfork")));
-  o.restart_grace = 0ms;
+  auto o = patient(fresh_options("rawfork"));
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 pg_locks does not show the
   // holder's sessions, 3 raw fork failed, 4 still primary after stop().
-  const int holder = run_holder([&]() -> int {
-    auto co = quiet_coordinator_options();
-    co.wait = workerlock::WaitMode::polled;
-    std::optional<Coordinator> slot;
-    slot.emplace(std::make_unique<PostgresBackend>(o), co);
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    PostgresBackend& backend = backend_of(c);
-    const int lock_pid = backend.lock_session_pid();
-    const int fence_pid = backend.fence_session_pid();
-    const auto key = PostgresBackend::key_for(o.name);
-    if (lock_pid == 0 || pg.lock_holder_pid(key, 1) != lock_pid ||
-        pg.lock_holder_pid(key, 2) != fence_pid)
-      return 2;
-    report->step = 1;
+  const int holder = wltest::run_raw_fork_holder(
+      60s, [&] { return RawForkHolder(pg, o); }, *report,
+      [&](RawForkHolder& h) -> int {
+        // A helper that destroys its copy, as exit() does with a static Coordinator.
+        pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          h.destroy();
+          copy_exit(0);
+        }
+        h.check_after_copy(wait_or_kill(child, 10s), report->checks[0]);
+        report->step = 2;
 
-    // A helper that destroys its copy, as exit() does with a static Coordinator.
-    pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      slot.reset();
-      copy_exit(0);
-    }
-    report->checks[0].child = wait_or_kill(child, 10s);
-    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[0]);
-    report->step = 2;
-
-    // A copy that calls every member of its backend, then destroys it.
-    child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      int code = 0;
-      if (backend.held() || backend.fencing_token() != 0) code = 1;
-      if (code == 0 && backend.verify_held()) code = 2;
-      backend.release();
-      backend.reset();
-      slot.reset();
-      copy_exit(code);
-    }
-    report->checks[1].child = wait_or_kill(child, 10s);
-    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[1]);
-    report->step = 3;
-
-    // The holder's own sessions still work: its release frees the lock.
-    c.stop();
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = pg.lock_holder_pid(key, 1) == 0 ? 1 : 2;
-    slot.reset();
-    return 0;
-  });
-  INFO("holder reached step " << report->step.load());
-  REQUIRE(holder == 0);
-  for (const auto& check : report->checks) {
-    CHECK(check.child.load() == 0);
-    CHECK(check.verified.load() == 1);
-    CHECK(check.locks_kept.load() == 1);
-    CHECK(check.contender_refused.load() == 1);
-  }
-  CHECK(report->released_by_parent.load() == 1);
+        // A copy that calls every member of its backend, then destroys it.
+        child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          PostgresBackend& backend = h.backend();
+          int code = 0;
+          if (backend.held() || backend.fencing_token() != 0) code = 1;
+          if (code == 0 && backend.verify_held()) code = 2;
+          backend.release();
+          backend.reset();
+          h.destroy();
+          copy_exit(code);
+        }
+        h.check_after_copy(wait_or_kill(child, 10s), report->checks[1]);
+        report->step = 3;
+        return 0;  // then the holder's own sessions still work: its release frees the lock
+      });
+  check_raw_fork_report(holder, *report, 2);
 }
 
 // Tagged [raw_fork], not [threads]: ThreadSanitizer does not model a raw syscall(SYS_fork)
@@ -1645,63 +1548,37 @@ TEST_CASE(
     "[postgres][raw_fork]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = patient(options_for(fresh_name("rawfork-mutex")));
-  o.restart_grace = 0ms;
+  auto o = patient(fresh_options("rawfork-mutex"));
   wltest::Shared<RawForkReport> report;
   // Holder exit codes as in the test above.
-  const int holder = run_holder([&]() -> int {
-    auto co = quiet_coordinator_options();
-    co.wait = workerlock::WaitMode::polled;
-    std::optional<Coordinator> slot;
-    slot.emplace(std::make_unique<PostgresBackend>(o), co);
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    PostgresBackend& backend = backend_of(c);
-    const int lock_pid = backend.lock_session_pid();
-    const int fence_pid = backend.fence_session_pid();
-    const auto key = PostgresBackend::key_for(o.name);
-    if (lock_pid == 0 || pg.lock_holder_pid(key, 1) != lock_pid ||
-        pg.lock_holder_pid(key, 2) != fence_pid)
-      return 2;
-    report->step = 1;
-    // Another thread is inside a libpq call of some backend (it holds the process-wide
-    // connection mutex) when the copy is made: the copy inherits the mutex locked.
-    std::atomic<int> phase{0};  // 1: locked, 2: may unlock
-    std::thread busy([&] {
-      workerlock::detail::pg_fork::guard guard;
-      phase.store(1);
-      while (phase.load() != 2) std::this_thread::sleep_for(1ms);
-    });
-    while (phase.load() != 1) std::this_thread::sleep_for(1ms);
-    const pid_t child = raw_fork();
-    if (child == 0) {
-      tsan_ignore_this_copy();
-      slot.reset();  // as exit() does with a static Coordinator
-      copy_exit(0);
-    }
-    // The copy ends in milliseconds; one stuck on the inherited mutex is killed after 5 s.
-    const int child_code = child < 0 ? -1 : wait_or_kill(child, 5s);
-    phase.store(2);
-    busy.join();
-    if (child < 0) return 3;
-    report->checks[0].child = child_code;
-    check_after_copy(pg, o, backend, lock_pid, fence_pid, report->checks[0]);
-    report->step = 2;
-    c.stop();
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = pg.lock_holder_pid(key, 1) == 0 ? 1 : 2;
-    slot.reset();
-    return 0;
-  });
-  INFO("holder reached step " << report->step.load());
-  REQUIRE(holder == 0);
-  const auto& check = report->checks[0];
-  CHECK(check.child.load() == 0);
-  CHECK(check.verified.load() == 1);
-  CHECK(check.locks_kept.load() == 1);
-  CHECK(check.contender_refused.load() == 1);
-  CHECK(report->released_by_parent.load() == 1);
+  const int holder = wltest::run_raw_fork_holder(
+      60s, [&] { return RawForkHolder(pg, o); }, *report,
+      [&](RawForkHolder& h) -> int {
+        // Another thread is inside a libpq call of some backend (it holds the process-wide
+        // connection mutex) when the copy is made: the copy inherits the mutex locked.
+        std::atomic<int> phase{0};  // 1: locked, 2: may unlock
+        std::thread busy([&] {
+          workerlock::detail::pg_fork::guard guard;
+          phase.store(1);
+          while (phase.load() != 2) std::this_thread::sleep_for(1ms);
+        });
+        while (phase.load() != 1) std::this_thread::sleep_for(1ms);
+        const pid_t child = raw_fork();
+        if (child == 0) {
+          tsan_ignore_this_copy();
+          h.destroy();  // as exit() does with a static Coordinator
+          copy_exit(0);
+        }
+        // The copy ends in milliseconds; one stuck on the inherited mutex is killed after 5 s.
+        const int child_code = child < 0 ? -1 : wait_or_kill(child, 5s);
+        phase.store(2);
+        busy.join();
+        if (child < 0) return 3;
+        h.check_after_copy(child_code, report->checks[0]);
+        report->step = 2;
+        return 0;
+      });
+  check_raw_fork_report(holder, *report, 1);
 }
 
 // =============================================================================================
@@ -1714,8 +1591,7 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("valid-until"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("valid-until");
   o.verify_interval = 200ms;
   o.command_timeout = 800ms;
   const auto window = o.verify_interval + o.command_timeout;
@@ -1785,7 +1661,7 @@ TEST_CASE(
       CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
     }
   }
-  const int port = closed_port();
+  const int port = wltest::free_loopback_port();
   o = PostgresOptions{};
   o.conninfo = fmt::format("host=127.0.0.1 port={} user=postgres password=topsecret", port);
   o.key = 4711;
@@ -1812,82 +1688,25 @@ TEST_CASE(
     "[postgres][threads]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = patient(options_for(fresh_name("accessors")));
-  o.restart_grace = 0ms;
+  auto o = patient(fresh_options("accessors"));
   o.verify_interval = 200ms;
-  Coordinator c[2] = {
-      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options()),
-      Coordinator(std::make_unique<PostgresBackend>(o), quiet_coordinator_options())};
-  std::atomic<int> promotions{0};
-  std::atomic<int> fence_violations{0};
-  std::atomic<std::uint64_t> last_token{0};
-  for (int i = 0; i < 2; ++i) {
-    c[i].on_promoted([&, i] {
-      const auto token = c[i].fencing_token();
-      if (token <= last_token.load()) fence_violations.fetch_add(1);
-      last_token.store(token);
-      promotions.fetch_add(1);
-    });
-  }
-  const auto backend_of = [&](int i) -> const PostgresBackend& {
-    return dynamic_cast<const PostgresBackend&>(c[i].backend());
-  };
-  std::atomic<bool> done{false};
-  std::atomic<long> rounds{0};
-  std::atomic<long> primary_reads[2] = {0, 0};
-  std::atomic<long> valid_reads[2] = {0, 0};
-  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
-  std::vector<std::thread> readers;
-  for (int r = 0; r < 2; ++r) {
-    readers.emplace_back([&, r] {
-      while (!done.load()) {
-        for (int i = 0; i < 2; ++i) {
-          const auto& backend = backend_of(i);
-          if (c[i].role() == Role::primary) primary_reads[i].fetch_add(1);
-          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
-          if (token > seen[r].load()) seen[r].store(token);
-          if (backend.valid_until() > std::chrono::steady_clock::now()) valid_reads[i].fetch_add(1);
-          (void)backend.held();
-          (void)backend.lock_session_pid();
-          (void)backend.fence_session_pid();
-          (void)backend.describe();
-          (void)backend.network_target();
+  wltest::check_accessors_during_failovers<PostgresBackend>(
+      [&] { return std::make_unique<PostgresBackend>(o); },
+      [&](Coordinator(&c)[2], int p, int n) {
+        if (n % 2 == 0) {
+          c[p].stop();  // its coordinator thread runs on_demoted and releases
+        } else {
+          // The server ends the holder's lock session: its coordinator thread notices at its
+          // next check, demotes and releases, all on that thread.
+          REQUIRE(pg.terminate(wltest::backend_of<PostgresBackend>(c[p]).lock_session_pid()));
         }
-        rounds.fetch_add(1);
-      }
-    });
-  }
-  c[0].start();
-  c[1].start();
-  constexpr int failovers = 6;
-  for (int n = 0; n < failovers; ++n) {
-    const int before = promotions.load();
-    REQUIRE(wltest::eventually(
-        [&] { return c[0].role() == Role::primary || c[1].role() == Role::primary; }, 20s));
-    const int p = c[0].role() == Role::primary ? 0 : 1;
-    std::this_thread::sleep_for(50ms);
-    if (n % 2 == 0) {
-      c[p].stop();  // its coordinator thread runs on_demoted and releases
-    } else {
-      // The server ends the holder's lock session: its coordinator thread notices at its
-      // next check, demotes and releases, all on that thread.
-      REQUIRE(pg.terminate(backend_of(p).lock_session_pid()));
-    }
-    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 20s));
-    if (n % 2 == 0) c[p].start();
-  }
-  done.store(true);
-  for (auto& t : readers) t.join();
-  c[0].stop();
-  c[1].stop();
-  CHECK(fence_violations.load() == 0);
-  CHECK(promotions.load() >= failovers + 1);
-  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
-  CHECK(rounds.load() > 0);
-  for (int i = 0; i < 2; ++i) {
-    CHECK(primary_reads[i].load() > 0);
-    CHECK(valid_reads[i].load() > 0);
-  }
+      },
+      [](const PostgresBackend& backend) {
+        (void)backend.held();
+        (void)backend.lock_session_pid();
+        (void)backend.fence_session_pid();
+      },
+      20s, 20s);
 }
 
 namespace {
@@ -1895,8 +1714,7 @@ namespace {
 //! The holder's options for the pause tests: a window (verify_interval + command_timeout)
 //! of 1 s, well below the 3.5 s pause.
 PostgresOptions pausable(const char* what) {
-  auto o = options_for(fresh_name(what));
-  o.restart_grace = 0ms;
+  auto o = fresh_options(what);
   o.verify_interval = 200ms;
   o.command_timeout = 800ms;
   return o;
@@ -1910,13 +1728,8 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-backend");
-  wltest::Shared<wltest::PauseReport> report;
-  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
-                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
-               << report->held_after_jump.load());
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());  // the SIGSTOP
-  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+  wltest::check_paused_backend_expired([&] { return std::make_unique<PostgresBackend>(o); }, 1500ms,
+                                       3500ms, 2500ms);
 }
 
 // Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
@@ -1928,13 +1741,8 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   const auto o = pausable("paused-role");
-  wltest::Shared<wltest::PauseReport> report;
-  REQUIRE(wltest::pause_holder([&] { return std::make_unique<PostgresBackend>(o); },
-                               quiet_coordinator_options(), 1500ms, 3500ms, *report) == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2500ms).count());
-  CHECK(report->role_after_jump.load() == 0);
-  CHECK(report->primary_reads_after_jump.load() == 0);
+  wltest::check_paused_role_secondary([&] { return std::make_unique<PostgresBackend>(o); }, 1500ms,
+                                      3500ms, 2500ms);
 }
 
 // The mutex that fork() takes is never held while libpq resolves a host name: before, a
@@ -1954,7 +1762,7 @@ TEST_CASE(
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
   wltest::Shared<ForkWhileResolving> report;
-  const int code = run_holder([&]() -> int {
+  const int code = wltest::run_holder(60s, [&]() -> int {
     auto o = patient(options_for(fresh_name("fork-resolving")));
     o.conninfo = pg.conninfo_at(hanging_resolver::host);
     o.restart_grace = 0ms;
@@ -2003,8 +1811,7 @@ TEST_CASE(
     "[postgres]") {
   WL_REQUIRE_POSTGRES_SERVER();
   auto& pg = server();
-  auto o = options_for(fresh_name("verify-contract"));
-  o.restart_grace = 0ms;
+  auto o = fresh_options("verify-contract");
   o.verify_interval = 2000ms;  // the check's deadline is command_timeout, well before valid_until
   o.command_timeout = 500ms;
   o.keepalives_idle = 30s;

@@ -35,8 +35,8 @@
 
 #include "support/clock.hpp"
 #include "support/common.hpp"
+#include "support/network_lab.hpp"
 #include "support/partition_lab.hpp"
-#include "support/paused_holder.hpp"
 #include "support/raw_fork.hpp"
 #include "support/redis_server.hpp"
 
@@ -53,8 +53,10 @@ using workerlock::Role;
 #define WL_REQUIRE_REDIS_SERVER() \
   WLTEST_REQUIRE_SERVER(wltest::RedisServer, "WORKERLOCK_REQUIRE_REDIS")
 
+using wltest::index_of;
 using wltest::mono_ns;
 using wltest::ms_between;
+using wltest::quiet_coordinator_options;
 
 //! A key of its own for each test, so they never see each other's leases.
 std::string fresh_key(const char* name) {
@@ -62,10 +64,12 @@ std::string fresh_key(const char* name) {
   return fmt::format("wltest:{}:{}:{}", name, ::getpid(), ++counter);
 }
 
-//! Gives `key` a fencing counter, so the first acquisition is not quarantined (a fresh key
-//! looks like data loss), with a value from the server's clock as the script would use.
-void seed_fence(const wltest::RedisServer& server, const std::string& key) {
+//! fresh_key(name) with a fencing counter, so the first acquisition is not quarantined (a
+//! fresh key looks like data loss), with a value from the server's clock as the script would use.
+std::string seeded_key(const wltest::RedisServer& server, const char* name) {
+  auto key = fresh_key(name);
   server.command({"SET", key + ":fence", "1000"});
+  return key;
 }
 
 RedisOptions options_for(const wltest::RedisServer& server, const std::string& key,
@@ -90,19 +94,6 @@ bool try_acquire_or_timeout(RedisBackend& backend) {
     WARN("try_acquire() timed out, retrying: " << e.what());
     return false;
   }
-}
-
-//! A free TCP port on 127.0.0.1 that nothing listens on (bound, then closed).
-int closed_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t size = sizeof address;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size);
-  ::close(fd);
-  return ntohs(address.sin_port);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,16 +197,6 @@ struct Checker {
   }
 };
 
-CoordinatorOptions quiet_coordinator_options() {
-  CoordinatorOptions co;
-  co.lock.log = nullptr;
-  if (const char* v = std::getenv("WORKERLOCK_TEST_VERBOSE"); v != nullptr && *v == '1')
-    co.lock.log = workerlock::stderr_sink;
-  co.retry_backoff_min = 10ms;
-  co.retry_backoff_max = 250ms;
-  return co;
-}
-
 //! A child running a Coordinator on a RedisBackend until checker.stop[index]; exit codes:
 //! 0 fine, 3 start() threw.
 int coordinator_child(const RedisOptions& options, Checker& checker, int index,
@@ -250,12 +231,6 @@ std::vector<pid_t> spawn_coordinators(int n, const RedisOptions& options, Checke
     pids.push_back(
         wltest::fork_child([&, i] { return coordinator_child(options, checker, i, line); }));
   return pids;
-}
-
-int index_of(const std::vector<pid_t>& pids, int pid) {
-  for (std::size_t i = 0; i < pids.size(); ++i)
-    if (pids[i] == pid) return static_cast<int>(i);
-  return -1;
 }
 
 void stop_all(Checker& checker, int n) {
@@ -508,23 +483,8 @@ TEST_CASE(
     "Coordinator::start()",
     "[redis]") {
   const auto expect_error = [](const RedisOptions& o, const char* text) {
-    INFO("expected: " << text);
-    RedisBackend backend(o);
-    try {
-      backend.prepare();
-      FAIL("prepare() did not throw");
-    } catch (const lock_error& e) {
-      CHECK_THAT(e.what(), Catch::Contains(text));
-      CHECK_THAT(e.what(), !Catch::Contains("topsecret"));
-      CHECK(e.code() == std::errc::invalid_argument);
-    }
-    CHECK_THROWS_AS(backend.try_acquire(), lock_error);
-    CHECK_FALSE(backend.held());
-    CHECK(backend.fencing_token() == 0);
-    Coordinator c(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
-    CHECK_THROWS_AS(c.start(), lock_error);
-    CHECK(c.role() == Role::secondary);
-    CHECK_FALSE(c.running());
+    wltest::check_bad_configuration<RedisBackend>(o, text,
+                                                  [](const RedisBackend&, const lock_error&) {});
   };
 
   RedisOptions o;
@@ -549,21 +509,14 @@ TEST_CASE(
   expect_error(o, "at least 10 ms");
 
   // No URL anywhere; then the URL from the environment.
-  const char* saved = std::getenv("WORKERLOCK_REDIS_URL");
-  const std::string saved_value = saved != nullptr ? saved : "";
-  ::unsetenv("WORKERLOCK_REDIS_URL");
-  expect_error(RedisOptions{}, "no Redis URL");
-  ::setenv("WORKERLOCK_REDIS_URL", "redis://10.1.2.3:7777/4", 1);
   {
+    wltest::ScopedEnvironmentVariable url_variable("WORKERLOCK_REDIS_URL", nullptr);
+    expect_error(RedisOptions{}, "no Redis URL");
+    url_variable.set("redis://10.1.2.3:7777/4");
     RedisBackend backend(RedisOptions{});
     CHECK(backend.options().url == "redis://10.1.2.3:7777/4");
     CHECK(backend.redacted_url() == "redis://10.1.2.3:7777/4");
     CHECK_NOTHROW(backend.prepare());
-  }
-  if (saved != nullptr) {
-    ::setenv("WORKERLOCK_REDIS_URL", saved_value.c_str(), 1);
-  } else {
-    ::unsetenv("WORKERLOCK_REDIS_URL");
   }
 
   // The defaults derived from the ttl.
@@ -605,7 +558,7 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
   };
 
   SECTION("connection refused") {
-    const int port = closed_port();
+    const int port = wltest::free_loopback_port();
     RedisOptions o;
     o.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", port);
     expect_failure(o, std::errc::connection_refused,
@@ -701,8 +654,7 @@ TEST_CASE("redis: refused, unknown host and wrong password are clear lock_errors
 TEST_CASE("redis: acquire, renew, release, expiry and fencing tokens", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("basics");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "basics");
   const auto o = options_for(server, key);
   RedisBackend a(o);
   RedisBackend b(o);
@@ -831,8 +783,7 @@ TEST_CASE("redis: a fresh key or lost data keeps everybody out for one ttl (quar
 TEST_CASE("redis: a renewal never outlives the lease", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("deadline");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "deadline");
   auto o = options_for(server, key);
   o.verify_interval = 100ms;
   o.command_timeout = 790ms;  // 100 + 790 <= 1000 - 102
@@ -863,8 +814,7 @@ TEST_CASE("redis: Interrupter::interrupt() ends wait_acquire() promptly, even mi
           "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("interrupt");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "interrupt");
   const auto o = options_for(server, key, 5000ms);
   RedisBackend holder(o);
   REQUIRE(holder.try_acquire());
@@ -906,8 +856,7 @@ TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept
           "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("startup");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "startup");
   const auto o = options_for(server, key);
   std::atomic<int> startups{0};
   const auto run = [&](const char* generation, workerlock::WaitMode mode) {
@@ -971,43 +920,9 @@ TEST_CASE("redis: the startup barrier: on_startup runs once per generation, kept
 TEST_CASE("redis: Coordinator in WaitMode::polled renews and hands over", "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("polled");
-  seed_fence(server, key);
-  const auto o = options_for(server, key);
-  auto co = quiet_coordinator_options();
-  co.wait = workerlock::WaitMode::polled;
-  Coordinator first(std::make_unique<RedisBackend>(o), co);
-  Coordinator second(std::make_unique<RedisBackend>(o), co);
-  int promoted[2] = {0, 0};
-  int demoted[2] = {0, 0};
-  first.on_promoted([&] { ++promoted[0]; }).on_demoted([&] { ++demoted[0]; });
-  second.on_promoted([&] { ++promoted[1]; }).on_demoted([&] { ++demoted[1]; });
-  first.start();
-  second.start();
-  REQUIRE(first.role() == Role::primary);
-  REQUIRE(second.role() == Role::secondary);
-  const auto f1 = first.fencing_token();
+  const auto o = options_for(server, seeded_key(server, "polled"));
   // Two ttls of polling: the primary renews, the standby stays out.
-  const auto until = std::chrono::steady_clock::now() + 2000ms;
-  while (std::chrono::steady_clock::now() < until) {
-    first.poll();
-    second.poll();
-    std::this_thread::sleep_for(workerlock::recommended_poll_interval);
-  }
-  CHECK(first.role() == Role::primary);
-  CHECK(second.role() == Role::secondary);
-  CHECK(promoted[0] == 1);
-  CHECK(demoted[0] == 0);
-  first.stop();
-  CHECK(demoted[0] == 1);
-  REQUIRE(wltest::eventually(
-      [&] {
-        second.poll();
-        return second.role() == Role::primary;
-      },
-      2s));
-  CHECK(second.fencing_token() > f1);
-  CHECK(promoted[1] == 1);
+  wltest::check_polled_handover([&] { return std::make_unique<RedisBackend>(o); }, 2000ms, 2s);
 }
 
 TEST_CASE(
@@ -1016,8 +931,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("keeps-role");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "keeps-role");
   // ttl 5 s: V = 1.67 s, C = 2.5 s, D = 0.5 s: a failed renewal leaves 2.8 s for the retry.
   const auto o = options_for(server, key, 5000ms);
   auto co = quiet_coordinator_options();
@@ -1054,51 +968,15 @@ TEST_CASE("redis: 8 processes race and exactly one holds the lease", "[redis]") 
   constexpr int n = 8;
 
   SECTION("RedisBackend directly") {
-    struct Race {
-      wltest::StartLine line;
-      std::atomic<int> winners{0};
-      std::atomic<int> errors{0};
-      std::atomic<bool> done{false};
-    };
     for (int round = 0; round < 5; ++round) {
-      const auto key = fresh_key("race");
-      seed_fence(server, key);
-      const auto o = options_for(server, key, 5000ms);
-      wltest::Shared<Race> race;
-      std::vector<pid_t> pids;
-      for (int i = 0; i < n; ++i) {
-        pids.push_back(wltest::fork_child([&] {
-          ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-          RedisBackend b(o);
-          b.prepare();
-          race->line.arrive_and_wait();
-          bool won = false;
-          try {
-            won = b.try_acquire();
-          } catch (const std::exception&) {
-            race->errors.fetch_add(1);
-            return 1;
-          }
-          if (won) race->winners.fetch_add(1);
-          while (!race->done.load()) std::this_thread::sleep_for(1ms);
-          if (won && !b.verify_held()) return 2;
-          b.release();
-          return 0;
-        }));
-      }
-      REQUIRE(race->line.release_when(n));
-      std::this_thread::sleep_for(300ms);
-      const int winners = race->winners.load();
-      race->done.store(true);
-      CHECK(wltest::wait_all_failures(pids) == 0);
-      CHECK(race->errors.load() == 0);
-      REQUIRE(winners == 1);
+      const auto o = options_for(server, seeded_key(server, "race"), 5000ms);
+      wltest::check_race_has_one_winner(
+          n, [&] { return std::make_unique<RedisBackend>(o); }, 300ms);
     }
   }
 
   SECTION("through Coordinator: one primary, handed over as the processes stop") {
-    const auto key = fresh_key("race-coordinator");
-    seed_fence(server, key);
+    const auto key = seeded_key(server, "race-coordinator");
     const auto o = options_for(server, key);
     wltest::Shared<Checker> checker;
     wltest::Shared<wltest::StartLine> line;
@@ -1138,8 +1016,7 @@ TEST_CASE("redis: SIGKILL of the holder: takeover time", "[redis]") {
   constexpr int n = 4;
   for (const bool fast : {true, false}) {
     INFO("fast_local_failover=" << fast);
-    const auto key = fresh_key("sigkill");
-    seed_fence(server, key);
+    const auto key = seeded_key(server, "sigkill");
     auto o = options_for(server, key);
     o.fast_local_failover = fast;
     wltest::Shared<Checker> checker;
@@ -1180,8 +1057,7 @@ TEST_CASE("redis: the holder demotes before anyone else is promoted when Redis s
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
   constexpr int n = 4;
-  const auto key = fresh_key("stall");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "stall");
   const auto o = options_for(server, key);
   wltest::Shared<Checker> checker;
 
@@ -1255,18 +1131,13 @@ TEST_CASE(
     "after it, and the healed holder stays a standby",
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
-  if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) {
-    if (wltest::server_required("WORKERLOCK_REQUIRE_REDIS")) FAIL(why);
-    wltest::skip_test(why);
-    return;
-  }
+  WLTEST_REQUIRE_PARTITION_LAB("WORKERLOCK_REQUIRE_REDIS");
   wltest::PartitionLab lab;
   wltest::RedisServer server(wltest::RedisServer::Config{
       {}, {"--bind", "127.0.0.1", wltest::PartitionLab::server_address, "--protected-mode", "no"}});
   wltest::Shared<Checker> checker;
   wltest::Children children;  // a failed REQUIRE must not leave the workers running
-  const auto key = fresh_key("partition");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "partition");
   const auto o = options_for(server, key, 2000ms);
 
   // The holder, on the far side of the link: a host of its own.
@@ -1344,18 +1215,14 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("stdio");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "stdio");
   const auto o = options_for(server, key);
   wltest::Shared<StreamsReport> report;
   // Exit codes: 0 fine, 1 not primary after start(), 2 a descriptor at 0-2, 3 cannot reopen
   // 0-2 on /dev/null, 4 demoted after the reopening and writes to stderr, 5 stop() left it
   // primary, 99 an exception.
-  const pid_t child = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test process that was killed
-    ::close(0);
-    ::close(1);
-    ::close(2);
+  // A hang becomes a failure: the child is killed after 20 s.
+  const int exit_code = wltest::run_without_standard_streams(20s, [&]() -> int {
     auto co = quiet_coordinator_options();
     co.wait = workerlock::WaitMode::polled;
     Coordinator c(std::make_unique<RedisBackend>(o), co);
@@ -1386,19 +1253,8 @@ TEST_CASE(
     c.stop();
     return c.role() == Role::primary ? 5 : 0;
   });
-  // A hang becomes a failure: the child is killed after the wait.
-  int status = 0;
-  const bool done =
-      wltest::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 20s);
-  if (!done) {
-    ::kill(child, SIGKILL);
-    wltest::wait_exit_code(child);
-  }
   INFO("step " << report->step.load() << ", descriptors at 0-2:" << report->left_open);
-  REQUIRE(done);
-  REQUIRE(WIFEXITED(status));
-  const int exit_code = WEXITSTATUS(status);
-  CHECK(exit_code == 0);
+  CHECK(exit_code == 0);  // -2: killed after 20 s; 128 + n: ended by signal n
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1419,10 +1275,6 @@ std::optional<Coordinator>& static_coordinator() {
   return coordinator;
 }
 
-RedisBackend& backend_of(Coordinator& c) {
-  return const_cast<RedisBackend&>(dynamic_cast<const RedisBackend&>(c.backend()));
-}
-
 //! What the holder saw; 1 = as it must be, 2 = not, 0 = not reached.
 struct RawForkReport {
   std::atomic<int> step{0};
@@ -1435,17 +1287,48 @@ struct RawForkReport {
   std::atomic<int> released_by_parent{0};
 };
 
-//! Runs `holder` in a child of the test, killed after 30 s so that a hang is a failure;
-//! returns its exit code.
-template <typename F>
-int run_holder(F&& holder) {
-  std::fflush(nullptr);  // else the holder's copies would print the test's buffered output
-  const pid_t pid = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    return holder();
-  });
-  return wait_or_kill(pid, std::chrono::seconds(30));
-}
+//! The holder of the raw-fork tests, in a child of the test: a Coordinator in
+//! static_coordinator(), whose lease the test reads from `key` on `server`.
+class RawForkHolder {
+ public:
+  RawForkHolder(const wltest::RedisServer& server, const std::string& key, const RedisOptions& o,
+                const CoordinatorOptions& co)
+      : server_(server), key_(key), o_(o), co_(co) {}
+
+  //! Starts the Coordinator: 0, or the holder's exit code 1 (not primary after start()) or 2
+  //! (the key does not hold the token).
+  int start() {
+    auto& slot = static_coordinator();
+    slot.emplace(std::make_unique<RedisBackend>(o_), co_);
+    slot->start();
+    if (slot->role() != Role::primary) return 1;
+    token_ = backend().token();
+    return key_kept() == 1 ? 0 : 2;
+  }
+
+  Coordinator& coordinator() { return *static_coordinator(); }
+  RedisBackend& backend() { return wltest::backend_of<RedisBackend>(coordinator()); }
+
+  //! 1 when the key still holds the holder's token, else 2.
+  int key_kept() const { return server_.command({"GET", key_}) == token_ ? 1 : 2; }
+
+  //! Stops the Coordinator on the holder's own connection: 0, or the holder's exit code 4
+  //! (still primary after stop()); whether the key is gone then, into `released`.
+  int stop(std::atomic<int>& released) {
+    coordinator().stop();
+    if (coordinator().role() == Role::primary) return 4;
+    released = server_.command({"GET", key_}) == "(nil)" ? 1 : 2;
+    static_coordinator().reset();
+    return 0;
+  }
+
+ private:
+  const wltest::RedisServer& server_;
+  const std::string key_;
+  const RedisOptions o_;
+  const CoordinatorOptions co_;
+  std::string token_;
+};
 
 }  // namespace
 
@@ -1455,64 +1338,51 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("rawfork");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "rawfork");
   // ttl 2 s: the holder's renewals here are explicit, and must not race the lease's end.
   const auto o = options_for(server, key, 2000ms);
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop().
-  const int holder = run_holder([&]() -> int {
-    auto co = quiet_coordinator_options();
-    co.wait = workerlock::WaitMode::polled;
-    auto& slot = static_coordinator();
-    slot.emplace(std::make_unique<RedisBackend>(o), co);
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    RedisBackend& backend = backend_of(c);
-    const std::string token = backend.token();
-    if (server.command({"GET", key}) != token) return 2;
-    report->step = 1;
+  auto co = quiet_coordinator_options();
+  co.wait = workerlock::WaitMode::polled;
+  const int holder = wltest::run_raw_fork_holder(
+      30s, [&] { return RawForkHolder(server, key, o, co); }, *report,
+      [&](RawForkHolder& h) {
+        RedisBackend& backend = h.backend();
 
-    // A helper that calls exit(): the static Coordinator and its backend are destroyed.
-    pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) std::exit(c.role() == Role::primary ? 1 : 0);
-    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
-    report->renewed_after_exit = backend.verify_held() ? 1 : 2;
-    report->step = 2;
+        // A helper that calls exit(): the static Coordinator and its backend are destroyed.
+        pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) std::exit(h.coordinator().role() == Role::primary ? 1 : 0);
+        report->exiting_child = wait_or_kill(child, 10s);
+        report->key_after_exit = h.key_kept();
+        report->renewed_after_exit = backend.verify_held() ? 1 : 2;
+        report->step = 2;
 
-    // A copy that calls every member of its backend, then destroys it.
-    child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      int code = 0;
-      if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
-      if (code == 0 && backend.verify_held()) code = 2;
-      {
-        workerlock::Interrupter interrupter;
-        interrupter.interrupt();
-        if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
-      }
-      backend.release();
-      backend.reset();
-      slot.reset();
-      copy_exit(code);
-    }
-    report->members_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_members = server.command({"GET", key}) == token ? 1 : 2;
-    report->renewed_after_members = backend.verify_held() ? 1 : 2;
-    report->step = 3;
-
-    // The holder's own connection still works: its release deletes the key.
-    c.stop();
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
-    slot.reset();
-    return 0;
-  });
+        // A copy that calls every member of its backend, then destroys it.
+        child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          int code = 0;
+          if (backend.held() || backend.fencing_token() != 0 || backend.lease_valid()) code = 1;
+          if (code == 0 && backend.verify_held()) code = 2;
+          {
+            workerlock::Interrupter interrupter;
+            interrupter.interrupt();
+            if (code == 0 && backend.wait_acquire(interrupter)) code = 3;
+          }
+          backend.release();
+          backend.reset();
+          static_coordinator().reset();
+          copy_exit(code);
+        }
+        report->members_child = wait_or_kill(child, 10s);
+        report->key_after_members = h.key_kept();
+        report->renewed_after_members = backend.verify_held() ? 1 : 2;
+        report->step = 3;
+        return 0;  // then the holder's own connection still works: its release deletes the key
+      });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
   CHECK(report->exiting_child.load() == 0);
@@ -1533,43 +1403,33 @@ TEST_CASE(
     "[redis][raw_fork]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("rawfork-thread");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "rawfork-thread");
   // ttl 10 s: the coordinator thread renews every 3.3 s and sleeps in between, so the copy
   // is made while it sleeps (a copy of a thread inside malloc could not exit).
   const auto o = options_for(server, key, 10000ms);
   wltest::Shared<RawForkReport> report;
   // Holder exit codes: 0 done, 1 not primary after start(), 2 the key does not hold the
   // token, 3 raw fork failed, 4 still primary after stop(), 5 demoted after the copy exited.
-  const int holder = run_holder([&]() -> int {
-    auto& slot = static_coordinator();
-    slot.emplace(std::make_unique<RedisBackend>(o), quiet_coordinator_options());
-    Coordinator& c = *slot;
-    c.start();
-    if (c.role() != Role::primary) return 1;
-    const std::string token = backend_of(c).token();
-    if (server.command({"GET", key}) != token) return 2;
-    report->step = 1;
-    const pid_t child = raw_fork();
-    if (child < 0) return 3;
-    if (child == 0) {
-      tsan_ignore_this_copy();
-      // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
-      // cannot stop the coordinator thread this copy lists but does not have.
-      const int code = c.role() == Role::primary ? 1 : 0;
-      slot.reset();
-      copy_exit(code);
-    }
-    report->exiting_child = wait_or_kill(child, std::chrono::seconds(10));
-    report->key_after_exit = server.command({"GET", key}) == token ? 1 : 2;
-    report->step = 2;
-    if (c.role() != Role::primary) return 5;
-    c.stop();  // releases on the holder's connection, from the coordinator thread
-    if (c.role() == Role::primary) return 4;
-    report->released_by_parent = server.command({"GET", key}) == "(nil)" ? 1 : 2;
-    slot.reset();
-    return 0;
-  });
+  const auto co = quiet_coordinator_options();
+  const int holder = wltest::run_raw_fork_holder(
+      30s, [&] { return RawForkHolder(server, key, o, co); }, *report,
+      [&](RawForkHolder& h) {
+        const pid_t child = raw_fork();
+        if (child < 0) return 3;
+        if (child == 0) {
+          tsan_ignore_this_copy();
+          // Destroys the copy as exit() would, then _exit(): LeakSanitizer's exit-time check
+          // cannot stop the coordinator thread this copy lists but does not have.
+          const int code = h.coordinator().role() == Role::primary ? 1 : 0;
+          static_coordinator().reset();
+          copy_exit(code);
+        }
+        report->exiting_child = wait_or_kill(child, 10s);
+        report->key_after_exit = h.key_kept();
+        report->step = 2;
+        // Then stop() releases on the holder's connection, from the coordinator thread.
+        return h.coordinator().role() == Role::primary ? 0 : 5;
+      });
   INFO("holder reached step " << report->step.load());
   REQUIRE(holder == 0);
   CHECK(report->exiting_child.load() == 0);
@@ -1583,8 +1443,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("fork-closes");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "fork-closes");
   RedisBackend holder(options_for(server, key));
   REQUIRE(holder.try_acquire());
   const std::string name = fmt::format("name=workerlock:{}", ::getpid());
@@ -1622,8 +1481,7 @@ TEST_CASE("redis: valid_until() is the lease's local deadline, and min() while n
           "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("valid-until");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "valid-until");
   const auto o = options_for(server, key);
   RedisBackend a(o);
   const workerlock::Backend& as_backend = a;
@@ -1699,7 +1557,7 @@ TEST_CASE(
 
   // A refused connection: the errno.
   RedisOptions refused;
-  refused.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", closed_port());
+  refused.url = fmt::format("redis://:topsecret@127.0.0.1:{}/0", wltest::free_loopback_port());
   RedisBackend unreachable(refused);
   CHECK_THAT(unreachable.network_target(), Catch::StartsWith("redis://:***@127.0.0.1:"));
   code = network_error_code(unreachable, [&] { unreachable.try_acquire(); });
@@ -1707,8 +1565,7 @@ TEST_CASE(
 
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("errors");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "errors");
   const auto o = options_for(server, key);
 
   // A database the server does not have is bad configuration too.
@@ -1744,8 +1601,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("renewal-timeout");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "renewal-timeout");
   // command_timeout 500 ms, the lease valid for 10 s - D: the renewal gives up ~9 s before
   // the lease runs out.
   auto o = options_for(server, key, 10000ms);
@@ -1802,18 +1658,6 @@ TEST_CASE("redis: a command with more arguments than redis_command holds is refu
   CHECK(std::string(reply->str, reply->len) == "PONG");
 }
 
-namespace {
-
-//! What the readers of the accessor test saw, per Coordinator.
-struct AccessorReads {
-  std::atomic<long> rounds{0};
-  std::atomic<long> primary_reads{0};
-  std::atomic<long> held_reads{0};
-  std::atomic<long> valid_reads{0};
-};
-
-}  // namespace
-
 // The rule: role(), fencing_token() and the lease's validity may be read from any thread at
 // any time. ThreadSanitizer (the tsan config runs [threads] tests) reports any unsynchronized
 // access between these reads and the coordinator threads' acquisitions and releases.
@@ -1822,69 +1666,14 @@ TEST_CASE(
     "[redis][threads]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("accessors");
-  seed_fence(server, key);
-  const auto o = options_for(server, key);
-  Coordinator c[2] = {Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options()),
-                      Coordinator(std::make_unique<RedisBackend>(o), quiet_coordinator_options())};
-  std::atomic<int> promotions{0};
-  std::atomic<int> fence_violations{0};
-  std::atomic<std::uint64_t> last_token{0};
-  for (int i = 0; i < 2; ++i) {
-    c[i].on_promoted([&, i] {
-      const auto token = c[i].fencing_token();
-      if (token <= last_token.load()) fence_violations.fetch_add(1);
-      last_token.store(token);
-      promotions.fetch_add(1);
-    });
-  }
-  AccessorReads reads[2];
-  std::atomic<bool> done{false};
-  std::atomic<std::uint64_t> seen[2] = {0, 0};  // the largest token each reader saw
-  std::vector<std::thread> readers;
-  for (int r = 0; r < 2; ++r) {
-    readers.emplace_back([&, r] {
-      auto& max_seen = seen[r];
-      while (!done.load()) {
-        for (int i = 0; i < 2; ++i) {
-          const auto& backend = dynamic_cast<const RedisBackend&>(c[i].backend());
-          if (c[i].role() == Role::primary) reads[i].primary_reads.fetch_add(1);
-          const auto token = std::max(c[i].fencing_token(), backend.fencing_token());
-          if (token > max_seen.load()) max_seen.store(token);  // one writer per reader
-          if (backend.valid_until() > std::chrono::steady_clock::now()) reads[i].valid_reads++;
-          if (backend.lease_valid()) reads[i].held_reads++;
-          (void)backend.describe();
-          (void)backend.network_target();
-          reads[i].rounds++;
-        }
-      }
-    });
-  }
-  c[0].start();
-  c[1].start();
-  constexpr int failovers = 6;
-  for (int n = 0; n < failovers; ++n) {
-    const int before = promotions.load();
-    const int p = c[0].role() == Role::primary ? 0 : 1;
-    REQUIRE(c[p].role() == Role::primary);
-    std::this_thread::sleep_for(50ms);
-    c[p].stop();  // the coordinator thread runs on_demoted and releases; the other takes over
-    REQUIRE(wltest::eventually([&] { return c[1 - p].role() == Role::primary; }, 10s));
-    REQUIRE(wltest::eventually([&] { return promotions.load() > before; }, 10s));
-    c[p].start();
-  }
-  done.store(true);
-  for (auto& t : readers) t.join();
-  c[0].stop();
-  c[1].stop();
-  CHECK(fence_violations.load() == 0);
-  CHECK(promotions.load() >= failovers + 1);
-  for (const auto& s : seen) CHECK(s.load() <= last_token.load());  // no token from nowhere
-  for (const auto& r : reads) {
-    CHECK(r.rounds.load() > 0);
-    CHECK(r.primary_reads.load() > 0);
-    CHECK(r.valid_reads.load() > 0);
-  }
+  const auto o = options_for(server, seeded_key(server, "accessors"));
+  wltest::check_accessors_during_failovers<RedisBackend>(
+      [&] { return std::make_unique<RedisBackend>(o); },
+      [](Coordinator(&c)[2], int p, int) {
+        c[p].stop();  // the coordinator thread runs on_demoted and releases; the other takes over
+        REQUIRE(wltest::eventually([&] { return c[1 - p].role() == Role::primary; }, 10s));
+      },
+      [](const RedisBackend& backend) { (void)backend.lease_valid(); }, 0ms, 10s);
 }
 
 TEST_CASE(
@@ -1893,17 +1682,9 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("paused-backend");
-  seed_fence(server, key);
-  const auto o = options_for(server, key);  // ttl 1 s
-  wltest::Shared<wltest::PauseReport> report;
-  const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
-                                        quiet_coordinator_options(), o.ttl, 3000ms, *report);
-  REQUIRE(code == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms; held after it "
-               << report->held_after_jump.load());
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());  // the SIGSTOP
-  CHECK(report->expired_by_ns.load() > 0);  // valid_until() < the clock read before it
+  const auto o = options_for(server, seeded_key(server, "paused-backend"));  // ttl 1 s
+  wltest::check_paused_backend_expired([&] { return std::make_unique<RedisBackend>(o); }, o.ttl,
+                                       3000ms, 2000ms);
 }
 
 // Needs Coordinator::role() to compare the backend's valid_until() with the clock (the
@@ -1915,17 +1696,9 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("paused-role");
-  seed_fence(server, key);
-  const auto o = options_for(server, key);
-  wltest::Shared<wltest::PauseReport> report;
-  const int code = wltest::pause_holder([&] { return std::make_unique<RedisBackend>(o); },
-                                        quiet_coordinator_options(), o.ttl, 3000ms, *report);
-  REQUIRE(code == 0);
-  INFO("jump " << report->jump_ns.load() / 1000000 << " ms");
-  CHECK(report->jump_ns.load() > std::chrono::nanoseconds(2000ms).count());
-  CHECK(report->role_after_jump.load() == 0);
-  CHECK(report->primary_reads_after_jump.load() == 0);
+  const auto o = options_for(server, seeded_key(server, "paused-role"));
+  wltest::check_paused_role_secondary([&] { return std::make_unique<RedisBackend>(o); }, o.ttl,
+                                      3000ms, 2000ms);
 }
 
 TEST_CASE(
@@ -1934,8 +1707,7 @@ TEST_CASE(
     "[redis]") {
   WL_REQUIRE_REDIS_SERVER();
   wltest::RedisServer server;
-  const auto key = fresh_key("past-valid-until");
-  seed_fence(server, key);
+  const auto key = seeded_key(server, "past-valid-until");
   // The key lives 1 s past valid_until() (the drift margin): the check finds it still ours.
   auto o = options_for(server, key, 3000ms);
   o.drift_margin = 1000ms;

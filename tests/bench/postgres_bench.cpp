@@ -38,6 +38,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/postgres.hpp>
 
+#include "../support/clock.hpp"
 #include "../support/postgres_server.hpp"
 
 namespace {
@@ -48,11 +49,7 @@ using workerlock::CoordinatorOptions;
 using workerlock::PostgresBackend;
 using workerlock::PostgresOptions;
 
-std::int64_t mono_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
+using wltest::mono_ns;
 
 void progress(const std::string& line) {
   std::fprintf(stderr, "postgres_bench: %s\n", line.c_str());

@@ -41,6 +41,7 @@
 #include <workerlock/coordinator.hpp>
 #include <workerlock/redis.hpp>
 
+#include "../support/clock.hpp"
 #include "../support/redis_server.hpp"
 #include "bench_support.hpp"
 
@@ -52,11 +53,7 @@ using wlbench::fail;
 using wlbench::median;
 using wlbench::quantile;
 
-std::int64_t mono_ns() {
-  struct timespec ts {};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
+using wltest::mono_ns;
 
 //! ns per acquire+release cycle, and ns of the acquire part alone (0 when not measured).
 struct Sample {

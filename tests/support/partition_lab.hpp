@@ -114,3 +114,14 @@ class PartitionLab {
 };
 
 }  // namespace wltest
+
+//! In a TEST_CASE: when no PartitionLab can be built here, fails the test if
+//! `require_variable` asks for the server tests (wltest::server_required()), else skips it.
+#define WLTEST_REQUIRE_PARTITION_LAB(require_variable)                               \
+  do {                                                                               \
+    if (const auto why = wltest::PartitionLab::unavailable_reason(); !why.empty()) { \
+      if (wltest::server_required(require_variable)) FAIL(why);                      \
+      wltest::skip_test(why);                                                        \
+      return;                                                                        \
+    }                                                                                \
+  } while (false)

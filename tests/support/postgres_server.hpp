@@ -9,9 +9,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
-#include <netinet/in.h>
 #include <pwd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -35,6 +33,8 @@
 
 #include <fmt/format.h>
 #include <libpq-fe.h>
+
+#include "servers.hpp"
 
 extern char** environ;
 
@@ -120,14 +120,9 @@ class PostgresServer {
         if (!also_trust.empty()) hba << "host all all " << also_trust << " trust\n";
       }
       std::string error;
-      for (int attempt = 0; attempt < 10; ++attempt) {
-        port_ = free_port();
-        if (start(error)) {
-          query(fmt::format("CREATE ROLE {} LOGIN PASSWORD '{}'", password_user, password));
-          return;
-        }
-      }
-      throw std::runtime_error("cannot start the PostgreSQL test cluster: " + error);
+      if (!start_on_a_free_port(10, port_, error, [this](std::string& e) { return start(e); }))
+        throw std::runtime_error("cannot start the PostgreSQL test cluster: " + error);
+      query(fmt::format("CREATE ROLE {} LOGIN PASSWORD '{}'", password_user, password));
     } catch (...) {
       remove_dir();
       throw;
@@ -170,30 +165,18 @@ class PostgresServer {
   //! Runs `sql` on a fresh superuser connection; returns the first column of the first row
   //! ("" if none). Throws std::runtime_error on errors.
   std::string query(const std::string& sql) const {
-    std::unique_ptr<PGconn, void (*)(PGconn*)> conn(PQconnectdb(admin_conninfo().c_str()),
-                                                    &PQfinish);
-    if (!conn || PQstatus(conn.get()) != CONNECTION_OK)
-      throw std::runtime_error("test query: cannot connect: " +
-                               std::string(PQerrorMessage(conn.get())));
-    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(conn.get(), sql.c_str()), &PQclear);
-    const auto status = PQresultStatus(r.get());
-    if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK)
-      throw std::runtime_error("test query '" + sql + "' failed: " + PQresultErrorMessage(r.get()));
-    if (status == PGRES_TUPLES_OK && PQntuples(r.get()) > 0 && PQnfields(r.get()) > 0)
+    const auto r = execute(sql);
+    if (PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQntuples(r.get()) > 0 &&
+        PQnfields(r.get()) > 0)
       return PQgetvalue(r.get(), 0, 0);
     return {};
   }
 
   //! All rows of the first column of `sql`.
   std::vector<std::string> query_column(const std::string& sql) const {
-    std::unique_ptr<PGconn, void (*)(PGconn*)> conn(PQconnectdb(admin_conninfo().c_str()),
-                                                    &PQfinish);
-    if (!conn || PQstatus(conn.get()) != CONNECTION_OK)
-      throw std::runtime_error("test query: cannot connect: " +
-                               std::string(PQerrorMessage(conn.get())));
-    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(conn.get(), sql.c_str()), &PQclear);
+    const auto r = execute(sql);
     if (PQresultStatus(r.get()) != PGRES_TUPLES_OK)
-      throw std::runtime_error("test query '" + sql + "' failed: " + PQresultErrorMessage(r.get()));
+      throw std::runtime_error("test query '" + sql + "' returned no rows");
     std::vector<std::string> values;
     for (int row = 0; row < PQntuples(r.get()); ++row)
       values.emplace_back(PQgetvalue(r.get(), row, 0));
@@ -255,20 +238,19 @@ class PostgresServer {
   }
 
  private:
-  static int free_port() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) throw std::runtime_error("socket failed");
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t size = sizeof address;
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size) != 0) {
-      ::close(fd);
-      throw std::runtime_error("cannot find a free port");
-    }
-    ::close(fd);
-    return ntohs(address.sin_port);
+  //! Runs `sql` on a fresh superuser connection; its result, which outlives the connection.
+  //! Throws std::runtime_error when it cannot connect or the statement fails.
+  std::unique_ptr<PGresult, void (*)(PGresult*)> execute(const std::string& sql) const {
+    std::unique_ptr<PGconn, void (*)(PGconn*)> conn(PQconnectdb(admin_conninfo().c_str()),
+                                                    &PQfinish);
+    if (!conn || PQstatus(conn.get()) != CONNECTION_OK)
+      throw std::runtime_error("test query: cannot connect: " +
+                               std::string(PQerrorMessage(conn.get())));
+    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQexec(conn.get(), sql.c_str()), &PQclear);
+    const auto status = PQresultStatus(r.get());
+    if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK)
+      throw std::runtime_error("test query '" + sql + "' failed: " + PQresultErrorMessage(r.get()));
+    return r;
   }
 
   void pick_user() {

@@ -6,10 +6,8 @@
 // Needs hiredis (for PING and the test commands); does not need Catch2.
 #pragma once
 
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -29,6 +27,8 @@
 
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
+
+#include "servers.hpp"
 
 extern char** environ;
 
@@ -81,10 +81,9 @@ class RedisServer {
     if (::mkdtemp(pattern) == nullptr) throw std::runtime_error("mkdtemp failed");
     dir_ = pattern;
     std::string last_error;
-    for (int attempt = 0; attempt < 20; ++attempt) {
-      port_ = free_port();
-      if (launch(last_error)) return;
-    }
+    if (start_on_a_free_port(20, port_, last_error,
+                             [this](std::string& error) { return launch(error); }))
+      return;
     cleanup_dir();
     throw std::runtime_error("cannot start redis-server: " + last_error);
   }
@@ -186,23 +185,6 @@ class RedisServer {
   }
 
  private:
-  static int free_port() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) throw std::runtime_error("socket failed");
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    address.sin_port = 0;
-    socklen_t size = sizeof address;
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size) != 0) {
-      ::close(fd);
-      throw std::runtime_error("cannot find a free port");
-    }
-    ::close(fd);
-    return ntohs(address.sin_port);
-  }
-
   bool launch(std::string& error) {
     const std::string bin = binary();
     if (bin.empty()) {

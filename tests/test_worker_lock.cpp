@@ -333,7 +333,7 @@ TEST_CASE_METHOD(wltest::EachMechanism,
       [&] {
         int status = 0;
         if (::waitpid(child, &status, WNOHANG) == child) {
-          died = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          died = wltest::exit_code_of(status);
           return true;
         }
         return board->stage.load() == 1;

@@ -199,26 +199,20 @@ class Children {
   int wait(pid_t pid, std::chrono::milliseconds timeout) {
     if (pid <= 0) return -1;
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int status = 0;
-    bool timed_out = false;
     for (;;) {
+      int status = 0;
       const pid_t got = ::waitpid(pid, &status, WNOHANG);
-      if (got == pid) break;
-      if (got < 0 && errno != EINTR) {
+      if (got == pid || (got < 0 && errno != EINTR)) {
         forget(pid);
-        return -1;
+        return got == pid ? exit_code_of(status) : -1;
       }
       if (std::chrono::steady_clock::now() >= deadline) {
         ::kill(pid, SIGKILL);
-        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-        }
-        timed_out = true;
-        break;
+        wait(pid);
+        return kTimedOut;
       }
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    forget(pid);
-    return timed_out ? kTimedOut : exit_code_of(status);
   }
 
   //! Waits for every remaining child; returns how many did not exit with 0.
@@ -238,11 +232,7 @@ class Children {
   //! SIGKILLs and reaps every child still running.
   void kill_all() noexcept {
     for (const pid_t pid : live_) ::kill(pid, SIGKILL);
-    for (const pid_t pid : live_) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-    }
+    for (const pid_t pid : live_) wltest::wait_exit_code(pid);
     live_.clear();
   }
 

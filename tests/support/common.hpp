@@ -1,6 +1,5 @@
 // tests/support/common.hpp: helpers for tests that start real processes: temporary directories,
-// forked children and spawned programs that are always reaped, and shared memory for their
-// bookkeeping.
+// forked children and spawned programs that are always reaped, shared memory for bookkeeping.
 #pragma once
 
 #include <fcntl.h>

@@ -1,6 +1,5 @@
-// tests/support/files.hpp: small file and option helpers shared by the tests: whole-file
-// reads and writes, silent Options, another process's try at a lock, another user to become,
-// a step counter to wait for.
+// tests/support/files.hpp: small helpers shared by the tests: whole-file reads and writes,
+// silent Options, another process's try at a lock, another user to become, a step counter.
 #pragma once
 
 #include <grp.h>

@@ -54,20 +54,34 @@ using namespace wltest;
 using namespace wltest::coordinator_lab;
 using namespace wltest::barrier_lab;
 
-TEST_CASE_METHOD(wltest::EachWaitMode,
+//! EachWaitModeHarness whose plan runs the startup tasks and waits up to 10 s for them.
+struct StartupWaiters : EachWaitModeHarness {
+  StartupWaiters() { plan = startup_plan(mode, 10s); }
+
+  //! Whether worker `id` has begun wait_for_startup().
+  bool waiting(int id) { return h.slot(id).wait_began_ns.load() != 0; }
+
+  //! Starts a plain lock holder, `blocker`, and two workers, `a` and `b`, that it keeps
+  //! standby; returns once both have begun wait_for_startup().
+  void start_two_waiting_behind_a_blocker() {
+    blocker = spawn_blocker(h);
+    a = h.spawn(plan);
+    b = h.spawn(plan);
+    REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
+  }
+
+  int blocker = -1;
+  int a = -1;
+  int b = -1;
+};
+
+TEST_CASE_METHOD(StartupWaiters,
                  "startup barrier: with secondaries started before and during and after the tasks",
                  "[coordinator][startup]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  const Plan plan = startup_plan(mode, 10s);
-  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
 
   // Before: a plain lock holder keeps both workers standby while they start waiting.
-  const int blocker = spawn_blocker(h);
-  const int a = h.spawn(plan);
-  const int b = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
+  start_two_waiting_behind_a_blocker();
   std::this_thread::sleep_for(100ms);
   CHECK(cl.task_runs.load() == 0);
   CHECK(h.slot(a).wait_result.load() == -1);
@@ -123,18 +137,11 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
   for (const int id : {a, b, c, d}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode, "startup barrier: when the primary is SIGKILLed mid-task",
+TEST_CASE_METHOD(StartupWaiters, "startup barrier: when the primary is SIGKILLed mid-task",
                  "[coordinator][startup]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  const Plan plan = startup_plan(mode, 10s);
-  const auto waiting = [&](int id) { return h.slot(id).wait_began_ns.load() != 0; };
 
-  const int blocker = spawn_blocker(h);
-  const int a = h.spawn(plan);
-  const int b = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return waiting(a) && waiting(b); }));
+  start_two_waiting_behind_a_blocker();
   REQUIRE(h.exit_worker(blocker) == 0);
   REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
   const int c = h.spawn(plan);
@@ -178,13 +185,11 @@ TEST_CASE_METHOD(wltest::EachWaitMode, "startup barrier: when the primary is SIG
 }
 
 TEST_CASE_METHOD(
-    wltest::EachWaitMode,
+    EachWaitModeHarness,
     "startup barrier: wait_for_startup() returns false after about the timeout if no primary "
     "completes",
     "[coordinator][startup]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
   const int stuck = h.spawn(startup_plan(mode, 0ms));  // primary, its task never finishes
   REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
   const int waiter = h.spawn(startup_plan(mode, 300ms));
@@ -290,8 +295,8 @@ TEST_CASE("startup barrier: stop() cuts short the backoff after an unreadable ma
     board->stop_ms.store(stop_and_time(coordinator));
     return 0;
   });
-  const int code = wait_or_kill(children, worker);
-  INFO("exit code " << code << " (-1: hung), first error: " << board->first_error);
+  const int code = children.wait(worker, kWatchdog);
+  INFO("exit code " << code << " (-2: hung, killed), first error: " << board->first_error);
   REQUIRE(code == 0);
   CHECK(board->errors.load() == 1);
   CHECK(board->startup_runs.load() == 0);
@@ -349,8 +354,8 @@ TEST_CASE(
     board->step.store(2);
     return 0;
   });
-  const int code = wait_or_kill(children, child);
-  INFO("exit code " << code << " (-1: hung), step " << board->step.load());
+  const int code = children.wait(child, kWatchdog);
+  INFO("exit code " << code << " (-2: hung, killed), step " << board->step.load());
   REQUIRE(code == 0);
   for (int i = 0; i < 4; ++i) {
     INFO("marker: " << name_of(kinds[i]) << ": " << board->what[i]);
@@ -383,7 +388,7 @@ TEST_CASE(
     spit(marker_of(lock), generation + "\n");
     return 0;
   });
-  REQUIRE(wait_or_kill(children, forger) == 0);
+  REQUIRE(children.wait(forger, kWatchdog) == 0);
   struct stat planted {};
   REQUIRE(::lstat(marker_of(lock).c_str(), &planted) == 0);
   REQUIRE(planted.st_uid == nobody);
@@ -399,7 +404,7 @@ TEST_CASE(
       board->stop_ms.store(stop_and_time(coordinator));
       return 0;
     });
-    const int code = wait_or_kill(children, worker);
+    const int code = children.wait(worker, kWatchdog);
     INFO("exit code " << code << ", first error: " << board->first_error);
     CHECK(code == 0);
     // Neither skipped silently nor run: the forged marker is an error, and the worker
@@ -430,7 +435,7 @@ TEST_CASE(
     coordinator.stop();
     return 0;
   });
-  CHECK(wait_or_kill(children, reader) == 0);
+  CHECK(children.wait(reader, kWatchdog) == 0);
   CHECK(api->load() == 1);
 }
 
@@ -475,7 +480,7 @@ TEST_CASE(
     ::close(watch);
     return 0;
   });
-  const int code = wait_or_kill(children, child);
+  const int code = children.wait(child, kWatchdog);
   INFO("exit code " << code);
   REQUIRE(code == 0);
   std::set<std::string> temporaries;
@@ -544,8 +549,8 @@ TEST_CASE(
     board->results.store((barrier_done ? 1 : 0) + (coordinator_done ? 2 : 0));
     return 0;
   });
-  const int code = wait_or_kill(children, child);
-  INFO("exit code " << code << " (-1: still waiting after 10 s, killed)");
+  const int code = children.wait(child, kWatchdog);
+  INFO("exit code " << code << " (-2: still waiting after 10 s, killed)");
   REQUIRE(code == 0);
   CHECK(board->results.load() == 0);  // nobody completed: both report false
   CHECK(board->barrier_ms.load() >= 299);
@@ -586,14 +591,14 @@ TEST_CASE(
           coordinator.stop();
           return 0;
         });
-        if (wait_or_kill(workers, worker) != 0) return 10 + i;
+        if (workers.wait(worker, kWatchdog) != 0) return 10 + i;
       }
       return 0;
     });
   };
-  CHECK(wait_or_kill(children, master()) == 0);
+  CHECK(children.wait(master(), kWatchdog) == 0);
   CHECK(board->startup_runs.load() == 1);  // the second worker of the master skipped them
-  CHECK(wait_or_kill(children, master()) == 0);
+  CHECK(children.wait(master(), kWatchdog) == 0);
   CHECK(board->startup_runs.load() == 2);  // a restarted server runs them again
   CHECK(board->promotions.load() == 4);
   CHECK(board->completed_waits.load() == 4);
@@ -641,7 +646,7 @@ TEST_CASE(
     if (!refused(5, [&] { StartupBarrier b(too_long_lock, "g"); })) return 15;
     return 0;
   });
-  REQUIRE(wait_or_kill(children, refuser) == 0);
+  REQUIRE(children.wait(refuser, kWatchdog) == 0);
   CHECK_THAT(std::string(board->what[0]), Contains("startup_generation is longer than 256 bytes"));
   CHECK_THAT(std::string(board->what[1]), Contains("startup_generation is longer than 256 bytes"));
   CHECK_THAT(std::string(board->what[2]), Contains("newline"));
@@ -665,7 +670,7 @@ TEST_CASE(
       coordinator.stop();
       return 0;
     });
-    CHECK(wait_or_kill(children, worker) == 0);
+    CHECK(children.wait(worker, kWatchdog) == 0);
   }
   CHECK(board->startup_runs.load() == 1);
   CHECK(slurp(marker_of(longest_lock)) == longest_generation + "\n");

@@ -71,16 +71,11 @@ TEST_CASE("coordinator: SIGKILLed primary promotes exactly one standby per kill 
   failover_test(WaitMode::polled);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode,
+TEST_CASE_METHOD(EachWaitModeHarness,
                  "coordinator: graceful stop() of the primary hands over to exactly one standby",
                  "[coordinator]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
-  const int first = h.spawn(plan);
-  REQUIRE(h.started(first));
+  const int first = spawn_started(plan);
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
   std::vector<int> ids{first};
   for (int i = 0; i < 3; ++i) ids.push_back(h.spawn(plan));
@@ -122,14 +117,10 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
   CHECK(cl.check.violations.load() == 0);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode,
+TEST_CASE_METHOD(EachWaitModeHarness,
                  "coordinator: rolling restart of every worker never has two primaries",
                  "[coordinator]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
   plan.demote_delay = 20ms;  // a lock released before on_demoted returns would show
   std::vector<int> current;
   for (int i = 0; i < 4; ++i) {
@@ -183,14 +174,10 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
 }
 
 TEST_CASE_METHOD(
-    wltest::EachWaitMode,
+    EachWaitModeHarness,
     "coordinator: SIGSTOP of the primary promotes nobody and SIGCONT resumes it as primary",
     "[coordinator]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
   std::vector<int> ids;
   for (int i = 0; i < 3; ++i) {
     ids.push_back(h.spawn(plan));
@@ -322,17 +309,13 @@ TEST_CASE_METHOD(
   CHECK(board->demotions.load() == 1);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode,
+TEST_CASE_METHOD(EachWaitModeHarness,
                  "coordinator: stop() on a waiting standby returns within 100 ms",
                  "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Plan plan;
-  plan.mode = mode;
-  const int primary = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return h.cl().check.promotions.load() == 1; }));
+  const int primary = spawn_first_primary(plan);
   const fs::path path = h.path();
-  const int standby = h.spawn_body([&h, &path, this](int id) {
+  const int standby = h.spawn_body([&path, this](int id) {
     WorkerSlot& me = h.slot(id);
     std::atomic<int> promotions{0};
     const auto options = options_for(mode, me);
@@ -387,26 +370,20 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
   CHECK(s.value[2].load() < 1000 * 1000000LL);
   CHECK(s.value[3].load() == 0);
   CHECK(s.warnings.load() + s.errors.load() == 0);
-  CHECK(h.cl().check.promotions.load() == 1);
+  CHECK(cl.check.promotions.load() == 1);
   CHECK(h.holder_slot() == primary);
   CHECK(h.exit_worker(primary) == 0);
 }
 
 TEST_CASE_METHOD(
-    wltest::EachWaitMode,
+    EachWaitModeHarness,
     "coordinator: destruction without stop() hands over from a primary and quietly leaves a "
     "standby",
     "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
   plan.demote_delay = 20ms;
-  const int a = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
-  const int b = h.spawn(plan);
-  REQUIRE(h.started(b));
+  const int a = spawn_first_primary(plan);
+  const int b = spawn_started(plan);
 
   REQUIRE(h.command(a, Cmd::destroy));
   CHECK(h.slot(a).was_primary_at_stop.load() == 1);
@@ -415,8 +392,7 @@ TEST_CASE_METHOD(
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
   CHECK(h.holder_slot() == b);
 
-  const int c = h.spawn(plan);
-  REQUIRE(h.started(c));
+  const int c = spawn_started(plan);
   std::this_thread::sleep_for(20ms);
   REQUIRE(h.command(c, Cmd::destroy));
   CHECK(h.slot(c).stop_ms() < 1000.0);
@@ -430,15 +406,10 @@ TEST_CASE_METHOD(
   CHECK(cl.check.violations.load() == 0);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() twice is harmless",
+TEST_CASE_METHOD(EachWaitModeHarness, "coordinator: start() twice is harmless",
                  "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
-  const int a = h.spawn(plan);
-  REQUIRE(h.started(a));
+  const int a = spawn_started(plan);
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
   const int a_threads = h.slot(a).threads.load();
   REQUIRE(a_threads >= 1);
@@ -448,8 +419,7 @@ TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() twice is harmless",
   CHECK(h.slot(a).role.load() == kPrimary);
   CHECK(h.slot(a).running.load() == 1);
 
-  const int b = h.spawn(plan);
-  REQUIRE(h.started(b));
+  const int b = spawn_started(plan);
   const int b_threads = h.slot(b).threads.load();
   REQUIRE(h.command(b, Cmd::start));
   CHECK(h.slot(b).threads.load() == b_threads);
@@ -468,17 +438,11 @@ TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() twice is harmless",
   for (const int id : {a, b}) CHECK(h.exit_worker(id) == 0);
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() after stop() re-joins the election",
+TEST_CASE_METHOD(EachWaitModeHarness, "coordinator: start() after stop() re-joins the election",
                  "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
-  const int a = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
-  const int b = h.spawn(plan);
-  REQUIRE(h.started(b));
+  const int a = spawn_first_primary(plan);
+  const int b = spawn_started(plan);
 
   REQUIRE(h.command(a, Cmd::stop));
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
@@ -505,25 +469,19 @@ TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: start() after stop() re-joi
 }
 
 TEST_CASE_METHOD(
-    wltest::EachWaitMode,
+    EachWaitModeHarness,
     "coordinator: throwing callbacks are logged through the sink and the machinery continues",
     "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
 
   SECTION("on_promoted and on_demoted throw") {
-    Harness h;
-    Cluster& cl = h.cl();
-    Plan throwing;
-    throwing.mode = mode;
+    Plan throwing = plan;
     throwing.throw_in_first_promoted = true;
     throwing.throw_in_demoted = true;
     const int a = h.spawn(throwing);
     REQUIRE(wltest::eventually(
         [&] { return h.slot(a).promoted.load() == 1 && h.slot(a).errors.load() >= 1; }, 5s));
-    Plan plain;
-    plain.mode = mode;
-    const int b = h.spawn(plain);
-    REQUIRE(h.started(b));
+    const int b = spawn_started(plan);
     std::this_thread::sleep_for(150ms);
     INFO("log of the throwing worker: " << h.slot(a).log_text());
     CHECK(h.slot(a).log_text().find("on_promoted threw: boom from on_promoted") !=
@@ -555,9 +513,7 @@ TEST_CASE_METHOD(
   }
 
   SECTION("on_startup throws: the tasks stay incomplete and the next primary runs them") {
-    Harness h;
-    Cluster& cl = h.cl();
-    Plan plan = startup_plan(mode, 0ms);
+    plan = startup_plan(mode, 0ms);
     plan.startup_throws_first = true;
     const int a = h.spawn(plan);
     REQUIRE(wltest::eventually([&] { return h.slot(a).promoted.load() == 1; }, 5s));
@@ -566,8 +522,7 @@ TEST_CASE_METHOD(
     CHECK(cl.task_runs.load() == 1);
     CHECK(cl.task_completions.load() == 0);
     CHECK_FALSE(workerlock::StartupBarrier(h.path(), h.generation()).completed());
-    const int b = h.spawn(plan);
-    REQUIRE(h.started(b));
+    const int b = spawn_started(plan);
     REQUIRE(h.command(a, Cmd::stop));
     REQUIRE(wltest::eventually([&] { return h.slot(b).promoted.load() == 1; }, 5s));
     CHECK(cl.task_runs.load() == 2);
@@ -579,27 +534,20 @@ TEST_CASE_METHOD(
 }
 
 TEST_CASE_METHOD(
-    wltest::EachWaitMode,
+    EachWaitModeHarness,
     "coordinator: a callback that calls stop() does not deadlock and another worker is promoted",
     "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Plan plain;
-  plain.mode = mode;
 
   SECTION("on_promoted of a promoted standby calls stop()") {
-    Harness h;
-    Cluster& cl = h.cl();
-    const int a = h.spawn(plain);
-    REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
-    Plan stopper = plain;
+    const int a = spawn_first_primary(plan);
+    Plan stopper = plan;
     stopper.hold_first_promotion = true;  // so that c is waiting when b stops
     stopper.stop_in_first_promoted = true;
-    const int b = h.spawn(stopper);
-    REQUIRE(h.started(b));
+    const int b = spawn_started(stopper);
     REQUIRE(h.command(a, Cmd::stop));
     REQUIRE(wltest::eventually([&] { return h.slot(b).promoted.load() == 1; }, 5s));
-    const int c = h.spawn(plain);
-    REQUIRE(h.started(c));
+    const int c = spawn_started(plan);
     cl.go.store(true);
 
     REQUIRE(wltest::eventually([&] { return h.slot(c).promoted.load() == 1; }, 5s));
@@ -619,9 +567,7 @@ TEST_CASE_METHOD(
   }
 
   SECTION("on_promoted calls stop() when start() wins a free lock") {
-    Harness h;
-    Cluster& cl = h.cl();
-    Plan stopper = plain;
+    Plan stopper = plan;
     stopper.stop_in_first_promoted = true;
     const int a = h.spawn(stopper);
     REQUIRE(h.started(a, 5s));  // a deadlock in start() shows here
@@ -629,21 +575,17 @@ TEST_CASE_METHOD(
         [&] { return h.slot(a).demoted.load() == 1 && h.slot(a).running.load() == 0; }, 5s));
     CHECK(h.slot(a).promoted.load() == 1);
     CHECK(h.slot(a).nested.load() == 0);
-    const int b = h.spawn(plain);  // the lock is free again
+    const int b = h.spawn(plan);  // the lock is free again
     REQUIRE(wltest::eventually([&] { return h.slot(b).promoted.load() == 1; }, 5s));
     CHECK(cl.check.violations.load() == 0);
     for (const int id : {a, b}) CHECK(h.exit_worker(id) == 0);
   }
 
   SECTION("on_demoted calls stop()") {
-    Harness h;
-    Cluster& cl = h.cl();
-    Plan stopper = plain;
+    Plan stopper = plan;
     stopper.stop_in_demoted = true;
-    const int a = h.spawn(stopper);
-    REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
-    const int b = h.spawn(plain);
-    REQUIRE(h.started(b));
+    const int a = spawn_first_primary(stopper);
+    const int b = spawn_started(plan);
     REQUIRE(h.command(a, Cmd::stop, 5s));  // a deadlock in stop() shows here
     CHECK(h.slot(a).demoted.load() == 1);
     CHECK(h.slot(a).running.load() == 0);
@@ -653,16 +595,11 @@ TEST_CASE_METHOD(
   }
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode, "coordinator: stop() called concurrently from two threads",
+TEST_CASE_METHOD(EachWaitModeHarness, "coordinator: stop() called concurrently from two threads",
                  "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan plan;
-  plan.mode = mode;
   plan.demote_delay = 20ms;
-  const int a = h.spawn(plan);
-  REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
+  const int a = spawn_first_primary(plan);
   const int b = h.spawn(plan);
   const int c = h.spawn(plan);
   REQUIRE(h.started(b));
@@ -745,26 +682,20 @@ TEST_CASE_METHOD(
   CHECK_FALSE(fs::exists(missing.parent_path()));
 }
 
-TEST_CASE_METHOD(wltest::EachWaitMode,
+TEST_CASE_METHOD(EachWaitModeHarness,
                  "coordinator: WORKERLOCK_ROLE=secondary keeps a Coordinator out of the election",
                  "[coordinator][threads]") {
   INFO("mode " << mode_name(mode));
-  Harness h;
-  Cluster& cl = h.cl();
-  Plan kept_out;
-  kept_out.mode = mode;
+  Plan kept_out = plan;
   kept_out.kept_out = true;
-  const int k = h.spawn(kept_out);
-  REQUIRE(h.started(k));
+  const int k = spawn_started(kept_out);
   std::this_thread::sleep_for(300ms);  // the lock is free all along
   CHECK(h.slot(k).promoted.load() == 0);
   CHECK(h.slot(k).role.load() == kSecondary);
   CHECK(h.slot(k).role_after_start.load() == kSecondary);
   CHECK_FALSE(workerlock::lock_holder(h.path()).has_value());
 
-  Plan plain;
-  plain.mode = mode;
-  const int b = h.spawn(plain);  // an ordinary worker wins the free lock at once
+  const int b = h.spawn(plan);  // an ordinary worker wins the free lock at once
   REQUIRE(wltest::eventually([&] { return h.slot(b).promoted.load() == 1; }, 5s));
   CHECK(h.exit_worker(b) == 0);
   std::this_thread::sleep_for(200ms);
@@ -1056,10 +987,10 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
     c.stop();
     return 0;
   });
-  const int code = finish_worker(children, worker, 15s);
+  const int code = children.wait(worker, 15s);
   CallbackReport& r = *report;
   INFO(r.log.contents());
-  REQUIRE(code == 0);  // kHung: a call from a callback deadlocked
+  REQUIRE(code == 0);  // kTimedOut: a call from a callback deadlocked
   CHECK(r.role_in_promoted.load() == kPrimary);
   CHECK(r.running_in_promoted.load() == 1);
   CHECK(r.role_in_demoted.load() == kPrimary);  // on_demoted runs before the release
@@ -1113,11 +1044,11 @@ TEST_CASE(
     other.unlock();
     return 0;
   });
-  const int code = finish_worker(children, worker, 15s);
+  const int code = children.wait(worker, 15s);
   SignalReport& r = *report;
   const std::string log = r.log.contents();
   INFO(log);
-  REQUIRE(code == 0);  // kHung: stop() never returned; 128 + signal: SIG_DFL killed it
+  REQUIRE(code == 0);  // kTimedOut: stop() never returned; 128 + signal: SIG_DFL killed it
   CHECK(r.waiting.load() == 1);
   CHECK(r.stop_ms.load() < 5000);
   CHECK(r.log.errors.load() == 1);
@@ -1187,10 +1118,10 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
   REQUIRE(wait_for_value(report->phase, 1));
   REQUIRE(::kill(worker, SIGTERM) == 0);
   const bool released = wltest::eventually([&] { return lock_is_free(path); }, 5s);
-  const int code = finish_worker(children, worker, 15s);
+  const int code = children.wait(worker, 15s);
   SigtermReport& r = *report;
   INFO(r.log.contents());
-  REQUIRE(code == 0);  // kHung: the stop hung
+  REQUIRE(code == 0);  // kTimedOut: the stop hung
   CHECK(released);
   CHECK(r.promoted.load() == 1);
   CHECK(r.demoted.load() == 1);
@@ -1271,7 +1202,7 @@ TEST_CASE("coordinator: start() rejects bad options with a lock_error naming the
     valid.stop();
     return 0;
   });
-  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  REQUIRE(children.wait(worker, 15s) == 0);
   ValidationReport& r = *report;
   REQUIRE(r.cases.load() == n + 1);
   for (int i = 0; i <= n; ++i) {
@@ -1311,7 +1242,7 @@ TEST_CASE("coordinator: a huge health_check_interval is a long sleep, not a busy
     r.stop_ms.store(static_cast<long long>(ms_since(began)));
     return 0;
   });
-  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  REQUIRE(children.wait(worker, 15s) == 0);
   HugeIntervalReport& r = *report;
   INFO(r.log.contents());
   CHECK(r.role.load() == kPrimary);
@@ -1355,7 +1286,7 @@ TEST_CASE(
     c.stop();
     return 0;
   });
-  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  REQUIRE(children.wait(worker, 15s) == 0);
   HugeIntervalReport& r = *report;
   INFO("scenario " << scenario << "\n" << r.log.contents());
   if (scenario == 0) {
@@ -1393,7 +1324,7 @@ TEST_CASE("coordinator: lock_error::path() of a failed start() is the lock file'
     r.role.store(static_cast<int>(c.role()));
     return 0;
   });
-  REQUIRE(finish_worker(children, worker, 15s) == 0);
+  REQUIRE(children.wait(worker, 15s) == 0);
   PathReport& r = *report;
   INFO("lock_error::path(): " << r.reported_path);
   CHECK(r.threw.load() == 1);
@@ -1452,10 +1383,10 @@ TEST_CASE_METHOD(wltest::EachMechanism,
   // The standby really waits on the same file: it takes over when the primary dies.
   count->primaries.fetch_sub(1);  // the primary's on_demoted will never run
   ::kill(primary, SIGKILL);
-  CHECK(wait_or_kill(children, primary, 10s) == 128 + SIGKILL);
+  CHECK(children.wait(primary, 10s) == 128 + SIGKILL);
   CHECK(wltest::eventually([&] { return count->promotions[1].load() == 1; }, 10s));
   count->quit.store(true);
-  CHECK(wait_or_kill(children, standby, 20s) == 0);
+  CHECK(children.wait(standby, 20s) == 0);
   CHECK(count->violations.load() == 0);
 }
 
@@ -1501,8 +1432,8 @@ TEST_CASE_METHOD(
   REQUIRE(reach(board->step, 3));
   CHECK(board->role_after_restart.load() == 0);
   board->step.store(4);
-  CHECK(wait_or_kill(children, worker, 10s) == 0);
-  CHECK(wait_or_kill(children, other, 10s) == 0);
+  CHECK(children.wait(worker, 10s) == 0);
+  CHECK(children.wait(other, 10s) == 0);
 }
 
 TEST_CASE(
@@ -1560,7 +1491,7 @@ TEST_CASE(
 
   const auto killed_ms = now_ms();
   ::kill(first, SIGKILL);
-  CHECK(wait_or_kill(children, first, 10s) == 128 + SIGKILL);
+  CHECK(children.wait(first, 10s) == 128 + SIGKILL);
   REQUIRE(wltest::eventually([&] { return board->primary_on[1][0].load() == 1; }, 10s));
   const auto failover_ms = board->promoted_ms[1][0].load() - killed_ms;
   INFO("failover took " << failover_ms << " ms");
@@ -1568,5 +1499,5 @@ TEST_CASE(
   INFO("warning: " << board->warning.str());
   CHECK(board->warnings.load() == 0);
   board->quit.store(true);
-  CHECK(wait_or_kill(children, second, 20s) == 0);
+  CHECK(children.wait(second, 20s) == 0);
 }

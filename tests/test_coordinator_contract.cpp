@@ -506,6 +506,17 @@ struct TwoWorkers {
     pb = children.spawn([&] { return run_worker(b, path, mode, standby_scope, grace); });
     REQUIRE(wltest::eventually([&] { return b.started.load() == 1; }, 10s));
   }
+
+  //! SIGTERMs the first primary, a (its handler stops it), and returns its exit code.
+  int terminate_a() { return terminate(pa); }
+  //! SIGTERMs the standby, b, and returns its exit code.
+  int terminate_b() { return terminate(pb); }
+
+ private:
+  int terminate(pid_t pid) {
+    ::kill(pid, SIGTERM);
+    return children.wait(pid);
+  }
 };
 
 }  // namespace
@@ -522,13 +533,11 @@ TEST_CASE_METHOD(
   WorkerReport& a = w.a;
   WorkerReport& b = w.b;
 
-  ::kill(w.pa, SIGTERM);
-  CHECK(w.children.wait(w.pa) == 0);
+  CHECK(w.terminate_a() == 0);
   CHECK(a.demoted.load() == 1);
   // b takes the lock; without the note it would run on_promoted now.
   REQUIRE(wltest::eventually([&] { return b.deferred.load() + b.promoted.load() > 0; }, 10s));
-  ::kill(w.pb, SIGTERM);
-  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(w.terminate_b() == 0);
   CHECK(b.promoted.load() == 0);
   CHECK(b.demoted.load() == 0);
   CHECK(b.deferred.load() == 1);
@@ -548,13 +557,11 @@ TEST_CASE_METHOD(
   WorkerReport& a = w.a;
   WorkerReport& b = w.b;
 
-  ::kill(w.pa, SIGTERM);
-  CHECK(w.children.wait(w.pa) == 0);
+  CHECK(w.terminate_a() == 0);
   REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 10s));  // not 20 s
   CHECK(b.deferred.load() == 0);
   CHECK(b.promoted_ns.load() - a.demoted_ns.load() < std::chrono::nanoseconds(10s).count());
-  ::kill(w.pb, SIGTERM);
-  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(w.terminate_b() == 0);
   CHECK(b.demoted.load() == 1);
 }
 
@@ -569,14 +576,12 @@ TEST_CASE_METHOD(
   WorkerReport& a = w.a;
   WorkerReport& b = w.b;
 
-  ::kill(w.pa, SIGTERM);
-  CHECK(w.children.wait(w.pa) == 0);
+  CHECK(w.terminate_a() == 0);
   REQUIRE(wltest::eventually([&] { return b.promoted.load() == 1; }, 20s));
   CHECK(b.deferred.load() == 1);
   // The note is written after on_demoted, and the grace counts from the note.
   CHECK(b.promoted_ns.load() - a.demoted_ns.load() >= std::chrono::nanoseconds(grace).count());
-  ::kill(w.pb, SIGTERM);
-  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(w.terminate_b() == 0);
   CHECK(b.demoted.load() == 1);
 }
 
@@ -636,8 +641,7 @@ TEST_CASE_METHOD(
   TwoWorkers w(mode, StopScope::whole_server, StopScope::worker, grace);
   WorkerReport& b = w.b;
 
-  ::kill(w.pa, SIGTERM);
-  CHECK(w.children.wait(w.pa) == 0);
+  CHECK(w.terminate_a() == 0);
   REQUIRE(wltest::eventually([&] { return b.deferred.load() == 1; }, 10s));
   // Someone replaces the lock file while b holds the old one, deferred.
   const fs::path replacement = w.dir / "replacement.lock";
@@ -647,8 +651,7 @@ TEST_CASE_METHOD(
   REQUIRE(wltest::eventually([&] { return b.promoted.load() >= 1; }, 30s));
   CHECK(b.stale_promotions.load() == 0);
   CHECK(b.demoted.load() == 0);  // on_promoted never ran on the old file: no on_demoted
-  ::kill(w.pb, SIGTERM);
-  CHECK(w.children.wait(w.pb) == 0);
+  CHECK(w.terminate_b() == 0);
 }
 
 namespace {
@@ -988,6 +991,15 @@ class RefusedRenewals final : public FakeLease {
   }
 };
 
+//! Options in `mode` that retry a failed acquisition after 10 to 20 ms.
+CoordinatorOptions quick_retries(WaitMode mode) {
+  CoordinatorOptions options;
+  options.wait = mode;
+  options.retry_backoff_min = 10ms;
+  options.retry_backoff_max = 20ms;
+  return options;
+}
+
 //! A user's backend that throws something that is no std::exception: an int from every
 //! attempt after start()'s, and from every check.
 class ThrowsInts final : public FakeLease {
@@ -1013,10 +1025,7 @@ TEST_CASE_METHOD(
     "backoff, not in a loop, and steps down at the deadline",
     "[coordinator][coordinator_contract][threads]") {
   INFO("mode " << mode_name(mode));
-  CoordinatorOptions options;
-  options.wait = mode;
-  options.retry_backoff_min = 10ms;
-  options.retry_backoff_max = 20ms;
+  CoordinatorOptions options = quick_retries(mode);
   std::atomic<int> late_lines{0};  // the step-down says how late the last check came
   options.lock.log = wltest::count_lines(LogLevel::warning, "its lease ran out", late_lines);
   auto backend = std::make_unique<RefusedRenewals>();
@@ -1050,10 +1059,7 @@ TEST_CASE_METHOD(
     "logged and retried, and a check that throws one steps down at the deadline",
     "[coordinator][coordinator_contract][threads]") {
   INFO("mode " << mode_name(mode));
-  CoordinatorOptions options;
-  options.wait = mode;
-  options.retry_backoff_min = 10ms;
-  options.retry_backoff_max = 20ms;
+  CoordinatorOptions options = quick_retries(mode);
   std::atomic<int> unknown_lines{0};
   options.lock.log = wltest::count_lines(LogLevel::warning, "unknown type", unknown_lines);
   auto backend = std::make_unique<ThrowsInts>();

@@ -293,7 +293,7 @@ TEST_CASE(
   REQUIRE(wait_for_value(report->phase, 3));
   report->free_after_ec.store(lock_is_free(path) ? 1 : 0);
   report->phase.store(4);
-  REQUIRE(finish_worker(children, worker, 20s) == 0);
+  REQUIRE(children.wait(worker, 20s) == 0);
   StartFailureReport& r = *report;
   INFO("what(): " << r.what);
   INFO(r.log.contents());
@@ -336,8 +336,8 @@ TEST_CASE(
     board->stop_ms.store(stop_and_time(coordinator));
     return coordinator.role() == Role::secondary ? 0 : 11;
   });
-  const int code = wait_or_kill(children, faulty);
-  INFO("exit code " << code << " (-1: hung), step " << board->step.load()
+  const int code = children.wait(faulty, kWatchdog);
+  INFO("exit code " << code << " (-2: hung, killed), step " << board->step.load()
                     << ", first error: " << board->first_error);
   CHECK(code == 0);
   CHECK(board->startup_runs.load() == 0);  // the tasks had completed: never again
@@ -359,7 +359,7 @@ TEST_CASE(
     coordinator.stop();
     return 0;
   });
-  CHECK(wait_or_kill(children, next) == 0);
+  CHECK(children.wait(next, kWatchdog) == 0);
   CHECK(successor->promotions.load() == 1);
   CHECK(successor->startup_runs.load() == 0);
   CHECK(successor->errors.load() == 0);

@@ -125,10 +125,10 @@ TEST_CASE_METHOD(wltest::EachMechanism,
   CHECK(election->role == Role::primary);
   CHECK(election->lock.owns_lock());
   CHECK(std::filesystem::exists(path));
-  CHECK(other_process_try(path, mechanism) == kBusy);
+  CHECK(other_process_try_lock(path, mechanism) == kBusy);
   CHECK(workerlock::lock_holder(path).has_value());
   election.reset();
-  CHECK(other_process_try(path, mechanism) == kAcquired);
+  CHECK(other_process_try_lock(path, mechanism) == kAcquired);
 }
 
 TEST_CASE(
@@ -165,7 +165,7 @@ TEST_CASE(
   holder.join();
   CHECK(code == 0);  // -2: it hung on the mutex and was killed
   CHECK(election->lock.owns_lock());
-  CHECK(other_process_try(path, mechanism) == kBusy);
+  CHECK(other_process_try_lock(path, mechanism) == kBusy);
 }
 
 TEST_CASE_METHOD(wltest::EachWaitMode, "fork: a child forked by the primary reads role() secondary",
@@ -229,7 +229,7 @@ TEST_CASE_METHOD(wltest::EachWaitMode, "fork: a child forked by the primary read
   REQUIRE(wait_for_value(report->phase, 1));
   report->lock_free_while_held.store(lock_is_free(path) ? 1 : 0);
   report->phase.store(2);
-  REQUIRE(finish_worker(children, worker, 20s) == 0);
+  REQUIRE(children.wait(worker, 20s) == 0);
   ForkReport& r = *report;
   INFO(r.log.contents());
   CHECK(r.worker_role.load() == kPrimary);
@@ -295,7 +295,7 @@ TEST_CASE_METHOD(wltest::EachWaitMode,
     r.worker_role_after.store(static_cast<int>(c.role()));
     return 0;
   });
-  REQUIRE(finish_worker(children, worker, 20s) == 0);
+  REQUIRE(children.wait(worker, 20s) == 0);
   CopyStartReport& r = *report;
   INFO(r.log.contents());
   CHECK(r.running_copy_exit.load() == 0);
@@ -389,10 +389,10 @@ TEST_CASE(
   report->lock_free_after_helper.store(lock_is_free(path) ? 1 : 0);
   if (holder) holder->unlock();
   report->phase.store(2);
-  REQUIRE(finish_worker(children, worker, 20s) == 0);
+  REQUIRE(children.wait(worker, 20s) == 0);
   HelperReport& r = *report;
   INFO(r.log.contents());
-  CHECK(r.helper_exit.load() == 0);  // not hung (kHung), not terminated (128 + 6)
+  CHECK(r.helper_exit.load() == 0);  // not hung (kTimedOut), not terminated (128 + 6)
   CHECK(r.helper_reached_exit.load() == 1);
   CHECK(r.helper_ms.load() < 3000);
   CHECK(r.helper_role.load() == kSecondary);

@@ -59,7 +59,7 @@ TEST_CASE("interop: Mechanism::flock and util-linux flock(1) exclude each other"
   }
 
   // flock(1) holds: our flock attempt fails until flock(1) and its command have exited.
-  Spawned holder(flock_holder_command(path), true);
+  Program holder(flock_holder_command(path));
   REQUIRE(holder.read_line() == "ready");
   WorkerLock lock(path, quiet(Mechanism::flock));
   CHECK_FALSE(lock.try_lock());
@@ -142,7 +142,7 @@ TEST_CASE("interop: Mechanism::flock and Python filelock exclude each other", "[
   }
 
   // filelock holds: we are secondary until it releases.
-  Spawned holder({python, "-c", python_hold, path.native()}, true);
+  Program holder({python, "-c", python_hold, path.native()});
   REQUIRE(holder.read_line() == "ready");
   WorkerLock lock(path, quiet(Mechanism::flock));
   CHECK_FALSE(lock.try_lock());
@@ -164,18 +164,8 @@ TEST_CASE(
   for (const auto holder_mechanism : all_mechanisms) {
     const auto path = tmp / ("matrix-" + name_of(holder_mechanism) + ".lock");
     wltest::Shared<Handshake> hs;
-    Child holder([&] {
-      const auto election = workerlock::is_primary_worker(path, quiet(holder_mechanism));
-      if (election.role != Role::primary) {
-        hs->state = -1;
-        return 1;
-      }
-      hs->state = 1;
-      wait_for_release(*hs);
-      return 0;
-    });
-    REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
-    REQUIRE(hs->state.load() == 1);
+    Child holder([&] { return elect_and_hold_until_released(*hs, path, quiet(holder_mechanism)); });
+    REQUIRE(holds(*hs));
     for (const auto contender : all_mechanisms) {
       const bool expect_excluded = excludes(holder_mechanism, contender);
       if (nfs && !expect_excluded) continue;

@@ -44,6 +44,26 @@
 using namespace wltest;
 using namespace wltest::file_lab;
 
+namespace {
+
+//! While another process holds `path` with `holder`, every mechanism that it excludes finds
+//! the lock held: is_primary_worker() says secondary, try_lock() and try_lock_for() fail.
+void check_contenders_refused(const fs::path& path, Mechanism holder) {
+  for (const auto c : all_mechanisms) {
+    if (!excludes(holder, c)) continue;
+    INFO("contender mechanism: " << name_of(c));
+    {
+      const auto election = workerlock::is_primary_worker(path, quiet(c));
+      CHECK(election.role == Role::secondary);
+    }
+    WorkerLock lock(path, quiet(c));
+    CHECK_FALSE(lock.try_lock());
+    CHECK_FALSE(lock.try_lock_for(std::chrono::milliseconds(20)));
+  }
+}
+
+}  // namespace
+
 TEST_CASE("security: a symlink planted at the lock path is refused and its target untouched",
           "[security]") {
   wltest::TempDir tmp;
@@ -131,37 +151,15 @@ TEST_CASE("security: a contender never truncates or rewrites the holder's record
     INFO("holder mechanism: " << name_of(m));
     const auto path = tmp / ("held-" + name_of(m) + ".lock");
     wltest::Shared<Handshake> hs;
-    Child holder([&] {
-      const auto election = workerlock::is_primary_worker(path, quiet(m));
-      if (election.role != Role::primary) {
-        hs->state = -1;
-        return 1;
-      }
-      hs->state = 1;
-      wait_for_release(*hs);
-      return 0;
-    });
-    REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
-    REQUIRE(hs->state.load() == 1);
+    Child holder([&] { return elect_and_hold_until_released(*hs, path, quiet(m)); });
+    REQUIRE(holds(*hs));
 
     const std::string record = read_file(path);
     REQUIRE_THAT(record, StartsWith(std::to_string(holder.pid()) + "\n"));
     REQUIRE_THAT(record, EndsWith("mechanism=" + name_of(m) + "\n"));
     const auto before = stat_of(path);
 
-    for (const auto c : all_mechanisms) {
-      if (!excludes(m, c)) continue;
-      INFO("contender mechanism: " << name_of(c));
-      {
-        const auto election = workerlock::is_primary_worker(path, quiet(c));
-        CHECK(election.role == Role::secondary);
-      }
-      {
-        WorkerLock lock(path, quiet(c));
-        CHECK_FALSE(lock.try_lock());
-        CHECK_FALSE(lock.try_lock_for(std::chrono::milliseconds(20)));
-      }
-    }
+    check_contenders_refused(path, m);
     const auto after = stat_of(path);
     CHECK(read_file(path) == record);
     CHECK(after.st_size == before.st_size);
@@ -196,17 +194,9 @@ TEST_CASE("security: a contender leaves larger pre-existing content intact while
     auto options = quiet(m);
     options.write_holder_record = false;  // holds without touching the bytes
     Child holder([&] { return hold_until_released(*hs, path, options); });
-    REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
-    REQUIRE(hs->state.load() == 1);
+    REQUIRE(holds(*hs));
 
-    for (const auto c : all_mechanisms) {
-      if (!excludes(m, c)) continue;
-      INFO("contender mechanism: " << name_of(c));
-      const auto election = workerlock::is_primary_worker(path, quiet(c));
-      CHECK(election.role == Role::secondary);
-      WorkerLock lock(path, quiet(c));
-      CHECK_FALSE(lock.try_lock());
-    }
+    check_contenders_refused(path, m);
     const auto during = stat_of(path);
     CHECK(read_file(path) == old);
     CHECK(during.st_size == static_cast<off_t>(old.size()));
@@ -327,17 +317,9 @@ TEST_CASE(
         hs->state = -1;
         return 10;
       }
-      const auto election = workerlock::is_primary_worker(path, quiet(m));
-      if (election.role != Role::primary) {
-        hs->state = -1;
-        return 11;
-      }
-      hs->state = 1;
-      wait_for_release(*hs);
-      return 0;
+      return elect_and_hold_until_released(*hs, path, quiet(m));
     });
-    REQUIRE(wltest::eventually([&] { return hs->state.load() != 0; }));
-    REQUIRE(hs->state.load() == 1);
+    REQUIRE(holds(*hs));
     REQUIRE(stat_of(path).st_uid == nobody);
     const std::string record = read_file(path);
 

@@ -333,7 +333,7 @@ TEST_CASE_METHOD(wltest::EachMechanism,
       [&] {
         int status = 0;
         if (::waitpid(child, &status, WNOHANG) == child) {
-          died = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          died = wltest::exit_code_of(status);
           return true;
         }
         return board->stage.load() == 1;
@@ -341,7 +341,7 @@ TEST_CASE_METHOD(wltest::EachMechanism,
       60s);
   if (died >= 0) FAIL("the child ended (" << died << ") before its unique_lock had unlocked");
   // The child is alive and its lock is free.
-  CHECK(other_process_try(path, mechanism) == kAcquired);
+  CHECK(other_process_try_lock(path, mechanism) == kAcquired);
   board->stage.store(2);
   CHECK(wltest::wait_or_kill(child, 60s) == 0);
   CHECK(unlocked);
@@ -544,8 +544,6 @@ TEST_CASE_METHOD(
   wltest::Shared<HolderBoard> board;
   Children children;
   const pid_t primary = spawn_primary(children, *board, path, quiet(mechanism));
-  INFO(board->diag.message());
-  REQUIRE(board->state.load() == 1);
 
   WorkerLock mine(path, quiet(mechanism));
   auto t0 = steady_clock::now();
@@ -1088,11 +1086,12 @@ TEST_CASE_METHOD(
   REQUIRE(reach(board->step, 1));
   INFO(board->problem.str());
   REQUIRE(board->step.load() == 1);
-  CHECK(probe(first / "w.lock", mechanism) == 1);  // another process sees it held
+  CHECK(other_process_try_lock(first / "w.lock", mechanism) ==
+        kBusy);  // another process sees it held
   CHECK_FALSE(fs::exists(second / "w.lock"));
   CHECK_FALSE(fs::exists(fs::path("/w.lock")));
   board->step.store(2);
-  CHECK(wait_or_kill(children, child, 10s) == 0);
+  CHECK(children.wait(child, 10s) == 0);
 }
 
 TEST_CASE("WorkerLock: a relative path without a current directory fails with a lock_error",
@@ -1203,8 +1202,8 @@ TEST_CASE_METHOD(wltest::EachMechanism,
     second->release.store(true);
   }
   board->step.store(4);
-  CHECK(wait_or_kill(children, other, 10s) == 0);
-  CHECK(wait_or_kill(children, first, 10s) == 0);
+  CHECK(children.wait(other, 10s) == 0);
+  CHECK(children.wait(first, 10s) == 0);
 }
 
 TEST_CASE_METHOD(
@@ -1241,13 +1240,13 @@ TEST_CASE_METHOD(
   REQUIRE(reach(board->step, 1));
   CHECK(board->role.load() == 1);
   CHECK(board->fd.load() > 2);
-  CHECK(probe(path, mechanism) == 1);  // still held after freopen()
+  CHECK(other_process_try_lock(path, mechanism) == kBusy);  // still held after freopen()
   const auto text = read_file(path);
   INFO("lock file: " << text);
   CHECK(text.rfind(std::to_string(child) + "\n", 0) == 0);  // the record, not a log line
   CHECK(text.find("workerlock:") == std::string::npos);
   board->step.store(2);
-  CHECK(wait_or_kill(children, child, 10s) == 0);
+  CHECK(children.wait(child, 10s) == 0);
 }
 
 TEST_CASE_METHOD(wltest::EachMechanism,
@@ -1280,7 +1279,7 @@ TEST_CASE_METHOD(wltest::EachMechanism,
     board->took_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
     return 0;
   });
-  CHECK(wait_or_kill(children, child, 15s) == 0);
+  CHECK(children.wait(child, 15s) == 0);
   INFO("try_lock_for(300ms) took " << board->took_ms.load() << " ms");
   CHECK(board->got.load() == 0);
   CHECK(board->took_ms.load() >= 300);
@@ -1373,7 +1372,7 @@ TEST_CASE("WorkerLock: try_lock_for and try_lock_until with unbounded deadlines 
   CHECK(board->got.load() == -1);  // still waiting
   const auto released_ms = now_ms();
   holder.unlock();
-  CHECK(wait_or_kill(children, child, 10s) == 0);
+  CHECK(children.wait(child, 10s) == 0);
   CHECK(board->got.load() == 1);
   CHECK(board->returned_ms.load() >= released_ms);
 }

@@ -55,27 +55,9 @@ using workerlock::Role;
 using workerlock::StartupBarrier;
 using workerlock::WaitMode;
 
-inline constexpr auto kWatchdog = 10s;  // a child still running after this is hung
-
-//! Waits for a child of `children` for at most `timeout`; kills it after that. Returns its
-//! exit code, or -1 if it had to be killed (it hung).
-inline int wait_or_kill(Children& children, pid_t pid,
-                        std::chrono::milliseconds timeout = kWatchdog) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (;;) {
-    siginfo_t info{};
-    // WNOWAIT: look without reaping, so Children::wait() reaps it (and forgets the pid).
-    if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
-        info.si_pid == pid)
-      return children.wait(pid);
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      children.wait(pid);
-      return -1;
-    }
-    std::this_thread::sleep_for(1ms);
-  }
-}
+//! How long a test waits for a child (Children::wait(pid, kWatchdog)): one still running then
+//! is hung, and killed.
+inline constexpr auto kWatchdog = 10s;
 
 //! The contents of a regular file; "" for anything else (never blocks on a planted FIFO).
 inline std::string slurp(const fs::path& path) {
@@ -233,8 +215,8 @@ inline void check_hostile_marker(WaitMode mode) {
     Children children;
     const pid_t worker =
         children.spawn([&] { return hostile_marker_worker(*board, lock, mode, generation); });
-    const int code = wait_or_kill(children, worker);
-    INFO("exit code " << code << " (-1: hung, killed), step " << board->step.load()
+    const int code = children.wait(worker, kWatchdog);
+    INFO("exit code " << code << " (-2: hung, killed), step " << board->step.load()
                       << ", first error: " << board->first_error);
     CHECK(code == 0);
     CHECK(board->role_after_start.load() != -1);

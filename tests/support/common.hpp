@@ -1,8 +1,11 @@
-// tests/support/common.hpp: helpers for tests that fork real processes: temporary directories,
-// children whose exit codes the parent checks, and shared memory for their bookkeeping.
+// tests/support/common.hpp: helpers for tests that start real processes: temporary directories,
+// forked children and spawned programs that are always reaped, shared memory for bookkeeping.
 #pragma once
 
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -12,19 +15,25 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <filesystem>
+#include <initializer_list>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include <boost/interprocess/anonymous_shared_memory.hpp>
 #include <boost/interprocess/mapped_region.hpp>
+
+extern char** environ;
 
 namespace wltest {
 
@@ -71,6 +80,15 @@ class Shared {
   T* object_ = nullptr;
 };
 
+//! Copies `text` into a fixed-size char array (in shared memory, say), cut to fit and always
+//! NUL-terminated.
+template <std::size_t N>
+void copy_text(char (&out)[N], std::string_view text) {
+  const auto n = std::min(text.size(), N - 1);
+  std::memcpy(out, text.data(), n);
+  out[n] = '\0';
+}
+
 //! Forks a child that runs `body` (returning its exit code) and leaves with _exit, so no
 //! destructor or atexit handler of the parent runs twice. An exception exits with 99, after
 //! saying what it was on stderr.
@@ -95,15 +113,20 @@ pid_t fork_child(F&& body) {
   return pid;
 }
 
+//! A waitpid() status as an exit code: the code, or 128 + the signal that killed it.
+inline int exit_code_of(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
 //! Waits for `pid`; returns its exit code, or 128 + the signal that killed it.
 inline int wait_exit_code(pid_t pid) {
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {
     if (errno != EINTR) return -1;
   }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return -1;
+  return exit_code_of(status);
 }
 
 //! Waits for every pid; returns how many did not exit with 0.
@@ -175,29 +198,20 @@ class Children {
   int wait(pid_t pid, std::chrono::milliseconds timeout) {
     if (pid <= 0) return -1;
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int status = 0;
-    bool timed_out = false;
     for (;;) {
+      int status = 0;
       const pid_t got = ::waitpid(pid, &status, WNOHANG);
-      if (got == pid) break;
-      if (got < 0 && errno != EINTR) {
+      if (got == pid || (got < 0 && errno != EINTR)) {
         forget(pid);
-        return -1;
+        return got == pid ? exit_code_of(status) : -1;
       }
       if (std::chrono::steady_clock::now() >= deadline) {
         ::kill(pid, SIGKILL);
-        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-        }
-        timed_out = true;
-        break;
+        wait(pid);
+        return kTimedOut;
       }
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    forget(pid);
-    if (timed_out) return kTimedOut;
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return -1;
   }
 
   //! Waits for every remaining child; returns how many did not exit with 0.
@@ -217,11 +231,7 @@ class Children {
   //! SIGKILLs and reaps every child still running.
   void kill_all() noexcept {
     for (const pid_t pid : live_) ::kill(pid, SIGKILL);
-    for (const pid_t pid : live_) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-    }
+    for (const pid_t pid : live_) wltest::wait_exit_code(pid);
     live_.clear();
   }
 
@@ -253,6 +263,102 @@ template <typename F>
 int run_child(F&& body) {
   Child child(std::forward<F>(body));
   return child.wait();
+}
+
+//! Whether a Program's stdin and stdout are pipes to the test or the test's own.
+enum class Pipes { none, stdin_and_stdout };
+
+//! An external program (flock(1), python3, ...) started with posix_spawnp; like a Child it is
+//! killed and reaped if the test leaves before waiting for it. With Pipes::stdin_and_stdout
+//! the test reads its stdout line by line and closes its stdin to tell it to finish.
+class Program {
+ public:
+  explicit Program(const std::vector<std::string>& args, Pipes pipes = Pipes::stdin_and_stdout) {
+    const bool with_pipes = pipes == Pipes::stdin_and_stdout;
+    int in[2] = {-1, -1};
+    int out[2] = {-1, -1};
+    if (with_pipes && (::pipe2(in, O_CLOEXEC) != 0 || ::pipe2(out, O_CLOEXEC) != 0)) {
+      close_all({in[0], in[1], out[0], out[1]});
+      throw std::runtime_error("pipe2 failed");
+    }
+    posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    if (with_pipes) {
+      ::posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
+      ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+    }
+    std::vector<char*> argv;
+    for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    pid_t pid = -1;
+    const int rc = ::posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+    ::posix_spawn_file_actions_destroy(&actions);
+    close_all({in[0], out[1]});
+    to_stdin_ = in[1];
+    from_stdout_ = out[0];
+    if (rc != 0) {
+      close_all({to_stdin_, from_stdout_});
+      throw std::runtime_error("cannot start " + args.front() + ": " + std::strerror(rc));
+    }
+    pid_ = children_.watch(pid);
+  }
+  Program(const Program&) = delete;
+  Program& operator=(const Program&) = delete;
+  //! Closes the pipes; children_ then kills and reaps the program if it was not waited for.
+  ~Program() {
+    close_stdin();
+    close_all({from_stdout_});
+  }
+
+  pid_t pid() const { return pid_; }
+
+  void close_stdin() {
+    close_all({to_stdin_});
+    to_stdin_ = -1;
+  }
+
+  //! Closes its stdin and returns its exit code (128 + signal when killed).
+  int wait() {
+    close_stdin();
+    return children_.wait(pid_);
+  }
+
+  //! One line of the program's stdout, or a description of why there was none.
+  std::string read_line(std::chrono::milliseconds timeout = std::chrono::seconds(15)) {
+    std::string line;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return line + "<timed out>";
+      pollfd ready{from_stdout_, POLLIN, 0};
+      const int n = ::poll(&ready, 1, static_cast<int>(left.count()));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return line + "<timed out>";
+      char c = 0;
+      const auto got = ::read(from_stdout_, &c, 1);
+      if (got <= 0) return line + "<end of output>";
+      if (c == '\n') return line;
+      line += c;
+    }
+  }
+
+ private:
+  static void close_all(std::initializer_list<int> fds) {
+    for (const int fd : fds)
+      if (fd >= 0) ::close(fd);
+  }
+
+  Children children_;
+  pid_t pid_ = -1;
+  int to_stdin_ = -1;
+  int from_stdout_ = -1;
+};
+
+//! Runs a program with the test's own stdin and stdout and returns its exit code.
+inline int run_program(const std::vector<std::string>& args) {
+  Program program(args, Pipes::none);
+  return program.wait();
 }
 
 //! Polls `condition` every 100 µs until it holds or `timeout` passes.

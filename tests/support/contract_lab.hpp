@@ -40,19 +40,6 @@ using workerlock::Options;
 using workerlock::Role;
 using workerlock::WorkerLock;
 
-//! Another process's attempt on `path`: 0 acquired, 1 busy, 2 error.
-inline int other_process_try(const std::filesystem::path& path, Mechanism mechanism) {
-  return wltest::wait_exit_code(wltest::fork_child([&] {
-    WorkerLock other(path, quiet(mechanism));
-    std::error_code ec;
-    const bool held = other.try_lock(ec);
-    if (ec) return 2;
-    return held ? 0 : 1;
-  }));
-}
-inline constexpr int kAcquired = 0;
-inline constexpr int kBusy = 1;
-
 //! A sink that throws on every line, after counting it.
 struct ThrowingSink {
   std::shared_ptr<int> lines = std::make_shared<int>(0);

@@ -23,6 +23,7 @@
 #include "clock.hpp"
 #include "common.hpp"
 #include "coordinator_board.hpp"
+#include "fixtures.hpp"
 #include "names.hpp"
 
 namespace wltest::coordinator_lab {
@@ -338,6 +339,30 @@ class Harness {
   Children children_;  // declared last: its destructor kills the workers first
   int used_ = 0;
   std::string generation_ = fmt::format("wltest-{}-{}", ::getpid(), mono_ns());
+};
+
+//! Runs the test once per wait mode (EachWaitMode, as `mode`) with a fresh Harness `h`, its
+//! Cluster `cl`, and `plan`: a generic worker's Plan in that mode, for the test to adjust.
+struct EachWaitModeHarness : EachWaitMode {
+  EachWaitModeHarness() { plan.mode = mode; }
+
+  Harness h;
+  Cluster& cl = h.cl();
+  Plan plan;
+
+  //! Spawns the first worker, with `p`, and REQUIREs that it is promoted.
+  int spawn_first_primary(const Plan& p) {
+    const int id = h.spawn(p);
+    REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 1; }));
+    return id;
+  }
+
+  //! Spawns a worker with `p` and REQUIREs that it has started.
+  int spawn_started(const Plan& p) {
+    const int id = h.spawn(p);
+    REQUIRE(h.started(id));
+    return id;
+  }
 };
 
 inline void report(const std::string& line) {

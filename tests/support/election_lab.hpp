@@ -67,13 +67,6 @@ inline constexpr auto kChildPatience = 60s;
 // How long the parent waits for a child to reach a step.
 inline constexpr auto kParentPatience = 30s;
 
-template <std::size_t N>
-void copy_text(char (&out)[N], std::string_view text) {
-  const auto n = std::min(text.size(), N - 1);
-  std::memcpy(out, text.data(), n);
-  out[n] = '\0';
-}
-
 //! The first failure message of any child, kept in shared memory for the parent's report.
 struct Diag {
   std::atomic<int> failures{0};
@@ -320,7 +313,7 @@ inline bool sleep_until_set(const std::atomic<bool>& flag, std::chrono::millisec
 }
 
 //! Spawns a child that must become primary, then holds until board.release. Waits until the
-//! child reports; returns its pid (check board.state == 1).
+//! child reports and REQUIREs that it is primary (saying why not); returns its pid.
 inline pid_t spawn_primary(Children& children, HolderBoard& board, const fs::path& path,
                            const Options& options) {
   const pid_t pid = children.spawn([&] {
@@ -353,6 +346,8 @@ inline pid_t spawn_primary(Children& children, HolderBoard& board, const fs::pat
     return 0;  // _exit closes the descriptor, which releases the lock
   });
   wltest::eventually([&] { return board.state.load() != 0; }, kParentPatience);
+  INFO(board.diag.message());
+  REQUIRE(board.state.load() == 1);
   return pid;
 }
 

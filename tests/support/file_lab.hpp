@@ -1,12 +1,10 @@
-// tests/support/file_lab.hpp: children, spawned programs (flock(1), python3), users and file checks
+// tests/support/file_lab.hpp: children, commands for flock(1) and python3, users and file checks
 // for the bad-input, security and interop tests.
 #pragma once
 
 #include <fcntl.h>
 #include <grp.h>
-#include <poll.h>
 #include <sched.h>
-#include <spawn.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -43,8 +41,6 @@
 
 #include "common.hpp"
 #include "fault_injection.hpp"
-
-extern char** environ;
 
 #include "clock.hpp"
 #include "files.hpp"
@@ -106,11 +102,10 @@ inline void wait_for_release(Handshake& hs) {
   wltest::eventually([&] { return hs.release.load(); }, std::chrono::seconds(30));
 }
 
-//! Child body: takes `path` with a WorkerLock, reports through `hs`, holds until hs.release.
-inline int hold_until_released(Handshake& hs, const std::filesystem::path& path,
-                               const workerlock::Options& options) {
-  WorkerLock lock(path, options);
-  if (!lock.try_lock()) {
+//! Child side: reports through `hs` whether it holds the lock and, if it does, keeps it until
+//! hs.release. The child's exit code: 0, or 1 when it does not hold.
+inline int report_and_hold(Handshake& hs, bool holding) {
+  if (!holding) {
     hs.state = -1;
     return 1;
   }
@@ -119,99 +114,28 @@ inline int hold_until_released(Handshake& hs, const std::filesystem::path& path,
   return 0;
 }
 
-// --- spawned programs (flock(1), python3) ------------------------------------------------
-
-//! A program started with posix_spawnp, optionally with its stdin and stdout on pipes.
-//! Closing stdin is how the holder scripts are told to release.
-class Spawned {
- public:
-  Spawned(const std::vector<std::string>& args, bool with_pipes) {
-    int in[2] = {-1, -1};
-    int out[2] = {-1, -1};
-    if (with_pipes && (::pipe2(in, O_CLOEXEC) != 0 || ::pipe2(out, O_CLOEXEC) != 0)) {
-      close_all({in[0], in[1], out[0], out[1]});
-      throw std::runtime_error("pipe2 failed");
-    }
-    posix_spawn_file_actions_t actions;
-    ::posix_spawn_file_actions_init(&actions);
-    if (with_pipes) {
-      ::posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
-      ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    }
-    std::vector<char*> argv;
-    for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    const int rc = ::posix_spawnp(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
-    ::posix_spawn_file_actions_destroy(&actions);
-    close_all({in[0], out[1]});
-    to_stdin_ = in[1];
-    from_stdout_ = out[0];
-    if (rc != 0) {
-      close_all({to_stdin_, from_stdout_});
-      pid_ = -1;
-      throw std::runtime_error("cannot start " + args.front() + ": " + std::strerror(rc));
-    }
-  }
-  Spawned(const Spawned&) = delete;
-  Spawned& operator=(const Spawned&) = delete;
-  ~Spawned() {
-    close_stdin();
-    close_all({from_stdout_});
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      wltest::wait_exit_code(pid_);
-    }
-  }
-
-  pid_t pid() const { return pid_; }
-
-  void close_stdin() {
-    close_all({to_stdin_});
-    to_stdin_ = -1;
-  }
-
-  int wait() {
-    close_stdin();
-    const int code = wltest::wait_exit_code(pid_);
-    pid_ = -1;
-    return code;
-  }
-
-  //! One line of the program's stdout, or a description of why there was none.
-  std::string read_line(std::chrono::milliseconds timeout = std::chrono::seconds(15)) {
-    std::string line;
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return line + "<timed out>";
-      pollfd ready{from_stdout_, POLLIN, 0};
-      const int n = ::poll(&ready, 1, static_cast<int>(left.count()));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return line + "<timed out>";
-      char c = 0;
-      const auto got = ::read(from_stdout_, &c, 1);
-      if (got <= 0) return line + "<end of output>";
-      if (c == '\n') return line;
-      line += c;
-    }
-  }
-
- private:
-  static void close_all(std::initializer_list<int> fds) {
-    for (const int fd : fds)
-      if (fd >= 0) ::close(fd);
-  }
-
-  pid_t pid_ = -1;
-  int to_stdin_ = -1;
-  int from_stdout_ = -1;
-};
-
-inline int run_program(const std::vector<std::string>& args) {
-  Spawned program(args, false);
-  return program.wait();
+//! Parent side: whether the child reports through `hs`, within `timeout`, that it holds.
+inline bool holds(const Handshake& hs,
+                  std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+  return wltest::eventually([&] { return hs.state.load() != 0; }, timeout) && hs.state.load() == 1;
 }
+
+//! Child body: takes `path` with a WorkerLock, reports through `hs`, holds until hs.release.
+inline int hold_until_released(Handshake& hs, const std::filesystem::path& path,
+                               const workerlock::Options& options) {
+  WorkerLock lock(path, options);
+  return report_and_hold(hs, lock.try_lock());
+}
+
+//! Child body: wins `path` with is_primary_worker(), reports through `hs`, holds until
+//! hs.release.
+inline int elect_and_hold_until_released(Handshake& hs, const std::filesystem::path& path,
+                                         const workerlock::Options& options) {
+  const auto election = workerlock::is_primary_worker(path, options);
+  return report_and_hold(hs, election.role == Role::primary);
+}
+
+// --- external programs (flock(1), python3), started with wltest::Program --------------
 
 //! util-linux flock(1) holding `path` until its stdin closes; prints "ready" once it holds.
 inline std::vector<std::string> flock_holder_command(const fs::path& path) {
@@ -248,13 +172,6 @@ inline constexpr const char* python_hold =
     "lock.release()\n";
 
 // --- recording a refusal -----------------------------------------------------------------
-
-template <std::size_t N>
-void copy_text(char (&out)[N], std::string_view text) {
-  const auto n = std::min(text.size(), N - 1);
-  std::memcpy(out, text.data(), n);
-  out[n] = '\0';
-}
 
 //! What one throwing call and its error_code twin did. Plain data, so a child can fill it
 //! in shared memory.

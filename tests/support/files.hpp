@@ -1,5 +1,5 @@
-// tests/support/files.hpp: small file and option helpers shared by the tests: whole-file
-// reads and writes, silent Options, another user to become, a step counter to wait for.
+// tests/support/files.hpp: small helpers shared by the tests: whole-file reads and writes,
+// silent Options, another process's try at a lock, another user to become, a step counter.
 #pragma once
 
 #include <grp.h>
@@ -13,6 +13,7 @@
 #include <iterator>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include <workerlock/workerlock.hpp>
 
@@ -23,6 +24,28 @@ namespace wltest {
 //! Options that log nothing, with mechanism `m`.
 inline workerlock::Options quiet(workerlock::Mechanism m = workerlock::default_mechanism) {
   return workerlock::Options{}.with(m).silent();
+}
+
+//! What other_process_try_lock() found: the exit code of the process that tried.
+inline constexpr int kAcquired = 0;   // it took the lock (and let it go as it exited)
+inline constexpr int kBusy = 1;       // someone else holds it
+inline constexpr int kTryFailed = 2;  // try_lock() failed with an error
+
+//! Forks a fresh process that tries once to take `path` with a new WorkerLock of mechanism
+//! `m` and exits (releasing it). Returns kAcquired, kBusy, kTryFailed, or kTimedOut when it
+//! had not finished after `patience`.
+inline int other_process_try_lock(const std::filesystem::path& path,
+                                  workerlock::Mechanism m = workerlock::default_mechanism,
+                                  std::chrono::milliseconds patience = std::chrono::seconds(10)) {
+  Children children;
+  const pid_t pid = children.spawn([&] {
+    workerlock::WorkerLock other(path, quiet(m));
+    std::error_code ec;
+    const bool held = other.try_lock(ec);
+    if (ec) return kTryFailed;
+    return held ? kAcquired : kBusy;
+  });
+  return children.wait(pid, patience);
 }
 
 //! A log sink that counts, in `count`, the lines of `level` that contain `needle`.

@@ -41,8 +41,6 @@
 
 #include "common.hpp"
 
-extern char** environ;
-
 #include "clock.hpp"
 #include "files.hpp"
 #include "names.hpp"
@@ -88,17 +86,10 @@ inline std::ostream& operator<<(std::ostream& out, Probe probe) {
 //! Forks a fresh process that tries once to take the lock on `path` with a new handle and
 //! exits (releasing it). Tells whether that other process got the lock.
 inline Probe probe_from_other_process(const std::filesystem::path& path, Mechanism mechanism) {
-  const pid_t pid = wltest::fork_child([&] {
-    WorkerLock other(path, quiet(mechanism));
-    std::error_code ec;
-    const bool held = other.try_lock(ec);
-    if (ec) return 2;
-    return held ? 0 : 1;
-  });
-  switch (wltest::wait_exit_code(pid)) {
-    case 0:
+  switch (wltest::other_process_try_lock(path, mechanism)) {
+    case kAcquired:
       return Probe::acquired;
-    case 1:
+    case kBusy:
       return Probe::busy;
     default:
       return Probe::error;

@@ -68,29 +68,11 @@ struct LabReport {
 
 //! Runs `body` in a forked child and waits for it at most `timeout`; a child still running
 //! then is killed (its own children die with it), so a hang fails the test. Returns its exit
-//! code, or -1 after a timeout.
+//! code, or kTimedOut after a timeout.
 template <typename F>
 int run_lab(F&& body, std::chrono::seconds timeout) {
-  const pid_t parent = ::getpid();
-  const pid_t lab = wltest::fork_child([&]() -> int {
-    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) return 98;
-    return body();
-  });
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  int status = 0;
-  for (;;) {
-    const pid_t got = ::waitpid(lab, &status, WNOHANG);
-    if (got == lab) break;
-    if (got < 0 && errno != EINTR) return -2;
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(lab, SIGKILL);
-      wltest::wait_exit_code(lab);
-      return -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : -2;
+  Children children;
+  return children.wait(children.spawn(std::forward<F>(body)), timeout);
 }
 
 //! A child that holds a lock on `path` until this object is destroyed (or its parent
@@ -102,10 +84,7 @@ class HeldLock {
     int release[2];
     if (::pipe2(ready, O_CLOEXEC) != 0 || ::pipe2(release, O_CLOEXEC) != 0)
       throw std::runtime_error("pipe2 failed");
-    const pid_t parent = ::getpid();
-    pid_ = wltest::fork_child([&]() -> int {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) return 98;
+    pid_ = children_.spawn([&]() -> int {
       ::close(ready[0]);
       ::close(release[1]);
       char ok = 0;
@@ -151,10 +130,11 @@ class HeldLock {
     if (release_fd_ < 0) return;
     ::close(release_fd_);
     release_fd_ = -1;
-    wltest::wait_exit_code(pid_);
+    children_.wait(pid_);
   }
 
  private:
+  Children children_;
   pid_t pid_ = -1;
   int release_fd_ = -1;
   bool locked_ = false;
@@ -278,16 +258,23 @@ inline void touch(const fs::path& path) {
 
 inline std::string lab_failure(int code, const LabReport& report) {
   return fmt::format("lab exit code {} ({}), {} failure(s):\n{}", code,
-                     code == -1 ? "killed after the timeout: a hang" : "0 is success",
+                     code == kTimedOut ? "killed after the timeout: a hang" : "0 is success",
                      report.failures.load(), report.text);
+}
+
+//! Checks that a lab (run_lab) exited with 0 and its report holds no failure, and says why not.
+inline void check_lab(int code, const LabReport& report) {
+  INFO(lab_failure(code, report));
+  CHECK(code == 0);
+  CHECK(report.failures.load() == 0);
 }
 
 //! Runs `body` as pid 1 of a new pid namespace with its own /proc (in a new, private mount
 //! namespace), forked from a child of this process; returns its exit code.
 template <typename F>
 int in_new_pid_namespace(F&& body, LabReport& report) {
-  const pid_t outer = wltest::fork_child([&]() -> int {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  Children children;
+  const pid_t outer = children.spawn([&]() -> int {
     if (::unshare(CLONE_NEWPID | CLONE_NEWNS) != 0) {
       report.fail(fmt::format("unshare(CLONE_NEWPID | CLONE_NEWNS): {}", std::strerror(errno)));
       return 91;
@@ -310,7 +297,7 @@ int in_new_pid_namespace(F&& body, LabReport& report) {
     });
     return wltest::wait_exit_code(init);
   });
-  return wltest::wait_exit_code(outer);
+  return children.wait(outer);
 }
 
 //! The last number of the NSpid line of /proc/PID/status: the pid in its own namespace.

@@ -50,8 +50,6 @@ using workerlock::LogLevel;
 using workerlock::Role;
 using workerlock::WaitMode;
 
-inline constexpr int kHung = -2;  // wait_or_kill() had to SIGKILL the process
-
 inline double ms_since(std::chrono::steady_clock::time_point began) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began)
       .count();
@@ -82,24 +80,6 @@ inline CoordinatorOptions options_for(WaitMode mode, LogBook& book) {
   options.wait = mode;
   options.lock.log = [&book](LogLevel level, std::string_view line) { book.add(level, line); };
   return options;
-}
-
-//! A worker the test process spawned: waits for it like wait_or_kill(), through `children`
-//! so that nothing is reaped twice.
-inline int finish_worker(wltest::Children& children, pid_t pid, milliseconds timeout) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (;;) {
-    siginfo_t info{};
-    const int rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
-    if (rc == 0 && info.si_pid == pid) return children.wait(pid);
-    if (rc != 0 && errno != EINTR) return -1;
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      children.wait(pid);
-      return kHung;
-    }
-    std::this_thread::sleep_for(1ms);
-  }
 }
 
 //! Whether another process could take the lock on `path` right now (then lets it go).

@@ -73,29 +73,6 @@ struct Text {
   std::string str() const { return std::string(bytes, static_cast<std::size_t>(length.load())); }
 };
 
-//! Waits for `pid`, killing it after `patience`: a hang becomes kTimedOut, never a ctest
-//! timeout.
-inline int wait_or_kill(Children& children, pid_t pid, std::chrono::milliseconds patience) {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
-  for (;;) {
-    int status = 0;
-    const pid_t done = ::waitpid(pid, &status, WNOHANG);
-    if (done == pid) {
-      // Children::wait would wait again; it tolerates an already reaped pid by returning -1.
-      children.wait(pid);
-      if (WIFEXITED(status)) return WEXITSTATUS(status);
-      if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-      return -1;
-    }
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      children.wait(pid);
-      return kTimedOut;
-    }
-    std::this_thread::sleep_for(1ms);
-  }
-}
-
 //! Runs `body` (returning "" or a problem) in a forked child; returns the problem, or says
 //! how the child ended when it did not report.
 template <typename F>
@@ -112,24 +89,10 @@ std::string in_child(F&& body, std::chrono::milliseconds patience = 20s) {
     report->set(problem);
     return problem.empty() ? 0 : 1;
   });
-  const int code = wait_or_kill(children, pid, patience);
+  const int code = children.wait(pid, patience);
   if (code == kTimedOut) return "the child hung and was killed: " + report->str();
   if (code != 0 && report->str().empty()) return fmt::format("the child exited with {}", code);
   return report->str();
-}
-
-//! From another process: 1 if `path` is locked by someone (contention), 0 if free, else
-//! an error code.
-inline int probe(const fs::path& path, Mechanism m = workerlock::default_mechanism) {
-  Children children;
-  const pid_t pid = children.spawn([&] {
-    WorkerLock other(path, quiet(m));
-    std::error_code ec;
-    const bool got = other.try_lock(ec);
-    if (ec) return 2;
-    return got ? 0 : 1;
-  });
-  return wait_or_kill(children, pid, 10s);
 }
 
 inline FileId id_of_path(const fs::path& path) {

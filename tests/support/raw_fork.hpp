@@ -59,15 +59,11 @@ inline void tsan_ignore_this_copy() {
   ::_exit(code);
 }
 
-//! Waits up to `limit` for `pid`: its exit code (128 + signal), or -2 when it had to be killed.
+//! Waits up to `limit` for `pid`, a child of this process forked some other way than by a
+//! Children: its exit code (128 + signal), or kTimedOut when it had to be killed.
 inline int wait_or_kill(pid_t pid, std::chrono::milliseconds limit) {
-  int status = 0;
-  if (!wltest::eventually([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, limit)) {
-    ::kill(pid, SIGKILL);
-    wltest::wait_exit_code(pid);
-    return -2;
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  Children children;
+  return children.wait(children.watch(pid), limit);
 }
 
 }  // namespace wltest

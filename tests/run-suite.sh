@@ -20,9 +20,12 @@
 # Line tables (-g1) are enough for sanitizer reports and backtraces, at two thirds of the
 # compile time of full debug information. ctest runs WORKERLOCK_SUITE_CTEST_JOBS tests at
 # once (default 3 x cores): most tests wait on timeouts, leases and children, not the CPU.
+# For the same reason each configuration is built, at nice 19, while the one before it runs
+# its tests. The script prints each configuration's build and test time.
 #
-# Build trees: build/<config> in the repository.  Exit status is non-zero if
-# any configuration fails to configure, build or pass its tests.
+# Build trees: build/<config> in the repository (with the build logs of all but the first
+# configuration: build/run-suite-<config>-build.log).  Exit status is non-zero if any
+# configuration fails to configure, build or pass its tests.
 #
 # Environment knobs:
 #   WORKERLOCK_SUITE_CONFIGS   configs to run, space/comma separated
@@ -187,14 +190,18 @@ if [[ -z "${WORKERLOCK_SUITE_NO_INSTALL:-}" || -n "${CI:-}" ]]; then
   export WORKERLOCK_REQUIRE_REDIS=1 WORKERLOCK_REQUIRE_POSTGRES=1
 fi
 
-declare -A RESULT SUMMARY SECONDS_TAKEN
+declare -A RESULT SUMMARY BUILD_SECONDS TEST_SECONDS
 FAILED=0
 
-run_config() {
+# prepare_config <config>: configure and build build/<config>. Its outcome goes to
+# build/run-suite-<config>.outcome ("ok", or why not), since it may run in a subshell.
+prepare_config() {
   local cfg="$1"
-  local dir="$ROOT/build/$cfg" runner=() args
+  local dir="$ROOT/build/$cfg" runner=() args outcome="$ROOT/build/run-suite-$1.outcome"
   [[ "$cfg" == tsan ]] && runner=("${TSAN_RUNNER[@]}")
   mapfile -t args < <(config_args "$cfg")
+  mkdir -p "$ROOT/build"
+  echo "not finished" >"$outcome"
 
   if [[ -n "${WORKERLOCK_SUITE_FRESH:-}" ]]; then
     rm -rf "$dir"
@@ -206,7 +213,7 @@ run_config() {
 
   log "[$cfg] configure ($GENERATOR)"
   if ! cmake -S "$ROOT" -B "$dir" -G "$GENERATOR" "${args[@]}"; then
-    RESULT[$cfg]=FAIL SUMMARY[$cfg]="cmake configure failed"
+    echo "cmake configure failed" >"$outcome"
     return 1
   fi
 
@@ -214,10 +221,17 @@ run_config() {
   local build_cmd=(cmake --build "$dir" --parallel "$JOBS")
   [[ "$cfg" == tsan ]] && build_cmd+=(--target workerlock_all_tests)
   if ! "${runner[@]}" "${build_cmd[@]}"; then
-    RESULT[$cfg]=FAIL SUMMARY[$cfg]="build failed"
+    echo "build failed" >"$outcome"
     return 1
   fi
+  echo ok >"$outcome"
+}
 
+# test_config <config>: runs ctest in build/<config>; sets RESULT and SUMMARY.
+test_config() {
+  local cfg="$1"
+  local dir="$ROOT/build/$cfg" runner=()
+  [[ "$cfg" == tsan ]] && runner=("${TSAN_RUNNER[@]}")
   local ctest_args=(--output-on-failure -j "$CTEST_JOBS")
   # What each configuration leaves to another (see the table at the top).
   case "$cfg" in
@@ -249,14 +263,45 @@ run_config() {
   RESULT[$cfg]=PASS
 }
 
+# One configuration builds while the one before it runs its tests, which mostly wait (on
+# timeouts, leases, children): the build runs at nice 19, so it takes only the CPU the tests
+# leave idle and never slows them down. The first configuration builds at full speed.
 SUITE_START=$SECONDS
-for cfg in "${CONFIGS[@]}"; do
-  started=$SECONDS
-  if ! run_config "$cfg"; then
-    FAILED=1
+started=$SECONDS
+prepare_config "${CONFIGS[0]}" || true
+BUILD_SECONDS[${CONFIGS[0]}]=$((SECONDS - started))
+for ((i = 0; i < ${#CONFIGS[@]}; i++)); do
+  cfg="${CONFIGS[i]}" next="${CONFIGS[i + 1]:-}" builder=""
+  if [[ -n "$next" ]]; then
+    mkdir -p "$ROOT/build"
+    next_log="$ROOT/build/run-suite-$next-build.log"
+    (
+      renice -n 19 -p "$BASHPID" >/dev/null
+      started=$SECONDS
+      prepare_config "$next" || true
+      echo "$((SECONDS - started))" >"$ROOT/build/run-suite-$next.seconds"
+    ) >"$next_log" 2>&1 &
+    builder=$!
   fi
-  SECONDS_TAKEN[$cfg]=$((SECONDS - started))
-  echo "run-suite: [$cfg] took ${SECONDS_TAKEN[$cfg]} s"
+  outcome="$(cat "$ROOT/build/run-suite-$cfg.outcome" 2>/dev/null || echo "not configured")"
+  if [[ "$outcome" == ok ]]; then
+    started=$SECONDS
+    test_config "$cfg" || FAILED=1
+    TEST_SECONDS[$cfg]=$((SECONDS - started))
+  else
+    RESULT[$cfg]=FAIL SUMMARY[$cfg]="$outcome" FAILED=1
+  fi
+  echo "run-suite: [$cfg] build ${BUILD_SECONDS[$cfg]:-?} s, tests ${TEST_SECONDS[$cfg]:-0} s"
+  if [[ -n "$builder" ]]; then
+    log "[$next] configure and build (at nice 19 during [$cfg]'s tests): $next_log"
+    wait "$builder" || true
+    BUILD_SECONDS[$next]="$(cat "$ROOT/build/run-suite-$next.seconds" 2>/dev/null || echo '?')"
+    if [[ "$(cat "$ROOT/build/run-suite-$next.outcome" 2>/dev/null)" == ok ]]; then
+      tail -n 3 "$next_log"
+    else
+      tail -n 100 "$next_log"
+    fi
+  fi
 done
 
 # ---------------------------------------------------------------------------
@@ -264,7 +309,8 @@ done
 # ---------------------------------------------------------------------------
 log "workerlock test suite summary"
 for cfg in "${CONFIGS[@]}"; do
-  printf '  %-8s %-4s %5s s  %s\n' "$cfg" "${RESULT[$cfg]:-FAIL}" "${SECONDS_TAKEN[$cfg]:-?}" "${SUMMARY[$cfg]:-}"
+  printf '  %-8s %-4s build %4s s  tests %4s s  %s\n' "$cfg" "${RESULT[$cfg]:-FAIL}" \
+    "${BUILD_SECONDS[$cfg]:-?}" "${TEST_SECONDS[$cfg]:-0}" "${SUMMARY[$cfg]:-}"
 done
 echo "run-suite: $((SECONDS - SUITE_START)) s in all"
 if [[ $FAILED -ne 0 ]]; then

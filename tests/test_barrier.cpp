@@ -121,7 +121,7 @@ TEST_CASE_METHOD(StartupWaiters,
   report(
       fmt::format("startup barrier {}: wait_for_startup() after completion returned in {:.3f} ms",
                   mode_name(mode), after_ms));
-  CHECK(after_ms < 50.0);
+  CHECK(after_ms < 1000.0);  // at once, not after a poll or the 10 s timeout
 
   // Nobody runs the tasks again, not even the next primary after a handover.
   const int runner = h.holder_slot();
@@ -193,14 +193,14 @@ TEST_CASE_METHOD(
   const int stuck = h.spawn(startup_plan(mode, 0ms));  // primary, its task never finishes
   REQUIRE(wltest::eventually([&] { return cl.task_runs.load() == 1; }, 5s));
   const int waiter = h.spawn(startup_plan(mode, 300ms));
-  REQUIRE(wltest::eventually([&] { return h.slot(waiter).wait_result.load() != -1; }, 3s));
+  REQUIRE(wltest::eventually([&] { return h.slot(waiter).wait_result.load() != -1; }, 10s));
   CHECK(h.slot(waiter).wait_result.load() == 0);
   const double waited_ms =
       ms_between(h.slot(waiter).wait_began_ns.load(), h.slot(waiter).wait_returned_ns.load());
   report(fmt::format("startup barrier {}: wait_for_startup(300 ms) returned false after {:.1f} ms",
                      mode_name(mode), waited_ms));
   CHECK(waited_ms >= 295.0);
-  CHECK(waited_ms < 700.0);
+  CHECK(waited_ms < 3000.0);  // the 300 ms timeout, not the stuck primary (never)
   CHECK(cl.task_runs.load() == 1);
   CHECK(cl.task_completions.load() == 0);
   cl.let_first_task_finish.store(true);

@@ -101,8 +101,8 @@ TEST_CASE_METHOD(EachWaitModeHarness,
       "graceful handover {}: stop() -> on_promoted {:.2f} ms, on_demoted -> on_promoted {:.2f} ms, "
       "stop() took {:.2f} ms",
       mode_name(mode), handover_ms, release_to_promotion_ms, before.stop_ms()));
-  CHECK(handover_ms < 500.0);
-  CHECK(before.stop_ms() < 500.0);
+  CHECK(handover_ms < 2000.0);  // the standby was woken, not left to a retry
+  CHECK(before.stop_ms() < 2000.0);
 
   std::this_thread::sleep_for(300ms);
   CHECK(cl.check.promotions.load() == 2);  // exactly one standby took over
@@ -388,14 +388,14 @@ TEST_CASE_METHOD(
   REQUIRE(h.command(a, Cmd::destroy));
   CHECK(h.slot(a).was_primary_at_stop.load() == 1);
   CHECK(h.slot(a).demoted.load() == 1);
-  CHECK(h.slot(a).stop_ms() < 500.0);
+  CHECK(h.slot(a).stop_ms() < 2000.0);
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
   CHECK(h.holder_slot() == b);
 
   const int c = spawn_started(plan);
   std::this_thread::sleep_for(20ms);
   REQUIRE(h.command(c, Cmd::destroy));
-  CHECK(h.slot(c).stop_ms() < 1000.0);
+  CHECK(h.slot(c).stop_ms() < 3000.0);  // its blocked wait was interrupted
   std::this_thread::sleep_for(100ms);
   CHECK(h.slot(c).promoted.load() == 0);
   CHECK(h.slot(c).demoted.load() == 0);
@@ -609,7 +609,7 @@ TEST_CASE_METHOD(EachWaitModeHarness, "coordinator: stop() called concurrently f
   CHECK(h.slot(a).was_primary_at_stop.load() == 1);
   CHECK(h.slot(a).demoted.load() == 1);
   CHECK(h.slot(a).running.load() == 0);
-  CHECK(h.slot(a).stop_ms() < 500.0);
+  CHECK(h.slot(a).stop_ms() < 2000.0);
   REQUIRE(wltest::eventually([&] { return cl.check.promotions.load() == 2; }, 5s));
   std::this_thread::sleep_for(100ms);
   CHECK(cl.check.promotions.load() == 2);
@@ -619,7 +619,7 @@ TEST_CASE_METHOD(EachWaitModeHarness, "coordinator: stop() called concurrently f
   const int standby = primary == b ? c : b;
   REQUIRE(h.command(standby, Cmd::stop_concurrently));
   CHECK(h.slot(standby).was_primary_at_stop.load() == 0);
-  CHECK(h.slot(standby).stop_ms() < 1000.0);
+  CHECK(h.slot(standby).stop_ms() < 3000.0);  // its blocked wait was interrupted
   CHECK(h.slot(standby).running.load() == 0);
   CHECK(h.slot(standby).promoted.load() == 0);
   CHECK(h.slot(standby).demoted.load() == 0);
@@ -1495,7 +1495,7 @@ TEST_CASE(
   REQUIRE(wltest::eventually([&] { return board->primary_on[1][0].load() == 1; }, 10s));
   const auto failover_ms = board->promoted_ms[1][0].load() - killed_ms;
   INFO("failover took " << failover_ms << " ms");
-  CHECK(failover_ms < 2000);
+  CHECK(failover_ms < 5000);
   INFO("warning: " << board->warning.str());
   CHECK(board->warnings.load() == 0);
   board->quit.store(true);

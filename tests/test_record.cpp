@@ -74,7 +74,7 @@ TEST_CASE_METHOD(
   const auto record = parse_exact_record(text);
   REQUIRE(record.has_value());
   CHECK(record->pid == primary);
-  CHECK(seconds_apart(record->acquired, system_clock::now()) < 1.0);
+  CHECK(seconds_apart(record->acquired, system_clock::now()) < 30.0);
   CHECK(record->host == host_name());
   CHECK(record->pid_namespace == pid_namespace_inode());
   CHECK(record->mechanism == workerlock::to_string(mechanism));
@@ -94,7 +94,7 @@ TEST_CASE_METHOD(
   CHECK(holder->pid == primary);
   CHECK(holder->recorded);
   REQUIRE(holder->acquired.has_value());
-  CHECK(seconds_apart(*holder->acquired, system_clock::now()) < 1.0);
+  CHECK(seconds_apart(*holder->acquired, system_clock::now()) < 30.0);
   CHECK(*holder->acquired == record->acquired);
   CHECK(holder->mechanism == mechanism);
   CHECK(holder->host == host_name());
@@ -198,7 +198,7 @@ TEST_CASE_METHOD(wltest::EachMechanism,
   REQUIRE(record.has_value());
   CHECK(record->pid == primary);
   CHECK(record->mechanism == workerlock::to_string(mechanism));
-  CHECK(seconds_apart(record->acquired, system_clock::now()) < 1.0);
+  CHECK(seconds_apart(record->acquired, system_clock::now()) < 30.0);
   const auto holder = workerlock::lock_holder(path);
   REQUIRE(holder.has_value());
   CHECK(holder->pid == primary);

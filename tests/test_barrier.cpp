@@ -121,7 +121,7 @@ TEST_CASE_METHOD(StartupWaiters,
   report(
       fmt::format("startup barrier {}: wait_for_startup() after completion returned in {:.3f} ms",
                   mode_name(mode), after_ms));
-  CHECK(after_ms < 1000.0);  // at once, not after a poll or the 10 s timeout
+  CHECK(after_ms < 1000.0);  // at once, not after the 10 s timeout
 
   // Nobody runs the tasks again, not even the next primary after a handover.
   const int runner = h.holder_slot();
@@ -414,7 +414,7 @@ TEST_CASE(
     CHECK(board->role_after_start.load() == static_cast<int>(Role::secondary));
     CHECK_THAT(std::string(board->first_error), Contains("belongs to another user"));
     CHECK_THAT(std::string(board->first_error), Contains(marker_of(lock).native()));
-    CHECK(board->stop_ms.load() < 1000);
+    CHECK(board->stop_ms.load() < 3000);  // stop() returned, not hung
   }
 
   // The barrier API says the same; Options::allow_foreign_owner accepts the risk.

@@ -348,7 +348,7 @@ TEST_CASE(
   CHECK_THAT(std::string(board->first_error), Contains("read startup marker"));
   CHECK_THAT(std::string(board->first_error), Contains("EMFILE"));
   CHECK(board->stop_ms.load() >= 0);
-  CHECK(board->stop_ms.load() < 1000);
+  CHECK(board->stop_ms.load() < 3000);  // stop() returned, not hung
   CHECK(slurp(marker_of(lock)) == generation + "\n");
 
   // Without the fault, the next worker reads the marker and skips the tasks.

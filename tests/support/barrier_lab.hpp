@@ -226,7 +226,7 @@ inline void check_hostile_marker(WaitMode mode) {
     CHECK(board->startup_runs.load() == 1);  // only once the marker was removed
     CHECK(board->promotions.load() == 1);
     CHECK(board->stop_ms.load() >= 0);
-    CHECK(board->stop_ms.load() < 1000);
+    CHECK(board->stop_ms.load() < 3000);  // stop() returned, not hung
     CHECK(slurp(marker_of(lock)) == generation + "\n");
     if (kind == Planted::symlink) CHECK(slurp(dir / "elsewhere") == generation + "\n");
   }

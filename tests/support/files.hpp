@@ -28,8 +28,8 @@ inline workerlock::Options quiet(workerlock::Mechanism m = workerlock::default_m
 
 //! What other_process_try_lock() found: the exit code of the process that tried.
 inline constexpr int kAcquired = 0;   // it took the lock (and let it go as it exited)
-inline constexpr int kBusy = 1;       // someone else holds it
-inline constexpr int kTryFailed = 2;  // try_lock() failed with an error
+inline constexpr int kBusy = 3;       // someone else holds it (not 1: a sanitizer report exits 1)
+inline constexpr int kTryFailed = 4;  // try_lock() failed with an error
 
 //! Forks a fresh process that tries once to take `path` with a new WorkerLock of mechanism
 //! `m` and exits (releasing it). Returns kAcquired, kBusy, kTryFailed, or kTimedOut when it

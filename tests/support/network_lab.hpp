@@ -299,13 +299,24 @@ void check_accessors_during_failovers(MakeBackend make_backend, HandOver hand_ov
       }
     });
   }
+  struct JoinReaders {  // also when a REQUIRE throws: a joinable thread would terminate()
+    std::atomic<bool>& done;
+    std::vector<std::thread>& readers;
+    ~JoinReaders() {
+      done.store(true);
+      for (auto& t : readers)
+        if (t.joinable()) t.join();
+    }
+  } join_readers{done, readers};
   c[0].start();
   c[1].start();
   constexpr int failovers = 6;
   for (int n = 0; n < failovers; ++n) {
-    const int before = promotions.load();
     REQUIRE(eventually([&] { return c[0].role() == Role::primary || c[1].role() == Role::primary; },
                        primary_within));
+    // The promotion is counted in on_promoted, which may run a moment after role() says so.
+    REQUIRE(eventually([&] { return promotions.load() >= n + 1; }, primary_within));
+    const int before = promotions.load();
     const int p = c[0].role() == Role::primary ? 0 : 1;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     hand_over(c, p, n);

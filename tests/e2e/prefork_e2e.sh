@@ -312,7 +312,13 @@ done
 wait "$WRK_PID"
 WRK_RC=$?
 WRK_PID=""
-checked_sample "$PORT"
+# The last respawned worker may still be starting (slow under a sanitizer): sample until all
+# $WORKERS answer, for up to 10 s.
+for _ in $(seq 40); do
+  checked_sample "$PORT"
+  (($(wc -w <<<"$S_PIDS") >= WORKERS)) && break
+  sleep 0.25
+done
 
 stop_server "$MAIN"
 T1="$EPOCHREALTIME"

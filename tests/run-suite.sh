@@ -11,8 +11,7 @@
 #   clang20  clang++ C++20  Debug -g1       -Werror, examples, compile-fail tests
 #   asan     g++     C++17  -Og -g1         -fsanitize=address,undefined, examples, e2e
 #   tsan     clang++ C++17  -O1 -g1         -fsanitize=thread, only tests labelled
-#                                           "threads" (Catch2 tag [threads]);
-#                                           skipped if there are none
+#                                           "threads" (Catch2 tag [threads])
 #
 # A test that does not depend on the compiler or the sanitizer (consumer projects, Promela
 # models) runs in one configuration; the demo server's e2e tests (e2e.prefork_server.*) run in
@@ -229,7 +228,7 @@ prepare_config() {
 }
 
 # test_config <config> <part>: runs ctest in build/<config>; <part> is "backends" (the Redis
-# and PostgreSQL tests, by name), "others" (the rest) or "all". Sets RESULT and SUMMARY.
+# and PostgreSQL tests, by name) or "others" (the rest). Sets RESULT and SUMMARY.
 test_config() {
   local cfg="$1" part="$2"
   local dir="$ROOT/build/$cfg" runner=()
@@ -281,7 +280,7 @@ for ((i = 0; i < ${#CONFIGS[@]}; i++)); do
   cfg="${CONFIGS[i]}" next="${CONFIGS[i + 1]:-}" builder=""
   outcome="$(cat "$ROOT/build/run-suite-$cfg.outcome" 2>/dev/null || echo "not configured")"
   started=$SECONDS
-  if [[ "$outcome" == ok && "$cfg" != tsan ]]; then
+  if [[ "$outcome" == ok ]]; then
     test_config "$cfg" backends || FAILED=1
   fi
   if [[ -n "$next" ]]; then
@@ -296,11 +295,7 @@ for ((i = 0; i < ${#CONFIGS[@]}; i++)); do
     builder=$!
   fi
   if [[ "$outcome" == ok ]]; then
-    if [[ "$cfg" == tsan ]]; then
-      test_config "$cfg" all || FAILED=1
-    else
-      test_config "$cfg" others || FAILED=1
-    fi
+    test_config "$cfg" others || FAILED=1
     TEST_SECONDS[$cfg]=$((SECONDS - started))
   else
     RESULT[$cfg]=FAIL SUMMARY[$cfg]="$outcome" FAILED=1
